@@ -1,0 +1,138 @@
+"""The engine loop beside the async API: a background thread runs `LLMEngine.step()` while the event loop serves
+HTTP. The API talks to it only through an inbox (add/abort) and per-request asyncio queues (outputs).
+
+To build one: `server.engine.builder.build_engine(model, adapters_dir, device=..., dtype=..., max_num_seqs=...,
+max_model_len=..., num_kv_blocks=..., block_size=..., data_dir=...)` (keyword overrides of `EngineOptions`)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from server.engine.engine import LLMEngine
+from server.engine.errors import EngineOverloadedError, PromptTooLongError, UnknownAdapterError
+from server.engine.request import Request, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, *, model_name: str, adapter_ids: Callable[[], list[str]], max_queue: int = 1024) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.max_model_len = engine.max_model_len
+        self._adapter_ids = adapter_ids
+        self.max_queue = max_queue
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._tokens_window: list[tuple[float, int]] = []
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="multiplex-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # ---- API side ---------------------------------------------------------------------------------------------
+    def adapter_ids(self) -> list[str]:
+        return self._adapter_ids()
+
+    def has_adapter(self, adapter_id: str) -> bool:
+        return adapter_id in self._adapter_ids()
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       adapter_id: str | None) -> AsyncIterator[RequestOutput]:
+        if adapter_id is not None and not self.has_adapter(adapter_id):
+            raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
+        if not prompt_ids:
+            raise PromptTooLongError("prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens")
+        if len(self._streams) >= self.max_queue:
+            raise EngineOverloadedError(f"server is at its limit of {self.max_queue} requests; retry later")
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id}")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._inbox.put(("add", Request(request_id, list(prompt_ids), params, adapter_id)))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out: RequestOutput = await stream.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # the consumer went away (client disconnected): free its blocks and adapter pin
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        recent = [n for t, n in self._tokens_window if now - t < 10]
+        return {**self.engine.stats(), "num_streams": len(self._streams), "tokens_per_second": sum(recent) / 10.0}
+
+    # ---- engine thread ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop:
+            self._drain_inbox()
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # a bug must not kill the server: fail the requests in flight, keep serving
+                log.exception("engine step failed; failing the requests in flight")
+                outputs = [o for rid in list(self.engine.requests) if (o := self.engine.fail(rid, "internal error")) is not None]
+            produced = sum(len(o.token_ids) for o in outputs)
+            if produced:
+                self._tokens_window.append((time.monotonic(), produced))
+                self._tokens_window = self._tokens_window[-512:]
+            for out in outputs:
+                self._deliver(out)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.engine.add_request(item)
+                except Exception as exc:  # validated on the API side already; belt and braces
+                    self._deliver(RequestOutput(item.request_id, "", [], None, True, "error", len(item.prompt_ids), 0, str(exc)))
+            elif kind == "abort":
+                out = self.engine.abort(item)
+                if out is not None:
+                    self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        entry = self._streams.get(out.request_id)
+        if entry is not None:
+            loop, stream = entry
+            loop.call_soon_threadsafe(stream.put_nowait, out)

@@ -1,0 +1,106 @@
+"""Assemble a serving engine from a model path (or "tiny") and an optional adapters directory."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters.delta import AdapterDeltas
+from server.engine.adapter_cache import AdapterCache
+from server.engine.async_engine import AsyncEngine
+from server.engine.block_manager import BlockManager
+from server.engine.engine import LLMEngine
+from server.engine.errors import InvalidAdapterError
+from server.engine.model_runner import ModelRunner
+from server.engine.scheduler import Scheduler
+from server.model.adapter_pool import AdapterPool
+from server.model.config import ModelConfig
+from server.model.llama import LlamaModel
+from server.model.loader import load_state_dict
+from server.model.tiny import ensure_tiny_checkpoint
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: str = "auto"
+    dtype: str = "auto"
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    num_kv_blocks: int | None = None
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    max_prefill_chunk: int = 512
+    adapter_pool_bytes: int = 256 << 20
+    max_adapter_slots: int = 64
+    max_queue: int = 1024
+    data_dir: str = ".multiplex"
+
+
+def resolve_model_path(model: str, data_dir: str) -> Path:
+    if model == "tiny":
+        return ensure_tiny_checkpoint(Path(data_dir) / "models" / "tiny")
+    path = Path(model)
+    if not (path / "config.json").exists():
+        raise ValueError(f"--model {model!r}: not 'tiny' and not a directory with a config.json")
+    return path
+
+
+def load_adapter_dir(adapters_dir: str | Path, spec: dict) -> dict[str, AdapterDeltas]:
+    """Each subdirectory is one adapter (artifact format 1 or a PEFT directory), named by the subdirectory."""
+    from adapters.artifact import ArtifactError, load_adapter
+
+    out = {}
+    for sub in sorted(p for p in Path(adapters_dir).iterdir() if p.is_dir()):
+        try:
+            out[sub.name] = load_adapter(sub, spec=spec).deltas
+        except ArtifactError as exc:
+            raise InvalidAdapterError(f"adapter {sub.name!r} in {adapters_dir}: {exc}") from exc
+    log.info("loaded %d adapters from %s", len(out), adapters_dir)
+    return out
+
+
+def build_llm_engine(model: str, adapters: dict[str, AdapterDeltas], opts: EngineOptions) -> LLMEngine:
+    device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if opts.device == "auto" else opts.device))
+    dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    path = resolve_model_path(model, opts.data_dir)
+    cfg = ModelConfig.from_dir(path)
+    llama = LlamaModel(cfg, load_state_dict(path), device, dtype)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    max_len = min(cfg.max_context, opts.max_model_len or cfg.max_context)
+    num_blocks = opts.num_kv_blocks or -(-max(opts.max_num_seqs * min(max_len, 1024), max_len) // opts.block_size)
+    max_len = min(max_len, num_blocks * opts.block_size)
+    pool = AdapterPool(cfg, opts.max_adapter_slots, opts.adapter_pool_bytes, device, dtype)
+    for adapter_id, deltas in adapters.items():
+        need = pool.allocator.size_of(pool.num_elements(deltas)) * pool.arena.element_size()
+        if need > pool.allocator.capacity * pool.arena.element_size():
+            raise InvalidAdapterError(f"adapter {adapter_id!r} needs {need} bytes; the device pool holds {opts.adapter_pool_bytes}")
+    cache = AdapterCache(pool, adapters.__getitem__)
+    blocks = BlockManager(num_blocks, opts.block_size)
+    scheduler = Scheduler(blocks, cache, max_num_seqs=opts.max_num_seqs,
+                          max_num_batched_tokens=max(opts.max_num_batched_tokens, opts.max_prefill_chunk),
+                          max_prefill_chunk=opts.max_prefill_chunk)
+    runner = ModelRunner(llama, num_blocks, opts.block_size, pool)
+    eos = cfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    log.info("model %s on %s/%s: %d layers, context %d, %d KV blocks of %d", path, device, dtype, cfg.num_layers,
+             max_len, num_blocks, opts.block_size)
+    return LLMEngine(runner, scheduler, tokenizer, max_model_len=max_len, eos_token_ids=eos)
+
+
+def build_engine(model: str, adapters_dir: str | None, opts: EngineOptions | None = None, **overrides) -> AsyncEngine:
+    opts = EngineOptions(**{**(opts.__dict__ if opts else {}), **overrides})
+    path = resolve_model_path(model, opts.data_dir)
+    spec = ModelConfig.from_dir(path).spec()
+    adapters = load_adapter_dir(adapters_dir, spec) if adapters_dir else {}
+    engine = build_llm_engine(model, adapters, opts)
+    name = "tiny" if model == "tiny" else Path(model).name
+    return AsyncEngine(engine, model_name=name, adapter_ids=lambda: sorted(adapters), max_queue=opts.max_queue)

@@ -1,0 +1,115 @@
+"""The synchronous engine core: add requests, then `step()` = schedule, run, postprocess.
+
+Only the engine thread touches it (server/engine/async_engine.py feeds it through an inbox).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from server.engine.detokenizer import update_text
+from server.engine.errors import PromptTooLongError
+from server.engine.model_runner import ModelRunner
+from server.engine.request import Request, RequestOutput, Status, TokenLogprob
+from server.engine.sampler import make_generator, sample
+from server.engine.scheduler import ScheduledBatch, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, *, max_model_len: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
+        self.max_model_len, self.eos_token_ids = max_model_len, set(eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+
+    def add_request(self, req: Request) -> None:
+        if len(req.prompt_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(req.prompt_ids)} tokens; this model's context is {self.max_model_len} tokens")
+        if not req.prompt_ids:
+            raise PromptTooLongError("prompt is empty")
+        req.generator = make_generator(req.params, self.runner.device)
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req, "abort")
+        return self._output(req, "", [], None, finished=True)
+
+    def fail(self, request_id: str, message: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req, "error")
+        return self._output(req, "", [], None, finished=True, error=message)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        logits = self.runner.execute(batch)
+        self.num_steps += 1
+        return self._postprocess(batch, logits)
+
+    def _postprocess(self, batch: ScheduledBatch, logits) -> list[RequestOutput]:
+        sampled = [s for s in batch.seqs if s.needs_logits]
+        for s in batch.seqs:
+            s.request.num_computed_tokens = s.start + s.num_tokens
+        if not sampled:
+            return []
+        reqs = [s.request for s in sampled]
+        result = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        outputs = []
+        for row, req in enumerate(reqs):
+            token = result.token_ids[row]
+            req.output_ids.append(token)
+            self.num_generated_tokens += 1
+            reason = None
+            if token in self.eos_token_ids and not req.params.ignore_eos:
+                req.output_ids.pop()  # EOS ends the text; it is not part of it
+                reason = "stop"
+            elif len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+                reason = "length"
+            text, hit_stop = update_text(req, self.tokenizer, final=reason is not None)
+            if hit_stop:
+                reason = "stop"
+            logprobs = None
+            if req.params.logprobs is not None and not (reason == "stop" and token in self.eos_token_ids):
+                logprobs = [self._logprob(token, result.logprobs[row], result.top[row])]
+            token_ids = [] if (reason == "stop" and token in self.eos_token_ids) else [token]
+            if reason is not None:
+                self.requests.pop(req.request_id, None)
+                self.scheduler.finish(req, reason)
+            outputs.append(self._output(req, text, token_ids, logprobs, finished=reason is not None))
+        return outputs
+
+    def _logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
+        decode = self.tokenizer.decode
+        return TokenLogprob(token, decode([token]), logprob, [(decode([t]), lp) for t, lp in top])
+
+    def _output(self, req: Request, text, token_ids, logprobs, *, finished: bool, error: str | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id, text=text, token_ids=token_ids, logprobs=logprobs, finished=finished,
+            finish_reason=req.finish_reason if finished else None, num_prompt_tokens=len(req.prompt_ids),
+            num_output_tokens=len(req.output_ids), error=error,
+        )
+
+    def stats(self) -> dict:
+        sched = self.scheduler
+        return {
+            "num_waiting": len(sched.waiting),
+            "num_running": len(sched.running),
+            "num_free_kv_blocks": sched.blocks.num_free,
+            "num_generated_tokens": self.num_generated_tokens,
+            "num_steps": self.num_steps,
+            "num_waiting_adapter": sum(r.status is Status.WAITING_ADAPTER for r in sched.waiting),
+        }

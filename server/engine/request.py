@@ -1,0 +1,94 @@
+"""A request's life inside the engine: parameters in, state while scheduled, outputs streamed back."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # number of top alternatives per token (0..5); None = no logprobs
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 5:
+            raise ValueError("logprobs must be between 0 and 5")
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted (its KV blocks freed; it recomputes from scratch)
+    WAITING_ADAPTER = "waiting_adapter"  # queued until its adapter is on the device
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]  # the top alternatives (token text, logprob)
+
+
+@dataclass
+class RequestOutput:
+    """What the engine hands back after a step, per request that produced something."""
+
+    request_id: str
+    text: str  # new text since the last output (stop strings already cut)
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter_id: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_ids: list[int] = field(default_factory=list)
+    slot: int = -1  # adapter slot on the device while running; -1 = base model
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+    # detokenisation state
+    text: str = ""
+    num_text_sent: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED

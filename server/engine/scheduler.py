@@ -1,0 +1,133 @@
+"""Continuous batching: every step mixes decode tokens of running requests with prefill chunks of new ones.
+
+Plain Python over `Request`s; never sees a tensor. Policy, in order:
+1. Running requests first (oldest first): a decode token each, or their next prefill chunk. A request that
+   cannot get a KV block preempts the youngest running request (blocks freed, adapter unpinned, recomputed
+   later from its prompt and the tokens it already produced); if it is itself the youngest, it waits.
+2. Then waiting requests, FIFO, while there are sequence slots, token budget and KV blocks. A request whose
+   adapter is not on the device yet is skipped this step (its load is under way), not blocking others.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from server.engine.block_manager import BlockManager
+from server.engine.request import Request, Status
+
+
+class AdapterSlots(Protocol):
+    def acquire(self, adapter_id: str) -> int | None: ...  # slot when resident (pinned), None while loading
+    def release(self, adapter_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    request: Request
+    start: int  # first token position computed this step (= request.num_computed_tokens before the step)
+    num_tokens: int  # tokens computed this step
+    needs_logits: bool  # True when this step reaches the end of the known tokens: a new token is sampled
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, adapters: AdapterSlots, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_chunk: int) -> None:
+        self.blocks, self.adapters = blocks, adapters
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_prefill_chunk = max_prefill_chunk
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        scheduled: set[str] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(self._remaining(req), budget)
+            while not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
+                victim = self.running[-1]
+                if victim is req:
+                    break
+                self._preempt(victim)
+                batch.preempted.append(victim)
+            if not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
+                self._preempt(req)
+                batch.preempted.append(req)
+                continue  # self.running shrank at i
+            self._schedule(batch, req, n)
+            scheduled.add(req.request_id)
+            budget -= n
+            i += 1
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting.popleft()
+            n = min(self._remaining(req), budget, self.max_prefill_chunk)
+            if not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
+                self.waiting.appendleft(req)
+                break  # FIFO: nobody jumps a request that waits for memory
+            if req.adapter_id is not None:
+                slot = self.adapters.acquire(req.adapter_id)
+                if slot is None:
+                    req.status = Status.WAITING_ADAPTER
+                    skipped.append(req)
+                    continue
+                req.slot = slot
+            req.status = Status.RUNNING
+            self.running.append(req)
+            self._schedule(batch, req, n)
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return batch
+
+    def _remaining(self, req: Request) -> int:
+        """Tokens not yet in the cache: the rest of the prompt (and of earlier outputs after a preemption), or 1."""
+        return min(max(req.num_tokens - req.num_computed_tokens, 1), self.max_prefill_chunk)
+
+    def _schedule(self, batch: ScheduledBatch, req: Request, n: int) -> None:
+        start = req.num_computed_tokens
+        self.blocks.grow(req.block_ids, start + n)
+        batch.seqs.append(ScheduledSeq(req, start, n, needs_logits=start + n >= req.num_tokens))
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._free(req)
+        req.status = Status.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _free(self, req: Request) -> None:
+        self.blocks.release(req.block_ids)
+        if req.adapter_id is not None and req.slot >= 0:
+            self.adapters.release(req.adapter_id)
+        req.slot = -1
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Remove a finished or aborted request wherever it is and free what it holds."""
+        if req in self.running:
+            self.running.remove(req)
+            self._free(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+            self.blocks.release(req.block_ids)
+        req.status = Status.FINISHED
+        req.finish_reason = reason

@@ -1,0 +1,83 @@
+"""Shared test helpers: tiny random HF checkpoints, engines over them, and logit capture."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from server.engine.builder import EngineOptions, build_llm_engine
+from server.engine.engine import LLMEngine
+from server.engine.request import Request, SamplingParams
+from server.model.tiny import byte_level_tokenizer
+
+SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def make_hf_model(directory: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a tiny random transformers model (llama | mistral | qwen2) with the byte-level tokenizer."""
+    import transformers
+
+    cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[arch]
+    cfg = getattr(transformers, cls[0])(**{**SMALL, **overrides})
+    cfg.architectures = [cls[1]]
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls[1])(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # wider than HF's init so that logits differ visibly between tokens
+            p.normal_(0.0, 0.1) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory, safe_serialization=True)
+    byte_level_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def load_hf(directory: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+
+
+def small_engine(directory: Path, adapters=None, **opts) -> LLMEngine:
+    base = dict(device="cpu", dtype="fp32", max_num_seqs=16, block_size=4, num_kv_blocks=256,
+                max_num_batched_tokens=64, max_prefill_chunk=16)
+    return build_llm_engine(str(directory), adapters or {}, EngineOptions(**{**base, **opts}))
+
+
+def run_capture(engine: LLMEngine, prompts: dict[str, list[int]], adapters: dict[str, str | None], max_tokens: int,
+                join_after: dict[str, int] | None = None) -> tuple[dict[str, list[int]], dict[str, list[torch.Tensor]]]:
+    """Greedy-generate every prompt; requests in `join_after` are added after that many steps (mid-decode).
+    -> (generated ids per request, the logits row that produced each generated token)."""
+    logits_log: dict[str, list[torch.Tensor]] = {rid: [] for rid in prompts}
+    execute = engine.runner.execute
+
+    def capture(batch):
+        logits = execute(batch)
+        rows = [s.request.request_id for s in batch.seqs if s.needs_logits]
+        for rid, row in zip(rows, logits):
+            logits_log[rid].append(row.clone())
+        return logits
+
+    engine.runner.execute = capture
+    join_after = join_after or {}
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    pending = {rid: p for rid, p in prompts.items()}
+    generated: dict[str, list[int]] = {rid: [] for rid in prompts}
+    step = 0
+    while pending or engine.has_work():
+        for rid in [r for r in pending if join_after.get(r, 0) <= step]:
+            engine.add_request(Request(rid, pending.pop(rid), params, adapters.get(rid)))
+        for out in engine.step():
+            generated[out.request_id] += out.token_ids
+        step += 1
+        assert step < 10_000
+    engine.runner.execute = execute
+    return generated, logits_log
+
+
+def reference_logits(hf_model, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """HF logits at the positions that predicted each generated token: (len(generated), V)."""
+    ids = torch.tensor([prompt + generated])
+    with torch.no_grad():
+        logits = hf_model(ids).logits[0].float()
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)]
