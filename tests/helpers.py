@@ -81,3 +81,38 @@ def reference_logits(hf_model, prompt: list[int], generated: list[int]) -> torch
     with torch.no_grad():
         logits = hf_model(ids).logits[0].float()
     return logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)]
+
+
+def hf_module(hf_model, name: str):
+    """'layers.3.q_proj' -> the transformers nn.Linear."""
+    _, layer, proj = name.split(".")
+    block = hf_model.model.layers[int(layer)]
+    return getattr(block.self_attn if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp, proj)
+
+
+def merged_hf(directory: Path, deltas):
+    """The transformers model with an adapter's LowRank/Sparse deltas merged into its weights (the reference)."""
+    model = load_hf(directory)
+    with torch.no_grad():
+        for name, dw in deltas.weight_deltas().items():
+            hf_module(model, name).weight += dw
+    return model
+
+
+def random_lowrank(spec_cfg, targets: dict[str, int], seed: int, layers=None, magnitude: float = 0.3):
+    """AdapterDeltas with LowRank deltas of rank targets[proj] on every layer (or `layers`)."""
+    from adapters.delta import AdapterDeltas, LowRank
+
+    gen = torch.Generator().manual_seed(seed)
+    c = spec_cfg
+    dims = {"q_proj": (c.q_size, c.hidden_size), "k_proj": (c.kv_size, c.hidden_size), "v_proj": (c.kv_size, c.hidden_size),
+            "o_proj": (c.hidden_size, c.q_size), "gate_proj": (c.intermediate_size, c.hidden_size),
+            "up_proj": (c.intermediate_size, c.hidden_size), "down_proj": (c.hidden_size, c.intermediate_size)}
+    out = AdapterDeltas()
+    for layer in (layers if layers is not None else range(c.num_layers)):
+        for proj, r in targets.items():
+            d_out, d_in = dims[proj]
+            a = torch.randn(r, d_in, generator=gen) * magnitude / d_in**0.5
+            b = torch.randn(d_out, r, generator=gen) * magnitude
+            out.lowrank[f"layers.{layer}.{proj}"] = LowRank(a, b, scale=2.0 / r)
+    return out

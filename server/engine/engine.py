@@ -111,5 +111,6 @@ class LLMEngine:
             "num_free_kv_blocks": sched.blocks.num_free,
             "num_generated_tokens": self.num_generated_tokens,
             "num_steps": self.num_steps,
+            "num_preemptions": sched.num_preemptions,
             "num_waiting_adapter": sum(r.status is Status.WAITING_ADAPTER for r in sched.waiting),
         }

@@ -48,6 +48,7 @@ class Scheduler:
         self.max_prefill_chunk = max_prefill_chunk
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -113,6 +114,7 @@ class Scheduler:
         req.status = Status.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     def _free(self, req: Request) -> None:

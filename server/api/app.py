@@ -1,0 +1,68 @@
+"""The FastAPI application: routes, error handlers, and the engine's lifetime tied to the server's."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI
+
+from server.api import completions, health, models
+from server.api.errors import install_error_handlers
+from server.api.metrics import ApiMetrics
+from server.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class ResponseStatusCounter:
+    """Pure ASGI middleware counting responses by status (a BaseHTTPMiddleware would get in the way of streaming
+    and of noticing a client's disconnect)."""
+
+    def __init__(self, app: Any, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.responses_by_status[message["status"]] += 1
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            self.metrics.responses_by_status[500] += 1  # answered by the outermost error handler
+            raise
+
+
+def create_app(engine: Any, settings: Settings) -> FastAPI:
+    """`engine` is a server.engine.async_engine.AsyncEngine, not yet started: the app starts and stops it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        logger.info("engine started: model %s, %d adapter(s)", engine.model_name, len(engine.adapter_ids()))
+        try:
+            yield
+        finally:
+            engine.shutdown()
+            logger.info("engine stopped")
+
+    app = FastAPI(title="multiplex", version="0.1.0", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.api_metrics = ApiMetrics()
+    # Admitted requests beyond the running batch wait in the engine; past max_queue of them the API answers 503.
+    app.state.max_in_flight = settings.max_num_seqs + settings.max_queue
+    app.state.created = int(time.time())
+    install_error_handlers(app)
+    app.include_router(completions.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    app.add_middleware(ResponseStatusCounter, metrics=app.state.api_metrics)
+    return app

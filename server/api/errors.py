@@ -1,0 +1,107 @@
+"""Every error leaves the server as JSON `{"error": {"type", "message"}}`, never with a stack trace.
+
+- request validation (bad JSON, missing or mistyped fields, out-of-range values) -> 400 naming the field
+- EngineError subclasses (unknown adapter, prompt too long, overloaded, ...) -> their own status and type
+- Starlette HTTP errors (unknown route, wrong method) -> their status
+- anything else -> 500 with a generic message; the traceback goes to the log only
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine.errors import EngineError
+
+logger = logging.getLogger(__name__)
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "method_not_allowed",
+    409: "conflict_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded",
+}
+
+
+class ApiError(Exception):
+    """An error the API itself detects, with the status and type it is answered with."""
+
+    def __init__(self, status_code: int, message: str, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_type = error_type or _TYPE_BY_STATUS.get(status_code, "error")
+        self.message = message
+
+
+def error_body(error_type: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": error_type, "message": message}}
+
+
+def error_response(status_code: int, error_type: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(error_type, message), status_code=status_code, headers=headers)
+
+
+def format_validation_errors(errors: list[dict[str, Any]]) -> str:
+    """One readable line per problem, e.g. `max_tokens: Input should be greater than or equal to 1`."""
+    parts = []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+        kind = error.get("type", "")
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if kind == "json_invalid":
+            detail = (error.get("ctx") or {}).get("error", "")
+            parts.append(f"request body is not valid JSON{': ' + str(detail) if detail else ''}")
+        elif not loc and kind == "missing":
+            parts.append("request body is missing (expected a JSON object)")
+        elif not loc:
+            parts.append(f"request body: {message}")
+        else:
+            parts.append(f"{'.'.join(loc)}: {message}")
+    return "; ".join(parts) or "invalid request"
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(400, "invalid_request_error", format_validation_errors(list(exc.errors())))
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status_code, exc.error_type, exc.message)
+
+
+async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+    if exc.status_code >= 500 and exc.status_code != 503:
+        logger.error("engine error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(exc.status_code, exc.error_type, "internal error in the engine")
+    headers = {"Retry-After": "1"} if exc.status_code == 503 else None
+    return error_response(exc.status_code, exc.error_type, str(exc) or exc.error_type, headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        message = f"no route for {request.method} {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return error_response(exc.status_code, _TYPE_BY_STATUS.get(exc.status_code, "error"), message, exc.headers)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(EngineError, _engine_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,101 @@
+"""The `multiplex` command (also `python -m server`).
+
+Each subcommand is one entry of SUBCOMMANDS: name -> (help, add_arguments(parser), run(args) -> exit code).
+To add one (`train`, `upload`, ...), write those two functions in the module that owns the feature and add a line.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from server.config import ENV_PREFIX, ConfigError, Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+AddArguments = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, help text from the field; absent flags stay absent so the environment applies."""
+    for name, field in Settings.model_fields.items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=argparse.SUPPRESS,
+            metavar=name.upper(),
+            help=f"{field.description} [env {ENV_PREFIX}{name.upper()}; default {field.default}]",
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    return load_settings(**overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level)
+
+    import uvicorn  # deferred: `multiplex --help` should not pay for torch and the web stack
+
+    from server.api.app import create_app
+    from server.engine.async_engine import build_engine
+
+    logger.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
+    engine = build_engine(
+        settings.model,
+        str(settings.adapters) if settings.adapters is not None else None,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_num_seqs=settings.max_num_seqs,
+        max_model_len=settings.max_model_len,
+        num_kv_blocks=settings.num_kv_blocks,
+        block_size=settings.block_size,
+    )
+    app = create_app(engine, settings)
+    print(f"multiplex: serving {engine.model_name} with {len(engine.adapter_ids())} adapter(s) "
+          f"on http://{settings.host}:{settings.port}", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level.lower())
+    return 0
+
+
+SUBCOMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
+    "serve": ("serve completions over HTTP", add_settings_arguments, run_serve),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multiplex", description="Serve one backbone with many adapters.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(subparser)
+        subparser.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"multiplex {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        # Bad model or adapters found while loading; the traceback is for debugging only.
+        logger.debug("startup failed", exc_info=True)
+        print(f"multiplex {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The server's settings: one frozen object per process, from `MULTIPLEX_*` environment variables and CLI flags.
+
+Precedence: CLI flag > environment variable > default. `load_settings` validates everything at start and turns a
+validation failure into one readable `ConfigError` that names both the flag and the variable.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MULTIPLEX_"
+
+_DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """Invalid settings; the message is meant for the person who started the server."""
+
+
+class Settings(BaseSettings):
+    """Everything the server process is configured with. Each field is `MULTIPLEX_<FIELD>` or `--<field-with-dashes>`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", env_ignore_empty=True)
+
+    model: str = Field("tiny", description="backbone: 'tiny' (embedded, random weights) or a Hugging Face checkpoint directory")
+    adapters: Path | None = Field(None, description="directory of adapters, one per subdirectory (format 1 or PEFT LoRA)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0 = any free port)")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
+    dtype: str = Field("auto", description="'auto' (bfloat16 on cuda, float32 on cpu), 'float32', 'bfloat16' or 'float16'")
+    max_num_seqs: int = Field(64, ge=1, description="most requests running in one batch")
+    max_model_len: int | None = Field(None, ge=2, description="context limit, prompt + max_tokens (default: the model's)")
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks (default: sized from free memory)")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
+    max_queue: int = Field(1024, ge=0, description="waiting requests beyond the running batch before answering 503")
+    data_dir: Path = Field(Path("./.multiplex"), description="where the server keeps its local state")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must be 'tiny' or a checkpoint directory")
+        # A name without a path separator may be a named config of the model registry; a path must exist.
+        looks_like_path = os.sep in value or value.startswith(".") or value.startswith("~")
+        if looks_like_path and not Path(value).expanduser().is_dir():
+            raise ValueError(f"checkpoint directory {value!r} does not exist")
+        return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapters(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_dir():
+            raise ValueError(f"adapters directory '{value}' does not exist")
+        return value.expanduser() if value is not None else None
+
+    @field_validator("device")
+    @classmethod
+    def _resolve_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
+        if value == "cpu":
+            return value
+        import torch  # deferred: only resolving or checking a GPU needs it
+
+        if value == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {value!r} requested but no CUDA GPU is available")
+        index = int(value.split(":")[1]) if ":" in value else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {value!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _resolve_dtype(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip().lower()
+        if value == "auto":
+            device = info.data.get("device", "cpu")  # absent only when the device itself was invalid
+            return "bfloat16" if device.startswith("cuda") else "float32"
+        if value not in _DTYPE_ALIASES:
+            raise ValueError(f"unknown dtype {value!r}; use auto, float32, bfloat16 or float16")
+        return _DTYPE_ALIASES[value]
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        value = value.strip().upper()
+        if value not in _LOG_LEVELS:
+            raise ValueError(f"unknown log level {value!r}; use one of {', '.join(_LOG_LEVELS)}")
+        return value
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelName(self.log_level)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with `overrides` (the CLI flags that were given) taking precedence.
+
+    Raises ConfigError with one line per invalid field, naming the flag and the environment variable.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = ["invalid settings:"]
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        source = f"--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        given = f" (got {error['input']!r})" if "input" in error and error["type"] != "extra_forbidden" else ""
+        lines.append(f"  {source}: {message}{given}")
+    return "\n".join(lines)

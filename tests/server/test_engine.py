@@ -1,0 +1,97 @@
+"""Engine behaviour: preemption by recompute, abort, sampling parameters, stop strings, block accounting."""
+import pytest
+import torch
+
+from server.engine.block_manager import BlockManager
+from server.engine.detokenizer import update_text
+from server.engine.request import Request, SamplingParams
+from server.engine.sampler import make_generator, sample
+from server.model.tiny import byte_level_tokenizer
+from tests.helpers import make_hf_model, run_capture, small_engine
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_hf_model(tmp_path_factory.mktemp("m"), "llama")
+
+
+def _prompts(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {f"r{i}": torch.randint(3, 300, (10 + 3 * i,), generator=gen).tolist() for i in range(n)}
+
+
+def test_preemption_recomputes_to_the_same_tokens(model_dir):
+    prompts = _prompts(6)
+    roomy = small_engine(model_dir)
+    expected, _ = run_capture(roomy, prompts, {}, max_tokens=12)
+    tight = small_engine(model_dir, num_kv_blocks=24)  # 96 token slots for ~6 x 35 tokens: must preempt
+    got, _ = run_capture(tight, prompts, {}, max_tokens=12)
+    assert tight.scheduler.num_preemptions > 0
+    assert got == expected
+    assert tight.scheduler.blocks.num_free == 24  # everything given back
+
+
+def test_abort_frees_blocks_and_stops_output(model_dir):
+    engine = small_engine(model_dir)
+    engine.add_request(Request("a", list(range(3, 30)), SamplingParams(max_tokens=50, temperature=0)))
+    engine.add_request(Request("b", list(range(3, 20)), SamplingParams(max_tokens=5, temperature=0)))
+    engine.step()
+    out = engine.abort("a")
+    assert out.finished and out.finish_reason == "abort"
+    while engine.has_work():
+        assert all(o.request_id == "b" for o in engine.step())
+    assert engine.scheduler.blocks.num_free == engine.scheduler.blocks.num_blocks
+
+
+def test_max_tokens_and_context_limit(model_dir):
+    engine = small_engine(model_dir, max_model_len=40)
+    engine.add_request(Request("a", list(range(3, 33)), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)))
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 10
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
+    logits = torch.randn(3, 50)
+    p = SamplingParams(temperature=1.0, seed=7)
+    runs = [sample(logits, [p] * 3, [make_generator(p, "cpu") for _ in range(3)]).token_ids for _ in range(2)]
+    assert runs[0] == runs[1]
+    k1 = SamplingParams(temperature=1.5, top_k=1)
+    assert sample(logits, [k1] * 3, [make_generator(k1, "cpu")] * 3).token_ids == logits.argmax(-1).tolist()
+    p_small = SamplingParams(temperature=1.0, top_p=1e-6)
+    assert sample(logits, [p_small] * 3, [make_generator(p_small, "cpu")] * 3).token_ids == logits.argmax(-1).tolist()
+
+
+def test_logprobs_are_log_softmax():
+    logits = torch.randn(1, 20)
+    p = SamplingParams(temperature=0, logprobs=3)
+    res = sample(logits, [p], [None])
+    ref = torch.log_softmax(logits[0], -1)
+    assert res.logprobs[0] == pytest.approx(ref.max().item(), abs=1e-6)
+    assert [t for t, _ in res.top[0]] == ref.topk(3).indices.tolist()
+
+
+def test_stop_string_cuts_text_and_never_leaks_a_partial_stop():
+    tok = byte_level_tokenizer()
+    req = Request("s", [1], SamplingParams(stop=("END",)))
+    sent = ""
+    for ch in "abc EN":
+        req.output_ids += tok.encode(ch, add_special_tokens=False)
+        new, hit = update_text(req, tok, final=False)
+        sent += new
+        assert not hit
+    assert "EN" not in sent  # held back: it may start a stop string
+    req.output_ids += tok.encode("Dxyz", add_special_tokens=False)
+    new, hit = update_text(req, tok, final=False)
+    assert hit and sent + new == "abc "
+
+
+def test_block_manager_free_list():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a: list[int] = []
+    bm.grow(a, 9)
+    assert len(a) == 3 and bm.num_free == 1
+    assert not bm.can_grow(a, 17) and bm.can_grow(a, 16)
+    bm.release(a)
+    assert a == [] and bm.num_free == 4
