@@ -1,0 +1,241 @@
+"""End-to-end throughput: our engine on a mixed-adapter batch vs. the same batch with no adapters vs. PEFT.
+
+    python -m server.bench                     # CPU: tiny and ~100M configs, 16 requests over 8 adapters
+    python -m server.bench --mode decode-step  # GPU: one decode step of a 7B-shaped model, batch 32, 0/1/8/32 adapters
+
+Weights are random (no download); timings do not depend on their values. Ratios are measured in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from adapters.delta import PROJECTIONS, AdapterDeltas, LowRank
+from server.engine.builder import EngineOptions, build_llm_engine
+from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import ScheduledBatch, ScheduledSeq
+from server.model.config import ModelConfig
+
+CONFIGS = {
+    "tiny": dict(vocab_size=320, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12),
+    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
+}
+
+
+def random_adapter(cfg: ModelConfig, rank: int, seed: int) -> AdapterDeltas:
+    gen = torch.Generator().manual_seed(seed)
+    dims = {"q_proj": (cfg.q_size, cfg.hidden_size), "k_proj": (cfg.kv_size, cfg.hidden_size),
+            "v_proj": (cfg.kv_size, cfg.hidden_size), "o_proj": (cfg.hidden_size, cfg.q_size),
+            "gate_proj": (cfg.intermediate_size, cfg.hidden_size), "up_proj": (cfg.intermediate_size, cfg.hidden_size),
+            "down_proj": (cfg.hidden_size, cfg.intermediate_size)}
+    d = AdapterDeltas()
+    for layer in range(cfg.num_layers):
+        for proj in PROJECTIONS:
+            d_out, d_in = dims[proj]
+            d.lowrank[f"layers.{layer}.{proj}"] = LowRank(torch.randn(rank, d_in, generator=gen) * 0.01,
+                                                         torch.randn(d_out, rank, generator=gen) * 0.01, 2.0)
+    return d
+
+
+def make_checkpoint(name: str, directory: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from server.model.tiny import byte_level_tokenizer
+
+    cfg = LlamaConfig(**CONFIGS[name], max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(directory, safe_serialization=True)
+    byte_level_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def bench_engine(path: Path, adapters: dict[str, AdapterDeltas], assign: list[str | None], prompt_len: int,
+                 gen_len: int) -> float:
+    """Generated tokens per second for one batch of len(assign) requests, all submitted at once."""
+    engine = build_llm_engine(str(path), adapters, EngineOptions(device="cpu", dtype="fp32", max_num_seqs=len(assign),
+                                                                  max_num_batched_tokens=4096, max_prefill_chunk=512))
+    params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
+
+    def run() -> float:
+        for i, a in enumerate(assign):
+            engine.add_request(Request(f"r{i}-{time.monotonic_ns()}", list(range(3, 3 + prompt_len)), params, a))
+        t0 = time.perf_counter()
+        while engine.has_work():
+            engine.step()
+        return len(assign) * gen_len / (time.perf_counter() - t0)
+
+    run()  # warm-up
+    return max(run() for _ in range(2))
+
+
+def bench_peft(path: Path, adapters: dict[str, AdapterDeltas], assign: list[str | None], prompt_len: int, gen_len: int) -> float:
+    """PEFT's mixed-batch generate(adapter_names=...) on the same model and adapters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    rank = next(iter(adapters.values())).lowrank["layers.0.q_proj"].rank
+    targets = list(PROJECTIONS)
+    peft_model = None
+    for name, deltas in adapters.items():
+        cfg = LoraConfig(r=rank, lora_alpha=2.0 * rank, target_modules=targets, init_lora_weights=False)
+        if peft_model is None:
+            peft_model = get_peft_model(model, cfg, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, cfg)
+        sd = {}
+        for mod, lr in deltas.lowrank.items():
+            _, layer, proj = mod.split(".")
+            part = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{part}.{proj}"
+            sd[f"{prefix}.lora_A.{name}.weight"] = lr.A
+            sd[f"{prefix}.lora_B.{name}.weight"] = lr.B
+        missing = peft_model.load_state_dict(sd, strict=False)
+        assert not [k for k in missing.unexpected_keys], missing.unexpected_keys
+    peft_model.eval()
+    ids = torch.arange(3, 3 + prompt_len).repeat(len(assign), 1)
+    names = [a if a is not None else "__base__" for a in assign]
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names,
+                                      max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False)
+        assert out.shape[1] == prompt_len + gen_len
+        return len(assign) * gen_len / (time.perf_counter() - t0)
+
+    run()
+    return max(run() for _ in range(2))
+
+
+def cpu_suite(args) -> list[dict]:
+    rows = []
+    for name in args.configs:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = make_checkpoint(name, Path(tmp))
+            cfg = ModelConfig.from_dir(path)
+            adapters = {f"a{i}": random_adapter(cfg, args.rank, seed=i) for i in range(args.num_adapters)}
+            assign = [f"a{i % args.num_adapters}" for i in range(args.batch)]
+            base = bench_engine(path, {}, [None] * args.batch, args.prompt_len, args.gen_len)
+            mixed = bench_engine(path, adapters, assign, args.prompt_len, args.gen_len)
+            peft = bench_peft(path, adapters, assign, args.prompt_len, args.gen_len)
+            row = dict(config=name, batch=args.batch, adapters=args.num_adapters, rank=args.rank, prompt_len=args.prompt_len,
+                       gen_len=args.gen_len, base_tok_s=base, mixed_tok_s=mixed, peft_mixed_tok_s=peft,
+                       adapter_overhead=base / mixed - 1.0, speedup_vs_peft=mixed / peft, device="cpu",
+                       threads=torch.get_num_threads())
+            rows.append(row)
+            print(f"{name:>5}: base {base:8.1f} tok/s | {args.num_adapters} adapters {mixed:8.1f} tok/s "
+                  f"(overhead {100 * row['adapter_overhead']:5.1f}%) | PEFT mixed {peft:8.1f} tok/s "
+                  f"(ours {row['speedup_vs_peft']:.2f}x)", flush=True)
+    return rows
+
+
+def decode_step_suite(args) -> list[dict]:
+    """Time one decode step (batch 32, context 512) of a 7B-shaped random model with 0/1/8/32 distinct adapters."""
+    from server.model.adapter_pool import AdapterPool
+    from server.model.llama import LlamaModel
+    from server.engine.model_runner import ModelRunner
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    hf = {**CONFIGS[args.shape], "max_position_embeddings": 4096, "architectures": ["LlamaForCausalLM"]}
+    cfg = ModelConfig.from_hf(hf)
+    state = _random_state(cfg, device, dtype)
+    model = LlamaModel(cfg, state, device, dtype)
+    del state
+    batch, ctx, block = args.batch, args.context, 16
+    pool = AdapterPool(cfg, max_slots=64, arena_bytes=8 << 30, device=device, dtype=dtype)
+    runner = ModelRunner(model, num_blocks=batch * (ctx // block + 2), block_size=block, adapter_pool=pool)
+    for slot in range(max(args.adapter_counts)):
+        pool.load(slot, random_adapter(cfg, args.rank, seed=slot))
+    rows = []
+    for n in args.adapter_counts:
+        reqs = []
+        for b in range(batch):
+            r = Request(f"r{b}", [5] * ctx, SamplingParams(max_tokens=1))
+            r.block_ids = list(range(b * (ctx // block + 2), (b + 1) * (ctx // block + 2)))
+            r.num_computed_tokens = ctx - 1
+            r.slot = (b % n) if n else -1
+            reqs.append(r)
+        sched = ScheduledBatch([ScheduledSeq(r, ctx - 1, 1, True) for r in reqs])
+        fb = runner.build(sched)
+        step = lambda: model.forward(fb, runner.kv, pool)  # noqa: E731
+        ms = _cuda_time(step)
+        rows.append(dict(shape=args.shape, batch=batch, context=ctx, distinct_adapters=n, rank=args.rank, ms_per_step=ms,
+                         tokens_per_s=batch / ms * 1e3, device=torch.cuda.get_device_name()))
+        print(f"decode step {args.shape} batch {batch} ctx {ctx}: {n:2d} distinct rank-{args.rank} adapters "
+              f"-> {ms:7.3f} ms ({rows[-1]['tokens_per_s']:8.0f} tok/s)", flush=True)
+    base = rows[0]["ms_per_step"]
+    for r in rows:
+        r["overhead_vs_base"] = r["ms_per_step"] / base - 1.0
+    return rows
+
+
+def _random_state(cfg: ModelConfig, device, dtype) -> dict[str, torch.Tensor]:
+    def rnd(*shape):
+        return (torch.randn(*shape, device=device, dtype=dtype) * 0.02)
+
+    s = {"model.embed_tokens.weight": rnd(cfg.vocab_size, cfg.hidden_size), "model.norm.weight": torch.ones(cfg.hidden_size, device=device, dtype=dtype),
+         "lm_head.weight": rnd(cfg.vocab_size, cfg.hidden_size)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        s[p + "input_layernorm.weight"] = torch.ones(cfg.hidden_size, device=device, dtype=dtype)
+        s[p + "post_attention_layernorm.weight"] = torch.ones(cfg.hidden_size, device=device, dtype=dtype)
+        s[p + "self_attn.q_proj.weight"] = rnd(cfg.q_size, cfg.hidden_size)
+        s[p + "self_attn.k_proj.weight"] = rnd(cfg.kv_size, cfg.hidden_size)
+        s[p + "self_attn.v_proj.weight"] = rnd(cfg.kv_size, cfg.hidden_size)
+        s[p + "self_attn.o_proj.weight"] = rnd(cfg.hidden_size, cfg.q_size)
+        s[p + "mlp.gate_proj.weight"] = rnd(cfg.intermediate_size, cfg.hidden_size)
+        s[p + "mlp.up_proj.weight"] = rnd(cfg.intermediate_size, cfg.hidden_size)
+        s[p + "mlp.down_proj.weight"] = rnd(cfg.hidden_size, cfg.intermediate_size)
+    return s
+
+
+def _cuda_time(fn, iters: int = 20) -> float:
+    with torch.inference_mode():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["engine", "decode-step"], default="engine")
+    ap.add_argument("--configs", nargs="+", default=["tiny", "100m"], choices=list(CONFIGS))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--num-adapters", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--shape", default="7b", choices=list(CONFIGS))
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--adapter-counts", type=int, nargs="+", default=[0, 1, 8, 32])
+    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.mode == "decode-step" and args.batch == 16:
+        args.batch = 32
+    rows = cpu_suite(args) if args.mode == "engine" else decode_step_suite(args)
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
