@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from server.config import ENV_PREFIX, ConfigError, Settings, load_settings
+from server.engine.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +40,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(**overrides)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    configure_logging(settings.log_level)
+def build_engine_from_settings(settings: Settings) -> Any:
+    """The AsyncEngine the settings describe, not yet started (the app's lifespan starts it)."""
+    from server.engine.builder import build_engine  # deferred: torch and the model code are heavy imports
 
-    import uvicorn  # deferred: `multiplex --help` should not pay for torch and the web stack
-
-    from server.api.app import create_app
-    from server.engine.async_engine import build_engine
-
-    logger.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
-    engine = build_engine(
+    return build_engine(
         settings.model,
         str(settings.adapters) if settings.adapters is not None else None,
         device=settings.device,
@@ -58,7 +53,22 @@ def run_serve(args: argparse.Namespace) -> int:
         max_model_len=settings.max_model_len,
         num_kv_blocks=settings.num_kv_blocks,
         block_size=settings.block_size,
+        # The engine bounds every request it holds; max_queue counts those waiting beyond the running batch.
+        max_queue=settings.max_num_seqs + settings.max_queue,
+        data_dir=str(settings.data_dir),
     )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level)
+
+    import uvicorn  # deferred: `multiplex --help` should not pay for the web stack
+
+    from server.api.app import create_app
+
+    logger.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
+    engine = build_engine_from_settings(settings)
     app = create_app(engine, settings)
     print(f"multiplex: serving {engine.model_name} with {len(engine.adapter_ids())} adapter(s) "
           f"on http://{settings.host}:{settings.port}", flush=True)
@@ -88,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"multiplex {args.command}: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-        # Bad model or adapters found while loading; the traceback is for debugging only.
+    except (FileNotFoundError, NotADirectoryError, ValueError, EngineError) as exc:
+        # A bad model or adapter found while loading; the traceback is for debugging only.
         logger.debug("startup failed", exc_info=True)
         print(f"multiplex {args.command}: {exc}", file=sys.stderr)
         return 2

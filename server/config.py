@@ -30,21 +30,22 @@ class ConfigError(ValueError):
 
 
 class Settings(BaseSettings):
-    """Everything the server process is configured with. Each field is `MULTIPLEX_<FIELD>` or `--<field-with-dashes>`."""
+    """Everything the server process is configured with; each field is `MULTIPLEX_<FIELD>` or `--<field-name>`."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", env_ignore_empty=True)
 
-    model: str = Field("tiny", description="backbone: 'tiny' (embedded, random weights) or a Hugging Face checkpoint directory")
-    adapters: Path | None = Field(None, description="directory of adapters, one per subdirectory (format 1 or PEFT LoRA)")
+    model: str = Field("tiny", description="backbone: 'tiny' (embedded, random weights) or a HF checkpoint directory")
+    adapters: Path | None = Field(None, description="directory of adapters, one per subdirectory (format 1 or PEFT)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0 = any free port)")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
-    dtype: str = Field("auto", description="'auto' (bfloat16 on cuda, float32 on cpu), 'float32', 'bfloat16' or 'float16'")
+    dtype: str = Field("auto", description="'auto' (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16")
     max_num_seqs: int = Field(64, ge=1, description="most requests running in one batch")
-    max_model_len: int | None = Field(None, ge=2, description="context limit, prompt + max_tokens (default: the model's)")
-    num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks (default: sized from free memory)")
+    max_model_len: int | None = Field(None, ge=2, description="context limit of prompt + max_tokens (default: model's)")
+    num_kv_blocks: int | None = Field(None, ge=1,
+                                      description="KV cache blocks (default: sized by the engine for max_num_seqs)")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
-    max_queue: int = Field(1024, ge=0, description="waiting requests beyond the running batch before answering 503")
+    max_queue: int = Field(1024, ge=0, description="requests waiting beyond the running batch before answering 503")
     data_dir: Path = Field(Path("./.multiplex"), description="where the server keeps its local state")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 

@@ -116,3 +116,43 @@ def random_lowrank(spec_cfg, targets: dict[str, int], seed: int, layers=None, ma
             b = torch.randn(d_out, r, generator=gen) * magnitude
             out.lowrank[f"layers.{layer}.{proj}"] = LowRank(a, b, scale=2.0 / r)
     return out
+
+
+def reference_model(directory: Path, deltas, prompt_len: int):
+    """The transformers model with `deltas` applied the reference way: LowRank/Sparse merged into the weights,
+    IA3 vectors and PARA vectors (pooled from the first `prompt_len` positions) multiplied into activations."""
+    from adapters.delta import SCALE_PROJECTION, parse_scale_name
+    from adapters.methods.para import para_vectors
+
+    model = merged_hf(directory, deltas)
+    cfg = model.config
+    d_q = cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    d_kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+
+    def scale_out(vec):
+        return lambda mod, args, out: out * vec.to(out.dtype)
+
+    def scale_in(vec):
+        return lambda mod, args: (args[0] * vec.to(args[0].dtype),)
+
+    for name, vec in deltas.scale.items():
+        layer, target = parse_scale_name(name)
+        mod = hf_module(model, f"layers.{layer}.{SCALE_PROJECTION[target]}")
+        if target == "ffn":
+            mod.register_forward_pre_hook(scale_in(vec))
+        else:
+            mod.register_forward_hook(scale_out(vec))
+    for layer, gen in deltas.para.items():
+        block = model.model.layers[layer]
+        state = {}
+
+        def pool_hook(mod, args, out, gen=gen, state=state):
+            mask = torch.zeros(out.shape[:2], dtype=torch.bool)
+            mask[:, :prompt_len] = True
+            state["vec"] = para_vectors(gen, out, mask)  # (B, d_q + d_kv + d_ff)
+
+        block.input_layernorm.register_forward_hook(pool_hook)
+        for proj, lo, hi in (("q_proj", 0, d_q), ("v_proj", d_q, d_q + d_kv), ("up_proj", d_q + d_kv, None)):
+            mod = hf_module(model, f"layers.{layer}.{proj}")
+            mod.register_forward_hook(lambda m, a, out, lo=lo, hi=hi, state=state: out * state["vec"][:, None, lo:hi].to(out.dtype))
+    return model

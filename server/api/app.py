@@ -34,11 +34,7 @@ class ResponseStatusCounter:
                 self.metrics.responses_by_status[message["status"]] += 1
             await send(message)
 
-        try:
-            await self.app(scope, receive, counting_send)
-        except Exception:
-            self.metrics.responses_by_status[500] += 1  # answered by the outermost error handler
-            raise
+        await self.app(scope, receive, counting_send)
 
 
 def create_app(engine: Any, settings: Settings) -> FastAPI:
@@ -56,9 +52,8 @@ def create_app(engine: Any, settings: Settings) -> FastAPI:
 
     app = FastAPI(title="multiplex", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
+    app.state.settings = settings  # for routes that need a setting of their own (the admin token, ...)
     app.state.api_metrics = ApiMetrics()
-    # Admitted requests beyond the running batch wait in the engine; past max_queue of them the API answers 503.
-    app.state.max_in_flight = settings.max_num_seqs + settings.max_queue
     app.state.created = int(time.time())
     install_error_handlers(app)
     app.include_router(completions.router)

@@ -21,7 +21,7 @@ from starlette.background import BackgroundTask
 from server.api.errors import ApiError, error_body
 from server.api.metrics import ApiMetrics
 from server.api.schemas import CompletionRequest
-from server.engine.errors import EngineOverloadedError, PromptTooLongError, UnknownAdapterError
+from server.engine.errors import PromptTooLongError, UnknownAdapterError
 from server.engine.request import RequestOutput, SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -75,8 +75,10 @@ class LogprobsBuilder:
     def build(self, logprobs: list[TokenLogprob]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for entry in logprobs:
-            top = {token: max(logprob, MIN_LOGPROB) for token, logprob in entry.top}
-            top.setdefault(entry.token, max(entry.logprob, MIN_LOGPROB))
+            # Tokens that decode to the same string (e.g. lone bytes -> U+FFFD) share one key: keep the likeliest.
+            top: dict[str, float] = {}
+            for token, logprob in [*entry.top, (entry.token, entry.logprob)]:
+                top.setdefault(token, max(logprob, MIN_LOGPROB))
             out["tokens"].append(entry.token)
             out["token_logprobs"].append(max(entry.logprob, MIN_LOGPROB))
             out["top_logprobs"].append(top)
@@ -152,9 +154,6 @@ async def create_completion(body: CompletionRequest, request: Request):
     params = to_sampling_params(body)
     prompt_ids = engine.encode_prompt(body.prompt)
     check_context(len(prompt_ids), params.max_tokens, engine.max_model_len)
-    if state.api_metrics.num_in_flight >= state.max_in_flight:
-        raise EngineOverloadedError(
-            f"server overloaded: {state.api_metrics.num_in_flight} requests in flight; retry later")
 
     state.api_metrics.num_in_flight += 1
     completion = Completion(request_id=f"cmpl-{uuid.uuid4().hex}", model=adapter_id or engine.model_name,

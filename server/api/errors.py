@@ -47,7 +47,8 @@ def error_body(error_type: str, message: str) -> dict[str, Any]:
     return {"error": {"type": error_type, "message": message}}
 
 
-def error_response(status_code: int, error_type: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status_code: int, error_type: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(error_type, message), status_code=status_code, headers=headers)
 
 
@@ -99,7 +100,39 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal server error")
 
 
+class CatchAllMiddleware:
+    """Answers an unexpected exception with a generic 500 and keeps the connection usable.
+
+    (Starlette's own last-resort handler answers too, but then re-raises, and uvicorn drops the keep-alive
+    connection.) Pure ASGI, so streaming responses pass through untouched.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if response_started:  # too late for a status; the stream itself reports its errors
+                raise
+            logger.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            await error_response(500, "internal_error", "internal server error")(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    """Exception handlers, plus the catch-all middleware (add it before any middleware that should see its 500s)."""
+    app.add_middleware(CatchAllMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(EngineError, _engine_error)

@@ -54,6 +54,9 @@ class AdapterCache:
     def release(self, adapter_id: str) -> None:
         self.resident[adapter_id].pins -= 1
 
+    def needs_whole_prefill(self, adapter_id: str) -> bool:
+        return self.pool.slots[self.resident[adapter_id].slot].has_para
+
     def _load(self, adapter_id: str) -> Resident | None:
         deltas = self.source(adapter_id)
         t0 = time.perf_counter()

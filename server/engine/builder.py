@@ -79,11 +79,12 @@ def build_llm_engine(model: str, adapters: dict[str, AdapterDeltas], opts: Engin
     max_len = min(cfg.max_context, opts.max_model_len or cfg.max_context)
     num_blocks = opts.num_kv_blocks or -(-max(opts.max_num_seqs * min(max_len, 1024), max_len) // opts.block_size)
     max_len = min(max_len, num_blocks * opts.block_size)
-    pool = AdapterPool(cfg, opts.max_adapter_slots, opts.adapter_pool_bytes, device, dtype)
+    pool = AdapterPool(cfg, opts.max_adapter_slots, opts.adapter_pool_bytes, device, dtype,
+                       max_requests=2 * opts.max_num_seqs)
     for adapter_id, deltas in adapters.items():
-        need = pool.allocator.size_of(pool.num_elements(deltas)) * pool.arena.element_size()
-        if need > pool.allocator.capacity * pool.arena.element_size():
-            raise InvalidAdapterError(f"adapter {adapter_id!r} needs {need} bytes; the device pool holds {opts.adapter_pool_bytes}")
+        if not pool.fits_empty(deltas):
+            raise InvalidAdapterError(f"adapter {adapter_id!r} needs {pool.nbytes(deltas)} bytes; "
+                                      f"the device pool holds {opts.adapter_pool_bytes}")
     cache = AdapterCache(pool, adapters.__getitem__)
     blocks = BlockManager(num_blocks, opts.block_size)
     scheduler = Scheduler(blocks, cache, max_num_seqs=opts.max_num_seqs,

@@ -40,6 +40,7 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.finish(req, "abort")
+        self.runner.release(req)
         return self._output(req, "", [], None, finished=True)
 
     def fail(self, request_id: str, message: str) -> RequestOutput | None:
@@ -47,6 +48,7 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.finish(req, "error")
+        self.runner.release(req)
         return self._output(req, "", [], None, finished=True, error=message)
 
     def has_work(self) -> bool:
@@ -54,6 +56,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        for req in batch.preempted:
+            self.runner.release(req)
         if not batch.seqs:
             return []
         logits = self.runner.execute(batch)
@@ -89,6 +93,7 @@ class LLMEngine:
             if reason is not None:
                 self.requests.pop(req.request_id, None)
                 self.scheduler.finish(req, reason)
+                self.runner.release(req)
             outputs.append(self._output(req, text, token_ids, logprobs, finished=reason is not None))
         return outputs
 

@@ -1,13 +1,15 @@
-"""ScheduledBatch (CPU, no tensors) -> ForwardBatch (device tensors) -> logits. Owns the KV cache."""
+"""ScheduledBatch (CPU, no tensors) -> ForwardBatch (device tensors) -> logits. Owns the KV cache and the rows
+of the PARA vector buffer that running requests hold."""
 from __future__ import annotations
 
 import torch
 
 from kernels.attention import AttentionMeta
 from kernels.segments import make_segments
+from server.engine.request import Request
 from server.engine.scheduler import ScheduledBatch
 from server.model.adapter_pool import AdapterPool
-from server.model.forward_batch import ForwardBatch, KVCache
+from server.model.forward_batch import AdapterKinds, ForwardBatch, KVCache, ParaPrefill
 from server.model.llama import LlamaModel
 
 
@@ -17,6 +19,14 @@ class ModelRunner:
         self.model, self.block_size, self.adapter_pool = model, block_size, adapter_pool
         self.device = model.device
         self.kv = KVCache.allocate(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, model.device, model.dtype)
+        self._para_rows: dict[str, int] = {}
+        self._free_para_rows = list(range(adapter_pool.max_requests - 1, -1, -1)) if adapter_pool else []
+
+    def release(self, req: Request) -> None:
+        """A request finished or was preempted: its PARA row (if any) is free again."""
+        row = self._para_rows.pop(req.request_id, None)
+        if row is not None:
+            self._free_para_rows.append(row)
 
     def build(self, batch: ScheduledBatch) -> ForwardBatch:
         bs = self.block_size
@@ -50,8 +60,43 @@ class ModelRunner:
         return ForwardBatch(
             input_ids=t(input_ids, torch.int64), positions=t(positions, torch.int64),
             slot_mapping=t(slot_mapping, torch.int64), attn=attn, segments=segments,
-            logits_indices=t(logits_indices, torch.int64),
+            logits_indices=t(logits_indices, torch.int64), **self._adapter_fields(batch, q_start),
         )
+
+    def _adapter_fields(self, batch: ScheduledBatch, q_start: list[int]) -> dict:
+        """Per-token rows for Scale deltas and the PARA prefills of this step (empty when no adapter is used)."""
+        pool = self.adapter_pool
+        infos = [pool.slots.get(s.request.slot) if pool and s.request.slot >= 0 else None for s in batch.seqs]
+        if not any(infos):
+            return {}
+        targets = sorted({t for info in infos if info for t in info.scale_targets})
+        scale_rows = {t: [] for t in targets}
+        para_rows: list[int] = []
+        prefills = []
+        for s, info, start in zip(batch.seqs, infos, q_start):
+            for t in targets:
+                scale_rows[t] += [s.request.slot if info and t in info.scale_targets else -1] * s.num_tokens
+            row = -1
+            if info and info.has_para:
+                row = self._para_row(s.request)
+                if s.start == 0:  # the scheduler never splits a PARA prompt: all of it is in this step
+                    prefills.append(ParaPrefill(start, min(len(s.request.prompt_ids), s.num_tokens), row, s.request.slot))
+            para_rows += [row] * s.num_tokens
+        dev = self.device
+        has_para = any(r >= 0 for r in para_rows)
+        return dict(
+            adapter_kinds=AdapterKinds(lowrank=any(i and i.has_lowrank for i in infos),
+                                       sparse=any(i and i.has_sparse for i in infos), scale=bool(targets) or has_para),
+            scale_rows={t: torch.tensor(rows, dtype=torch.int32).to(dev) for t, rows in scale_rows.items()},
+            para_rows=torch.tensor(para_rows, dtype=torch.int32).to(dev) if has_para else None,
+            para_prefills=tuple(prefills),
+        )
+
+    def _para_row(self, req: Request) -> int:
+        row = self._para_rows.get(req.request_id)
+        if row is None:
+            row = self._para_rows[req.request_id] = self._free_para_rows.pop()
+        return row
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:

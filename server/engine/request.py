@@ -74,6 +74,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)
     slot: int = -1  # adapter slot on the device while running; -1 = base model
+    whole_prefill: bool = False  # PARA adapters: the prompt is prefilled in one step
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     # detokenisation state

@@ -6,6 +6,8 @@ Plain Python over `Request`s; never sees a tensor. Policy, in order:
    later from its prompt and the tokens it already produced); if it is itself the youngest, it waits.
 2. Then waiting requests, FIFO, while there are sequence slots, token budget and KV blocks. A request whose
    adapter is not on the device yet is skipped this step (its load is under way), not blocking others.
+   A request whose adapter has a PARA generator is prefilled whole, never in chunks: its vectors are pooled
+   from the entire prompt inside one forward (it may exceed the token budget when it is alone in the step).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from server.engine.request import Request, Status
 class AdapterSlots(Protocol):
     def acquire(self, adapter_id: str) -> int | None: ...  # slot when resident (pinned), None while loading
     def release(self, adapter_id: str) -> None: ...
+    def needs_whole_prefill(self, adapter_id: str) -> bool: ...  # PARA: vectors need the whole prompt at once
 
 
 @dataclass(frozen=True)
@@ -81,10 +84,6 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()
-            n = min(self._remaining(req), budget, self.max_prefill_chunk)
-            if not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
-                self.waiting.appendleft(req)
-                break  # FIFO: nobody jumps a request that waits for memory
             if req.adapter_id is not None:
                 slot = self.adapters.acquire(req.adapter_id)
                 if slot is None:
@@ -92,6 +91,13 @@ class Scheduler:
                     skipped.append(req)
                     continue
                 req.slot = slot
+                req.whole_prefill = self.adapters.needs_whole_prefill(req.adapter_id)
+            n = self._remaining(req) if req.whole_prefill else min(self._remaining(req), budget)
+            too_long = req.whole_prefill and n > budget and batch.seqs
+            if too_long or not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
+                self._unpin(req)
+                self.waiting.appendleft(req)
+                break  # FIFO: nobody jumps a request that waits for memory or budget
             req.status = Status.RUNNING
             self.running.append(req)
             self._schedule(batch, req, n)
@@ -101,7 +107,8 @@ class Scheduler:
 
     def _remaining(self, req: Request) -> int:
         """Tokens not yet in the cache: the rest of the prompt (and of earlier outputs after a preemption), or 1."""
-        return min(max(req.num_tokens - req.num_computed_tokens, 1), self.max_prefill_chunk)
+        remaining = max(req.num_tokens - req.num_computed_tokens, 1)
+        return remaining if req.whole_prefill else min(remaining, self.max_prefill_chunk)
 
     def _schedule(self, batch: ScheduledBatch, req: Request, n: int) -> None:
         start = req.num_computed_tokens
@@ -119,6 +126,9 @@ class Scheduler:
 
     def _free(self, req: Request) -> None:
         self.blocks.release(req.block_ids)
+        self._unpin(req)
+
+    def _unpin(self, req: Request) -> None:
         if req.adapter_id is not None and req.slot >= 0:
             self.adapters.release(req.adapter_id)
         req.slot = -1

@@ -1,11 +1,15 @@
-"""The device pool: every resident adapter's deltas in shared buffers, addressed by slot.
+"""The device pool: every resident adapter's deltas, of every kind, in shared buffers addressed by slot.
 
-Data layout (S-LoRA style, exact ranks): one flat `arena` of the model dtype holds all factors. Per layer and
-projection, per slot, tables give the arena offsets of A (r, d_in) and B^T (r, d_out), the rank and the scale:
-    a_off, b_off: (num_layers, 7, max_slots) int64    rank: (..) int32    scale: (..) float32
-Projection groups match the backbone's fused matmuls: qkv = (q, k, v), o, gate_up = (gate, up), down; a group's
-table is a view of consecutive projections, so one kernel launch serves a fused projection. The pool only stores;
-which adapter gets which slot, and when, is the engine's decision (server/engine/adapter_cache.py).
+Layout (S-LoRA style: exact sizes, no padding to a maximum rank):
+- `arena` (model dtype, flat): each slot owns one contiguous range holding its LowRank factors A (r, d_in) and
+  B^T (r, d_out) and its Sparse values. `idx_arena` (int32, flat): each slot's Sparse CSR row pointers and columns.
+- Per layer, projection and slot, LowRank tables (offsets, rank, scale) and per layer, group and slot, Sparse
+  tables (CSR over the group's fused output rows). A group's LowRank table is a view of consecutive
+  projections, so one kernel launch serves a fused projection.
+- Scale: IA3 vectors in per-target buffers (num_layers, max_slots, width), rows = slots; PARA generators per slot,
+  and the PARA vectors of running requests in (num_layers, max_requests, d_q + d_kv + d_ff), rows = request rows.
+  Layers an adapter leaves unscaled hold ones (multiplying by 1 is exact).
+The pool only stores and applies; which adapter gets which slot, and when, is the engine's decision.
 """
 from __future__ import annotations
 
@@ -13,20 +17,25 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.delta import PROJECTIONS, AdapterDeltas, parse_module_name
+from adapters.delta import PROJECTIONS, AdapterDeltas, ParaLayer, parse_module_name, parse_scale_name
 from kernels.lowrank import LowRankTable, lowrank_delta
-from kernels.segments import Segments
+from kernels.scale import scale_rows_
+from kernels.sparse import SparseTable, sparse_delta
+from server.model.adapter_layout import GROUPS, Layout
 from server.model.arena import ArenaAllocator
 from server.model.config import ModelConfig
-
-GROUPS = {"qkv": (0, 3), "o": (3, 4), "gate_up": (4, 6), "down": (6, 7)}  # group -> projection index range
+from server.model.forward_batch import ForwardBatch
 
 
 @dataclass
 class SlotInfo:
-    arena_start: int
-    num_elements: int
+    arena_start: int | None
+    idx_start: int | None
     nbytes: int
+    scale_targets: frozenset[str]
+    has_para: bool
+    has_lowrank: bool
+    has_sparse: bool
 
 
 class AdapterPoolFull(Exception):
@@ -34,98 +43,225 @@ class AdapterPoolFull(Exception):
 
 
 class AdapterPool:
-    def __init__(self, cfg: ModelConfig, max_slots: int, arena_bytes: int, device, dtype) -> None:
+    def __init__(self, cfg: ModelConfig, max_slots: int, arena_bytes: int, device, dtype, max_requests: int = 256) -> None:
         self.cfg, self.device, self.dtype, self.max_slots = cfg, device, dtype, max_slots
+        self.layout = Layout.of(cfg)
+        self.max_requests = max_requests
         elem = torch.empty((), dtype=dtype).element_size()
         self.allocator = ArenaAllocator(max(arena_bytes // elem, 64))
         self.arena = torch.zeros(self.allocator.capacity, device=device, dtype=dtype)
-        shape = (cfg.num_layers, len(PROJECTIONS), max_slots)
-        self.a_off = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.b_off = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.rank = torch.zeros(shape, dtype=torch.int32, device=device)
-        self.scale = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.idx_allocator = ArenaAllocator(max(arena_bytes // 16, 64), align=16)
+        self.idx_arena = torch.zeros(self.idx_allocator.capacity, device=device, dtype=torch.int32)
+        L, P, G = cfg.num_layers, len(PROJECTIONS), len(GROUPS)
+        self.a_off = torch.zeros((L, P, max_slots), dtype=torch.int64, device=device)
+        self.b_off = torch.zeros((L, P, max_slots), dtype=torch.int64, device=device)
+        self.rank = torch.zeros((L, P, max_slots), dtype=torch.int32, device=device)
+        self.scale = torch.zeros((L, P, max_slots), dtype=torch.float32, device=device)
+        self.sp_idx_off = torch.zeros((L, G, max_slots), dtype=torch.int64, device=device)
+        self.sp_val_off = torch.zeros((L, G, max_slots), dtype=torch.int64, device=device)
+        self.sp_nnz = torch.zeros((L, G, max_slots), dtype=torch.int32, device=device)
+        self.static_vectors: dict[str, torch.Tensor] = {}  # scale target -> (L, max_slots, width), made on first use
+        self.para_layers: dict[int, dict[int, ParaLayer]] = {}  # slot -> layer -> generator (device tensors)
+        self.para_vectors: torch.Tensor | None = None  # (L, max_requests, d_q + d_kv + d_ff), made on first use
         self.slots: dict[int, SlotInfo] = {}
         self.max_rank = 1
         self._build_tables()
 
-    # ---- dims -------------------------------------------------------------------------------------------------
-    def _dims(self, proj: str) -> tuple[int, int]:
-        """(d_out, d_in) of a projection."""
-        c = self.cfg
-        return {
-            "q_proj": (c.q_size, c.hidden_size),
-            "k_proj": (c.kv_size, c.hidden_size),
-            "v_proj": (c.kv_size, c.hidden_size),
-            "o_proj": (c.hidden_size, c.q_size),
-            "gate_proj": (c.intermediate_size, c.hidden_size),
-            "up_proj": (c.intermediate_size, c.hidden_size),
-            "down_proj": (c.hidden_size, c.intermediate_size),
-        }[proj]
-
     def _build_tables(self) -> None:
-        self.tables: list[dict[str, LowRankTable]] = []
+        self.lowrank_tables: list[dict[str, LowRankTable]] = []
+        self.sparse_tables: list[dict[str, SparseTable]] = []
         for layer in range(self.cfg.num_layers):
-            per_group = {}
-            for group, (lo, hi) in GROUPS.items():
-                widths = [self._dims(PROJECTIONS[p])[0] for p in range(lo, hi)]
-                starts = [sum(widths[:i]) for i in range(len(widths))]
-                per_group[group] = LowRankTable(
-                    a_off=self.a_off[layer, lo:hi], b_off=self.b_off[layer, lo:hi],
-                    rank=self.rank[layer, lo:hi], scale=self.scale[layer, lo:hi],
-                    out_start=tuple(starts), out_width=tuple(widths), max_rank=self.max_rank,
-                )
-            self.tables.append(per_group)
+            lr, sp = {}, {}
+            for g, (group, (lo, hi)) in enumerate(GROUPS.items()):
+                projs = PROJECTIONS[lo:hi]
+                lr[group] = LowRankTable(
+                    a_off=self.a_off[layer, lo:hi], b_off=self.b_off[layer, lo:hi], rank=self.rank[layer, lo:hi],
+                    scale=self.scale[layer, lo:hi], out_start=tuple(self.layout.col[p][1] for p in projs),
+                    out_width=tuple(self.layout.col[p][2] for p in projs), max_rank=self.max_rank)
+                sp[group] = SparseTable(idx_off=self.sp_idx_off[layer, g], val_off=self.sp_val_off[layer, g],
+                                        nnz=self.sp_nnz[layer, g], num_rows=self.layout.group_width[group])
+            self.lowrank_tables.append(lr)
+            self.sparse_tables.append(sp)
 
-    # ---- load / free ------------------------------------------------------------------------------------------
-    def num_elements(self, deltas: AdapterDeltas) -> int:
-        """Arena elements an adapter needs (each factor aligned)."""
-        return sum(self.allocator.size_of(t.numel()) for lr in deltas.lowrank.values() for t in (lr.A, lr.B))
+    # ---- sizes ------------------------------------------------------------------------------------------------
+    def _sparse_by_group(self, deltas: AdapterDeltas) -> dict[tuple[int, str], list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """(layer, group) -> [(column offset of the projection in the group, rows, cols, values)]."""
+        out: dict[tuple[int, str], list] = {}
+        for name, sp in deltas.sparse.items():
+            layer, proj = parse_module_name(name)
+            group, start, _ = self.layout.col[proj]
+            out.setdefault((layer, group), []).append((start, sp.rows, sp.cols, sp.values))
+        return out
+
+    def footprint(self, deltas: AdapterDeltas) -> tuple[int, int]:
+        """(arena elements, idx_arena elements) an adapter needs."""
+        size, isize = self.allocator.size_of, self.idx_allocator.size_of
+        n = sum(size(t.numel()) for lr in deltas.lowrank.values() for t in (lr.A, lr.B))
+        n += sum(size(sp.values.numel()) for sp in deltas.sparse.values())
+        n_idx = 0
+        for (_, group), parts in self._sparse_by_group(deltas).items():
+            n_idx += isize(self.layout.group_width[group] + 1 + sum(p[1].numel() for p in parts))
+        return n, n_idx
+
+    def nbytes(self, deltas: AdapterDeltas) -> int:
+        n, n_idx = self.footprint(deltas)
+        return n * self.arena.element_size() + n_idx * 4 + self._side_bytes(deltas)
+
+    def _side_bytes(self, deltas: AdapterDeltas) -> int:
+        para = sum(t.numel() for p in deltas.para.values() for t in (p.w_down, p.w_up, p.pool_query) if t is not None)
+        return para * self.arena.element_size()
+
+    def fits_empty(self, deltas: AdapterDeltas) -> bool:
+        n, n_idx = self.footprint(deltas)
+        return n <= self.allocator.capacity and n_idx <= self.idx_allocator.capacity
 
     def free_slots(self) -> list[int]:
         return [s for s in range(self.max_slots) if s not in self.slots]
 
+    # ---- load / free ------------------------------------------------------------------------------------------
     def load(self, slot: int, deltas: AdapterDeltas) -> SlotInfo:
-        """Copy an adapter's LowRank deltas into `slot`. Raises AdapterPoolFull when the arena has no room."""
+        """Copy an adapter's deltas into `slot`. Raises AdapterPoolFull when the arenas have no room."""
         if slot in self.slots:
             raise ValueError(f"slot {slot} is occupied")
-        if deltas.sparse or deltas.scale or deltas.para:
-            raise NotImplementedError("only LowRank deltas are served so far (Sparse/Scale/PARA: issue 7)")
+        self._check_shapes(deltas)
+        n, n_idx = self.footprint(deltas)
+        start = self.allocator.allocate(n) if n else None
+        if n and start is None:
+            raise AdapterPoolFull(f"arena has no free range of {n} elements")
+        idx_start = self.idx_allocator.allocate(n_idx) if n_idx else None
+        if n_idx and idx_start is None:
+            if start is not None:
+                self.allocator.free(start)
+            raise AdapterPoolFull(f"index arena has no free range of {n_idx} elements")
+        cursor = self._write_lowrank(slot, deltas, start or 0)
+        self._write_sparse(slot, deltas, cursor, idx_start or 0)
+        targets = self._write_scale(slot, deltas)
+        if deltas.para:
+            self.para_layers[slot] = {i: ParaLayer(p.pool, p.w_down.to(self.device, self.dtype), p.w_up.to(self.device, self.dtype),
+                                                   None if p.pool_query is None else p.pool_query.to(self.device, self.dtype), p.act)
+                                      for i, p in deltas.para.items()}
+        info = SlotInfo(start, idx_start, self.nbytes(deltas), frozenset(targets), bool(deltas.para),
+                        bool(deltas.lowrank), bool(deltas.sparse))
+        self.slots[slot] = info
+        return info
+
+    def _check_shapes(self, deltas: AdapterDeltas) -> None:
         for name, lr in deltas.lowrank.items():
-            d_out, d_in = self._dims(parse_module_name(name)[1])
+            d_out, d_in = self.layout.dims[parse_module_name(name)[1]]
             if tuple(lr.A.shape) != (lr.rank, d_in) or tuple(lr.B.shape) != (d_out, lr.rank):
                 raise ValueError(f"{name}: A {tuple(lr.A.shape)} / B {tuple(lr.B.shape)} do not fit ({d_out}, {d_in})")
-        total = self.num_elements(deltas)
-        start = self.allocator.allocate(total)
-        if start is None:
-            raise AdapterPoolFull(f"arena has no free range of {total} elements")
-        cursor = start
+        for name, sp in deltas.sparse.items():
+            if tuple(sp.shape) != self.layout.dims[parse_module_name(name)[1]]:
+                raise ValueError(f"{name}: sparse shape {tuple(sp.shape)} does not fit {self.layout.dims[parse_module_name(name)[1]]}")
+
+    def _write_lowrank(self, slot: int, deltas: AdapterDeltas, cursor: int) -> int:
+        size = self.allocator.size_of
         max_rank = self.max_rank
         for name, lr in sorted(deltas.lowrank.items()):
             layer, proj = parse_module_name(name)
             p = PROJECTIONS.index(proj)
-            d_out, d_in = self._dims(proj)
+            d_out, d_in = self.layout.dims[proj]
             r = lr.rank
-            a_at, cursor = cursor, cursor + self.allocator.size_of(r * d_in)
-            b_at, cursor = cursor, cursor + self.allocator.size_of(r * d_out)
+            a_at, cursor = cursor, cursor + size(r * d_in)
+            b_at, cursor = cursor, cursor + size(r * d_out)
             self.arena[a_at : a_at + r * d_in] = lr.A.reshape(-1).to(self.device, self.dtype)
             self.arena[b_at : b_at + r * d_out] = lr.B.t().contiguous().reshape(-1).to(self.device, self.dtype)
             self.a_off[layer, p, slot], self.b_off[layer, p, slot] = a_at, b_at
             self.rank[layer, p, slot], self.scale[layer, p, slot] = r, float(lr.scale)
             max_rank = max(max_rank, r)
-        info = SlotInfo(start, total, total * self.arena.element_size())
-        self.slots[slot] = info
         if max_rank != self.max_rank:
             self.max_rank = max_rank
             self._build_tables()
-        return info
+        return cursor
+
+    def _write_sparse(self, slot: int, deltas: AdapterDeltas, cursor: int, idx_cursor: int) -> None:
+        groups = list(GROUPS)
+        for (layer, group), parts in sorted(self._sparse_by_group(deltas).items()):
+            num_rows = self.layout.group_width[group]
+            rows = torch.cat([p[1].long() + p[0] for p in parts])
+            cols = torch.cat([p[2].long() for p in parts])
+            vals = torch.cat([p[3].float() for p in parts])
+            order = torch.argsort(rows * (1 << 32) + cols)  # CSR: by (row, col)
+            rows, cols, vals = rows[order], cols[order], vals[order]
+            nnz = rows.numel()
+            row_ptr = torch.zeros(num_rows + 1, dtype=torch.int64)
+            row_ptr[1:] = torch.bincount(rows, minlength=num_rows).cumsum(0)
+            g = groups.index(group)
+            self.idx_arena[idx_cursor : idx_cursor + num_rows + 1] = row_ptr.to(self.device, torch.int32)
+            self.idx_arena[idx_cursor + num_rows + 1 : idx_cursor + num_rows + 1 + nnz] = cols.to(self.device, torch.int32)
+            self.arena[cursor : cursor + nnz] = vals.to(self.device, self.dtype)
+            self.sp_idx_off[layer, g, slot], self.sp_val_off[layer, g, slot], self.sp_nnz[layer, g, slot] = idx_cursor, cursor, nnz
+            idx_cursor += self.idx_allocator.size_of(num_rows + 1 + nnz)
+            cursor += sum(self.allocator.size_of(p[3].numel()) for p in parts)
+
+    def _write_scale(self, slot: int, deltas: AdapterDeltas) -> set[str]:
+        targets = set()
+        for name, vec in deltas.scale.items():
+            layer, target = parse_scale_name(name)
+            buf = self._static_buffer(target)
+            if targets.isdisjoint({target}):
+                buf[:, slot] = 1.0
+                targets.add(target)
+            buf[layer, slot] = vec.to(self.device, self.dtype)
+        return targets
+
+    def _static_buffer(self, target: str) -> torch.Tensor:
+        if target not in self.static_vectors:
+            width = self.layout.scale_site[target][2]
+            self.static_vectors[target] = torch.ones((self.cfg.num_layers, self.max_slots, width), device=self.device, dtype=self.dtype)
+        return self.static_vectors[target]
 
     def free(self, slot: int) -> None:
         info = self.slots.pop(slot)
-        self.allocator.free(info.arena_start)
+        if info.arena_start is not None:
+            self.allocator.free(info.arena_start)
+        if info.idx_start is not None:
+            self.idx_allocator.free(info.idx_start)
         self.rank[:, :, slot] = 0  # a stale slot id now applies nothing
+        self.sp_nnz[:, :, slot] = 0
+        self.para_layers.pop(slot, None)
 
-    # ---- forward hook -----------------------------------------------------------------------------------------
-    def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor, seg: Segments) -> None:
-        """y += this step's low-rank deltas of `group` in `layer` (y, x: (T, d_out) / (T, d_in))."""
-        if seg.has_adapter:
-            lowrank_delta(y, x, seg, self.arena, self.tables[layer][group])
+    # ---- per-request PARA vectors -----------------------------------------------------------------------------
+    def para_buffer(self) -> torch.Tensor:
+        if self.para_vectors is None:
+            c = self.cfg
+            self.para_vectors = torch.ones((c.num_layers, self.max_requests, c.q_size + c.kv_size + c.intermediate_size),
+                                           device=self.device, dtype=self.dtype)
+        return self.para_vectors
+
+    # ---- forward hooks ----------------------------------------------------------------------------------------
+    def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> None:
+        """y += this step's LowRank and Sparse deltas of `group` in `layer` (y: (T, group width), x: (T, d_in))."""
+        seg = batch.segments
+        lowrank_delta(y, x, seg, self.arena, self.lowrank_tables[layer][group])
+        if batch.adapter_kinds.sparse:
+            sparse_delta(y, x, seg, self.idx_arena, self.arena, self.sparse_tables[layer][group])
+
+    def compute_para(self, layer: int, h: torch.Tensor, batch: ForwardBatch) -> None:
+        """During a PARA request's prefill: its vectors for `layer` from its prompt tokens' normed hidden states."""
+        from adapters.methods.para import para_vectors
+
+        buf = self.para_buffer()
+        for p in batch.para_prefills:
+            gen = self.para_layers[p.slot].get(layer)
+            if gen is None:
+                buf[layer, p.row] = 1.0
+                continue
+            hp = h[p.token_start : p.token_start + p.num_prompt_tokens]  # (n, H)
+            mask = torch.ones((1, hp.shape[0]), dtype=torch.bool, device=h.device)
+            buf[layer, p.row] = para_vectors(gen, hp[None], mask)[0].to(buf.dtype)
+
+    def scale_activation(self, layer: int, activation: str, y: torch.Tensor, batch: ForwardBatch) -> None:
+        """Multiply the Scale sites inside `activation` ("qkv", "gate_up" or "ffn") of this layer."""
+        for target, rows in batch.scale_rows.items():
+            act, col, width = self.layout.scale_site[target]
+            if act == activation:
+                scale_rows_(y, self.static_vectors[target][layer], rows, col)
+        if batch.para_rows is not None and activation != "ffn":
+            c = self.cfg
+            vec = self.para_buffer()[layer]  # (max_requests, d_q + d_kv + d_ff)
+            if activation == "qkv":
+                scale_rows_(y, vec[:, : c.q_size], batch.para_rows, 0)
+                scale_rows_(y, vec[:, c.q_size : c.q_size + c.kv_size], batch.para_rows, c.q_size + c.kv_size)
+            else:
+                scale_rows_(y, vec[:, c.q_size + c.kv_size :], batch.para_rows, c.intermediate_size)

@@ -1,12 +1,31 @@
 """ForwardBatch: the device tensors for one engine step; the model's only input besides its weights."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kernels.attention import AttentionMeta
 from kernels.segments import Segments
+
+
+@dataclass(frozen=True)
+class ParaPrefill:
+    """A PARA request whose whole prompt is in this step: its vectors are computed from these tokens."""
+
+    token_start: int  # first row of the request in the flat batch
+    num_prompt_tokens: int
+    row: int  # its row in the pool's PARA vector buffer
+    slot: int
+
+
+@dataclass(frozen=True)
+class AdapterKinds:
+    """Which delta kinds this step's tokens use, so the model skips what nobody needs."""
+
+    lowrank: bool = False
+    sparse: bool = False
+    scale: bool = False
 
 
 @dataclass(frozen=True)
@@ -17,6 +36,10 @@ class ForwardBatch:
     attn: AttentionMeta  # one sequence per request, in the same order as the tokens
     segments: Segments  # one segment per request, with its adapter slot (-1 = base)
     logits_indices: torch.Tensor  # (B,) int64: rows whose next-token logits are needed
+    adapter_kinds: AdapterKinds = AdapterKinds()
+    scale_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # IA3 target -> (T,) int32 slot or -1
+    para_rows: torch.Tensor | None = None  # (T,) int32 row of the request's PARA vectors, or -1
+    para_prefills: tuple[ParaPrefill, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -67,15 +67,20 @@ class LlamaModel:
 
     def forward(self, batch: ForwardBatch, kv: KVCache, adapters: AdapterPool | None) -> torch.Tensor:
         """-> (B, V) fp32 logits for the rows in batch.logits_indices."""
-        cfg, seg = self.cfg, batch.segments
-        use_adapters = adapters is not None and seg.has_adapter
+        cfg, kinds = self.cfg, batch.adapter_kinds
+        use_adapters = adapters is not None and (kinds.lowrank or kinds.sparse)
+        use_scale = adapters is not None and kinds.scale
         x = self.embed[batch.input_ids]  # (T, H)
         num_tokens = x.shape[0]
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)  # (T, H)
+            if batch.para_prefills:
+                adapters.compute_para(i, h, batch)  # PARA vectors come from this layer's normed prompt states
             qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # (T, q + 2kv)
             if use_adapters:
-                adapters.apply(i, "qkv", qkv, h, seg)
+                adapters.apply(i, "qkv", qkv, h, batch)
+            if use_scale:
+                adapters.scale_activation(i, "qkv", qkv, batch)  # IA3 / PARA: after bias and deltas, before RoPE
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = q.view(num_tokens, cfg.num_heads, cfg.head_dim)  # (T, Hq, D)
             k = k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # (T, Hkv, D)
@@ -85,17 +90,21 @@ class LlamaModel:
             attn = paged_attention(q, kv.k[i], kv.v[i], batch.attn, self.sm_scale).view(num_tokens, cfg.q_size)
             o = F.linear(attn, lw.o)  # (T, H)
             if use_adapters:
-                adapters.apply(i, "o", o, attn, seg)
+                adapters.apply(i, "o", o, attn, batch)
             x = x + o
             h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
             gu = F.linear(h, lw.gate_up)  # (T, 2I)
             if use_adapters:
-                adapters.apply(i, "gate_up", gu, h, seg)
+                adapters.apply(i, "gate_up", gu, h, batch)
+            if use_scale:
+                adapters.scale_activation(i, "gate_up", gu, batch)
             gate, up = gu.chunk(2, dim=-1)
             act = F.silu(gate) * up  # (T, I)
+            if use_scale:
+                adapters.scale_activation(i, "ffn", act, batch)  # IA3's feed-forward vector: the input of down_proj
             d = F.linear(act, lw.down)  # (T, H)
             if use_adapters:
-                adapters.apply(i, "down", d, act, seg)
+                adapters.apply(i, "down", d, act, batch)
             x = x + d
         x = rms_norm(x[batch.logits_indices], self.norm, cfg.rms_norm_eps)  # (B, H)
         return F.linear(x, self.lm_head).float()  # (B, V)

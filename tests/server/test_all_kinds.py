@@ -1,0 +1,121 @@
+"""Every delta kind in one mixed batch: LowRank of many ranks (LoRA, ALoRA, SORSA/PiSSA at 2r), Sparse (SIFT),
+Scale (IA3), PARA and a combination; each request's logits equal its own reference model's."""
+import torch
+
+from adapters.delta import AdapterDeltas, ParaLayer, Sparse
+from server.model.config import ModelConfig
+from tests.helpers import make_hf_model, random_lowrank, reference_logits, reference_model, run_capture, small_engine
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_sparse(cfg, procs, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dims = {"q_proj": (cfg.q_size, cfg.hidden_size), "v_proj": (cfg.kv_size, cfg.hidden_size),
+            "up_proj": (cfg.intermediate_size, cfg.hidden_size), "down_proj": (cfg.hidden_size, cfg.intermediate_size),
+            "k_proj": (cfg.kv_size, cfg.hidden_size)}
+    out = AdapterDeltas()
+    for layer in range(cfg.num_layers):
+        for proj in procs:
+            d_out, d_in = dims[proj]
+            k = max(1, int(density * d_out * d_in))
+            flat = torch.randperm(d_out * d_in, generator=gen)[:k].sort().values
+            out.sparse[f"layers.{layer}.{proj}"] = Sparse((flat // d_in).int(), (flat % d_in).int(),
+                                                          torch.randn(k, generator=gen) * 0.3, (d_out, d_in))
+    return out
+
+
+def random_ia3(cfg, seed):
+    gen = torch.Generator().manual_seed(seed)
+    out = AdapterDeltas()
+    for layer in range(cfg.num_layers):
+        out.scale[f"layers.{layer}.k"] = 1 + 0.5 * torch.randn(cfg.kv_size, generator=gen)
+        out.scale[f"layers.{layer}.v"] = 1 + 0.5 * torch.randn(cfg.kv_size, generator=gen)
+        out.scale[f"layers.{layer}.ffn"] = 1 + 0.5 * torch.randn(cfg.intermediate_size, generator=gen)
+    return out
+
+
+def random_para(cfg, seed, pool="attention", layers=None):
+    gen = torch.Generator().manual_seed(seed)
+    n_out = cfg.q_size + cfg.kv_size + cfg.intermediate_size
+    out = AdapterDeltas()
+    for layer in (layers if layers is not None else range(cfg.num_layers)):
+        out.para[layer] = ParaLayer(pool, torch.randn(6, cfg.hidden_size, generator=gen) * 0.3,
+                                    torch.randn(n_out, 6, generator=gen) * 0.3,
+                                    torch.randn(cfg.hidden_size, generator=gen) if pool == "attention" else None, "silu")
+    return out
+
+
+def combine(*parts):
+    out = AdapterDeltas()
+    for p in parts:
+        out.lowrank.update(p.lowrank)
+        out.sparse.update(p.sparse)
+        out.scale.update(p.scale)
+        out.para.update(p.para)
+    return out
+
+
+def test_every_kind_in_one_mixed_batch(tmp_path):
+    path = make_hf_model(tmp_path / "m", "qwen2")  # qkv bias: Scale must come after the bias
+    cfg = ModelConfig.from_dir(path)
+    adapters = {
+        "lora4": random_lowrank(cfg, {"q_proj": 4, "v_proj": 4}, seed=1),
+        "lora64": random_lowrank(cfg, dict.fromkeys(ALL, 64), seed=2),
+        "alora": combine(random_lowrank(cfg, {"q_proj": 3, "down_proj": 11}, seed=3, layers=[0]),
+                         random_lowrank(cfg, {"k_proj": 7, "gate_proj": 1, "o_proj": 5}, seed=4, layers=[1])),
+        "sorsa-2r": random_lowrank(cfg, dict.fromkeys(ALL, 16), seed=5),
+        "pissa-2r": random_lowrank(cfg, {"q_proj": 8, "k_proj": 8, "v_proj": 8, "o_proj": 8}, seed=6),
+        "sift": random_sparse(cfg, ["q_proj", "v_proj", "up_proj", "down_proj"], 0.05, seed=7),
+        "ia3": random_ia3(cfg, seed=8),
+        "para": random_para(cfg, seed=9),
+        "para-mean-lora": combine(random_para(cfg, seed=10, pool="mean", layers=[1]),
+                                  random_lowrank(cfg, {"o_proj": 2}, seed=11)),
+        "lora+sift+ia3": combine(random_lowrank(cfg, {"q_proj": 6, "up_proj": 6}, seed=12),
+                                 random_sparse(cfg, ["k_proj", "down_proj"], 0.03, seed=13), random_ia3(cfg, seed=14)),
+    }
+    engine = small_engine(path, adapters, max_prefill_chunk=8)  # long prompts are chunked (except PARA's)
+    gen = torch.Generator().manual_seed(0)
+    plan = [("base", None, 6), ("l4", "lora4", 13), ("l64", "lora64", 3), ("al", "alora", 19), ("so", "sorsa-2r", 9),
+            ("pi", "pissa-2r", 4), ("si", "sift", 15), ("ia", "ia3", 8), ("pa", "para", 21), ("pa2", "para", 5),
+            ("pm", "para-mean-lora", 12), ("co", "lora+sift+ia3", 10), ("late-pa", "para", 7), ("late-si", "sift", 2)]
+    prompts = {rid: torch.randint(3, 300, (n,), generator=gen).tolist() for rid, _, n in plan}
+    which = {rid: a for rid, a, _ in plan}
+    generated, logits = run_capture(engine, prompts, which, max_tokens=9, join_after={"late-pa": 3, "late-si": 6})
+    for rid, prompt in prompts.items():
+        deltas = adapters[which[rid]] if which[rid] else AdapterDeltas()
+        ref = reference_logits(reference_model(path, deltas, len(prompt)), prompt, generated[rid])
+        ours = torch.stack(logits[rid])
+        assert ours.shape == ref.shape == (9, ref.shape[1])
+        assert (ours - ref).abs().max().item() <= 1e-4, rid
+
+
+def test_para_vectors_depend_on_the_prompt_and_not_on_neighbours(tmp_path):
+    path = make_hf_model(tmp_path / "m", "llama")
+    cfg = ModelConfig.from_dir(path)
+    adapters = {"para": random_para(cfg, seed=1), "lora": random_lowrank(cfg, {"q_proj": 4}, seed=2)}
+    gen = torch.Generator().manual_seed(3)
+    p1, p2, other = (torch.randint(3, 300, (n,), generator=gen).tolist() for n in (9, 9, 14))
+
+    def vectors_for(prompts, which, join_after=None):
+        engine = small_engine(path, adapters)
+        captured = {}
+        pool = engine.runner.adapter_pool
+        compute = pool.compute_para
+
+        def spy(layer, h, batch):
+            compute(layer, h, batch)
+            rid_by_row = {v: k for k, v in engine.runner._para_rows.items()}
+            for p in batch.para_prefills:
+                captured.setdefault(rid_by_row[p.row], {})[layer] = pool.para_buffer()[layer, p.row].clone()
+
+        pool.compute_para = spy
+        _, logits = run_capture(engine, prompts, which, max_tokens=4, join_after=join_after)
+        return captured, logits
+
+    alone, logits_alone = vectors_for({"a": p1}, {"a": "para"})
+    crowd, logits_crowd = vectors_for({"a": p1, "b": p2, "c": other}, {"a": "para", "b": "para", "c": "lora"}, {"c": 1})
+    for layer in range(cfg.num_layers):
+        assert torch.equal(alone["a"][layer], crowd["a"][layer])
+        assert not torch.allclose(crowd["a"][layer], crowd["b"][layer])
+    assert (torch.stack(logits_alone["a"]) - torch.stack(logits_crowd["a"])).abs().max().item() <= 1e-5
