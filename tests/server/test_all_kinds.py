@@ -116,6 +116,6 @@ def test_para_vectors_depend_on_the_prompt_and_not_on_neighbours(tmp_path):
     alone, logits_alone = vectors_for({"a": p1}, {"a": "para"})
     crowd, logits_crowd = vectors_for({"a": p1, "b": p2, "c": other}, {"a": "para", "b": "para", "c": "lora"}, {"c": 1})
     for layer in range(cfg.num_layers):
-        assert torch.equal(alone["a"][layer], crowd["a"][layer])
+        assert torch.allclose(alone["a"][layer], crowd["a"][layer], atol=1e-5)  # equal up to BLAS summation order
         assert not torch.allclose(crowd["a"][layer], crowd["b"][layer])
     assert (torch.stack(logits_alone["a"]) - torch.stack(logits_crowd["a"])).abs().max().item() <= 1e-5
