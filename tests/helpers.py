@@ -7,7 +7,7 @@ import torch
 
 from server.engine.builder import EngineOptions, build_llm_engine
 from server.engine.engine import LLMEngine
-from server.engine.request import Request, SamplingParams
+from server.engine.request import AdapterRef, Request, SamplingParams
 from server.model.tiny import byte_level_tokenizer
 
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -38,13 +38,18 @@ def load_hf(directory: Path):
     return AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
 
 
-def small_engine(directory: Path, adapters=None, **opts) -> LLMEngine:
+def small_engine(directory: Path, **opts) -> LLMEngine:
     base = dict(device="cpu", dtype="fp32", max_num_seqs=16, block_size=4, num_kv_blocks=256,
                 max_num_batched_tokens=64, max_prefill_chunk=16)
-    return build_llm_engine(str(directory), adapters or {}, EngineOptions(**{**base, **opts}))
+    return build_llm_engine(str(directory), EngineOptions(**{**base, **opts}))
 
 
-def run_capture(engine: LLMEngine, prompts: dict[str, list[int]], adapters: dict[str, str | None], max_tokens: int,
+def refs(which: dict[str, str | None], adapters: dict) -> dict[str, AdapterRef | None]:
+    """Request id -> the AdapterRef of its adapter name in `adapters` (version 1), or None for the base model."""
+    return {rid: AdapterRef(name, 1, adapters[name]) if name else None for rid, name in which.items()}
+
+
+def run_capture(engine: LLMEngine, prompts: dict[str, list[int]], adapters: dict[str, AdapterRef | None], max_tokens: int,
                 join_after: dict[str, int] | None = None) -> tuple[dict[str, list[int]], dict[str, list[torch.Tensor]]]:
     """Greedy-generate every prompt; requests in `join_after` are added after that many steps (mid-decode).
     -> (generated ids per request, the logits row that produced each generated token)."""
@@ -66,7 +71,7 @@ def run_capture(engine: LLMEngine, prompts: dict[str, list[int]], adapters: dict
     step = 0
     while pending or engine.has_work():
         for rid in [r for r in pending if join_after.get(r, 0) <= step]:
-            engine.add_request(Request(rid, pending.pop(rid), params, adapters.get(rid)))
+            engine.add_request(Request(rid, pending.pop(rid), params, adapter=adapters.get(rid)))
         for out in engine.step():
             generated[out.request_id] += out.token_ids
         step += 1

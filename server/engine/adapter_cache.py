@@ -1,17 +1,18 @@
 """Which adapters sit in device slots: loaded on first use, pinned while requests use them, evicted LRU.
 
-The source maps adapter_id -> AdapterDeltas (a directory today, the Redis registry later). Loads happen on the
-engine thread between steps; an adapter that cannot fit while others are pinned makes its request wait.
+Keys are `adapter_id@version`: a replaced adapter's new version gets its own slot while requests that started on
+the old one finish on it; the old version is evicted like any unpinned adapter. The host-side deltas travel
+with the request (AdapterRef), fetched on the API side without blocking the engine; here they are copied to
+the device between steps. An adapter that cannot fit while others are pinned makes its request wait.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from adapters.delta import AdapterDeltas
+from server.engine.request import AdapterRef
 from server.model.adapter_pool import AdapterPool, AdapterPoolFull
 
 log = logging.getLogger(__name__)
@@ -28,60 +29,61 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+    loads: int = 0
     load_seconds: float = 0.0
 
 
 class AdapterCache:
-    def __init__(self, pool: AdapterPool, source: Callable[[str], AdapterDeltas]) -> None:
-        self.pool, self.source = pool, source
+    def __init__(self, pool: AdapterPool) -> None:
+        self.pool = pool
         self.resident: OrderedDict[str, Resident] = OrderedDict()  # LRU order: oldest first
         self.stats = CacheStats()
 
-    def acquire(self, adapter_id: str) -> int | None:
+    def acquire(self, ref: AdapterRef) -> int | None:
         """Pin the adapter and return its slot, loading it first if needed; None when it cannot fit yet."""
-        entry = self.resident.get(adapter_id)
+        entry = self.resident.get(ref.key)
         if entry is None:
             self.stats.misses += 1
-            entry = self._load(adapter_id)
+            entry = self._load(ref)
             if entry is None:
                 return None
         else:
             self.stats.hits += 1
         entry.pins += 1
-        self.resident.move_to_end(adapter_id)
+        self.resident.move_to_end(ref.key)
         return entry.slot
 
-    def release(self, adapter_id: str) -> None:
-        self.resident[adapter_id].pins -= 1
+    def release(self, ref: AdapterRef) -> None:
+        self.resident[ref.key].pins -= 1
 
-    def needs_whole_prefill(self, adapter_id: str) -> bool:
-        return self.pool.slots[self.resident[adapter_id].slot].has_para
+    def needs_whole_prefill(self, ref: AdapterRef) -> bool:
+        return self.pool.slots[self.resident[ref.key].slot].has_para
 
-    def _load(self, adapter_id: str) -> Resident | None:
-        deltas = self.source(adapter_id)
+    def _load(self, ref: AdapterRef) -> Resident | None:
         t0 = time.perf_counter()
         while True:
             free = self.pool.free_slots()
             if free:
                 try:
-                    self.pool.load(free[0], deltas)
+                    self.pool.load(free[0], ref.deltas)
                     break
                 except AdapterPoolFull:
                     pass
             if not self._evict_one():
                 return None
+        self.stats.loads += 1
         self.stats.load_seconds += time.perf_counter() - t0
         entry = Resident(free[0])
-        self.resident[adapter_id] = entry
-        log.info("adapter %s loaded into slot %d", adapter_id, entry.slot)
+        self.resident[ref.key] = entry
+        log.info("adapter %s loaded into slot %d", ref.key, entry.slot)
         return entry
 
     def _evict_one(self) -> bool:
-        for adapter_id, entry in self.resident.items():
+        for key, entry in self.resident.items():
             if entry.pins == 0:
                 self.pool.free(entry.slot)
-                del self.resident[adapter_id]
+                del self.resident[key]
                 self.stats.evictions += 1
-                log.info("adapter %s evicted from slot %d", adapter_id, entry.slot)
+                log.info("adapter %s evicted from slot %d", key, entry.slot)
                 return True
         return False

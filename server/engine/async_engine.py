@@ -10,22 +10,23 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from server.engine.engine import LLMEngine
-from server.engine.errors import EngineOverloadedError, PromptTooLongError, UnknownAdapterError
+from server.engine.errors import EngineOverloadedError, PromptTooLongError
 from server.engine.request import Request, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, *, model_name: str, adapter_ids: Callable[[], list[str]], max_queue: int = 1024) -> None:
+    def __init__(self, engine: LLMEngine, *, model_name: str, adapters, max_queue: int = 1024) -> None:
+        """`adapters`: an adapter source (server/adapter_store.py) with async `list(tenant)` and `resolve(id, tenant)`."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
-        self._adapter_ids = adapter_ids
+        self.adapters = adapters
         self.max_queue = max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -49,19 +50,15 @@ class AsyncEngine:
             self._thread = None
 
     # ---- API side ---------------------------------------------------------------------------------------------
-    def adapter_ids(self) -> list[str]:
-        return self._adapter_ids()
-
-    def has_adapter(self, adapter_id: str) -> bool:
-        return adapter_id in self._adapter_ids()
+    async def list_adapters(self, tenant: str | None = None) -> list[str]:
+        return await self.adapters.list(tenant)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       adapter_id: str | None) -> AsyncIterator[RequestOutput]:
-        if adapter_id is not None and not self.has_adapter(adapter_id):
-            raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
+                       adapter_id: str | None, tenant: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Raises UnknownAdapterError / PromptTooLongError / EngineOverloadedError before yielding anything."""
         if not prompt_ids:
             raise PromptTooLongError("prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -71,9 +68,10 @@ class AsyncEngine:
             raise EngineOverloadedError(f"server is at its limit of {self.max_queue} requests; retry later")
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id}")
+        ref = await self.adapters.resolve(adapter_id, tenant) if adapter_id is not None else None  # may fetch
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._inbox.put(("add", Request(request_id, list(prompt_ids), params, adapter_id)))
+        self._inbox.put(("add", Request(request_id, list(prompt_ids), params, adapter=ref)))
         self._wake.set()
         finished = False
         try:

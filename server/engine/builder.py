@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from adapters.delta import AdapterDeltas
+from server.adapter_store import StaticAdapters
 from server.engine.adapter_cache import AdapterCache
 from server.engine.async_engine import AsyncEngine
 from server.engine.block_manager import BlockManager
@@ -66,7 +67,7 @@ def load_adapter_dir(adapters_dir: str | Path, spec: dict) -> dict[str, AdapterD
     return out
 
 
-def build_llm_engine(model: str, adapters: dict[str, AdapterDeltas], opts: EngineOptions) -> LLMEngine:
+def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if opts.device == "auto" else opts.device))
     dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -81,11 +82,7 @@ def build_llm_engine(model: str, adapters: dict[str, AdapterDeltas], opts: Engin
     max_len = min(max_len, num_blocks * opts.block_size)
     pool = AdapterPool(cfg, opts.max_adapter_slots, opts.adapter_pool_bytes, device, dtype,
                        max_requests=2 * opts.max_num_seqs)
-    for adapter_id, deltas in adapters.items():
-        if not pool.fits_empty(deltas):
-            raise InvalidAdapterError(f"adapter {adapter_id!r} needs {pool.nbytes(deltas)} bytes; "
-                                      f"the device pool holds {opts.adapter_pool_bytes}")
-    cache = AdapterCache(pool, adapters.__getitem__)
+    cache = AdapterCache(pool)
     blocks = BlockManager(num_blocks, opts.block_size)
     scheduler = Scheduler(blocks, cache, max_num_seqs=opts.max_num_seqs,
                           max_num_batched_tokens=max(opts.max_num_batched_tokens, opts.max_prefill_chunk),
@@ -102,6 +99,11 @@ def build_engine(model: str, adapters_dir: str | None, opts: EngineOptions | Non
     path = resolve_model_path(model, opts.data_dir)
     spec = ModelConfig.from_dir(path).spec()
     adapters = load_adapter_dir(adapters_dir, spec) if adapters_dir else {}
-    engine = build_llm_engine(model, adapters, opts)
+    engine = build_llm_engine(model, opts)
+    pool = engine.runner.adapter_pool
+    for adapter_id, deltas in adapters.items():
+        if not pool.fits_empty(deltas):
+            raise InvalidAdapterError(f"adapter {adapter_id!r} needs {pool.nbytes(deltas)} bytes; "
+                                      f"the device pool holds {opts.adapter_pool_bytes}")
     name = "tiny" if model == "tiny" else Path(model).name
-    return AsyncEngine(engine, model_name=name, adapter_ids=lambda: sorted(adapters), max_queue=opts.max_queue)
+    return AsyncEngine(engine, model_name=name, adapters=StaticAdapters(adapters), max_queue=opts.max_queue)

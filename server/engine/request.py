@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters.delta import AdapterDeltas
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -30,6 +32,20 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= 5:
             raise ValueError("logprobs must be between 0 and 5")
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterRef:
+    """A request's adapter, resolved once on the API side: the version it started with and its host-side deltas,
+    so a replace or delete during the request never changes what it is served with."""
+
+    adapter_id: str
+    version: int
+    deltas: AdapterDeltas
+
+    @property
+    def key(self) -> str:
+        return f"{self.adapter_id}@{self.version}"
 
 
 class Status(enum.Enum):
@@ -67,7 +83,7 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    adapter_id: str | None = None
+    adapter: AdapterRef | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)

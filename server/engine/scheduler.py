@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.engine.block_manager import BlockManager
-from server.engine.request import Request, Status
+from server.engine.request import AdapterRef, Request, Status
 
 
 class AdapterSlots(Protocol):
-    def acquire(self, adapter_id: str) -> int | None: ...  # slot when resident (pinned), None while loading
-    def release(self, adapter_id: str) -> None: ...
-    def needs_whole_prefill(self, adapter_id: str) -> bool: ...  # PARA: vectors need the whole prompt at once
+    def acquire(self, ref: AdapterRef) -> int | None: ...  # slot when resident (pinned), None while it cannot fit
+    def release(self, ref: AdapterRef) -> None: ...
+    def needs_whole_prefill(self, ref: AdapterRef) -> bool: ...  # PARA: vectors need the whole prompt at once
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,14 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()
-            if req.adapter_id is not None:
-                slot = self.adapters.acquire(req.adapter_id)
+            if req.adapter is not None:
+                slot = self.adapters.acquire(req.adapter)
                 if slot is None:
                     req.status = Status.WAITING_ADAPTER
                     skipped.append(req)
                     continue
                 req.slot = slot
-                req.whole_prefill = self.adapters.needs_whole_prefill(req.adapter_id)
+                req.whole_prefill = self.adapters.needs_whole_prefill(req.adapter)
             n = self._remaining(req) if req.whole_prefill else min(self._remaining(req), budget)
             too_long = req.whole_prefill and n > budget and batch.seqs
             if too_long or not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
@@ -129,8 +129,8 @@ class Scheduler:
         self._unpin(req)
 
     def _unpin(self, req: Request) -> None:
-        if req.adapter_id is not None and req.slot >= 0:
-            self.adapters.release(req.adapter_id)
+        if req.adapter is not None and req.slot >= 0:
+            self.adapters.release(req.adapter)
         req.slot = -1
 
     def finish(self, req: Request, reason: str) -> None:

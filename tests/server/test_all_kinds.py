@@ -4,7 +4,7 @@ import torch
 
 from adapters.delta import AdapterDeltas, ParaLayer, Sparse
 from server.model.config import ModelConfig
-from tests.helpers import make_hf_model, random_lowrank, reference_logits, reference_model, run_capture, small_engine
+from tests.helpers import make_hf_model, random_lowrank, reference_logits, reference_model, refs, run_capture, small_engine
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -74,14 +74,14 @@ def test_every_kind_in_one_mixed_batch(tmp_path):
         "lora+sift+ia3": combine(random_lowrank(cfg, {"q_proj": 6, "up_proj": 6}, seed=12),
                                  random_sparse(cfg, ["k_proj", "down_proj"], 0.03, seed=13), random_ia3(cfg, seed=14)),
     }
-    engine = small_engine(path, adapters, max_prefill_chunk=8)  # long prompts are chunked (except PARA's)
+    engine = small_engine(path, max_prefill_chunk=8)  # long prompts are chunked (except PARA's)
     gen = torch.Generator().manual_seed(0)
     plan = [("base", None, 6), ("l4", "lora4", 13), ("l64", "lora64", 3), ("al", "alora", 19), ("so", "sorsa-2r", 9),
             ("pi", "pissa-2r", 4), ("si", "sift", 15), ("ia", "ia3", 8), ("pa", "para", 21), ("pa2", "para", 5),
             ("pm", "para-mean-lora", 12), ("co", "lora+sift+ia3", 10), ("late-pa", "para", 7), ("late-si", "sift", 2)]
     prompts = {rid: torch.randint(3, 300, (n,), generator=gen).tolist() for rid, _, n in plan}
     which = {rid: a for rid, a, _ in plan}
-    generated, logits = run_capture(engine, prompts, which, max_tokens=9, join_after={"late-pa": 3, "late-si": 6})
+    generated, logits = run_capture(engine, prompts, refs(which, adapters), max_tokens=9, join_after={"late-pa": 3, "late-si": 6})
     for rid, prompt in prompts.items():
         deltas = adapters[which[rid]] if which[rid] else AdapterDeltas()
         ref = reference_logits(reference_model(path, deltas, len(prompt)), prompt, generated[rid])
@@ -98,7 +98,7 @@ def test_para_vectors_depend_on_the_prompt_and_not_on_neighbours(tmp_path):
     p1, p2, other = (torch.randint(3, 300, (n,), generator=gen).tolist() for n in (9, 9, 14))
 
     def vectors_for(prompts, which, join_after=None):
-        engine = small_engine(path, adapters)
+        engine = small_engine(path)
         captured = {}
         pool = engine.runner.adapter_pool
         compute = pool.compute_para
@@ -113,8 +113,8 @@ def test_para_vectors_depend_on_the_prompt_and_not_on_neighbours(tmp_path):
         _, logits = run_capture(engine, prompts, which, max_tokens=4, join_after=join_after)
         return captured, logits
 
-    alone, logits_alone = vectors_for({"a": p1}, {"a": "para"})
-    crowd, logits_crowd = vectors_for({"a": p1, "b": p2, "c": other}, {"a": "para", "b": "para", "c": "lora"}, {"c": 1})
+    alone, logits_alone = vectors_for({"a": p1}, refs({"a": "para"}, adapters))
+    crowd, logits_crowd = vectors_for({"a": p1, "b": p2, "c": other}, refs({"a": "para", "b": "para", "c": "lora"}, adapters), {"c": 1})
     for layer in range(cfg.num_layers):
         assert torch.allclose(alone["a"][layer], crowd["a"][layer], atol=1e-5)  # equal up to BLAS summation order
         assert not torch.allclose(crowd["a"][layer], crowd["b"][layer])

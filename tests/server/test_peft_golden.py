@@ -4,7 +4,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from adapters.artifact import load_adapter
 from server.model.config import ModelConfig
-from tests.helpers import load_hf, make_hf_model, run_capture, small_engine
+from tests.helpers import load_hf, make_hf_model, refs, run_capture, small_engine
 
 PEFT_ADAPTERS = {
     "p-r2-qv": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
@@ -27,13 +27,13 @@ def test_mixed_peft_batch_matches_peft(tmp_path):
                     p.mul_(4.0)
         peft_model.save_pretrained(tmp_path / name, safe_serialization=True)
     adapters = {name: load_adapter(tmp_path / name, spec=spec).deltas for name in PEFT_ADAPTERS}
-    engine = small_engine(path, adapters)
+    engine = small_engine(path)
     gen = torch.Generator().manual_seed(1)
     plan = [("x0", None, 9), ("x1", "p-r2-qv", 14), ("x2", "p-r8-all", 5), ("x3", "p-r16-rslora-mlp", 21),
             ("x4", "p-pattern", 11), ("x5", "p-r8-all", 17)]
     prompts = {rid: torch.randint(3, 300, (n,), generator=gen).tolist() for rid, _, n in plan}
     which = {rid: a for rid, a, _ in plan}
-    generated, logits = run_capture(engine, prompts, which, max_tokens=8, join_after={"x5": 4})
+    generated, logits = run_capture(engine, prompts, refs(which, adapters), max_tokens=8, join_after={"x5": 4})
 
     peft_model = PeftModel.from_pretrained(load_hf(path), tmp_path / "p-r2-qv", adapter_name="p-r2-qv")
     for name in list(PEFT_ADAPTERS)[1:]:

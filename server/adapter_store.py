@@ -1,0 +1,76 @@
+"""Where the API finds adapters: resolve an id (for a tenant) to an AdapterRef with host-side deltas.
+
+Two sources behind one interface: a fixed set loaded at start (`--adapters DIR` without Redis, and tests) and
+the Redis registry (server/registry.py). Resolution happens on the event loop before a request reaches the
+engine, so a cold fetch never stalls the batch; fetched deltas are kept in a host tier (LRU, bytes budget),
+and concurrent requests for the same cold adapter share one fetch.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+from adapters.delta import AdapterDeltas
+from server.engine.errors import UnknownAdapterError
+from server.engine.request import AdapterRef
+
+log = logging.getLogger(__name__)
+
+
+class StaticAdapters:
+    """A fixed set of adapters, all public, version 1."""
+
+    def __init__(self, adapters: dict[str, AdapterDeltas]) -> None:
+        self.adapters = adapters
+
+    async def list(self, tenant: str | None = None) -> list[str]:
+        return sorted(self.adapters)
+
+    async def resolve(self, adapter_id: str, tenant: str | None = None) -> AdapterRef:
+        if adapter_id not in self.adapters:
+            raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
+        return AdapterRef(adapter_id, 1, self.adapters[adapter_id])
+
+
+class HostTier:
+    """LRU of fetched deltas keyed by adapter@version, bounded in bytes; one fetch per key at a time."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[str, AdapterDeltas] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future] = {}
+        self.hits = self.misses = 0
+
+    async def get(self, key: str, fetch) -> AdapterDeltas:
+        if key in self._entries:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        if key in self._inflight:
+            return await asyncio.shield(self._inflight[key])
+        self.misses += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            deltas = await fetch()
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters re-raise it
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        fut.set_result(deltas)
+        self._entries[key] = deltas
+        self._shrink()
+        return deltas
+
+    def drop(self, adapter_id: str) -> None:
+        for key in [k for k in self._entries if k.rsplit("@", 1)[0] == adapter_id]:
+            del self._entries[key]
+
+    def _shrink(self) -> None:
+        total = sum(d.nbytes() for d in self._entries.values())
+        while total > self.budget_bytes and len(self._entries) > 1:
+            _, old = self._entries.popitem(last=False)
+            total -= old.nbytes()
