@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
+GRACEFUL_SHUTDOWN_S = 10
+
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -70,9 +72,10 @@ def run_serve(args: argparse.Namespace) -> int:
     logger.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
     engine = build_engine_from_settings(settings)
     app = create_app(engine, settings)
-    print(f"multiplex: serving {engine.model_name} with {len(engine.adapter_ids())} adapter(s) "
-          f"on http://{settings.host}:{settings.port}", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level.lower())
+    print(f"multiplex: serving {engine.model_name} on http://{settings.host}:{settings.port}", flush=True)
+    # On shutdown, streams still open after the grace period are cancelled, which aborts them in the engine.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return 0
 
 

@@ -43,7 +43,7 @@ def create_app(engine: Any, settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
-        logger.info("engine started: model %s, %d adapter(s)", engine.model_name, len(engine.adapter_ids()))
+        logger.info("engine started: model %s", engine.model_name)
         try:
             yield
         finally:

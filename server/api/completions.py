@@ -21,7 +21,7 @@ from starlette.background import BackgroundTask
 from server.api.errors import ApiError, error_body
 from server.api.metrics import ApiMetrics
 from server.api.schemas import CompletionRequest
-from server.engine.errors import PromptTooLongError, UnknownAdapterError
+from server.engine.errors import PromptTooLongError
 from server.engine.request import RequestOutput, SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,9 @@ router = APIRouter()
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; a token the sampler ruled out is reported with this logprob
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# finish reasons that end a stream with an error event (type, message) instead of a last chunk
+STREAM_FAILURES = {"error": ("internal_error", "the request failed in the engine"),
+                   "abort": ("overloaded", "the request was aborted by the server")}
 
 
 def resolve_adapter_id(body: CompletionRequest, base_model_name: str) -> str | None:
@@ -144,13 +147,11 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-@router.post("/v1/completions")
-async def create_completion(body: CompletionRequest, request: Request):
+@router.post("/v1/completions", response_model=None)
+async def create_completion(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     state = request.app.state
     engine = state.engine
     adapter_id = resolve_adapter_id(body, engine.model_name)
-    if adapter_id is not None and not engine.has_adapter(adapter_id):
-        raise UnknownAdapterError(f"adapter {adapter_id!r} not found; GET /v1/models lists the available ones")
     params = to_sampling_params(body)
     prompt_ids = engine.encode_prompt(body.prompt)
     check_context(len(prompt_ids), params.max_tokens, engine.max_model_len)
@@ -161,7 +162,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     try:
         outputs = engine.generate(completion.request_id, prompt_ids, params, adapter_id)
         # Wait for the first output before answering, so that the engine's refusals (unknown adapter, too long,
-        # overloaded) are still proper HTTP errors rather than errors inside a 200 stream.
+        # overloaded; all raised before the first output) are still HTTP errors rather than errors in a 200 stream.
         first = await outputs.__anext__()
     except BaseException:
         completion.is_finished = True  # the engine never admitted it (or it ended): nothing to abort
@@ -195,6 +196,7 @@ async def _complete(completion: Completion, first: RequestOutput, outputs: Async
         pass
     finally:
         completion.release(client_gone=client_gone)
+    await outputs.aclose()  # unregisters the stream in the engine now rather than when garbage-collected
     if client_gone:
         raise ApiError(499, "client closed the request", "client_closed_request")
     _raise_for_failure(last)
@@ -221,17 +223,16 @@ async def _stream(completion: Completion, first: RequestOutput, outputs: AsyncIt
     client_gone = True  # unless the stream ends normally or by our own failure
     try:
         while True:
-            if output.finish_reason in ("error", "abort"):
+            if output.finish_reason in STREAM_FAILURES:
                 logger.error("engine ended %s with %s: %s", output.request_id, output.finish_reason, output.error)
-                yield _sse(error_body("internal_error" if output.finish_reason == "error" else "overloaded",
-                                      "the request failed in the engine" if output.finish_reason == "error"
-                                      else "the request was aborted by the server"))
+                yield _sse(error_body(*STREAM_FAILURES[output.finish_reason]))
                 break
             if output.text or output.logprobs or output.finished:
                 logprobs = logprobs_builder.build(output.logprobs or []) if logprobs_builder else None
                 choice = _choice(output.text, logprobs, output.finish_reason if output.finished else None)
                 yield _sse(completion.response([choice], None, with_usage=include_usage))
             if output.finished:
+                await outputs.aclose()  # unregisters the stream in the engine now rather than when collected
                 if include_usage:
                     yield _sse(completion.response([], completion.usage(), with_usage=True))
                 break

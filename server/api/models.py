@@ -9,23 +9,23 @@ from server.api.schemas import ModelCard, ModelList
 router = APIRouter()
 
 
-def _cards(request: Request) -> list[ModelCard]:
+async def _cards(request: Request) -> list[ModelCard]:
     engine = request.app.state.engine
     created = request.app.state.created
     base = ModelCard(id=engine.model_name, created=created, root=engine.model_name)
     adapters = [ModelCard(id=adapter_id, created=created, root=engine.model_name, parent=engine.model_name)
-                for adapter_id in sorted(engine.adapter_ids())]
+                for adapter_id in sorted(await engine.list_adapters())]
     return [base, *adapters]
 
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=_cards(request))
+    return ModelList(data=await _cards(request))
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    for card in _cards(request):
+    for card in await _cards(request):
         if card.id == model_id:
             return card
     raise ApiError(404, f"model {model_id!r} not found", "model_not_found")

@@ -1,0 +1,103 @@
+"""Real uvicorn servers on free ports, serving the tiny model and a directory of LoRA adapters of different ranks.
+
+Each server runs in a background thread of the test process (`uvicorn.Server(config).run()`), so that tests speak
+real HTTP to it and can still read the engine's stats directly. `test_cli_serve_subprocess` starts
+`python -m server serve` as a process too.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+# One LoRA adapter per entry: its rank and the projections it targets (ranks and targets differ on purpose).
+ADAPTER_SPECS = {
+    "lora-r2": (2, ("q_proj", "v_proj")),
+    "lora-r4": (4, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "lora-r8": (8, ("gate_proj", "up_proj", "down_proj")),
+    "lora-r16": (16, ("q_proj", "v_proj", "down_proj")),
+}
+STARTUP_TIMEOUT_S = 120
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    engine: Any  # the AsyncEngine inside the server, for its tokenizer and stats
+    model_name: str
+    adapter_ids: list[str]
+    client: httpx.Client
+
+    def complete(self, **body: Any) -> dict[str, Any]:
+        """POST /v1/completions expecting success; returns the JSON body."""
+        response = self.client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+@contextlib.contextmanager
+def running_server(**settings_overrides: Any) -> Iterator[LiveServer]:
+    """Build the engine the settings describe, serve it on a free port, stop it on exit."""
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.cli import build_engine_from_settings
+    from server.config import load_settings
+
+    settings = load_settings(**{"device": "cpu", "dtype": "float32", "port": 0, "log_level": "WARNING",
+                                **settings_overrides})
+    engine = build_engine_from_settings(settings)
+    config = uvicorn.Config(create_app(engine, settings), host=settings.host, port=settings.port,
+                            log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not server.started:
+        assert thread.is_alive(), "uvicorn exited during startup (see the log above)"
+        assert time.monotonic() < deadline, f"uvicorn did not start within {STARTUP_TIMEOUT_S}s"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    base_url = f"http://{settings.host}:{port}"
+    try:
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            adapter_ids = sorted(p.name for p in settings.adapters.iterdir()) if settings.adapters else []
+            yield LiveServer(base_url=base_url, engine=engine, model_name=engine.model_name,
+                             adapter_ids=adapter_ids, client=client)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The servers' MULTIPLEX_DATA_DIR (the tiny checkpoint is written there once)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """Random LoRA adapters for the tiny model (B non-zero, so each changes the output), saved as format-1 artifacts."""
+    from adapters.artifact import save_artifact
+    from server.model.config import ModelConfig
+    from server.model.tiny import ensure_tiny_checkpoint
+    from tests.helpers import random_lowrank
+
+    cfg = ModelConfig.from_dir(ensure_tiny_checkpoint(data_dir / "models" / "tiny"))
+    directory = tmp_path_factory.mktemp("adapters")
+    for seed, (adapter_id, (rank, targets)) in enumerate(ADAPTER_SPECS.items()):
+        deltas = random_lowrank(cfg, {proj: rank for proj in targets}, seed=seed)
+        save_artifact(directory / adapter_id, deltas, method="lora", spec=cfg.spec())
+    return directory
+
+
+@pytest.fixture(scope="session")
+def live_server(adapters_dir: Path, data_dir: Path) -> Iterator[LiveServer]:
+    with running_server(model="tiny", adapters=adapters_dir, data_dir=data_dir, max_num_seqs=32) as server:
+        yield server
