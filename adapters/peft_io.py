@@ -1,0 +1,275 @@
+"""PEFT interop: import PEFT LoRA and IA3 directories into the delta vocabulary, export LowRank deltas as PEFT LoRA.
+
+Import reads `adapter_config.json` + `adapter_model.safetensors` (never a pickle `.bin`) and reproduces PEFT's own
+rules for which modules a config targets (`target_modules`, `exclude_modules`, `layers_to_transform`) and which
+rank / alpha each one gets (`rank_pattern`, `alpha_pattern`, `use_rslora`). Any feature the vocabulary cannot express
+exactly (DoRA, biases, modules_to_save, embeddings, base-rewriting inits, ...) is refused by name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+
+from adapters.artifact import (
+    LAYER_PATTERN,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    ArtifactError,
+    LoadedAdapter,
+    kinds_of,
+    manifest_of,
+    parse_json,
+    parse_tensors,
+    sha256_hex,
+    write_atomic,
+)
+from adapters.delta import PROJECTIONS, AdapterDeltas, LowRank, module_name, parse_module_name, scale_name
+from adapters.validate import validate_deltas
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEFT import
+
+# e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight, ...q_proj.lora_A.default.weight, ...ia3_l
+_PEFT_KEY = re.compile(
+    rf"^(?:base_model\.model\.)?(?P<key>(?:model\.)?layers\.(?P<layer>{LAYER_PATTERN})\.(?P<block>self_attn|mlp)"
+    r"\.(?P<proj>[a-z_]+))\.(?P<part>lora_A|lora_B|ia3_l)(?:\.(?!weight$)(?P<adapter>[^.]+))?(?:\.weight)?$")
+# LoraConfig fields whose non-default values change the forward in ways the delta vocabulary cannot express.
+_LORA_REFUSED = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices", "target_parameters",
+                 "layer_replication", "alora_invocation_tokens", "use_qalora", "velora_config", "monteclora_config",
+                 "use_bdlora", "arrow_config", "kasa_config")
+# init_lora_weights values that rewrite the base weights (the adapter is relative to a residual model).
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def load_peft(config_data: bytes, weights_data: bytes, *, name: str) -> LoadedAdapter:
+    """A PEFT LoRA or IA3 adapter from the bytes of adapter_config.json and adapter_model.safetensors."""
+    config = parse_json(config_data, PEFT_CONFIG_FILE)
+    tensors, digest = parse_tensors(weights_data, PEFT_WEIGHTS_FILE), sha256_hex(weights_data)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "LORA":
+        deltas, fmt, method = _peft_lora_deltas(config, tensors), "peft-lora", "lora"
+    elif peft_type == "IA3":
+        deltas, fmt, method = _peft_ia3_deltas(config, tensors), "peft-ia3", "ia3"
+    else:
+        raise ArtifactError(f"{PEFT_CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not supported "
+                            "(supported: LORA, IA3)")
+    manifest = manifest_of(deltas, method=method, name=name, trainer={"peft": config})
+    manifest["base"] = {"name_or_path": config.get("base_model_name_or_path")}
+    manifest["sha256"] = {PEFT_WEIGHTS_FILE: digest}
+    return LoadedAdapter(manifest, deltas, fmt, None, {PEFT_WEIGHTS_FILE: digest})
+
+
+def _peft_tensors(tensors: dict[str, torch.Tensor], config: dict) -> dict[tuple[str, str], torch.Tensor]:
+    """{(PEFT module key, part): tensor}; any tensor that is not a supported projection's adapter raises."""
+    out: dict[tuple[str, str], torch.Tensor] = {}
+    unknown, adapters = [], set()
+    for tname, t in tensors.items():
+        m = _PEFT_KEY.match(tname)
+        if m is None or m["proj"] not in PROJECTIONS:
+            unknown.append(tname)
+            continue
+        if (m["block"] == "self_attn") != (m["proj"] in ATTENTION_PROJECTIONS):
+            unknown.append(tname)
+            continue
+        if not _peft_targets(config, m["key"]):
+            raise ArtifactError(f"{tname}: module {m['key']} is not selected by the config's target_modules "
+                                f"{config.get('target_modules')!r}")
+        adapters.add(m["adapter"])
+        out[(m["key"], m["part"])] = t
+    if unknown:
+        raise ArtifactError(f"{PEFT_WEIGHTS_FILE}: unsupported tensors {sorted(unknown)[:8]}"
+                            f"{' ...' if len(unknown) > 8 else ''}; only q/k/v/o/gate/up/down projections "
+                            "of the decoder layers can be served")
+    if len(adapters) > 1:
+        raise ArtifactError(f"{PEFT_WEIGHTS_FILE}: holds several adapters {sorted(a or '' for a in adapters)}")
+    return out
+
+
+def _module_of_peft_key(key: str) -> str:
+    m = _PEFT_KEY.match(key + ".lora_A")
+    return module_name(int(m["layer"]), m["proj"])
+
+
+def _peft_targets(config: dict, key: str) -> bool:
+    """PEFT's check_target_module_exists (tuners_utils.py) for a module key like 'model.layers.0.mlp.up_proj'."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return False
+        elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
+            return False
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear":
+        found = True  # PEFT resolved the defaults when it created the adapter; the tensors say what was chosen
+    elif isinstance(targets, str):
+        found = re.fullmatch(targets, key) is not None
+    else:
+        found = key in targets or any(key.endswith(f".{t}") for t in targets)
+    layers = config.get("layers_to_transform")
+    if not found or layers is None or layers == []:
+        return found
+    patterns = config.get("layers_pattern")
+    patterns = [patterns] if isinstance(patterns, str) else (patterns or [])
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    for regex in regexes:
+        if m := re.match(regex, key):
+            idx = int(m["idx"])
+            return idx == layers if isinstance(layers, int) else idx in layers
+    return False
+
+
+def _pattern_value(patterns: dict, key: str, default: Any) -> Any:
+    """PEFT's get_pattern_key (utils/other.py): the first pattern p with re.match(rf'(.*\\.)?({p})$', key)."""
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return patterns[p]
+    return default
+
+
+def _check_lora_config(config: dict) -> None:
+    problems = [f"{f}={config[f]!r}" for f in _LORA_REFUSED if config.get(f)]
+    if config.get("bias") not in (None, "none"):
+        problems.append(f"bias={config['bias']!r} (trained biases)")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        problems.append(f"init_lora_weights={init!r} (weights relative to a rewritten base; save with PEFT's "
+                        "path_initial_model_for_weight_conversion to get a plain LoRA)")
+    if problems:
+        raise ArtifactError(f"{PEFT_CONFIG_FILE}: unsupported PEFT LoRA features: {'; '.join(problems)}")
+
+
+def _peft_lora_deltas(config: dict, tensors: dict[str, torch.Tensor]) -> AdapterDeltas:
+    _check_lora_config(config)
+    parts = _peft_tensors(tensors, config)
+    if any(part == "ia3_l" for _, part in parts):
+        raise ArtifactError(f"{PEFT_WEIGHTS_FILE}: IA3 tensors in a LORA adapter")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    deltas = AdapterDeltas()
+    for key in sorted({k for k, _ in parts}):
+        A, B = parts.get((key, "lora_A")), parts.get((key, "lora_B"))
+        if A is None or B is None:
+            raise ArtifactError(f"{PEFT_WEIGHTS_FILE}: module {key} has only one of lora_A / lora_B")
+        r = int(_pattern_value(rank_pattern, key, config.get("r", 8)))
+        alpha = float(_pattern_value(alpha_pattern, key, config.get("lora_alpha", 8)))
+        if A.ndim != 2 or A.shape[0] != r or B.ndim != 2 or B.shape[1] != r:
+            raise ArtifactError(f"{key}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not have the rank "
+                                f"{r} that the config (r, rank_pattern) gives")
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        deltas.lowrank[_module_of_peft_key(key)] = LowRank(A, B, scale)
+    return deltas
+
+
+def _peft_ia3_deltas(config: dict, tensors: dict[str, torch.Tensor]) -> AdapterDeltas:
+    if config.get("modules_to_save"):
+        raise ArtifactError(f"{PEFT_CONFIG_FILE}: unsupported PEFT IA3 feature modules_to_save="
+                            f"{config['modules_to_save']!r}")
+    feedforward = config.get("feedforward_modules") or []
+    deltas = AdapterDeltas()
+    for (key, part), t in sorted(_peft_tensors(tensors, config).items()):
+        if part != "ia3_l":
+            raise ArtifactError(f"{PEFT_WEIGHTS_FILE}: {part} tensor for {key} in an IA3 adapter")
+        # PEFT's IA3Model._check_target_module_feedforward: regex full match, or a plain suffix (no dot).
+        is_ff = (re.fullmatch(feedforward, key) is not None if isinstance(feedforward, str)
+                 else any(key.endswith(f) for f in feedforward))
+        layer, proj = parse_module_name(_module_of_peft_key(key))
+        if is_ff and proj == "down_proj":
+            target, want = "ffn", (1, t.numel())
+        elif not is_ff and proj in ("q_proj", "k_proj", "v_proj", "up_proj"):
+            target, want = proj.removesuffix("_proj"), (t.numel(), 1)
+        else:
+            where = "input (feedforward)" if is_ff else "output"
+            raise ArtifactError(f"{key}: IA3 scaling of the {where} of {proj} is not supported; servable IA3 "
+                                "targets: k/v/q/up_proj outputs and the down_proj input (feedforward)")
+        if tuple(t.shape) != want:
+            raise ArtifactError(f"{key}: ia3_l has shape {tuple(t.shape)}, expected {want}")
+        deltas.scale[scale_name(layer, target)] = t.reshape(-1)
+    return deltas
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEFT LoRA export
+
+
+def export_peft_lora(adapter: LoadedAdapter | AdapterDeltas, out_dir: str | os.PathLike, spec: dict, *,
+                     base_model_name_or_path: str | None = None) -> Path:
+    """Write a PEFT LoRA directory (task CAUSAL_LM) from LowRank deltas; alphas chosen so alpha / r == scale."""
+    deltas = adapter.deltas if isinstance(adapter, LoadedAdapter) else adapter
+    other = [k for k in kinds_of(deltas) if k != "lowrank"]
+    if other or not deltas.lowrank:
+        raise ArtifactError("export_peft_lora: PEFT LoRA holds LowRank deltas only; "
+                            f"this adapter has {other or 'no LowRank deltas'}")
+    validate_deltas(deltas, spec)
+    ranks = {m: lr.rank for m, lr in deltas.lowrank.items()}
+    alphas = {m: _exact_alpha(lr.scale, lr.rank) for m, lr in deltas.lowrank.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    key = {m: _peft_module_key(m) for m in deltas.lowrank}  # pattern keys, e.g. layers.3.self_attn.q_proj
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": alpha, "target_modules": _peft_target_modules(set(deltas.lowrank), spec),
+        "rank_pattern": {key[m]: v for m, v in sorted(ranks.items()) if v != r},
+        "alpha_pattern": {key[m]: v for m, v in sorted(alphas.items()) if v != alpha},
+        "bias": "none", "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+    }
+    tensors = {}
+    for m, lr in deltas.lowrank.items():
+        tensors[f"base_model.model.model.{key[m]}.lora_A.weight"] = lr.A
+        tensors[f"base_model.model.model.{key[m]}.lora_B.weight"] = lr.B
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = st_save({k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()})
+    write_atomic(out / PEFT_WEIGHTS_FILE, data)
+    write_atomic(out / PEFT_CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    return out
+
+
+def _peft_module_key(name: str) -> str:
+    layer, proj = parse_module_name(name)
+    return f"layers.{layer}.{'self_attn' if proj in ATTENTION_PROJECTIONS else 'mlp'}.{proj}"
+
+
+def _peft_target_modules(modules: set[str], spec: dict) -> list[str] | str:
+    """Short names when each projection is adapted in every layer, else a regex that selects exactly `modules`."""
+    projs = sorted({parse_module_name(m)[1] for m in modules})
+    every = {module_name(i, p) for i in range(spec["num_hidden_layers"]) for p in projs}
+    if every == modules:
+        return projs
+    keys = "|".join(re.escape(_peft_module_key(m)) for m in sorted(modules))
+    return rf"(.*\.)?({keys})"
+
+
+def _exact_alpha(scale: float, r: int) -> float | int:
+    """An alpha with alpha / r == scale in float64 (what PEFT computes), an int when one exists.
+
+    fl(alpha / r) can step over `scale` (about 1 pair in 12 for random scales); then the closest alpha is used,
+    1 ulp off in float64, far below the fp32 rounding of PEFT's `lora_B(lora_A(x)) * scaling`.
+    """
+    scale = float(scale)
+    alpha = scale * r
+    if alpha.is_integer() and int(alpha) / r == scale:
+        return int(alpha)
+    candidates = [alpha]
+    for direction in (math.inf, -math.inf):
+        a = alpha
+        for _ in range(4):
+            a = math.nextafter(a, direction)
+            candidates.append(a)
+    best = min(candidates, key=lambda a: abs(a / r - scale))
+    if best / r != scale:
+        logger.debug("no lora_alpha gives scale %r exactly at rank %d; %r is 1 ulp off", scale, r, best)
+    return best

