@@ -1,0 +1,145 @@
+"""Paged attention and write_kv: the Triton kernels against the fp32 reference.
+
+Without CUDA the Triton kernels run in the interpreter on CPU tensors (TRITON_INTERPRET is set before the
+kernels module is imported); the @gpu tests run the same sweeps natively on CUDA.
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the import of the kernels (decorated at import time)
+
+import kernels.attention as attn  # noqa: E402
+from tests.kernels.conftest import TOLERANCES  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and type(attn._paged_attn_kernel).__name__ != "InterpretedFunction":
+    attn = importlib.reload(attn)  # imported earlier by another test module without the interpreter
+INTERPRETED = type(attn._paged_attn_kernel).__name__ == "InterpretedFunction"
+
+cpu = pytest.mark.skipif(not INTERPRETED, reason="Triton is compiled for the GPU here; the gpu tests cover it")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_kernels_run_somewhere():
+    """Without CUDA the Triton tests must run in the interpreter, not be skipped."""
+    assert torch.cuda.is_available() or INTERPRETED
+BLOCK_SIZE = 16
+
+
+def make_batch(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, dtype, device, seed=0):
+    """Random q and caches; each sequence's blocks are scattered (shuffled ids), every unused slot holds NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-s // BLOCK_SIZE) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # a few blocks nobody owns
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    cache_shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    k_cache = torch.full(cache_shape, float("nan"))
+    v_cache = torch.full(cache_shape, float("nan"))
+    table = torch.zeros(len(seq_lens), max(blocks_per_seq + [1]), dtype=torch.int32)
+    used = 0
+    for b, (n, s) in enumerate(zip(blocks_per_seq, seq_lens)):
+        ids = perm[used : used + n]
+        used += n
+        table[b, :n] = torch.tensor(ids, dtype=torch.int32)
+        kv = torch.randn(2, n * BLOCK_SIZE, num_kv_heads, head_dim, generator=gen)[:, :s]
+        k_cache.view(-1, num_kv_heads, head_dim)[[i * BLOCK_SIZE + o for i in ids for o in range(BLOCK_SIZE)][:s]] = kv[0]
+        v_cache.view(-1, num_kv_heads, head_dim)[[i * BLOCK_SIZE + o for i in ids for o in range(BLOCK_SIZE)][:s]] = kv[1]
+    q = torch.randn(sum(q_lens), num_q_heads, head_dim, generator=gen)
+    q_start = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32)
+    meta = attn.AttentionMeta(q_start=q_start.to(device), seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device),
+                              block_tables=table.to(device), max_q_len=max(q_lens), max_seq_len=max(seq_lens))
+    return q.to(device, dtype), k_cache.to(device, dtype), v_cache.to(device, dtype), meta
+
+
+def check_attention(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, dtype, device, num_splits=None):
+    q, k_cache, v_cache, meta = make_batch(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, dtype, device)
+    sm_scale = head_dim**-0.5
+    ref = attn.paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, sm_scale)  # (T, Hq, D) fp32
+    out = torch.full_like(q, float("nan"))
+    attn.paged_attention_triton(q, k_cache, v_cache, meta, sm_scale, num_splits=num_splits, out=out)
+    tol = TOLERANCES[dtype]
+    err = (out.float() - ref).abs().max().item()
+    assert err <= tol["atol"] + tol["rtol"] * ref.abs().max().item(), f"max abs error {err}"
+
+
+# (q_lens, seq_lens): decode rows (q_len 1), a fresh prefill, prefill chunks starting mid-sequence, empty query
+# ranges, sequence lengths on and off block boundaries.
+BATCHES = {
+    "decode": ([1, 1, 1, 1], [1, 16, 37, 70]),
+    "prefill": ([23], [23]),
+    "mixed": ([1, 9, 0, 20, 1, 0], [40, 9, 5, 51, 16, 0]),
+}
+
+
+@cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_paged_attention_interpreter(batch, group, dtype):
+    check_attention(*BATCHES[batch], 2 * group, 2, 32, dtype, "cpu")
+
+
+@cpu
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_paged_attention_head_dims_interpreter(head_dim):
+    check_attention([1, 5, 1], [33, 20, 3], 4, 2, head_dim, torch.float16, "cpu")
+
+
+@cpu
+@pytest.mark.parametrize("num_splits", [2, 4])
+def test_paged_attention_split_kv_interpreter(num_splits):
+    # The split path merges partial softmaxes, including splits that see no key for some rows.
+    check_attention([1, 6, 0, 1], [150, 70, 4, 9], 4, 1, 32, torch.float32, "cpu", num_splits=num_splits)
+
+
+def check_write_kv(dtype, device):
+    gen = torch.Generator().manual_seed(1)
+    num_tokens, num_kv_heads, head_dim = 11, 2, 32
+    qkv = torch.randn(num_tokens, 3 * num_kv_heads * head_dim, generator=gen).to(device, dtype)
+    k = qkv[:, : num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)  # strided views, as the model passes
+    v = qkv[:, 2 * num_kv_heads * head_dim :].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(5 * BLOCK_SIZE, generator=gen)[:num_tokens].to(torch.int32)
+    slots[[2, 7]] = -1
+    base = torch.randn(2, 5, BLOCK_SIZE, num_kv_heads, head_dim, generator=gen).to(device, dtype)
+    k_ref, v_ref = base[0].clone(), base[1].clone()
+    k_out, v_out = base[0].clone(), base[1].clone()
+    attn.write_kv_ref(k, v, k_ref, v_ref, slots.to(device))
+    attn.write_kv_triton(k, v, k_out, v_out, slots.to(device))
+    assert torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref)
+
+
+@cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_write_kv_interpreter(dtype):
+    check_write_kv(dtype, "cpu")
+
+
+LONG_BATCH = ([1, 300, 1, 0, 64], [2049, 300, 4000, 7, 1000])  # long decode contexts next to prefill chunks
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("batch", ["mixed", "long"])
+def test_paged_attention_cuda(batch, head_dim, group, dtype):
+    check_attention(*BATCHES.get(batch, LONG_BATCH), 4 * group, 4, head_dim, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("group", [1, 8])
+@pytest.mark.parametrize("batch", ["decode", "long"])
+def test_paged_attention_split_kv_cuda(batch, group):
+    check_attention(*BATCHES.get(batch, LONG_BATCH), 4 * group, 4, 128, torch.bfloat16, "cuda", num_splits=4)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_write_kv_cuda(dtype):
+    check_write_kv(dtype, "cuda")
