@@ -12,7 +12,7 @@ import logging
 from collections import OrderedDict
 
 from adapters.delta import AdapterDeltas
-from server.engine.errors import UnknownAdapterError
+from server.engine.errors import EngineOverloadedError, InvalidAdapterError, UnknownAdapterError
 from server.engine.request import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -74,3 +74,53 @@ class HostTier:
         while total > self.budget_bytes and len(self._entries) > 1:
             _, old = self._entries.popitem(last=False)
             total -= old.nbytes()
+
+
+class RegistryAdapters:
+    """Adapters from the Redis registry: every request reads the adapter's current record (one round trip), so
+    every replica sees uploads, replacements and deletes at once; the weights of a version are fetched once
+    into the host tier and parsed off the event loop."""
+
+    def __init__(self, registry, spec: dict, host: HostTier, fits=lambda deltas: True) -> None:
+        self.registry, self.spec, self.host, self.fits = registry, spec, host, fits
+
+    async def list(self, tenant: str | None = None) -> list[str]:
+        from server.auth import visible
+
+        return sorted(r.adapter_id for r in await self._call(self.registry.list()) if visible(r, tenant))
+
+    async def resolve(self, adapter_id: str, tenant: str | None = None) -> AdapterRef:
+        from server.auth import visible
+
+        record = await self._call(self.registry.record(adapter_id))
+        if record is None or not visible(record, tenant):
+            raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
+        key = f"{adapter_id}@{record.version}"
+
+        async def fetch() -> AdapterDeltas:
+            from adapters.artifact import adapter_from_bytes
+
+            blob = await self._call(self.registry.read_blob(record))
+            if blob is None:  # deleted or replaced between the two reads
+                raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
+            loaded = await asyncio.to_thread(adapter_from_bytes, record.manifest, blob, self.spec)
+            return loaded.deltas
+
+        deltas = await self.host.get(key, fetch)
+        if not self.fits(deltas):
+            raise InvalidAdapterError(f"adapter {adapter_id!r} is larger than the device adapter pool")
+        return AdapterRef(adapter_id, record.version, deltas)
+
+    def forget(self, adapter_id: str) -> None:
+        self.host.drop(adapter_id)
+
+    @staticmethod
+    async def _call(awaitable):
+        """Registry outages answer 503 (retry later), never 500."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        try:
+            return await awaitable
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise EngineOverloadedError(f"adapter registry unavailable: {exc}") from exc

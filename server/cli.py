@@ -42,40 +42,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(**overrides)
 
 
-def build_engine_from_settings(settings: Settings) -> Any:
-    """The AsyncEngine the settings describe, not yet started (the app's lifespan starts it)."""
-    from server.engine.builder import build_engine  # deferred: torch and the model code are heavy imports
-
-    return build_engine(
-        settings.model,
-        str(settings.adapters) if settings.adapters is not None else None,
-        device=settings.device,
-        dtype=settings.dtype,
-        max_num_seqs=settings.max_num_seqs,
-        max_model_len=settings.max_model_len,
-        num_kv_blocks=settings.num_kv_blocks,
-        block_size=settings.block_size,
-        # The engine bounds every request it holds; max_queue counts those waiting beyond the running batch.
-        max_queue=settings.max_num_seqs + settings.max_queue,
-        data_dir=str(settings.data_dir),
-    )
-
-
 def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_level)
 
     import uvicorn  # deferred: `multiplex --help` should not pay for the web stack
 
-    from server.api.app import create_app
+    from server.service import running_service
 
     logger.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
-    engine = build_engine_from_settings(settings)
-    app = create_app(engine, settings)
-    print(f"multiplex: serving {engine.model_name} on http://{settings.host}:{settings.port}", flush=True)
-    # On shutdown, streams still open after the grace period are cancelled, which aborts them in the engine.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    with running_service(settings) as service:
+        registry = settings.redis_url or f"embedded redis in {settings.data_dir}"
+        print(f"multiplex: serving {service.engine.model_name} on http://{settings.host}:{settings.port} "
+              f"(adapter registry: {registry})", flush=True)
+        # On shutdown, streams still open after the grace period are cancelled, which aborts them in the engine.
+        uvicorn.run(service.app, host=settings.host, port=settings.port, log_config=None,
+                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return 0
 
 

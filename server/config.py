@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MULTIPLEX_"
@@ -32,7 +32,8 @@ class ConfigError(ValueError):
 class Settings(BaseSettings):
     """Everything the server process is configured with; each field is `MULTIPLEX_<FIELD>` or `--<field-name>`."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", env_ignore_empty=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", env_ignore_empty=True,
+                                      populate_by_name=True)
 
     model: str = Field("tiny", description="backbone: 'tiny' (embedded, random weights) or a HF checkpoint directory")
     adapters: Path | None = Field(None, description="directory of adapters, one per subdirectory (format 1 or PEFT)")
@@ -48,6 +49,18 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, ge=0, description="requests waiting beyond the running batch before answering 503")
     data_dir: Path = Field(Path("./.multiplex"), description="where the server keeps its local state")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("redis_url", "REDIS_URL", "MULTIPLEX_REDIS_URL"),
+                                  description="Redis of the adapter registry (env REDIS_URL); unset: an embedded "
+                                              "Redis in data_dir")
+    redis_chunk_bytes: int = Field(8 << 20, ge=1024, description="adapter blobs are stored in chunks of this size")
+    admin_token: str | None = Field(None, description="bearer token of /admin (unset: one is generated and logged)")
+    api_keys: str | None = Field(None, description="'key:tenant,...'; with any key, /v1 needs one (else it is open)")
+    max_adapter_bytes: int = Field(512 << 20, ge=1, description="largest adapter upload (and unpacked total)")
+    max_rank: int = Field(128, ge=1, description="highest LowRank rank an uploaded adapter may have")
+    adapter_pool_bytes: int | None = Field(None, ge=1 << 16,
+                                           description="device memory for resident adapters (default 256 MiB on cpu, "
+                                                       "2 GiB on cuda)")
+    host_cache_bytes: int = Field(2 << 30, ge=1, description="host memory for fetched adapters (LRU)")
 
     @field_validator("model")
     @classmethod

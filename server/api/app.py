@@ -1,12 +1,14 @@
 """The FastAPI application: routes, error handlers, and the engine's lifetime tied to the server's."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from server.api import completions, health, models
 from server.api.errors import install_error_handlers
@@ -37,17 +39,28 @@ class ResponseStatusCounter:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(engine: Any, settings: Settings) -> FastAPI:
-    """`engine` is a server.engine.async_engine.AsyncEngine, not yet started: the app starts and stops it."""
+def create_app(engine: Any, settings: Settings, *, tenants: Any = None, routers: Sequence[APIRouter] = (),
+               background: Sequence[Callable[[], Awaitable[None]]] = (),
+               on_shutdown: Sequence[Callable[[], Awaitable[None]]] = ()) -> FastAPI:
+    """`engine` is a server.engine.async_engine.AsyncEngine, not yet started: the app starts and stops it.
+    `tenants`: resolves /v1 API keys (server/auth.py), None = open. `routers`: more routes (the admin API).
+    `background`: coroutine functions run as tasks for the app's lifetime (registry seeding, event following).
+    `on_shutdown`: awaited after the engine stops."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         logger.info("engine started: model %s", engine.model_name)
+        tasks = [asyncio.create_task(start()) for start in background]
         try:
             yield
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             engine.shutdown()
+            for stop in on_shutdown:
+                await stop()
             logger.info("engine stopped")
 
     app = FastAPI(title="multiplex", version="0.1.0", lifespan=lifespan)
@@ -55,7 +68,10 @@ def create_app(engine: Any, settings: Settings) -> FastAPI:
     app.state.settings = settings  # for routes that need a setting of their own (the admin token, ...)
     app.state.api_metrics = ApiMetrics()
     app.state.created = int(time.time())
+    app.state.tenants = tenants
     install_error_handlers(app)
+    for router in routers:
+        app.include_router(router)
     app.include_router(completions.router)
     app.include_router(models.router)
     app.include_router(health.router)

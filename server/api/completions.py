@@ -21,6 +21,7 @@ from starlette.background import BackgroundTask
 from server.api.errors import ApiError, error_body
 from server.api.metrics import ApiMetrics
 from server.api.schemas import CompletionRequest
+from server.api.tenancy import request_tenant
 from server.engine.errors import PromptTooLongError
 from server.engine.request import RequestOutput, SamplingParams, TokenLogprob
 
@@ -151,6 +152,7 @@ def _sse(payload: dict[str, Any] | str) -> str:
 async def create_completion(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     state = request.app.state
     engine = state.engine
+    tenant = await request_tenant(request)  # 401 before any work when keys are configured
     adapter_id = resolve_adapter_id(body, engine.model_name)
     params = to_sampling_params(body)
     prompt_ids = engine.encode_prompt(body.prompt)
@@ -160,7 +162,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> JSONRe
     completion = Completion(request_id=f"cmpl-{uuid.uuid4().hex}", model=adapter_id or engine.model_name,
                             metrics=state.api_metrics, engine=engine)
     try:
-        outputs = engine.generate(completion.request_id, prompt_ids, params, adapter_id)
+        outputs = engine.generate(completion.request_id, prompt_ids, params, adapter_id, tenant)
         # Wait for the first output before answering, so that the engine's refusals (unknown adapter, too long,
         # overloaded; all raised before the first output) are still HTTP errors rather than errors in a 200 stream.
         first = await outputs.__anext__()

@@ -5,6 +5,7 @@ from fastapi import APIRouter, Request
 
 from server.api.errors import ApiError
 from server.api.schemas import ModelCard, ModelList
+from server.api.tenancy import request_tenant
 
 router = APIRouter()
 
@@ -14,7 +15,7 @@ async def _cards(request: Request) -> list[ModelCard]:
     created = request.app.state.created
     base = ModelCard(id=engine.model_name, created=created, root=engine.model_name)
     adapters = [ModelCard(id=adapter_id, created=created, root=engine.model_name, parent=engine.model_name)
-                for adapter_id in sorted(await engine.list_adapters())]
+                for adapter_id in sorted(await engine.list_adapters(await request_tenant(request)))]
     return [base, *adapters]
 
 

@@ -33,6 +33,12 @@ class LiveServer:
     model_name: str
     adapter_ids: list[str]
     client: httpx.Client
+    admin_token: str
+    registry: Any
+
+    @property
+    def url(self) -> str:
+        return self.base_url
 
     def complete(self, **body: Any) -> dict[str, Any]:
         """POST /v1/completions expecting success; returns the JSON body."""
@@ -46,15 +52,14 @@ def running_server(**settings_overrides: Any) -> Iterator[LiveServer]:
     """Build the engine the settings describe, serve it on a free port, stop it on exit."""
     import uvicorn
 
-    from server.api.app import create_app
-    from server.cli import build_engine_from_settings
     from server.config import load_settings
+    from server.service import build_service
 
     settings = load_settings(**{"device": "cpu", "dtype": "float32", "port": 0, "log_level": "WARNING",
                                 **settings_overrides})
-    engine = build_engine_from_settings(settings)
-    config = uvicorn.Config(create_app(engine, settings), host=settings.host, port=settings.port,
-                            log_level="warning", lifespan="on")
+    service = build_service(settings)
+    engine = service.engine
+    config = uvicorn.Config(service.app, host=settings.host, port=settings.port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -68,11 +73,25 @@ def running_server(**settings_overrides: Any) -> Iterator[LiveServer]:
     try:
         with httpx.Client(base_url=base_url, timeout=60) as client:
             adapter_ids = sorted(p.name for p in settings.adapters.iterdir()) if settings.adapters else []
+            _wait_for_seeding(client, adapter_ids)
             yield LiveServer(base_url=base_url, engine=engine, model_name=engine.model_name,
-                             adapter_ids=adapter_ids, client=client)
+                             adapter_ids=adapter_ids, client=client, admin_token=service.admin_token,
+                             registry=service.registry)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        service.close()
+
+
+def _wait_for_seeding(client: httpx.Client, adapter_ids: list[str]) -> None:
+    """--adapters seeds the registry in the background at start; wait until every adapter is listed."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while adapter_ids:
+        listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
+        if set(adapter_ids) <= listed:
+            return
+        assert time.monotonic() < deadline, f"adapters not seeded: {sorted(set(adapter_ids) - listed)}"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,119 @@
+"""One serving process assembled from Settings: engine, embedded or shared Redis, registry-backed adapter source,
+admin routes, tenants, and the lifespan tasks (seed the registry from --adapters, follow registry events).
+
+Used by `multiplex serve` and by the end-to-end tests, so both run the same thing.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    app: FastAPI
+    engine: object
+    registry: object
+    embedded: object | None  # the embedded Redis we started (None with REDIS_URL)
+    admin_token: str
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            self.embedded.close()
+
+
+def build_service(settings: Settings) -> Service:
+    """Build everything (not started: the app's lifespan starts the engine and the registry tasks)."""
+    from server.adapter_store import HostTier, RegistryAdapters
+    from server.api.admin import AdminSettings, admin_router
+    from server.api.app import create_app
+    from server.auth import ApiKeyStore, TenantResolver, parse_api_keys
+    from server.engine.builder import build_engine_options, build_llm_engine, resolve_model_path
+    from server.engine.async_engine import AsyncEngine
+    from server.model.config import ModelConfig
+    from server.registry import Registry, start_embedded_redis
+
+    embedded = None
+    url = settings.redis_url
+    if url is None:  # the main thread owns the embedded Redis: it lives as long as this process
+        embedded = start_embedded_redis(Path(settings.data_dir) / "redis")
+        url = embedded.url
+    registry = Registry.from_url(url, chunk_bytes=settings.redis_chunk_bytes)
+    opts = build_engine_options(settings)
+    spec = ModelConfig.from_dir(resolve_model_path(settings.model, opts.data_dir)).spec()
+    llm = build_llm_engine(settings.model, opts)
+    pool = llm.runner.adapter_pool
+    source = RegistryAdapters(registry, spec, HostTier(settings.host_cache_bytes), fits=pool.fits_empty)
+    model_name = "tiny" if settings.model == "tiny" else Path(settings.model).name
+    engine = AsyncEngine(llm, model_name=model_name, adapters=source, max_queue=opts.max_queue)
+    tenants = TenantResolver(parse_api_keys(settings.api_keys), ApiKeyStore(registry.client, registry.prefix))
+
+    def on_change(kind: str, adapter_id: str, version: int) -> None:
+        source.forget(adapter_id)  # this replica acts at once; others on the pub/sub event
+
+    admin = admin_router(
+        registry, spec,
+        AdminSettings(admin_token=settings.admin_token, max_adapter_bytes=settings.max_adapter_bytes,
+                      max_rank=settings.max_rank, base_model_name=model_name),
+        on_change=on_change, tenants=tenants)
+    lifespan_tasks = [lambda: _seed(registry, settings.adapters, spec), lambda: _follow_events(registry, source)]
+    app = create_app(engine, settings, tenants=tenants, routers=[admin], background=lifespan_tasks,
+                     on_shutdown=[registry.close])
+    return Service(app, engine, registry, embedded, admin.admin_auth.token)
+
+
+async def _seed(registry, adapters_dir: Path | None, spec: dict) -> None:
+    """--adapters DIR seeds the registry: each subdirectory is stored unless the same bytes are already there."""
+    if adapters_dir is None:
+        return
+    from adapters.artifact import ArtifactError, adapter_to_bytes, load_adapter
+
+    for sub in sorted(p for p in Path(adapters_dir).iterdir() if p.is_dir()):
+        try:
+            manifest, blob = adapter_to_bytes(await asyncio.to_thread(load_adapter, sub, spec))
+        except ArtifactError as exc:
+            log.error("not seeding adapter %s: %s", sub.name, exc)
+            continue
+        record = await registry.record(sub.name)
+        if record is not None and record.sha256 == hashlib.sha256(blob).hexdigest():
+            continue  # already stored: a restart must not mint a new version
+        await registry.put(sub.name, manifest, blob, public=True, replace=True)
+        log.info("seeded adapter %s from %s", sub.name, sub)
+
+
+async def _follow_events(registry, source) -> None:
+    """Drop host-tier copies of adapters replaced or deleted on any replica (reconnecting when Redis is away)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    while True:
+        try:
+            async with registry.subscribe() as events:
+                async for event in events:
+                    source.forget(event.adapter_id)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # never let the follower die silently
+            log.exception("registry event loop failed; restarting")
+            await asyncio.sleep(1.0)
+
+
+@contextlib.contextmanager
+def running_service(settings: Settings):
+    service = build_service(settings)
+    try:
+        yield service
+    finally:
+        service.close()
