@@ -8,15 +8,18 @@ flat batch with one adapter slot. Running example (3 requests, slot -1 = base mo
     seg_slot:    [3, -1, 0]
     token_slot:  [3, 3, 3, 3, -1, 0, 0]
 
-The grouped-GEMM kernels (kernels/lowrank.py) also want the adapter tokens cut into row tiles of at most
-`tile_size` tokens, each tile inside one segment. Base-model segments get no tile, so they cost nothing.
-With tile_size 16 the example gives two real tiles; the list is padded with empty tiles (len 0) up to
-`num_tiles`, a bound that depends only on (num_tokens, num_segments, tile_size), so a launch grid sized by it
-is the same for every step of the same shape (CUDA graphs):
+The grouped-GEMM kernels (kernels/lowrank.py) want the adapter tokens grouped by slot (`sorted_tokens`: token
+ids, slot by slot, in order within a slot), then cut into row tiles of at most `tile_size` tokens of one slot,
+so that a popular adapter's weights are read once per tile, not once per request. Base-model tokens are in no
+tile, so they cost nothing. `tile_size` follows the longest segment (16 for every decode step), and the tile
+list is padded with empty tiles (len 0) up to `num_tiles`, a bound that depends only on (num_tokens,
+num_segments, tile_size): a launch grid sized by them is the same for every decode step of a batch size, as
+CUDA graphs need. In the example (tile_size 16; slots in order of first appearance):
 
-    tile_start:  [0, 5, 0, ...]
-    tile_len:    [4, 2, 0, ...]
-    tile_slot:   [3, 0, -1, ...]
+    sorted_tokens: [0, 1, 2, 3, 5, 6, 0]      (entries past the adapter tokens: 0, never read)
+    tile_start:    [0, 4, 0]                  (index into sorted_tokens)
+    tile_len:      [4, 2, 0]
+    tile_slot:     [3, 0, -1]
 
 Built once per step on the host, copied to the device once, shared by every layer and module.
 """
@@ -39,7 +42,8 @@ class Segments:
     max_seg_len: int
     has_adapter: bool  # False when every slot is -1: the adapter ops return at once
     # Row tiles for the grouped-GEMM kernels (see the module docstring); None when built by hand.
-    tile_start: torch.Tensor | None = None  # (num_tiles,) int32, device; first token of the tile
+    sorted_tokens: torch.Tensor | None = None  # (T,) int32, device; adapter tokens grouped by slot
+    tile_start: torch.Tensor | None = None  # (num_tiles,) int32, device; first entry of sorted_tokens
     tile_len: torch.Tensor | None = None  # (num_tiles,) int32, device; 0 = padding
     tile_slot: torch.Tensor | None = None  # (num_tiles,) int32, device
     num_tiles: int = 0  # padded count: an upper bound on the real tiles for this (T, S, tile_size)
@@ -51,27 +55,36 @@ class Segments:
 
 
 def tile_size_for(max_seg_len: int) -> int:
-    """Smallest row tile that holds the longest segment (decode steps get 16), capped at the largest."""
+    """Smallest row tile that holds the longest segment (16 for decode steps), capped at the largest."""
     return next((m for m in TILE_SIZES if max_seg_len <= m), TILE_SIZES[-1])
 
 
 def max_tiles(num_tokens: int, num_segments: int, tile_size: int) -> int:
-    """Upper bound on sum_k ceil(len_k / tile_size) over segments with sum_k len_k = num_tokens."""
+    """Upper bound on sum_s ceil(n_s / tile_size) over at most num_segments slots with sum_s n_s <= num_tokens."""
     return min(num_tokens, (num_tokens + num_segments * (tile_size - 1)) // tile_size)
 
 
-def _tiles(seg_lens: list[int], seg_slots: list[int], tile_size: int, num_tiles: int) -> tuple[list[int], list[int], list[int]]:
-    starts, lens, slots = [], [], []
+def _group_by_slot(seg_lens: list[int], seg_slots: list[int]) -> dict[int, list[int]]:
+    """slot -> its token ids in order, for slots >= 0 (in order of first appearance)."""
+    groups: dict[int, list[int]] = {}
     t = 0
     for n, s in zip(seg_lens, seg_slots):
-        if s >= 0:
-            for off in range(0, n, tile_size):
-                starts.append(t + off)
-                lens.append(min(tile_size, n - off))
-                slots.append(s)
+        if s >= 0 and n > 0:
+            groups.setdefault(s, []).extend(range(t, t + n))
         t += n
+    return groups
+
+
+def _tiles(groups: dict[int, list[int]], tile_size: int, num_tiles: int) -> tuple[list[int], ...]:
+    sorted_tokens, starts, lens, slots = [], [], [], []
+    for s, tokens in groups.items():
+        for off in range(0, len(tokens), tile_size):
+            starts.append(len(sorted_tokens) + off)
+            lens.append(min(tile_size, len(tokens) - off))
+            slots.append(s)
+        sorted_tokens += tokens
     pad = num_tiles - len(starts)
-    return starts + [0] * pad, lens + [0] * pad, slots + [-1] * pad
+    return sorted_tokens, starts + [0] * pad, lens + [0] * pad, slots + [-1] * pad
 
 
 def make_segments(seg_lens: list[int], seg_slots: list[int], device: torch.device | str) -> Segments:
@@ -84,16 +97,20 @@ def make_segments(seg_lens: list[int], seg_slots: list[int], device: torch.devic
     token_slot = [s for n, s in zip(seg_lens, seg_slots) for _ in range(n)]
     num_segments, num_tokens = len(seg_lens), starts[-1]
     max_seg_len = max(seg_lens, default=0)
+    groups = _group_by_slot(seg_lens, seg_slots)
     tile_size = tile_size_for(max_seg_len)
     num_tiles = max_tiles(num_tokens, num_segments, tile_size)
-    tile_start, tile_len, tile_slot = _tiles(seg_lens, seg_slots, tile_size, num_tiles)
+    sorted_tokens, tile_start, tile_len, tile_slot = _tiles(groups, tile_size, num_tiles)
+    sorted_tokens += [0] * (num_tokens - len(sorted_tokens))
     # One host tensor, one copy to the device; the fields are views into it.
-    host = torch.tensor(starts + seg_slots + token_slot + tile_start + tile_len + tile_slot, dtype=torch.int32)
+    fields = [starts, seg_slots, token_slot, sorted_tokens, tile_start, tile_len, tile_slot]
+    host = torch.tensor([v for f in fields for v in f], dtype=torch.int32)
     dev = host.to(device, non_blocking=True)
-    bounds = [0, num_segments + 1, num_segments, num_tokens, num_tiles, num_tiles, num_tiles]
-    for i in range(1, len(bounds)):
-        bounds[i] += bounds[i - 1]
-    seg_start, seg_slot, tok_slot, t_start, t_len, t_slot = (dev[a:b] for a, b in zip(bounds, bounds[1:]))
+    views, at = [], 0
+    for f in fields:
+        views.append(dev[at : at + len(f)])
+        at += len(f)
+    seg_start, seg_slot, tok_slot, sorted_tok, t_start, t_len, t_slot = views
     return Segments(
         seg_start=seg_start,
         seg_slot=seg_slot,
@@ -101,6 +118,7 @@ def make_segments(seg_lens: list[int], seg_slots: list[int], device: torch.devic
         num_tokens=num_tokens,
         max_seg_len=max_seg_len,
         has_adapter=any(s >= 0 for s in seg_slots),
+        sorted_tokens=sorted_tok,
         tile_start=t_start,
         tile_len=t_len,
         tile_slot=t_slot,

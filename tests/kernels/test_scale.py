@@ -3,7 +3,6 @@
 Without CUDA the Triton kernel runs in the interpreter on CPU tensors (TRITON_INTERPRET is set before the
 kernels module is imported); the @gpu tests run the same sweep natively on CUDA.
 """
-import importlib
 import os
 
 import pytest
@@ -15,8 +14,6 @@ if not torch.cuda.is_available():
 import kernels.scale as scale  # noqa: E402
 from tests.kernels.conftest import TOLERANCES  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1" and type(scale._scale_rows_kernel).__name__ != "InterpretedFunction":
-    scale = importlib.reload(scale)  # imported earlier by another test module without the interpreter
 INTERPRETED = type(scale._scale_rows_kernel).__name__ == "InterpretedFunction"
 
 cpu = pytest.mark.skipif(not INTERPRETED, reason="Triton is compiled for the GPU here; the gpu tests cover it")

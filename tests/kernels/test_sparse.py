@@ -3,7 +3,6 @@
 Without CUDA the Triton kernel runs in the interpreter on CPU tensors (TRITON_INTERPRET is set before the
 kernels module is imported); the @gpu tests run the same sweep natively on CUDA.
 """
-import importlib
 import os
 
 import pytest
@@ -16,8 +15,6 @@ import kernels.sparse as sparse  # noqa: E402
 from kernels.segments import make_segments  # noqa: E402
 from tests.kernels.conftest import TOLERANCES  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1" and type(sparse._sparse_kernel).__name__ != "InterpretedFunction":
-    sparse = importlib.reload(sparse)  # imported earlier by another test module without the interpreter
 INTERPRETED = type(sparse._sparse_kernel).__name__ == "InterpretedFunction"
 
 cpu = pytest.mark.skipif(not INTERPRETED, reason="Triton is compiled for the GPU here; the gpu tests cover it")
