@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -61,8 +62,42 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("train_args", nargs=argparse.REMAINDER,
+                        help="the trainer's flags (see `multiplex train --help-trainer`); --model tiny is the embedded model")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`multiplex train ...` = `python -m adapters.train ...`, with `--model tiny` resolved to the embedded backbone."""
+    from adapters.train import main as train_main
+
+    argv = list(args.train_args)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if argv[:1] == ["--help-trainer"]:
+        argv = ["--help"]
+    for i, arg in enumerate(argv):
+        if arg == "--model" and i + 1 < len(argv) and argv[i + 1] == "tiny" or arg == "--model=tiny":
+            from server.engine.builder import resolve_model_path
+
+            data_dir = os.environ.get(f"{ENV_PREFIX}DATA_DIR", ".multiplex")
+            path = str(resolve_model_path("tiny", data_dir))
+            argv[i : i + (1 if "=" in arg else 2)] = ["--model", path]
+            break
+    return train_main(argv, prog="multiplex train")
+
+
+def _client_subcommands() -> dict[str, tuple[str, AddArguments, Run]]:
+    from clients.cli import COMMANDS, HELP
+
+    return {name: (HELP[name], add, run) for name, (add, run) in COMMANDS.items()}
+
+
 SUBCOMMANDS: dict[str, tuple[str, AddArguments, Run]] = {
     "serve": ("serve completions over HTTP", add_settings_arguments, run_serve),
+    "train": ("train an adapter offline (LoRA, PiSSA, SORSA, SpecAdapt, ALoRA, SIFT, PARA, IA3)",
+              add_train_arguments, run_train),
+    **_client_subcommands(),  # upload, adapters, complete, loadgen: HTTP clients of a running server
 }
 
 
@@ -77,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the trainer parses its own flags (argparse cannot pass '--x' through a subparser)
+        argv = ["train", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

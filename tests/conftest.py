@@ -6,3 +6,40 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# ---- a real server (uvicorn + the tiny model + embedded Redis), shared by the e2e and client tests ------------
+from pathlib import Path  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.live_server import ADAPTER_SPECS, LiveServer, running_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The servers' MULTIPLEX_DATA_DIR (the tiny checkpoint is written there once)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """Random LoRA adapters for the tiny model (B non-zero, so each changes the output), saved as format-1 artifacts."""
+    from adapters.artifact import save_artifact
+    from server.model.config import ModelConfig
+    from server.model.tiny import ensure_tiny_checkpoint
+    from tests.helpers import random_lowrank
+
+    cfg = ModelConfig.from_dir(ensure_tiny_checkpoint(data_dir / "models" / "tiny"))
+    directory = tmp_path_factory.mktemp("adapters")
+    for seed, (adapter_id, (rank, targets)) in enumerate(ADAPTER_SPECS.items()):
+        deltas = random_lowrank(cfg, {proj: rank for proj in targets}, seed=seed)
+        save_artifact(directory / adapter_id, deltas, method="lora", spec=cfg.spec())
+    return directory
+
+
+@pytest.fixture(scope="session")
+def live_server(adapters_dir: Path, data_dir: Path) -> Iterator[LiveServer]:
+    with running_server(model="tiny", adapters=adapters_dir, data_dir=data_dir, max_num_seqs=32) as server:
+        yield server

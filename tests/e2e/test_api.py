@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import LiveServer, running_server
+from tests.live_server import LiveServer, running_server
 
 PROMPT = "The quick brown fox"
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import threading
 import httpx
 import pytest
 
-from tests.e2e.conftest import running_server
+from tests.live_server import running_server
 
 
 def _archive(directory) -> bytes:

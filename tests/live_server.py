@@ -1,4 +1,4 @@
-"""Real uvicorn servers on free ports, serving the tiny model and a directory of LoRA adapters of different ranks.
+"""Real uvicorn servers on free ports (the `live_server` fixture of tests/conftest.py), serving the tiny model and a directory of LoRA adapters of different ranks.
 
 Each server runs in a background thread of the test process (`uvicorn.Server(config).run()`), so that tests speak
 real HTTP to it and can still read the engine's stats directly. `test_cli_serve_subprocess` starts
@@ -92,31 +92,3 @@ def _wait_for_seeding(client: httpx.Client, adapter_ids: list[str]) -> None:
             return
         assert time.monotonic() < deadline, f"adapters not seeded: {sorted(set(adapter_ids) - listed)}"
         time.sleep(0.05)
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The servers' MULTIPLEX_DATA_DIR (the tiny checkpoint is written there once)."""
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="session")
-def adapters_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    """Random LoRA adapters for the tiny model (B non-zero, so each changes the output), saved as format-1 artifacts."""
-    from adapters.artifact import save_artifact
-    from server.model.config import ModelConfig
-    from server.model.tiny import ensure_tiny_checkpoint
-    from tests.helpers import random_lowrank
-
-    cfg = ModelConfig.from_dir(ensure_tiny_checkpoint(data_dir / "models" / "tiny"))
-    directory = tmp_path_factory.mktemp("adapters")
-    for seed, (adapter_id, (rank, targets)) in enumerate(ADAPTER_SPECS.items()):
-        deltas = random_lowrank(cfg, {proj: rank for proj in targets}, seed=seed)
-        save_artifact(directory / adapter_id, deltas, method="lora", spec=cfg.spec())
-    return directory
-
-
-@pytest.fixture(scope="session")
-def live_server(adapters_dir: Path, data_dir: Path) -> Iterator[LiveServer]:
-    with running_server(model="tiny", adapters=adapters_dir, data_dir=data_dir, max_num_seqs=32) as server:
-        yield server

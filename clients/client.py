@@ -1,0 +1,296 @@
+"""Python clients of the multiplex HTTP API: `Client` (blocking, httpx.Client) and `AsyncClient` (httpx.AsyncClient).
+
+    from clients import Client
+    with Client("http://127.0.0.1:8000", admin_token="...") as mpx:
+        mpx.upload_adapter("out/my-lora", adapter_id="my-lora", progress=lambda sent, total: ...)
+        print(mpx.complete("Hello", adapter_id="my-lora", max_tokens=32).text)
+        for delta in mpx.stream("Hello", adapter_id="my-lora"):
+            print(delta, end="", flush=True)
+
+Both clients have the same methods (the async ones are coroutines, and `stream` an async iterator). Every request
+that names an adapter carries it in the `X-Adapter-Id` header too, for a load balancer that routes by adapter.
+Completions and models send the API key; admin routes send the admin token. Errors raise `clients.errors`
+exceptions carrying the server's error type and message.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, AsyncGenerator, Generator, Iterator
+from urllib.parse import quote
+
+import httpx
+
+from clients.archive import Progress, ProgressReader, open_upload
+from clients.errors import ConnectionFailed, MultiplexError, error_from_response
+from clients.stream import AsyncTextStream, SSEDecoder, StreamState, TextStream
+from clients.wire import AdapterInfo, Completion, ModelInfo, completion_body, list_items, request_headers
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT_S = 60.0
+_CONTENT_TYPES = {".zip": "application/zip", ".tar": "application/x-tar"}  # anything else: gzip
+
+
+def _adapter_path(adapter_id: str) -> str:
+    return f"/admin/adapters/{quote(adapter_id, safe='')}"
+
+
+def _decode(response: httpx.Response) -> Any:
+    """The JSON body of a successful answer ({} for an empty one); raises the server's error otherwise."""
+    if response.status_code >= 400:
+        raise error_from_response(response.status_code, response.content, response.headers)
+    return response.json() if response.content else {}
+
+
+@contextlib.contextmanager
+def _transport_errors(base_url: str) -> Iterator[None]:
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise ConnectionFailed("timeout", f"{base_url} did not answer in time ({type(exc).__name__})") from exc
+    except httpx.TransportError as exc:
+        raise ConnectionFailed("connection_error", f"cannot reach {base_url}: {exc}") from exc
+
+
+def _upload_fields(name: str, adapter_id: str | None, tenant: str | None, public: bool,
+                   replace: bool) -> tuple[dict[str, str], dict[str, str], str]:
+    """(form fields, query parameters, content type of the file) of POST /admin/adapters."""
+    form = {"public": "true" if public else "false", "replace": "true" if replace else "false"}
+    if adapter_id is not None:
+        form["adapter_id"] = adapter_id
+    if tenant is not None:
+        form["tenant"] = tenant
+    params = {"replace": "true"} if replace else {}  # the route also takes ?replace=true
+    suffix = name[name.rfind("."):].lower() if "." in name else ""
+    return form, params, _CONTENT_TYPES.get(suffix, "application/gzip")
+
+
+class _ClientBase:
+    """What both clients share: where the server is, the credentials, and the headers of each kind of request."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, api_key: str | None = None, admin_token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.admin_token = admin_token
+        self.timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+
+    def _api_headers(self, adapter_id: str | None = None) -> dict[str, str]:
+        return request_headers(self.api_key, adapter_id)
+
+    def _admin_headers(self, adapter_id: str | None = None) -> dict[str, str]:
+        return request_headers(self.admin_token, adapter_id)
+
+
+def _incomplete(state: StreamState) -> MultiplexError:
+    return MultiplexError(None, "incomplete_stream", f"the stream ended after {state.num_chunks} chunk(s) "
+                                                     "without its final [DONE] event")
+
+
+class Client(_ClientBase):
+    """Blocking client; one connection pool, so reuse one Client (or use it as a context manager)."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, api_key: str | None = None, admin_token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S, transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(base_url, api_key=api_key, admin_token=admin_token, timeout=timeout)
+        self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        with _transport_errors(self.base_url):
+            return _decode(self._http.request(method, path, **kwargs))
+
+    # -- completions ----------------------------------------------------------------------------------------------
+
+    def complete(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None,
+                 seed: int | None = None, logprobs: int | None = None, ignore_eos: bool = False) -> Completion:
+        """One completion; `adapter_id` None is the base model; temperature 0 is greedy."""
+        body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=logprobs,
+                               ignore_eos=ignore_eos, stream=False)
+        return Completion.from_json(self._request("POST", "/v1/completions", json=body,
+                                                  headers=self._api_headers(adapter_id)))
+
+    def stream(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
+               top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None, seed: int | None = None,
+               ignore_eos: bool = False) -> TextStream:
+        """The completion's text as it is generated: an iterator of deltas (see TextStream)."""
+        body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=None,
+                               ignore_eos=ignore_eos, stream=True)
+        state = StreamState()
+        return TextStream(self._stream_deltas(body, self._api_headers(adapter_id), state), state)
+
+    def _stream_deltas(self, body: dict[str, Any], headers: dict[str, str],
+                       state: StreamState) -> Generator[str, None, None]:
+        with _transport_errors(self.base_url), \
+                self._http.stream("POST", "/v1/completions", json=body, headers=headers) as response:
+            if response.status_code >= 400:
+                response.read()
+                _decode(response)
+            decoder = SSEDecoder()
+            for line in response.iter_lines():
+                data = decoder.feed(line)
+                text = state.on_event(data) if data is not None else None
+                if text:
+                    yield text
+                if state.is_done:
+                    return
+            tail = decoder.flush()
+            if tail is not None and (text := state.on_event(tail)):
+                yield text
+        if not state.is_done:
+            raise _incomplete(state)
+
+    # -- models and health ----------------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        """The base model first, then every adapter this API key may use."""
+        body = self._request("GET", "/v1/models", headers=self._api_headers())
+        return [ModelInfo.from_json(m) for m in list_items(body, "models")]
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/health")
+
+    def metrics(self) -> str:
+        """The Prometheus text of GET /metrics."""
+        with _transport_errors(self.base_url):
+            response = self._http.get("/metrics")
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, response.content, response.headers)
+        return response.text
+
+    # -- admin ----------------------------------------------------------------------------------------------------
+
+    def upload_adapter(self, path: str | os.PathLike, *, adapter_id: str | None = None, tenant: str | None = None,
+                       public: bool = False, replace: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+        """Upload an adapter directory (packed to .tar.gz here) or archive; `progress(bytes_sent, total)` is called
+        as the archive is sent. Returns the server's description of the stored adapter."""
+        name, file = open_upload(path)
+        form, params, content_type = _upload_fields(name, adapter_id, tenant, public, replace)
+        with file:
+            reader = ProgressReader(file, progress)
+            return self._request("POST", "/admin/adapters", data=form, params=params,
+                                 files={"file": (name, reader, content_type)}, headers=self._admin_headers(adapter_id))
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        body = self._request("GET", "/admin/adapters", headers=self._admin_headers())
+        return [AdapterInfo.from_json(a) for a in list_items(body, "adapters")]
+
+    def get_adapter(self, adapter_id: str) -> AdapterInfo:
+        body = self._request("GET", _adapter_path(adapter_id), headers=self._admin_headers(adapter_id))
+        return AdapterInfo.from_json(body)
+
+    def delete_adapter(self, adapter_id: str) -> dict[str, Any]:
+        return self._request("DELETE", _adapter_path(adapter_id), headers=self._admin_headers(adapter_id))
+
+
+class AsyncClient(_ClientBase):
+    """The asyncio twin of `Client`: the same methods as coroutines; `stream` returns an AsyncTextStream."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, api_key: str | None = None, admin_token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S, transport: httpx.AsyncBaseTransport | None = None,
+                 max_connections: int = 1000) -> None:
+        super().__init__(base_url, api_key=api_key, admin_token=admin_token, timeout=timeout)
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, transport=transport,
+                                       limits=limits)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        with _transport_errors(self.base_url):
+            return _decode(await self._http.request(method, path, **kwargs))
+
+    async def complete(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16,
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                       stop: str | list[str] | None = None, seed: int | None = None, logprobs: int | None = None,
+                       ignore_eos: bool = False) -> Completion:
+        body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=logprobs,
+                               ignore_eos=ignore_eos, stream=False)
+        return Completion.from_json(await self._request("POST", "/v1/completions", json=body,
+                                                        headers=self._api_headers(adapter_id)))
+
+    def stream(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
+               top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None, seed: int | None = None,
+               ignore_eos: bool = False) -> AsyncTextStream:
+        body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=None,
+                               ignore_eos=ignore_eos, stream=True)
+        state = StreamState()
+        return AsyncTextStream(self._stream_deltas(body, self._api_headers(adapter_id), state), state)
+
+    async def _stream_deltas(self, body: dict[str, Any], headers: dict[str, str],
+                             state: StreamState) -> AsyncGenerator[str, None]:
+        with _transport_errors(self.base_url):
+            async with self._http.stream("POST", "/v1/completions", json=body, headers=headers) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    _decode(response)
+                decoder = SSEDecoder()
+                async for line in response.aiter_lines():
+                    data = decoder.feed(line)
+                    text = state.on_event(data) if data is not None else None
+                    if text:
+                        yield text
+                    if state.is_done:
+                        return
+                tail = decoder.flush()
+                if tail is not None and (text := state.on_event(tail)):
+                    yield text
+        if not state.is_done:
+            raise _incomplete(state)
+
+    async def models(self) -> list[ModelInfo]:
+        body = await self._request("GET", "/v1/models", headers=self._api_headers())
+        return [ModelInfo.from_json(m) for m in list_items(body, "models")]
+
+    async def health(self) -> dict[str, Any]:
+        return await self._request("GET", "/health")
+
+    async def metrics(self) -> str:
+        with _transport_errors(self.base_url):
+            response = await self._http.get("/metrics")
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, response.content, response.headers)
+        return response.text
+
+    async def upload_adapter(self, path: str | os.PathLike, *, adapter_id: str | None = None, tenant: str | None = None,
+                             public: bool = False, replace: bool = False,
+                             progress: Progress | None = None) -> dict[str, Any]:
+        name, file = open_upload(path)  # packing a directory blocks; adapters are small next to a request's work
+        form, params, content_type = _upload_fields(name, adapter_id, tenant, public, replace)
+        with file:
+            reader = ProgressReader(file, progress)
+            return await self._request("POST", "/admin/adapters", data=form, params=params,
+                                       files={"file": (name, reader, content_type)},
+                                       headers=self._admin_headers(adapter_id))
+
+    async def list_adapters(self) -> list[AdapterInfo]:
+        body = await self._request("GET", "/admin/adapters", headers=self._admin_headers())
+        return [AdapterInfo.from_json(a) for a in list_items(body, "adapters")]
+
+    async def get_adapter(self, adapter_id: str) -> AdapterInfo:
+        body = await self._request("GET", _adapter_path(adapter_id), headers=self._admin_headers(adapter_id))
+        return AdapterInfo.from_json(body)
+
+    async def delete_adapter(self, adapter_id: str) -> dict[str, Any]:
+        return await self._request("DELETE", _adapter_path(adapter_id), headers=self._admin_headers(adapter_id))
+

@@ -1,0 +1,142 @@
+"""A streamed completion: server-sent events (the subset the completions stream uses), the state they build up,
+and the iterators over text deltas that the clients' `stream` methods return.
+
+An event is a block of lines ended by a blank line; `data:` lines (the space after the colon is optional) are
+joined with newlines; lines starting with `:` are comments (keep-alives); other fields (`event:`, `id:`, `retry:`)
+are ignored. The completions stream sends `data: {chunk json}` events and ends with `data: [DONE]`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, AsyncGenerator, Generator
+
+from clients.errors import error_from_body
+from clients.wire import Usage
+
+DONE = "[DONE]"
+
+
+class SSEDecoder:
+    """Feed lines (without their line ending); `feed` returns an event's data when a blank line completes one."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            return self.flush()
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def flush(self) -> str | None:
+        """The pending event's data, if any (also called at the end of the stream for a missing blank line)."""
+        if not self._data:
+            return None
+        data, self._data = "\n".join(self._data), []
+        return data
+
+
+@dataclass
+class StreamState:
+    """What a completion stream has told so far; complete once `is_done`."""
+
+    id: str | None = None
+    model: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    num_chunks: int = 0
+    is_done: bool = False
+
+    def on_event(self, data: str) -> str | None:
+        """One event's data -> the text delta it carries (None for none). Raises the server's error event."""
+        if data == DONE:
+            self.is_done = True
+            return None
+        chunk: Any = json.loads(data)
+        if not isinstance(chunk, dict):
+            raise ValueError(f"unexpected stream event: {data[:200]}")
+        if "error" in chunk:  # the server failed after the 200 was sent
+            raise error_from_body(None, chunk)
+        self.num_chunks += 1
+        self.id = chunk.get("id", self.id)
+        self.model = chunk.get("model", self.model)
+        if chunk.get("usage"):
+            self.usage = Usage.from_json(chunk["usage"])
+        choices = chunk.get("choices") or []
+        if not choices:
+            return None
+        if choices[0].get("finish_reason"):
+            self.finish_reason = choices[0]["finish_reason"]
+        return choices[0].get("text") or None
+
+
+class TextStream:
+    """The text deltas of one streamed completion (an Iterator[str]); the request is sent on the first `next`.
+
+    After the last delta, `usage`, `finish_reason` and `id` describe the completion. Close it (or use `with`) to
+    stop early; the server then aborts the request.
+    """
+
+    def __init__(self, deltas: Generator[str, None, None], state: StreamState) -> None:
+        self._deltas = deltas
+        self.state = state
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    def close(self) -> None:
+        self._deltas.close()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.state.usage
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.state.finish_reason
+
+    @property
+    def id(self) -> str | None:
+        return self.state.id
+
+
+class AsyncTextStream:
+    """`TextStream` for `async for`; close it with `aclose` (or `async with`)."""
+
+    def __init__(self, deltas: AsyncGenerator[str, None], state: StreamState) -> None:
+        self._deltas = deltas
+        self.state = state
+
+    def __aiter__(self) -> AsyncTextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._deltas.__anext__()
+
+    async def aclose(self) -> None:
+        await self._deltas.aclose()
+
+    async def __aenter__(self) -> AsyncTextStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    usage = TextStream.usage
+    finish_reason = TextStream.finish_reason
+    id = TextStream.id
