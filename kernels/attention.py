@@ -84,30 +84,59 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, sm_scale: float) -> torch.Tensor:
-    """Reference: gather each sequence's K/V from its blocks, then SDPA with a causal offset mask."""
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    """Reference (and CPU path): decode rows of all sequences in one batched softmax over their gathered blocks;
+    each longer query range (a prefill chunk) by SDPA with a causal offset mask. fp32 math."""
     out = torch.empty_like(q)
     q_start = meta.q_start.tolist()
     seq_lens = meta.seq_lens.tolist()
-    for b, seq_len in enumerate(seq_lens):
-        q0, q1 = q_start[b], q_start[b + 1]
-        if q1 == q0:
-            continue
-        num_blocks = (seq_len + block_size - 1) // block_size
-        blocks = meta.block_tables[b, :num_blocks].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # (S, Hkv, D)
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        rep = num_q_heads // num_kv_heads
-        k = k.repeat_interleave(rep, dim=1).transpose(0, 1).float()  # (Hq, S, D)
-        v = v.repeat_interleave(rep, dim=1).transpose(0, 1).float()
-        qb = q[q0:q1].transpose(0, 1).float()  # (Hq, n, D)
-        n = q1 - q0
-        pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]  # (n, 1)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= pos  # (n, S)
-        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=sm_scale)  # (Hq, n, D)
-        out[q0:q1] = o.transpose(0, 1).to(q.dtype)
+    q_lens = [q_start[b + 1] - q_start[b] for b in range(len(seq_lens))]
+    decode = [b for b, n in enumerate(q_lens) if n == 1 and seq_lens[b] > 0]
+    if decode:
+        _decode_ref(q, k_cache, v_cache, meta, sm_scale, decode, [q_start[b] for b in decode],
+                    [seq_lens[b] for b in decode], out)
+    for b, n in enumerate(q_lens):
+        if n > 1 or (n == 1 and seq_lens[b] == 0):
+            _prefill_ref(q, k_cache, v_cache, meta.block_tables[b], q_start[b], n, seq_lens[b], sm_scale, out)
     return out
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """(B, max_blocks) block ids -> (B, num_blocks * block_size, Hkv, D) keys or values, in position order."""
+    b = block_tables.shape[0]
+    return cache[block_tables[:, :num_blocks].long()].reshape(b, -1, *cache.shape[2:])
+
+
+def _decode_ref(q, k_cache, v_cache, meta, sm_scale, seqs, rows, lens, out) -> None:
+    num_kv_heads, block_size, head_dim = k_cache.shape[2], k_cache.shape[1], k_cache.shape[3]
+    rep = q.shape[1] // num_kv_heads
+    tables = meta.block_tables[torch.tensor(seqs, device=q.device)]
+    num_blocks = -(-max(lens) // block_size)
+    valid = torch.arange(num_blocks * block_size, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]
+    k = _gather(k_cache, tables, num_blocks).float()  # (Bd, S, Hkv, D)
+    v = _gather(v_cache, tables, num_blocks).float().masked_fill(~valid[:, :, None, None], 0.0)  # unused slots may hold NaN
+    qd = q[torch.tensor(rows, device=q.device)].float().view(len(seqs), num_kv_heads, rep, head_dim)  # (Bd, Hkv, rep, D)
+    scores = torch.einsum("bgrd,bsgd->bgrs", qd, k) * sm_scale  # (Bd, Hkv, rep, S)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    o = torch.einsum("bgrs,bsgd->bgrd", torch.softmax(scores, dim=-1), v)  # (Bd, Hkv, rep, D)
+    out[torch.tensor(rows, device=q.device)] = o.reshape(len(seqs), -1, head_dim).to(q.dtype)
+
+
+def _prefill_ref(q, k_cache, v_cache, block_table, q0, n, seq_len, sm_scale, out) -> None:
+    num_q_heads, num_kv_heads, block_size = q.shape[1], k_cache.shape[2], k_cache.shape[1]
+    if seq_len == 0:
+        out[q0 : q0 + n] = 0
+        return
+    num_blocks = -(-seq_len // block_size)
+    k = _gather(k_cache, block_table[None], num_blocks)[0, :seq_len]  # (S, Hkv, D)
+    v = _gather(v_cache, block_table[None], num_blocks)[0, :seq_len]
+    rep = num_q_heads // num_kv_heads
+    k = k.repeat_interleave(rep, dim=1).transpose(0, 1).float()  # (Hq, S, D)
+    v = v.repeat_interleave(rep, dim=1).transpose(0, 1).float()
+    qb = q[q0 : q0 + n].transpose(0, 1).float()  # (Hq, n, D)
+    pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]  # (n, 1)
+    mask = torch.arange(seq_len, device=q.device)[None, :] <= pos  # (n, S)
+    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=sm_scale)  # (Hq, n, D)
+    out[q0 : q0 + n] = o.transpose(0, 1).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- write_kv

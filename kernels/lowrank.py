@@ -66,27 +66,29 @@ class LowRankTable:
 
 
 def lowrank_delta_ref(y: torch.Tensor, x: torch.Tensor, seg: Segments, arena: torch.Tensor, table: LowRankTable) -> None:
-    """Reference: loop over segments and slices; fp32 accumulation. Moves r*(d_in + w) weights per segment."""
+    """Reference (and CPU path): per distinct adapter slot, gather its tokens once, then per slice
+    y[rows, cols] += scale * (x[rows] A^T) B^T in fp32. Moves r*(d_in + w) weights per slot, not per request."""
     if not seg.has_adapter:
         return
     d_in = x.shape[1]
-    starts = seg.seg_start.tolist()
-    slots = seg.seg_slot.tolist()
     a_off, b_off = table.a_off.tolist(), table.b_off.tolist()
     ranks, scales = table.rank.tolist(), table.scale.tolist()
-    for k, s in enumerate(slots):
-        if s < 0 or starts[k] == starts[k + 1]:
+    for s, rows in seg.slot_rows:
+        if all(ranks[i][s] == 0 for i in range(len(ranks))):
             continue
-        xs = x[starts[k] : starts[k + 1]].float()  # (n, d_in)
+        xs = x[rows].float()  # (n, d_in)
         for i, (col, w) in enumerate(zip(table.out_start, table.out_width)):
             r = ranks[i][s]
             if r == 0:
                 continue
             a = arena[a_off[i][s] : a_off[i][s] + r * d_in].view(r, d_in).float()
             bt = arena[b_off[i][s] : b_off[i][s] + r * w].view(r, w).float()
-            delta = scales[i][s] * ((xs @ a.t()) @ bt)  # (n, w)
-            ys = y[starts[k] : starts[k + 1], col : col + w]
-            ys.copy_((ys.float() + delta).to(y.dtype))
+            delta = (xs @ a.t()) @ (bt * scales[i][s])  # (n, w)
+            if isinstance(rows, slice):
+                ys = y[rows, col : col + w]
+                ys.copy_((ys.float() + delta).to(y.dtype))
+            else:
+                y[rows, col : col + w] = (y[rows, col : col + w].float() + delta).to(y.dtype)
 
 
 # Loads vectorize (16 bytes) only where the compiler can prove alignment; an arena offset is data, so each kernel

@@ -26,6 +26,7 @@ Built once per step on the host, copied to the device once, shared by every laye
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -48,6 +49,25 @@ class Segments:
     tile_slot: torch.Tensor | None = None  # (num_tiles,) int32, device
     num_tiles: int = 0  # padded count: an upper bound on the real tiles for this (T, S, tile_size)
     tile_size: int = TILE_SIZES[0]
+
+    @cached_property
+    def slot_rows(self) -> list[tuple[int, slice | torch.Tensor]]:
+        """(slot, token rows) per distinct adapter slot, for the PyTorch reference paths: a slice when the slot's
+        tokens are one contiguous run, else an index tensor. Computed once per step (one host read), then shared
+        by every layer and module."""
+        starts, slots = self.seg_start.tolist(), self.seg_slot.tolist()
+        runs: dict[int, list[tuple[int, int]]] = {}
+        for k, s in enumerate(slots):
+            if s >= 0 and starts[k + 1] > starts[k]:
+                runs.setdefault(s, []).append((starts[k], starts[k + 1]))
+        out: list[tuple[int, slice | torch.Tensor]] = []
+        for s, rs in runs.items():
+            if all(rs[i][1] == rs[i + 1][0] for i in range(len(rs) - 1)):
+                out.append((s, slice(rs[0][0], rs[-1][1])))
+            else:
+                rows = torch.cat([torch.arange(a, b) for a, b in rs]).to(self.seg_slot.device)
+                out.append((s, rows))
+        return out
 
     @property
     def num_segments(self) -> int:

@@ -18,7 +18,7 @@ import torch
 
 from adapters.delta import PROJECTIONS, AdapterDeltas, LowRank
 from server.engine.builder import EngineOptions, build_llm_engine
-from server.engine.request import Request, SamplingParams
+from server.engine.request import AdapterRef, Request, SamplingParams
 from server.engine.scheduler import ScheduledBatch, ScheduledSeq
 from server.model.config import ModelConfig
 
@@ -63,13 +63,15 @@ def make_checkpoint(name: str, directory: Path) -> Path:
 def bench_engine(path: Path, adapters: dict[str, AdapterDeltas], assign: list[str | None], prompt_len: int,
                  gen_len: int) -> float:
     """Generated tokens per second for one batch of len(assign) requests, all submitted at once."""
-    engine = build_llm_engine(str(path), adapters, EngineOptions(device="cpu", dtype="fp32", max_num_seqs=len(assign),
-                                                                  max_num_batched_tokens=4096, max_prefill_chunk=512))
+    engine = build_llm_engine(str(path), EngineOptions(device="cpu", dtype="fp32", max_num_seqs=len(assign),
+                                                        max_num_batched_tokens=4096, max_prefill_chunk=512))
     params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
+    refs = {a: AdapterRef(a, 1, d) for a, d in adapters.items()}
 
     def run() -> float:
         for i, a in enumerate(assign):
-            engine.add_request(Request(f"r{i}-{time.monotonic_ns()}", list(range(3, 3 + prompt_len)), params, a))
+            engine.add_request(Request(f"r{i}-{time.monotonic_ns()}", list(range(3, 3 + prompt_len)), params,
+                                       adapter=refs[a] if a else None))
         t0 = time.perf_counter()
         while engine.has_work():
             engine.step()
