@@ -23,10 +23,15 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(VPY) -m server serve --model $${MULTIPLEX_MODEL:-tiny} --host $${MULTIPLEX_HOST:-127.0.0.1} --port $${MULTIPLEX_PORT:-8000}
+	$(VPY) -m server serve
+
+# The whole suite (Triton kernels under TRITON_INTERPRET=1 on a machine without CUDA), then the engine's golden
+# tests again with every op forced through its Triton kernel.
+GOLDEN := tests/server/test_backbone.py tests/server/test_mixed_batch.py tests/server/test_all_kinds.py tests/server/test_peft_golden.py
 
 test: $(STAMP)
-	$(VPY) -m pytest -q -x --timeout=900
+	$(VPY) -m pytest -q --timeout=900
+	MULTIPLEX_KERNELS=triton $(VPY) -m pytest -q --timeout=900 -p no:cacheprovider $(GOLDEN)
 
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m "not slow"
