@@ -380,6 +380,40 @@ def lowrank_delta_triton(y: torch.Tensor, x: torch.Tensor, seg: Segments, arena:
     )
 
 
+@dataclass(frozen=True)
+class PaddedFactors:
+    """The CPU layout: each slot's factors zero-padded to one rank R (Punica's padded gather-bmm). On a CPU every
+    torch call costs microseconds of dispatch, so one batched matmul per op beats a loop over adapters."""
+
+    a: torch.Tensor  # (num_slots, num_slices * R, d_in) fp32; slice i in rows [i*R, (i+1)*R), zero past its rank
+    bt: tuple[torch.Tensor, ...]  # per slice (num_slots, R, w_i) fp32, scale folded in, zero past the rank
+    out_start: tuple[int, ...]
+    out_width: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return self.bt[0].shape[1]
+
+
+def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factors: PaddedFactors) -> None:
+    """Same semantics as lowrank_delta, from PaddedFactors: y[t, cols_i] += (x[t] @ A_s^T) @ (scale B_s)^T.
+    Moves S * R * (d_in + sum w) factor values for the S distinct slots of the step."""
+    sb = seg.slot_batch
+    if sb is None:
+        return
+    x_ext = torch.cat([x, x.new_zeros(1, x.shape[1])]).float()  # row T: zeros for the padding
+    h = torch.bmm(x_ext[sb.gather], factors.a[sb.slots].transpose(1, 2))  # (S, n, num_slices * R)
+    r = factors.rank
+    for i, (col, w) in enumerate(zip(factors.out_start, factors.out_width)):
+        o = torch.bmm(h[:, :, i * r : (i + 1) * r], factors.bt[i][sb.slots])  # (S, n, w)
+        y[:, col : col + w].index_add_(0, sb.rows, o.view(-1, w)[sb.keep].to(y.dtype))
+
+
+def triton_enabled(device: torch.device) -> bool:
+    """Whether lowrank_delta runs the Triton kernels for tensors on `device` (MULTIPLEX_KERNELS can force it)."""
+    return _KERNELS == "triton" or (_KERNELS == "auto" and torch.device(device).type == "cuda")
+
+
 def lowrank_delta(y: torch.Tensor, x: torch.Tensor, seg: Segments, arena: torch.Tensor, table: LowRankTable) -> None:
     """Dispatch: CUDA tensors -> Triton, anything else -> the reference (MULTIPLEX_KERNELS=reference|triton forces one)."""
     if _KERNELS == "triton" or (_KERNELS == "auto" and x.is_cuda):

@@ -35,6 +35,17 @@ TILE_SIZES = (16, 32, 64)
 
 
 @dataclass(frozen=True)
+class SlotBatch:
+    """Adapter tokens grouped by slot and padded: row i of `gather` lists the token rows of slot `slots[i]`,
+    padded with num_tokens (an appended zero row). Flattened, the entries `keep` are real tokens, in `rows` order."""
+
+    slots: torch.Tensor  # (S,) int64
+    gather: torch.Tensor  # (S, n_max) int64
+    keep: torch.Tensor  # (N,) int64 positions in gather.view(-1) that are real tokens
+    rows: torch.Tensor  # (N,) int64 token rows, in the same order
+
+
+@dataclass(frozen=True)
 class Segments:
     seg_start: torch.Tensor  # (S+1,) int32, device
     seg_slot: torch.Tensor  # (S,) int32, device; -1 = no adapter
@@ -68,6 +79,23 @@ class Segments:
                 rows = torch.cat([torch.arange(a, b) for a, b in rs]).to(self.seg_slot.device)
                 out.append((s, rows))
         return out
+
+    @cached_property
+    def slot_batch(self) -> SlotBatch | None:
+        """The adapter tokens as a padded (slot, token) grid, for gather-bmm paths (kernels.lowrank's padded CPU
+        path): one batched matmul per op whatever the number of adapters. None when no token has an adapter."""
+        groups = self.slot_rows
+        if not groups:
+            return None
+        device = self.seg_slot.device
+        rows = [torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for _, r in groups]
+        width = max(len(r) for r in rows)
+        gather = torch.full((len(rows), width), self.num_tokens, dtype=torch.long)  # pad -> the appended zero row
+        for i, r in enumerate(rows):
+            gather[i, : len(r)] = r
+        keep = (gather != self.num_tokens).view(-1).nonzero().squeeze(1)
+        return SlotBatch(slots=torch.tensor([s for s, _ in groups], dtype=torch.long).to(device),
+                         gather=gather.to(device), keep=keep.to(device), rows=torch.cat(rows).long().to(device))
 
     @property
     def num_segments(self) -> int:

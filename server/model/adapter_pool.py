@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from adapters.delta import PROJECTIONS, AdapterDeltas, ParaLayer, parse_module_name, parse_scale_name
-from kernels.lowrank import LowRankTable, lowrank_delta
+from kernels.lowrank import LowRankTable, lowrank_delta, lowrank_delta_padded, triton_enabled
 from kernels.scale import scale_rows_
 from kernels.sparse import SparseTable, sparse_delta
 from server.model.adapter_layout import GROUPS, Layout
 from server.model.arena import ArenaAllocator
 from server.model.config import ModelConfig
 from server.model.forward_batch import ForwardBatch
+from server.model.padded_lowrank import PaddedLowRank
 
 
 @dataclass
@@ -66,6 +67,8 @@ class AdapterPool:
         self.slots: dict[int, SlotInfo] = {}
         self.max_rank = 1
         self._build_tables()
+        # On a CPU (unless the Triton kernels are forced), LowRank deltas are applied from a padded mirror
+        self.padded = None if triton_enabled(torch.device(device)) else PaddedLowRank(self.layout, cfg.num_layers, max_slots)
 
     def _build_tables(self) -> None:
         self.lowrank_tables: list[dict[str, LowRankTable]] = []
@@ -134,6 +137,8 @@ class AdapterPool:
                 self.allocator.free(start)
             raise AdapterPoolFull(f"index arena has no free range of {n_idx} elements")
         cursor = self._write_lowrank(slot, deltas, start or 0)
+        if self.padded is not None:
+            self.padded.load(slot, deltas)
         self._write_sparse(slot, deltas, cursor, idx_start or 0)
         targets = self._write_scale(slot, deltas)
         if deltas.para:
@@ -218,6 +223,8 @@ class AdapterPool:
         if info.idx_start is not None:
             self.idx_allocator.free(info.idx_start)
         self.rank[:, :, slot] = 0  # a stale slot id now applies nothing
+        if self.padded is not None:
+            self.padded.free(slot)
         self.sp_nnz[:, :, slot] = 0
         self.para_layers.pop(slot, None)
 
@@ -233,7 +240,11 @@ class AdapterPool:
     def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> None:
         """y += this step's LowRank and Sparse deltas of `group` in `layer` (y: (T, group width), x: (T, d_in))."""
         seg = batch.segments
-        lowrank_delta(y, x, seg, self.arena, self.lowrank_tables[layer][group])
+        if self.padded is not None:
+            if self.padded.rank:
+                lowrank_delta_padded(y, x, seg, self.padded.factors[layer][group])
+        else:
+            lowrank_delta(y, x, seg, self.arena, self.lowrank_tables[layer][group])
         if batch.adapter_kinds.sparse:
             sparse_delta(y, x, seg, self.idx_arena, self.arena, self.sparse_tables[layer][group])
 
