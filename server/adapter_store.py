@@ -65,6 +65,9 @@ class HostTier:
         self._shrink()
         return deltas
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
     def drop(self, adapter_id: str) -> None:
         for key in [k for k in self._entries if k.rsplit("@", 1)[0] == adapter_id]:
             del self._entries[key]
@@ -83,6 +86,7 @@ class RegistryAdapters:
 
     def __init__(self, registry, spec: dict, host: HostTier, fits=lambda deltas: True) -> None:
         self.registry, self.spec, self.host, self.fits = registry, spec, host, fits
+        self.known: dict[str, object] = {}  # adapter id -> the last record read: serves while Redis is away
 
     async def list(self, tenant: str | None = None) -> list[str]:
         from server.auth import visible
@@ -92,7 +96,18 @@ class RegistryAdapters:
     async def resolve(self, adapter_id: str, tenant: str | None = None) -> AdapterRef:
         from server.auth import visible
 
-        record = await self._call(self.registry.record(adapter_id))
+        try:
+            record = await self._call(self.registry.record(adapter_id))
+        except EngineOverloadedError:
+            record = self.known.get(adapter_id)  # registry away: the version this replica last saw, if cached
+            if record is None or f"{adapter_id}@{record.version}" not in self.host:
+                raise
+            log.warning("registry unavailable: serving adapter %s from the host cache", adapter_id)
+        else:
+            if record is None:
+                self.known.pop(adapter_id, None)
+            else:
+                self.known[adapter_id] = record
         if record is None or not visible(record, tenant):
             raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
         key = f"{adapter_id}@{record.version}"
@@ -113,6 +128,7 @@ class RegistryAdapters:
 
     def forget(self, adapter_id: str) -> None:
         self.host.drop(adapter_id)
+        self.known.pop(adapter_id, None)
 
     @staticmethod
     async def _call(awaitable):

@@ -9,7 +9,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 from server.config import ENV_PREFIX, ConfigError, Settings, load_settings
 from server.engine.errors import EngineError

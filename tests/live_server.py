@@ -10,11 +10,9 @@ import contextlib
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
-import pytest
 
 # One LoRA adapter per entry: its rank and the projections it targets (ranks and targets differ on purpose).
 ADAPTER_SPECS = {
@@ -35,6 +33,7 @@ class LiveServer:
     client: httpx.Client
     admin_token: str
     registry: Any
+    service: Any  # server.service.Service: its embedded Redis, for tests that stop it
 
     @property
     def url(self) -> str:
@@ -76,7 +75,7 @@ def running_server(**settings_overrides: Any) -> Iterator[LiveServer]:
             _wait_for_seeding(client, adapter_ids)
             yield LiveServer(base_url=base_url, engine=engine, model_name=engine.model_name,
                              adapter_ids=adapter_ids, client=client, admin_token=service.admin_token,
-                             registry=service.registry)
+                             registry=service.registry, service=service)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

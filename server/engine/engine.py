@@ -5,7 +5,6 @@ Only the engine thread touches it (server/engine/async_engine.py feeds it throug
 from __future__ import annotations
 
 import logging
-import time
 
 from server.engine.detokenizer import update_text
 from server.engine.errors import PromptTooLongError

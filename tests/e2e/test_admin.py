@@ -25,7 +25,8 @@ from adapters.artifact import adapter_from_bytes
 from server.api.admin import AdminSettings, admin_router
 from server.api.errors import install_error_handlers
 from server.auth import AdminAuth, ApiKeyStore, TenantResolver, hash_api_key, parse_api_keys, visible
-from server.registry import Registry, start_embedded_redis
+from server.embedded_redis import start_embedded_redis
+from server.registry import Registry
 from tests.server.test_upload import (
     SPEC,
     format1_files,

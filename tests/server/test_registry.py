@@ -23,16 +23,8 @@ from adapters.artifact import (
     save_artifact,
 )
 from adapters.delta import Sparse
-from server.registry import (
-    AdapterExistsError,
-    AdapterNotFoundError,
-    CorruptAdapterError,
-    EmbeddedRedis,
-    Registry,
-    RegistryConfig,
-    open_registry,
-    start_embedded_redis,
-)
+from server.embedded_redis import EmbeddedRedis, start_embedded_redis
+from server.registry import AdapterExistsError, AdapterNotFoundError, CorruptAdapterError, Registry
 from tests.server.test_upload import SPEC, assert_same_deltas, lora_deltas
 
 MANIFEST = {"format": 1, "name": "a", "method": "lora"}
@@ -205,11 +197,14 @@ def test_event_and_manifest_are_consistent_for_the_subscriber(url):
     assert run(scenario()) == (1, 1, True)
 
 
-def test_persistence_across_restart(tmp_path):
-    config = RegistryConfig(redis_url=None, data_dir=tmp_path, chunk_bytes=1000)
+def _open(data_dir):
+    embedded = start_embedded_redis(data_dir)
+    return Registry.from_url(embedded.url, chunk_bytes=1000), embedded
 
+
+def test_persistence_across_restart(tmp_path):
     async def put():
-        registry, embedded = await open_registry(config)
+        registry, embedded = _open(tmp_path)
         await registry.put("kept", MANIFEST, blob_of(4321), tenant="acme", public=True)
         await registry.close()
         return embedded
@@ -219,7 +214,7 @@ def test_persistence_across_restart(tmp_path):
     assert (tmp_path / "redis" / "registry.aof").exists() and (tmp_path / "redis" / "registry.rdb").exists()
 
     async def get():
-        registry, embedded = await open_registry(config)
+        registry, embedded = _open(tmp_path)
         assert embedded.is_owner and embedded.url == first.url  # a new redis-server, at the same address
         try:
             return await registry.get("kept"), await registry.record("kept")
@@ -257,7 +252,7 @@ def test_client_reconnects_after_a_restart_and_sharing(tmp_path):
 
 def test_embedded_redis_dies_with_its_process(tmp_path):
     """A server process killed with SIGKILL leaves no redis-server behind, and what it stored is on disk."""
-    script = (f"import sys, time, redis; from server.registry import start_embedded_redis\n"
+    script = (f"import sys, time, redis; from server.embedded_redis import start_embedded_redis\n"
               f"e = start_embedded_redis({str(tmp_path)!r})\n"
               f"redis.Redis.from_url(e.url).set('mpx:probe', 'kept')\n"
               f"print(e.url, flush=True); time.sleep(60)\n")
@@ -274,14 +269,6 @@ def test_embedded_redis_dies_with_its_process(tmp_path):
     assert not Path(url.removeprefix("unix://")).exists(), "redis-server outlived its process"
     with start_embedded_redis(tmp_path) as again:
         assert redis.Redis.from_url(again.url).get("mpx:probe") == b"kept"
-
-
-def test_config_from_env():
-    config = RegistryConfig.from_env({"REDIS_URL": "redis://r:6379/0", "MULTIPLEX_REDIS_CHUNK_BYTES": "1024"})
-    assert (config.redis_url, config.chunk_bytes, config.data_dir) == ("redis://r:6379/0", 1024, Path(".multiplex"))
-    assert RegistryConfig.from_env({}).redis_url is None
-    with pytest.raises(ValueError, match="MULTIPLEX_REDIS_CHUNK_BYTES"):
-        RegistryConfig.from_env({"MULTIPLEX_REDIS_CHUNK_BYTES": "0"})
 
 
 @pytest.mark.parametrize("bad_id", ["", "a/b", "..", "x" * 129, "a b", "é"])

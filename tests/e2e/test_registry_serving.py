@@ -1,0 +1,160 @@
+"""The registry under real serving: PEFT and format-1 uploads answer like their references, two replicas on one
+Redis, eviction and reload under load with a pool of two adapters, and a Redis outage mid-run."""
+import asyncio
+import io
+import tarfile
+import time
+
+import httpx
+import pytest
+import torch
+
+from tests.live_server import running_server
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADMIN = {"Authorization": "Bearer admin-secret"}
+GREEDY = {"prompt": "multiplex", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+
+
+def _tar(directory) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f in sorted(directory.iterdir()):
+            tar.add(f, arcname=f.name)
+    return buf.getvalue()
+
+
+def _upload(server, adapter_id, archive, **form):
+    return server.client.post("/admin/adapters", files={"file": ("a.tar.gz", archive)},
+                              data={"adapter_id": adapter_id, "public": "true", **form}, headers=ADMIN)
+
+
+def _text(server, adapter_id, **extra):
+    r = server.client.post("/v1/completions", json={**GREEDY, "adapter_id": adapter_id, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def _tiny(data_dir):
+    from server.model.config import ModelConfig
+    from server.model.tiny import ensure_tiny_checkpoint
+
+    path = ensure_tiny_checkpoint(data_dir / "models" / "tiny")
+    return path, ModelConfig.from_dir(path)
+
+
+def _format1(tmp_path, data_dir, name, seed, rank=8):
+    from adapters.artifact import save_artifact
+    from tests.helpers import random_lowrank
+
+    _, cfg = _tiny(data_dir)
+    deltas = random_lowrank(cfg, dict.fromkeys(ALL, rank), seed=seed, magnitude=0.6)
+    return deltas, _tar(save_artifact(tmp_path / name, deltas, method="lora", spec=cfg.spec()))
+
+
+def _greedy_reference(model, tokenizer, max_tokens=10, **kwargs) -> str:
+    ids = torch.tensor([tokenizer.encode(GREEDY["prompt"])])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False, **kwargs)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_uploads_answer_like_their_references(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from tests.helpers import load_hf, merged_hf
+
+    data = tmp_path / "data"
+    path, _ = _tiny(data)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(3)
+    peft_model = get_peft_model(load_hf(path), LoraConfig(r=8, lora_alpha=16, target_modules=ALL, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.mul_(3.0)
+    peft_model.save_pretrained(tmp_path / "peft", safe_serialization=True)
+    deltas, fmt1 = _format1(tmp_path, data, "fmt1", seed=5)
+    with running_server(model="tiny", data_dir=data, admin_token="admin-secret") as server:
+        assert _upload(server, "from-peft", _tar(tmp_path / "peft")).status_code == 201
+        assert _upload(server, "from-fmt1", fmt1).status_code == 201
+        listed = {a["id"] for a in server.client.get("/admin/adapters", headers=ADMIN).json()["adapters"]}
+        assert {"from-peft", "from-fmt1"} <= listed
+        assert server.client.get("/admin/adapters/from-peft", headers=ADMIN).json()["manifest"]["source_format"] == "peft-lora"
+        assert _text(server, "from-peft") == _greedy_reference(peft_model.eval(), tokenizer)
+        assert _text(server, "from-fmt1") == _greedy_reference(merged_hf(path, deltas), tokenizer)
+        assert _text(server, "from-fmt1") != _text(server, None)
+
+
+def test_two_replicas_share_one_redis(tmp_path):
+    data = tmp_path / "data"
+    _, archive = _format1(tmp_path, data, "shared", seed=7)
+    with running_server(model="tiny", data_dir=data, admin_token="admin-secret") as a, \
+            running_server(model="tiny", data_dir=data, admin_token="admin-secret") as b:
+        assert _upload(a, "shared", archive).status_code == 201
+        assert _text(b, "shared") == _text(a, "shared")  # uploaded through one, served by the other
+        assert a.client.delete("/admin/adapters/shared", headers=ADMIN).status_code == 200
+        deadline = time.monotonic() + 1.0
+        while b.client.post("/v1/completions", json={**GREEDY, "adapter_id": "shared"}).status_code != 404:
+            assert time.monotonic() < deadline, "replica b still serves a deleted adapter after 1 s"
+            time.sleep(0.02)
+
+
+def test_eviction_and_reload_under_load(tmp_path):
+    """A device pool that holds two adapters; 8 adapters round-robin from 32 concurrent clients: all correct."""
+    from server.model.adapter_pool import AdapterPool
+
+    data = tmp_path / "data"
+    _, cfg = _tiny(data)
+    made = [_format1(tmp_path, data, f"a{i}", seed=20 + i) for i in range(8)]
+    one = AdapterPool(cfg, 4, 1 << 22, "cpu", torch.float32).nbytes(made[0][0])
+    with running_server(model="tiny", data_dir=data, admin_token="admin-secret") as roomy:
+        for i, (_, archive) in enumerate(made):
+            assert _upload(roomy, f"a{i}", archive).status_code == 201
+        expected = {f"a{i}": _text(roomy, f"a{i}") for i in range(8)}
+        assert len(set(expected.values())) == 8
+        with running_server(model="tiny", data_dir=data, admin_token="admin-secret",
+                            adapter_pool_bytes=2 * one + 4096) as small:
+
+            async def clients():
+                async with httpx.AsyncClient(base_url=small.url, timeout=120) as c:
+                    async def one_client(k):
+                        got = []
+                        for j in range(4):
+                            adapter = f"a{(k + j) % 8}"
+                            r = await c.post("/v1/completions", json={**GREEDY, "adapter_id": adapter})
+                            got.append((adapter, r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text))
+                        return got
+                    return await asyncio.gather(*(one_client(k) for k in range(32)))
+
+            results = [x for per_client in asyncio.run(clients()) for x in per_client]
+            assert all(status == 200 for _, status, _ in results), [r for r in results if r[1] != 200][:3]
+            assert all(text == expected[a] for a, _, text in results)
+            assert len(small.engine.engine.runner.adapter_pool.slots) <= 2  # the pool really held two at a time
+            cache = small.engine.engine.scheduler.adapters
+            assert cache.stats.evictions >= 6 and cache.stats.loads >= 8  # evicted and reloaded under load
+
+
+def test_redis_outage(tmp_path):
+    from server.embedded_redis import start_embedded_redis
+
+    data = tmp_path / "data"
+    _, archive = _format1(tmp_path, data, "warm", seed=9)
+    with running_server(model="tiny", data_dir=data, admin_token="admin-secret") as server:
+        assert _upload(server, "warm", archive).status_code == 201
+        before = _text(server, "warm")
+        server.service.embedded.close()  # Redis dies
+        assert _text(server, "warm") == before  # a cached adapter still answers
+        assert _text(server, None)  # and the base model
+        r = _upload(server, "late", archive)
+        assert r.status_code == 503 and r.json()["error"]["message"]
+        assert server.client.post("/v1/completions", json={**GREEDY, "adapter_id": "never-seen"}).status_code == 503
+        server.service.embedded = start_embedded_redis(data)  # Redis is back, same address, same data
+        deadline = time.monotonic() + 10
+        while (r := _upload(server, "late", archive)).status_code == 503:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.2)
+        assert r.status_code == 201
+        assert _text(server, "late") == before  # same weights as "warm"
