@@ -52,6 +52,7 @@ def build_engine_options(settings) -> EngineOptions:
         max_model_len=settings.max_model_len, num_kv_blocks=settings.num_kv_blocks, block_size=settings.block_size,
         adapter_pool_bytes=settings.adapter_pool_bytes or ((2 << 30) if on_gpu else (256 << 20)),
         max_num_batched_tokens=8192 if on_gpu else 2048,
+        max_adapter_slots=64 if on_gpu else 16,  # on a CPU every slot also costs a padded copy (padded_lowrank.py)
         # the engine bounds every request it holds; max_queue counts those waiting beyond the running batch
         max_queue=settings.max_num_seqs + settings.max_queue, data_dir=str(settings.data_dir),
     )

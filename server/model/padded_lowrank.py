@@ -46,8 +46,8 @@ class PaddedLowRank:
 
     def load(self, slot: int, deltas: AdapterDeltas) -> None:
         need = max((lr.rank for lr in deltas.lowrank.values()), default=0)
-        if need > self.rank:
-            self._grow(need)
+        if need > self.rank:  # grow by powers of two (at least 16): a regrow copies every stack
+            self._grow(max(16, 1 << (need - 1).bit_length()))
         for name, lr in deltas.lowrank.items():
             layer, proj = parse_module_name(name)
             group = self.layout.col[proj][0]
