@@ -30,28 +30,13 @@ The Triton kernel is one flash-attention program per (query block, KV head, KV s
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton ships for Linux only; elsewhere the reference still serves
+from kernels.dispatch import tl, triton, use_triton
 
-    class _NoTriton:
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    triton = tl = _NoTriton()
-
-KERNEL_CHOICES = ("auto", "reference", "triton")
-_KERNELS = os.environ.get("MULTIPLEX_KERNELS", "auto")  # read once: auto = Triton for CUDA tensors
-if _KERNELS not in KERNEL_CHOICES:
-    raise ValueError(f"MULTIPLEX_KERNELS={_KERNELS!r}: expected one of {', '.join(KERNEL_CHOICES)}")
 
 
 @dataclass(frozen=True)
@@ -64,7 +49,7 @@ class AttentionMeta:
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return _KERNELS == "triton" or (_KERNELS == "auto" and t.is_cuda)
+    return use_triton(t)
 
 
 def _check_interpreter(t: torch.Tensor) -> None:

@@ -25,31 +25,16 @@ Triton path (Punica SGMV / S-LoRA MBGMV, exact rank): two launches per call, all
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, replace
 
 import torch
 
 from kernels.segments import Segments
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton ships for Linux only; elsewhere the reference still serves
-
-    class _NoTriton:
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    triton = tl = _NoTriton()
+from kernels.dispatch import tl, triton, use_triton
 
 MAX_SLICES = 4  # slices per fused call the expand kernel takes as scalar arguments (q|k|v needs 3)
 MAX_SPLIT_ROWS = 128  # split_k * tile_size: d_in splits are for short (decode) tiles
-KERNEL_CHOICES = ("auto", "reference", "triton")
-_KERNELS = os.environ.get("MULTIPLEX_KERNELS", "auto")  # read once: auto = Triton for CUDA tensors
-if _KERNELS not in KERNEL_CHOICES:
-    raise ValueError(f"MULTIPLEX_KERNELS={_KERNELS!r}: expected one of {', '.join(KERNEL_CHOICES)}")
 
 
 @dataclass(frozen=True)
@@ -409,14 +394,9 @@ def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factor
         y[:, col : col + w].index_add_(0, sb.rows, o.view(-1, w)[sb.keep].to(y.dtype))
 
 
-def triton_enabled(device: torch.device) -> bool:
-    """Whether lowrank_delta runs the Triton kernels for tensors on `device` (MULTIPLEX_KERNELS can force it)."""
-    return _KERNELS == "triton" or (_KERNELS == "auto" and torch.device(device).type == "cuda")
-
-
 def lowrank_delta(y: torch.Tensor, x: torch.Tensor, seg: Segments, arena: torch.Tensor, table: LowRankTable) -> None:
     """Dispatch: CUDA tensors -> Triton, anything else -> the reference (MULTIPLEX_KERNELS=reference|triton forces one)."""
-    if _KERNELS == "triton" or (_KERNELS == "auto" and x.is_cuda):
+    if use_triton(x):
         lowrank_delta_triton(y, x, seg, arena, table)
     else:
         lowrank_delta_ref(y, x, seg, arena, table)

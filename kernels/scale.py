@@ -16,26 +16,11 @@ of y per scaled element, the vectors mostly from L2.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton ships for Linux only; elsewhere the reference still serves
+from kernels.dispatch import tl, triton, use_triton
 
-    class _NoTriton:
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    triton = tl = _NoTriton()
-
-KERNEL_CHOICES = ("auto", "reference", "triton")
-_KERNELS = os.environ.get("MULTIPLEX_KERNELS", "auto")  # read once: auto = Triton for CUDA tensors
-if _KERNELS not in KERNEL_CHOICES:
-    raise ValueError(f"MULTIPLEX_KERNELS={_KERNELS!r}: expected one of {', '.join(KERNEL_CHOICES)}")
 
 
 def scale_rows_ref(y: torch.Tensor, vectors: torch.Tensor, row: torch.Tensor, col_start: int) -> None:
@@ -84,7 +69,7 @@ def scale_rows_triton(y: torch.Tensor, vectors: torch.Tensor, row: torch.Tensor,
 
 def scale_rows_(y: torch.Tensor, vectors: torch.Tensor, row: torch.Tensor, col_start: int = 0) -> None:
     """Dispatch: CUDA tensors -> Triton, anything else -> the reference (MULTIPLEX_KERNELS=reference|triton forces one)."""
-    if _KERNELS == "triton" or (_KERNELS == "auto" and y.is_cuda):
+    if use_triton(y):
         scale_rows_triton(y, vectors, row, col_start)
     else:
         scale_rows_ref(y, vectors, row, col_start)

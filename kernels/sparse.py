@@ -29,29 +29,14 @@ tile, plus the gathered xt (mostly from L2), plus y's touched rows read and writ
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from kernels.segments import Segments
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton ships for Linux only; elsewhere the reference still serves
+from kernels.dispatch import tl, triton, use_triton
 
-    class _NoTriton:
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    triton = tl = _NoTriton()
-
-KERNEL_CHOICES = ("auto", "reference", "triton")
-_KERNELS = os.environ.get("MULTIPLEX_KERNELS", "auto")  # read once: auto = Triton for CUDA tensors
-if _KERNELS not in KERNEL_CHOICES:
-    raise ValueError(f"MULTIPLEX_KERNELS={_KERNELS!r}: expected one of {', '.join(KERNEL_CHOICES)}")
 
 
 @dataclass(frozen=True)
@@ -219,7 +204,7 @@ def sparse_delta_triton(y: torch.Tensor, x: torch.Tensor, seg: Segments, idx_are
 def sparse_delta(y: torch.Tensor, x: torch.Tensor, seg: Segments, idx_arena: torch.Tensor,
                  val_arena: torch.Tensor, table: SparseTable) -> None:
     """Dispatch: CUDA tensors -> Triton, anything else -> the reference (MULTIPLEX_KERNELS=reference|triton forces one)."""
-    if _KERNELS == "triton" or (_KERNELS == "auto" and x.is_cuda):
+    if use_triton(x):
         sparse_delta_triton(y, x, seg, idx_arena, val_arena, table)
     else:
         sparse_delta_ref(y, x, seg, idx_arena, val_arena, table)

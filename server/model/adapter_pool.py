@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from adapters.delta import PROJECTIONS, AdapterDeltas, ParaLayer, parse_module_name, parse_scale_name
-from kernels.lowrank import LowRankTable, lowrank_delta, lowrank_delta_padded, triton_enabled
+from kernels.dispatch import use_triton
+from kernels.lowrank import LowRankTable, lowrank_delta, lowrank_delta_padded
 from kernels.scale import scale_rows_
 from kernels.sparse import SparseTable, sparse_delta
 from server.model.adapter_layout import GROUPS, Layout
@@ -68,7 +69,7 @@ class AdapterPool:
         self.max_rank = 1
         self._build_tables()
         # On a CPU (unless the Triton kernels are forced), LowRank deltas are applied from a padded mirror
-        self.padded = None if triton_enabled(torch.device(device)) else PaddedLowRank(self.layout, cfg.num_layers, max_slots)
+        self.padded = None if use_triton(device) else PaddedLowRank(self.layout, cfg.num_layers, max_slots)
 
     def _build_tables(self) -> None:
         self.lowrank_tables: list[dict[str, LowRankTable]] = []
