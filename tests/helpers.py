@@ -161,3 +161,15 @@ def reference_model(directory: Path, deltas, prompt_len: int):
             mod = hf_module(model, f"layers.{layer}.{proj}")
             mod.register_forward_hook(lambda m, a, out, lo=lo, hi=hi, state=state: out * state["vec"][:, None, lo:hi].to(out.dtype))
     return model
+
+
+def tar_dir(directory: Path) -> bytes:
+    """A .tar.gz (in memory) of the files of `directory`, at the archive's root: what an upload sends."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f in sorted(directory.iterdir()):
+            tar.add(f, arcname=f.name)
+    return buf.getvalue()

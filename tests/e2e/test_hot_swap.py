@@ -1,20 +1,11 @@
 """Hot-swap through the real server and a real (embedded) Redis: upload, serve, replace, delete, tenants."""
-import io
-import tarfile
 import threading
 
 import httpx
 import pytest
 
+from tests.helpers import tar_dir
 from tests.live_server import running_server
-
-
-def _archive(directory) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for f in sorted(directory.iterdir()):
-            tar.add(f, arcname=f.name)
-    return buf.getvalue()
 
 
 def _make_adapter(tmp_path, name, seed, rank=4):
@@ -25,7 +16,7 @@ def _make_adapter(tmp_path, name, seed, rank=4):
 
     cfg = ModelConfig.from_dir(ensure_tiny_checkpoint(tmp_path / "tinyck"))
     deltas = random_lowrank(cfg, {"q_proj": rank, "down_proj": rank}, seed=seed, magnitude=1.0)
-    return _archive(save_artifact(tmp_path / name, deltas, method="lora", spec=cfg.spec()))
+    return tar_dir(save_artifact(tmp_path / name, deltas, method="lora", spec=cfg.spec()))
 
 
 @pytest.fixture(scope="module")

@@ -1,27 +1,17 @@
 """The registry under real serving: PEFT and format-1 uploads answer like their references, two replicas on one
 Redis, eviction and reload under load with a pool of two adapters, and a Redis outage mid-run."""
 import asyncio
-import io
-import tarfile
 import time
 
 import httpx
-import pytest
 import torch
 
+from tests.helpers import tar_dir
 from tests.live_server import running_server
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADMIN = {"Authorization": "Bearer admin-secret"}
 GREEDY = {"prompt": "multiplex", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
-
-
-def _tar(directory) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for f in sorted(directory.iterdir()):
-            tar.add(f, arcname=f.name)
-    return buf.getvalue()
 
 
 def _upload(server, adapter_id, archive, **form):
@@ -49,7 +39,7 @@ def _format1(tmp_path, data_dir, name, seed, rank=8):
 
     _, cfg = _tiny(data_dir)
     deltas = random_lowrank(cfg, dict.fromkeys(ALL, rank), seed=seed, magnitude=0.6)
-    return deltas, _tar(save_artifact(tmp_path / name, deltas, method="lora", spec=cfg.spec()))
+    return deltas, tar_dir(save_artifact(tmp_path / name, deltas, method="lora", spec=cfg.spec()))
 
 
 def _greedy_reference(model, tokenizer, max_tokens=10, **kwargs) -> str:
@@ -78,7 +68,7 @@ def test_uploads_answer_like_their_references(tmp_path):
     peft_model.save_pretrained(tmp_path / "peft", safe_serialization=True)
     deltas, fmt1 = _format1(tmp_path, data, "fmt1", seed=5)
     with running_server(model="tiny", data_dir=data, admin_token="admin-secret") as server:
-        assert _upload(server, "from-peft", _tar(tmp_path / "peft")).status_code == 201
+        assert _upload(server, "from-peft", tar_dir(tmp_path / "peft")).status_code == 201
         assert _upload(server, "from-fmt1", fmt1).status_code == 201
         listed = {a["id"] for a in server.client.get("/admin/adapters", headers=ADMIN).json()["adapters"]}
         assert {"from-peft", "from-fmt1"} <= listed
