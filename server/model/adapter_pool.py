@@ -161,8 +161,14 @@ class AdapterPool:
                 raise ValueError(f"{name}: sparse shape {tuple(sp.shape)} does not fit {self.layout.dims[parse_module_name(name)[1]]}")
 
     def _write_lowrank(self, slot: int, deltas: AdapterDeltas, cursor: int) -> int:
+        """Lay the factors out in a host image of the adapter's arena range, then copy it, and the slot's table
+        columns, to the device in one transfer each: a cold load costs a few copies, not one per module."""
         size = self.allocator.size_of
-        max_rank = self.max_rank
+        start = cursor
+        image = torch.zeros(sum(size(t.numel()) for lr in deltas.lowrank.values() for t in (lr.A, lr.B)), dtype=self.dtype)
+        shape = self.a_off.shape[:2]  # (num_layers, 7)
+        a_off, b_off = torch.zeros(shape, dtype=torch.int64), torch.zeros(shape, dtype=torch.int64)
+        rank, scale = torch.zeros(shape, dtype=torch.int32), torch.zeros(shape, dtype=torch.float32)
         for name, lr in sorted(deltas.lowrank.items()):
             layer, proj = parse_module_name(name)
             p = PROJECTIONS.index(proj)
@@ -170,11 +176,14 @@ class AdapterPool:
             r = lr.rank
             a_at, cursor = cursor, cursor + size(r * d_in)
             b_at, cursor = cursor, cursor + size(r * d_out)
-            self.arena[a_at : a_at + r * d_in] = lr.A.reshape(-1).to(self.device, self.dtype)
-            self.arena[b_at : b_at + r * d_out] = lr.B.t().contiguous().reshape(-1).to(self.device, self.dtype)
-            self.a_off[layer, p, slot], self.b_off[layer, p, slot] = a_at, b_at
-            self.rank[layer, p, slot], self.scale[layer, p, slot] = r, float(lr.scale)
-            max_rank = max(max_rank, r)
+            image[a_at - start : a_at - start + r * d_in] = lr.A.reshape(-1)
+            image[b_at - start : b_at - start + r * d_out] = lr.B.t().reshape(-1)
+            a_off[layer, p], b_off[layer, p], rank[layer, p], scale[layer, p] = a_at, b_at, r, float(lr.scale)
+        if image.numel():
+            self.arena[start : start + image.numel()] = image.to(self.device)
+        self.a_off[:, :, slot], self.b_off[:, :, slot] = a_off.to(self.device), b_off.to(self.device)
+        self.rank[:, :, slot], self.scale[:, :, slot] = rank.to(self.device), scale.to(self.device)
+        max_rank = max(self.max_rank, int(rank.max()) if rank.numel() else 0)
         if max_rank != self.max_rank:
             self.max_rank = max_rank
             self._build_tables()
