@@ -20,6 +20,7 @@ from adapters.delta import PROJECTIONS, AdapterDeltas, LowRank
 from server.engine.builder import EngineOptions, build_llm_engine
 from server.engine.request import AdapterRef, Request, SamplingParams
 from server.engine.scheduler import ScheduledBatch, ScheduledSeq
+from server.model.adapter_layout import Layout
 from server.model.config import ModelConfig
 
 CONFIGS = {
@@ -34,10 +35,7 @@ CONFIGS = {
 
 def random_adapter(cfg: ModelConfig, rank: int, seed: int) -> AdapterDeltas:
     gen = torch.Generator().manual_seed(seed)
-    dims = {"q_proj": (cfg.q_size, cfg.hidden_size), "k_proj": (cfg.kv_size, cfg.hidden_size),
-            "v_proj": (cfg.kv_size, cfg.hidden_size), "o_proj": (cfg.hidden_size, cfg.q_size),
-            "gate_proj": (cfg.intermediate_size, cfg.hidden_size), "up_proj": (cfg.intermediate_size, cfg.hidden_size),
-            "down_proj": (cfg.hidden_size, cfg.intermediate_size)}
+    dims = Layout.of(cfg).dims  # projection -> (d_out, d_in)
     d = AdapterDeltas()
     for layer in range(cfg.num_layers):
         for proj in PROJECTIONS:

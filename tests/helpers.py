@@ -107,12 +107,11 @@ def merged_hf(directory: Path, deltas):
 def random_lowrank(spec_cfg, targets: dict[str, int], seed: int, layers=None, magnitude: float = 0.3):
     """AdapterDeltas with LowRank deltas of rank targets[proj] on every layer (or `layers`)."""
     from adapters.delta import AdapterDeltas, LowRank
+    from server.model.adapter_layout import Layout
 
     gen = torch.Generator().manual_seed(seed)
     c = spec_cfg
-    dims = {"q_proj": (c.q_size, c.hidden_size), "k_proj": (c.kv_size, c.hidden_size), "v_proj": (c.kv_size, c.hidden_size),
-            "o_proj": (c.hidden_size, c.q_size), "gate_proj": (c.intermediate_size, c.hidden_size),
-            "up_proj": (c.intermediate_size, c.hidden_size), "down_proj": (c.hidden_size, c.intermediate_size)}
+    dims = Layout.of(c).dims  # projection -> (d_out, d_in)
     out = AdapterDeltas()
     for layer in (layers if layers is not None else range(c.num_layers)):
         for proj, r in targets.items():

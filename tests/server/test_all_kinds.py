@@ -3,6 +3,7 @@ Scale (IA3), PARA and a combination; each request's logits equal its own referen
 import torch
 
 from adapters.delta import AdapterDeltas, ParaLayer, Sparse
+from server.model.adapter_layout import Layout
 from server.model.config import ModelConfig
 from tests.helpers import make_hf_model, random_lowrank, reference_logits, reference_model, refs, run_capture, small_engine
 
@@ -11,9 +12,7 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 def random_sparse(cfg, procs, density, seed):
     gen = torch.Generator().manual_seed(seed)
-    dims = {"q_proj": (cfg.q_size, cfg.hidden_size), "v_proj": (cfg.kv_size, cfg.hidden_size),
-            "up_proj": (cfg.intermediate_size, cfg.hidden_size), "down_proj": (cfg.hidden_size, cfg.intermediate_size),
-            "k_proj": (cfg.kv_size, cfg.hidden_size)}
+    dims = Layout.of(cfg).dims  # projection -> (d_out, d_in)
     out = AdapterDeltas()
     for layer in range(cfg.num_layers):
         for proj in procs:
