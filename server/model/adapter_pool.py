@@ -2,12 +2,12 @@
 
 Layout (S-LoRA style: exact sizes, no padding to a maximum rank):
 - `arena` (model dtype, flat): each slot owns one contiguous range holding its LowRank factors A (r, d_in) and
-  B^T (r, d_out) and its Sparse values. `idx_arena` (int32, flat): each slot's Sparse CSR row pointers and columns.
+  B^T (r, d_out), its Sparse values and its PARA generators (so every kind counts against the pool's bytes). `idx_arena` (int32, flat): each slot's Sparse CSR row pointers and columns.
 - Per layer, projection and slot, LowRank tables (offsets, rank, scale) and per layer, group and slot, Sparse
   tables (CSR over the group's fused output rows). A group's LowRank table is a view of consecutive
   projections, so one kernel launch serves a fused projection.
-- Scale: IA3 vectors in per-target buffers (num_layers, max_slots, width), rows = slots; PARA generators per slot,
-  and the PARA vectors of running requests in (num_layers, max_requests, d_q + d_kv + d_ff), rows = request rows.
+- Scale: IA3 vectors in per-target buffers (num_layers, max_slots, width: a fixed cost), rows = slots; the PARA
+  vectors of running requests in (num_layers, max_requests, d_q + d_kv + d_ff), rows = request rows.
   Layers an adapter leaves unscaled hold ones (multiplying by 1 is exact).
 The pool only stores and applies; which adapter gets which slot, and when, is the engine's decision.
 """
@@ -102,6 +102,7 @@ class AdapterPool:
         size, isize = self.allocator.size_of, self.idx_allocator.size_of
         n = sum(size(t.numel()) for lr in deltas.lowrank.values() for t in (lr.A, lr.B))
         n += sum(size(sp.values.numel()) for sp in deltas.sparse.values())
+        n += sum(size(t.numel()) for p in deltas.para.values() for t in (p.w_down, p.w_up, p.pool_query) if t is not None)
         n_idx = 0
         for (_, group), parts in self._sparse_by_group(deltas).items():
             n_idx += isize(self.layout.group_width[group] + 1 + sum(p[1].numel() for p in parts))
@@ -109,11 +110,7 @@ class AdapterPool:
 
     def nbytes(self, deltas: AdapterDeltas) -> int:
         n, n_idx = self.footprint(deltas)
-        return n * self.arena.element_size() + n_idx * 4 + self._side_bytes(deltas)
-
-    def _side_bytes(self, deltas: AdapterDeltas) -> int:
-        para = sum(t.numel() for p in deltas.para.values() for t in (p.w_down, p.w_up, p.pool_query) if t is not None)
-        return para * self.arena.element_size()
+        return n * self.arena.element_size() + n_idx * 4
 
     def fits_empty(self, deltas: AdapterDeltas) -> bool:
         n, n_idx = self.footprint(deltas)
@@ -140,12 +137,10 @@ class AdapterPool:
         cursor = self._write_lowrank(slot, deltas, start or 0)
         if self.padded is not None:
             self.padded.load(slot, deltas)
-        self._write_sparse(slot, deltas, cursor, idx_start or 0)
+        cursor = self._write_sparse(slot, deltas, cursor, idx_start or 0)
         targets = self._write_scale(slot, deltas)
         if deltas.para:
-            self.para_layers[slot] = {i: ParaLayer(p.pool, p.w_down.to(self.device, self.dtype), p.w_up.to(self.device, self.dtype),
-                                                   None if p.pool_query is None else p.pool_query.to(self.device, self.dtype), p.act)
-                                      for i, p in deltas.para.items()}
+            self._write_para(slot, deltas, cursor)
         info = SlotInfo(start, idx_start, self.nbytes(deltas), frozenset(targets), bool(deltas.para),
                         bool(deltas.lowrank), bool(deltas.sparse))
         self.slots[slot] = info
@@ -208,6 +203,23 @@ class AdapterPool:
             self.sp_idx_off[layer, g, slot], self.sp_val_off[layer, g, slot], self.sp_nnz[layer, g, slot] = idx_cursor, cursor, nnz
             idx_cursor += self.idx_allocator.size_of(num_rows + 1 + nnz)
             cursor += sum(self.allocator.size_of(p[3].numel()) for p in parts)
+        return cursor
+
+    def _write_para(self, slot: int, deltas: AdapterDeltas, cursor: int) -> None:
+        """PARA generators live in the slot's arena range too (so they count against the pool), as views."""
+        layers = {}
+        for i, p in sorted(deltas.para.items()):
+            views = []
+            for t in (p.w_down, p.w_up, p.pool_query):
+                if t is None:
+                    views.append(None)
+                    continue
+                view = self.arena[cursor : cursor + t.numel()].view(t.shape)
+                view.copy_(t)
+                views.append(view)
+                cursor += self.allocator.size_of(t.numel())
+            layers[i] = ParaLayer(p.pool, views[0], views[1], views[2], p.act)
+        self.para_layers[slot] = layers
 
     def _write_scale(self, slot: int, deltas: AdapterDeltas) -> set[str]:
         targets = set()

@@ -53,3 +53,18 @@ def test_slots_run_out_before_bytes(cfg):
     assert cache.acquire(refs[2]) is None
     cache.release(refs[1])
     assert cache.acquire(refs[2]) is not None and "q@1" not in cache.resident
+
+
+def test_every_kind_counts_against_the_pool(cfg):
+    from tests.server.test_all_kinds import random_para, random_sparse
+
+    pool = AdapterPool(cfg, max_slots=4, arena_bytes=1 << 22, device="cpu", dtype=torch.float32)
+    for deltas in (random_para(cfg, seed=1), random_sparse(cfg, ["q_proj", "down_proj"], 0.05, seed=2)):
+        free_before = pool.allocator.num_free
+        n, _ = pool.footprint(deltas)
+        assert n > 0
+        slot = pool.free_slots()[0]
+        pool.load(slot, deltas)
+        assert pool.allocator.num_free == free_before - n
+        pool.free(slot)
+        assert pool.allocator.num_free == free_before
