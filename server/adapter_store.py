@@ -34,7 +34,8 @@ class StaticAdapters:
 
 
 class HostTier:
-    """LRU of fetched deltas keyed by adapter@version, bounded in bytes; one fetch per key at a time."""
+    """LRU of fetched adapters ((deltas, prepared image) keyed by adapter@version), bounded in bytes; one fetch per
+    key at a time."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
@@ -42,7 +43,7 @@ class HostTier:
         self._inflight: dict[str, asyncio.Future] = {}
         self.hits = self.misses = 0
 
-    async def get(self, key: str, fetch) -> AdapterDeltas:
+    async def get(self, key: str, fetch) -> tuple[AdapterDeltas, object]:
         if key in self._entries:
             self.hits += 1
             self._entries.move_to_end(key)
@@ -73,10 +74,10 @@ class HostTier:
             del self._entries[key]
 
     def _shrink(self) -> None:
-        total = sum(d.nbytes() for d in self._entries.values())
+        total = sum(_nbytes(e) for e in self._entries.values())
         while total > self.budget_bytes and len(self._entries) > 1:
             _, old = self._entries.popitem(last=False)
-            total -= old.nbytes()
+            total -= _nbytes(old)
 
 
 class RegistryAdapters:
@@ -84,8 +85,10 @@ class RegistryAdapters:
     every replica sees uploads, replacements and deletes at once; the weights of a version are fetched once
     into the host tier and parsed off the event loop."""
 
-    def __init__(self, registry, spec: dict, host: HostTier, fits=lambda deltas: True) -> None:
-        self.registry, self.spec, self.host, self.fits = registry, spec, host, fits
+    def __init__(self, registry, spec: dict, host: HostTier, fits=lambda deltas: True, prepare=None) -> None:
+        """`fits(deltas)`: whether the device pool can ever hold it; `prepare(deltas)`: the pool's host-side image
+        of it, made in the fetch thread so that the engine thread only copies it to the device."""
+        self.registry, self.spec, self.host, self.fits, self.prepare = registry, spec, host, fits, prepare
         self.known: dict[str, object] = {}  # adapter id -> the last record read: serves while Redis is away
 
     async def list(self, tenant: str | None = None) -> list[str]:
@@ -112,19 +115,22 @@ class RegistryAdapters:
             raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
         key = f"{adapter_id}@{record.version}"
 
-        async def fetch() -> AdapterDeltas:
-            from adapters.artifact import adapter_from_bytes
-
+        async def fetch() -> tuple[AdapterDeltas, object]:
             blob = await self._call(self.registry.read_blob(record))
             if blob is None:  # deleted or replaced between the two reads
                 raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
-            loaded = await asyncio.to_thread(adapter_from_bytes, record.manifest, blob, self.spec)
-            return loaded.deltas
+            return await asyncio.to_thread(self._parse, record.manifest, blob)
 
-        deltas = await self.host.get(key, fetch)
+        deltas, prepared = await self.host.get(key, fetch)
         if not self.fits(deltas):
             raise InvalidAdapterError(f"adapter {adapter_id!r} is larger than the device adapter pool")
-        return AdapterRef(adapter_id, record.version, deltas)
+        return AdapterRef(adapter_id, record.version, deltas, prepared)
+
+    def _parse(self, manifest: dict, blob: bytes) -> tuple[AdapterDeltas, object]:
+        from adapters.artifact import adapter_from_bytes
+
+        deltas = adapter_from_bytes(manifest, blob, self.spec).deltas
+        return deltas, (self.prepare(deltas) if self.prepare else None)
 
     def forget(self, adapter_id: str) -> None:
         self.host.drop(adapter_id)
@@ -140,3 +146,9 @@ class RegistryAdapters:
             return await awaitable
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise EngineOverloadedError(f"adapter registry unavailable: {exc}") from exc
+
+
+def _nbytes(entry: tuple[AdapterDeltas, object]) -> int:
+    deltas, prepared = entry
+    image = getattr(prepared, "image", None)
+    return deltas.nbytes() + (image.numel() * image.element_size() if image is not None else 0)

@@ -54,7 +54,8 @@ def build_service(settings: Settings) -> Service:
     spec = ModelConfig.from_dir(resolve_model_path(settings.model, opts.data_dir)).spec()
     llm = build_llm_engine(settings.model, opts)
     pool = llm.runner.adapter_pool
-    source = RegistryAdapters(registry, spec, HostTier(settings.host_cache_bytes), fits=pool.fits_empty)
+    source = RegistryAdapters(registry, spec, HostTier(settings.host_cache_bytes), fits=pool.fits_empty,
+                              prepare=pool.lowrank_image)
     model_name = "tiny" if settings.model == "tiny" else Path(settings.model).name
     engine = AsyncEngine(llm, model_name=model_name, adapters=source, max_queue=opts.max_queue)
     tenants = TenantResolver(parse_api_keys(settings.api_keys), ApiKeyStore(registry.client, registry.prefix))

@@ -65,7 +65,7 @@ class AdapterCache:
             free = self.pool.free_slots()
             if free:
                 try:
-                    self.pool.load(free[0], ref.deltas)
+                    self.pool.load(free[0], ref.deltas, ref.prepared)
                     break
                 except AdapterPoolFull:
                     pass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ class AdapterRef:
     adapter_id: str
     version: int
     deltas: AdapterDeltas
+    prepared: Any = None  # the device pool's host-side image of the deltas, made off the engine thread (optional)
 
     @property
     def key(self) -> str:

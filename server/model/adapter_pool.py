@@ -40,6 +40,17 @@ class SlotInfo:
     has_sparse: bool
 
 
+@dataclass(frozen=True)
+class LowRankImage:
+    """An adapter's LowRank factors laid out as in its arena range; offsets relative to the range's start."""
+
+    image: torch.Tensor  # (n,) model dtype, host (pinned on CUDA machines)
+    a_rel: torch.Tensor  # (num_layers, 7) int64
+    b_rel: torch.Tensor  # (num_layers, 7) int64
+    rank: torch.Tensor  # (num_layers, 7) int32; 0 = no delta on that projection
+    scale: torch.Tensor  # (num_layers, 7) float32
+
+
 class AdapterPoolFull(Exception):
     """No free slot or no arena range large enough: the caller evicts an unpinned adapter and retries."""
 
@@ -120,8 +131,9 @@ class AdapterPool:
         return [s for s in range(self.max_slots) if s not in self.slots]
 
     # ---- load / free ------------------------------------------------------------------------------------------
-    def load(self, slot: int, deltas: AdapterDeltas) -> SlotInfo:
-        """Copy an adapter's deltas into `slot`. Raises AdapterPoolFull when the arenas have no room."""
+    def load(self, slot: int, deltas: AdapterDeltas, image: LowRankImage | None = None) -> SlotInfo:
+        """Copy an adapter's deltas into `slot` (`image`: its lowrank_image, if prepared already).
+        Raises AdapterPoolFull when the arenas have no room."""
         if slot in self.slots:
             raise ValueError(f"slot {slot} is occupied")
         self._check_shapes(deltas)
@@ -134,7 +146,7 @@ class AdapterPool:
             if start is not None:
                 self.allocator.free(start)
             raise AdapterPoolFull(f"index arena has no free range of {n_idx} elements")
-        cursor = self._write_lowrank(slot, deltas, start or 0)
+        cursor = self._write_lowrank(slot, image or self.lowrank_image(deltas), start or 0)
         if self.padded is not None:
             self.padded.load(slot, deltas)
         cursor = self._write_sparse(slot, deltas, cursor, idx_start or 0)
@@ -155,15 +167,16 @@ class AdapterPool:
             if tuple(sp.shape) != self.layout.dims[parse_module_name(name)[1]]:
                 raise ValueError(f"{name}: sparse shape {tuple(sp.shape)} does not fit {self.layout.dims[parse_module_name(name)[1]]}")
 
-    def _write_lowrank(self, slot: int, deltas: AdapterDeltas, cursor: int) -> int:
-        """Lay the factors out in a host image of the adapter's arena range, then copy it, and the slot's table
-        columns, to the device in one transfer each: a cold load costs a few copies, not one per module."""
+    def lowrank_image(self, deltas: AdapterDeltas) -> LowRankImage:
+        """The host-side layout of an adapter's LowRank factors in its arena range (offsets relative to the range's
+        start). Pure: callable off the engine thread (the API side prepares it while fetching the adapter), so a
+        cold load on the engine thread is one copy of the image and one of each table column."""
         size = self.allocator.size_of
-        start = cursor
         image = torch.zeros(sum(size(t.numel()) for lr in deltas.lowrank.values() for t in (lr.A, lr.B)), dtype=self.dtype)
         shape = self.a_off.shape[:2]  # (num_layers, 7)
-        a_off, b_off = torch.zeros(shape, dtype=torch.int64), torch.zeros(shape, dtype=torch.int64)
+        a_rel, b_rel = torch.zeros(shape, dtype=torch.int64), torch.zeros(shape, dtype=torch.int64)
         rank, scale = torch.zeros(shape, dtype=torch.int32), torch.zeros(shape, dtype=torch.float32)
+        cursor = 0
         for name, lr in sorted(deltas.lowrank.items()):
             layer, proj = parse_module_name(name)
             p = PROJECTIONS.index(proj)
@@ -171,18 +184,26 @@ class AdapterPool:
             r = lr.rank
             a_at, cursor = cursor, cursor + size(r * d_in)
             b_at, cursor = cursor, cursor + size(r * d_out)
-            image[a_at - start : a_at - start + r * d_in] = lr.A.reshape(-1)
-            image[b_at - start : b_at - start + r * d_out] = lr.B.t().reshape(-1)
-            a_off[layer, p], b_off[layer, p], rank[layer, p], scale[layer, p] = a_at, b_at, r, float(lr.scale)
-        if image.numel():
-            self.arena[start : start + image.numel()] = image.to(self.device)
-        self.a_off[:, :, slot], self.b_off[:, :, slot] = a_off.to(self.device), b_off.to(self.device)
-        self.rank[:, :, slot], self.scale[:, :, slot] = rank.to(self.device), scale.to(self.device)
-        max_rank = max(self.max_rank, int(rank.max()) if rank.numel() else 0)
+            image[a_at : a_at + r * d_in] = lr.A.reshape(-1)
+            image[b_at : b_at + r * d_out] = lr.B.t().reshape(-1)
+            a_rel[layer, p], b_rel[layer, p], rank[layer, p], scale[layer, p] = a_at, b_at, r, float(lr.scale)
+        if image.numel() and torch.device(self.device).type == "cuda":
+            image = image.pin_memory()  # so the engine thread's copy is asynchronous
+        return LowRankImage(image, a_rel, b_rel, rank, scale)
+
+    def _write_lowrank(self, slot: int, image: LowRankImage, start: int) -> int:
+        n = image.image.numel()
+        if n:
+            self.arena[start : start + n].copy_(image.image, non_blocking=True)
+        self.a_off[:, :, slot] = (image.a_rel + start).to(self.device, non_blocking=True)
+        self.b_off[:, :, slot] = (image.b_rel + start).to(self.device, non_blocking=True)
+        self.rank[:, :, slot] = image.rank.to(self.device, non_blocking=True)
+        self.scale[:, :, slot] = image.scale.to(self.device, non_blocking=True)
+        max_rank = max(self.max_rank, int(image.rank.max()) if image.rank.numel() else 0)
         if max_rank != self.max_rank:
             self.max_rank = max_rank
             self._build_tables()
-        return cursor
+        return start + n
 
     def _write_sparse(self, slot: int, deltas: AdapterDeltas, cursor: int, idx_cursor: int) -> None:
         groups = list(GROUPS)
