@@ -44,15 +44,15 @@ def build_service(settings: Settings) -> Service:
     from server.embedded_redis import start_embedded_redis
     from server.registry import Registry
 
+    opts = build_engine_options(settings)  # the model first: a bad model fails before anything is started
+    spec = ModelConfig.from_dir(resolve_model_path(settings.model, opts.data_dir)).spec()
+    llm = build_llm_engine(settings.model, opts)
     embedded = None
     url = settings.redis_url
     if url is None:  # the main thread owns the embedded Redis: it lives as long as this process
         embedded = start_embedded_redis(settings.data_dir)
         url = embedded.url
     registry = Registry.from_url(url, chunk_bytes=settings.redis_chunk_bytes)
-    opts = build_engine_options(settings)
-    spec = ModelConfig.from_dir(resolve_model_path(settings.model, opts.data_dir)).spec()
-    llm = build_llm_engine(settings.model, opts)
     pool = llm.runner.adapter_pool
     source = RegistryAdapters(registry, spec, HostTier(settings.host_cache_bytes), fits=pool.fits_empty,
                               prepare=pool.lowrank_image)
