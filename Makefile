@@ -27,7 +27,7 @@ serve: $(STAMP)
 
 # The whole suite (Triton kernels under TRITON_INTERPRET=1 on a machine without CUDA), then the engine's golden
 # tests again with every op forced through its Triton kernel.
-GOLDEN := tests/server/test_backbone.py tests/server/test_mixed_batch.py tests/server/test_all_kinds.py tests/server/test_peft_golden.py
+GOLDEN := tests/server/test_backbone.py tests/server/test_mixed_batch.py tests/server/test_all_kinds.py tests/server/test_peft_golden.py tests/server/test_cuda_graphs.py
 
 test: $(STAMP)
 	$(VPY) -m pytest -q --timeout=900

@@ -97,6 +97,11 @@ class Segments:
         return SlotBatch(slots=torch.tensor([s for s, _ in groups], dtype=torch.long).to(device),
                          gather=gather.to(device), keep=keep.to(device), rows=torch.cat(rows).long().to(device))
 
+    def forget_host_views(self) -> None:
+        """Drop slot_rows / slot_batch, read from the device tensors: call after writing new values into them."""
+        self.__dict__.pop("slot_rows", None)
+        self.__dict__.pop("slot_batch", None)
+
     @property
     def num_segments(self) -> int:
         return int(self.seg_slot.numel())

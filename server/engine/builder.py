@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 
 from adapters.delta import AdapterDeltas
+from kernels.dispatch import use_triton
 from server.adapter_store import StaticAdapters
 from server.engine.adapter_cache import AdapterCache
 from server.engine.async_engine import AsyncEngine
 from server.engine.block_manager import BlockManager
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.engine import LLMEngine
 from server.engine.errors import InvalidAdapterError
 from server.engine.model_runner import ModelRunner
@@ -42,6 +44,7 @@ class EngineOptions:
     max_adapter_slots: int = 64
     max_queue: int = 1024
     data_dir: str = ".multiplex"
+    cuda_graphs: bool = True  # on CUDA with the Triton kernels: decode steps replayed from graphs
 
 
 def build_engine_options(settings) -> EngineOptions:
@@ -55,6 +58,7 @@ def build_engine_options(settings) -> EngineOptions:
         max_adapter_slots=64 if on_gpu else 16,  # on a CPU every slot also costs a padded copy (padded_lowrank.py)
         # the engine bounds every request it holds; max_queue counts those waiting beyond the running batch
         max_queue=settings.max_num_seqs + settings.max_queue, data_dir=str(settings.data_dir),
+        cuda_graphs=settings.cuda_graphs,
     )
 
 
@@ -101,10 +105,13 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     scheduler = Scheduler(blocks, cache, max_num_seqs=opts.max_num_seqs,
                           max_num_batched_tokens=max(opts.max_num_batched_tokens, opts.max_prefill_chunk),
                           max_prefill_chunk=opts.max_prefill_chunk)
-    runner = ModelRunner(llama, num_blocks, opts.block_size, pool)
+    graphs = None
+    if opts.cuda_graphs and device.type == "cuda" and use_triton(device):
+        graphs = DecodeGraphs.for_device(device, opts.max_num_seqs)
+    runner = ModelRunner(llama, num_blocks, opts.block_size, pool, max_model_len=max_len, graphs=graphs)
     eos = cfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-    log.info("model %s on %s/%s: %d layers, context %d, %d KV blocks of %d", path, device, dtype, cfg.num_layers,
-             max_len, num_blocks, opts.block_size)
+    log.info("model %s on %s/%s: %d layers, context %d, %d KV blocks of %d, CUDA graphs %s", path, device, dtype,
+             cfg.num_layers, max_len, num_blocks, opts.block_size, "on" if graphs else "off")
     return LLMEngine(runner, scheduler, tokenizer, max_model_len=max_len, eos_token_ids=eos)
 
 

@@ -1,11 +1,19 @@
-"""ScheduledBatch (CPU, no tensors) -> ForwardBatch (device tensors) -> logits. Owns the KV cache and the rows
-of the PARA vector buffer that running requests hold."""
+"""ScheduledBatch (CPU, no tensors) -> ForwardBatch (device tensors) -> logits. Owns the KV cache, the rows
+of the PARA vector buffer that running requests hold, and the CUDA graphs of decode steps (cuda_graphs.py).
+
+Padding (graph steps only): a decode step of B requests runs as a step of the next captured batch size; each
+padding row is one base-model token at position 0 of a scratch KV block that no request owns, so it reads and
+writes nothing of anybody else, and its logits are dropped.
+"""
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from kernels.attention import AttentionMeta
 from kernels.segments import make_segments
+from server.engine.cuda_graphs import DecodeGraphs, GraphKey
 from server.engine.request import Request
 from server.engine.scheduler import ScheduledBatch
 from server.model.adapter_pool import AdapterPool
@@ -13,12 +21,23 @@ from server.model.forward_batch import AdapterKinds, ForwardBatch, KVCache, Para
 from server.model.llama import LlamaModel
 
 
+log = logging.getLogger(__name__)
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, adapter_pool: AdapterPool | None) -> None:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, adapter_pool: AdapterPool | None, *,
+                 max_model_len: int | None = None, graphs: DecodeGraphs | None = None) -> None:
+        """`graphs`: replay pure decode steps from CUDA graphs (None: every step eager)."""
         cfg = model.cfg
         self.model, self.block_size, self.adapter_pool = model, block_size, adapter_pool
         self.device = model.device
-        self.kv = KVCache.allocate(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, model.device, model.dtype)
+        # One block more than the scheduler hands out: the scratch block of padding rows.
+        self.kv = KVCache.allocate(cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
+                                   model.device, model.dtype)
+        self.scratch_block = num_blocks
+        max_len = min(max_model_len or num_blocks * block_size, num_blocks * block_size)
+        self.max_blocks_per_seq = -(-max_len // block_size)
+        self.graphs = graphs
         self._para_rows: dict[str, int] = {}
         self._free_para_rows = list(range(adapter_pool.max_requests - 1, -1, -1)) if adapter_pool else []
 
@@ -28,14 +47,18 @@ class ModelRunner:
         if row is not None:
             self._free_para_rows.append(row)
 
-    def build(self, batch: ScheduledBatch) -> ForwardBatch:
+    def build(self, batch: ScheduledBatch, *, pad_to: int | None = None, device=None) -> ForwardBatch:
+        """The step's ForwardBatch on `device` (default: the model's). `pad_to`: a graph step, padded with
+        padding rows to that many requests, its shapes fixed by the batch size alone (block tables as wide as the
+        longest context, attention sized for it)."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
         q_start, seq_lens, logits_indices = [0], [], []
-        max_blocks = max(len(s.request.block_ids) for s in batch.seqs)
-        block_tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.int32)
+        num_seqs = pad_to or len(batch.seqs)
+        max_blocks = self.max_blocks_per_seq if pad_to else max(len(s.request.block_ids) for s in batch.seqs)
+        block_tables = torch.zeros((num_seqs, max_blocks), dtype=torch.int32)
         for b, s in enumerate(batch.seqs):
             req = s.request
             end = s.start + s.num_tokens
@@ -47,23 +70,34 @@ class ModelRunner:
             block_tables[b, : len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.int32)
             if s.needs_logits:
                 logits_indices.append(q_start[-1] - 1)
-        dev = self.device
+        num_pad = num_seqs - len(batch.seqs)
+        for b in range(len(batch.seqs), num_seqs):  # padding rows (graph steps)
+            input_ids.append(0)
+            positions.append(0)
+            slot_mapping.append(self.scratch_block * bs)
+            q_start.append(q_start[-1] + 1)
+            seq_lens.append(1)
+            block_tables[b, 0] = self.scratch_block
+            logits_indices.append(q_start[-1] - 1)
+        dev = self.device if device is None else device
 
         def t(values, dtype):
             return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
 
         attn = AttentionMeta(
             q_start=t(q_start, torch.int32), seq_lens=t(seq_lens, torch.int32), block_tables=block_tables.to(dev),
-            max_q_len=max(s.num_tokens for s in batch.seqs), max_seq_len=max(seq_lens),
+            max_q_len=max(s.num_tokens for s in batch.seqs),
+            max_seq_len=self.max_blocks_per_seq * bs if pad_to else max(seq_lens),
         )
-        segments = make_segments([s.num_tokens for s in batch.seqs], [s.request.slot for s in batch.seqs], dev)
+        segments = make_segments([s.num_tokens for s in batch.seqs] + [1] * num_pad,
+                                 [s.request.slot for s in batch.seqs] + [-1] * num_pad, dev)
         return ForwardBatch(
             input_ids=t(input_ids, torch.int64), positions=t(positions, torch.int64),
             slot_mapping=t(slot_mapping, torch.int64), attn=attn, segments=segments,
-            logits_indices=t(logits_indices, torch.int64), **self._adapter_fields(batch, q_start),
+            logits_indices=t(logits_indices, torch.int64), **self._adapter_fields(batch, q_start, num_pad, dev),
         )
 
-    def _adapter_fields(self, batch: ScheduledBatch, q_start: list[int]) -> dict:
+    def _adapter_fields(self, batch: ScheduledBatch, q_start: list[int], num_pad: int, dev) -> dict:
         """Per-token rows for Scale deltas and the PARA prefills of this step (empty when no adapter is used)."""
         pool = self.adapter_pool
         infos = [pool.slots.get(s.request.slot) if pool and s.request.slot >= 0 else None for s in batch.seqs]
@@ -82,7 +116,9 @@ class ModelRunner:
                 if s.start == 0:  # the scheduler never splits a PARA prompt: all of it is in this step
                     prefills.append(ParaPrefill(start, min(len(s.request.prompt_ids), s.num_tokens), row, s.request.slot))
             para_rows += [row] * s.num_tokens
-        dev = self.device
+        for t in targets:
+            scale_rows[t] += [-1] * num_pad
+        para_rows += [-1] * num_pad
         has_para = any(r >= 0 for r in para_rows)
         return dict(
             adapter_kinds=AdapterKinds(lowrank=any(i and i.has_lowrank for i in infos),
@@ -101,4 +137,21 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """-> (num seqs needing logits, V) fp32, in batch order."""
-        return self.model.forward(self.build(batch), self.kv, self.adapter_pool)
+        size = self.graphs.batch_size_for(batch) if self.graphs is not None else None
+        if size is not None:
+            fb = self.build(batch, pad_to=size, device="cpu")  # host tensors, copied into the graph's inputs
+            if not fb.para_prefills:  # a PARA prompt of one token is a prefill: its vectors are computed eagerly
+                logits = self.graphs.run(self._graph_key(fb), fb, self._forward)
+                if logits is not None:
+                    return logits[: len(batch.seqs)]
+            return self._forward(fb.to(self.device))
+        return self._forward(self.build(batch))
+
+    def _forward(self, fb: ForwardBatch) -> torch.Tensor:
+        return self.model.forward(fb, self.kv, self.adapter_pool)
+
+    def _graph_key(self, fb: ForwardBatch) -> GraphKey:
+        """Everything a captured step depends on beyond its input tensors' values."""
+        return GraphKey(batch_size=fb.segments.num_tokens, kinds=fb.adapter_kinds,
+                        scale_targets=tuple(sorted(fb.scale_rows)), para=fb.para_rows is not None,
+                        max_rank=self.adapter_pool.max_rank if self.adapter_pool else 0)

@@ -1,7 +1,7 @@
 """ForwardBatch: the device tensors for one engine step; the model's only input besides its weights."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -40,6 +40,41 @@ class ForwardBatch:
     scale_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # IA3 target -> (T,) int32 slot or -1
     para_rows: torch.Tensor | None = None  # (T,) int32 row of the request's PARA vectors, or -1
     para_prefills: tuple[ParaPrefill, ...] = ()
+
+    def to(self, device) -> "ForwardBatch":
+        """A copy with every tensor on `device` (always new tensors: CUDA graphs keep them as static inputs)."""
+        return _map_tensors(self, lambda t: t.to(device, copy=True))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the batch, in a fixed order (that of `to`)."""
+        out: list[torch.Tensor] = []
+        _map_tensors(self, lambda t: out.append(t) or t)
+        return out
+
+    def copy_into(self, static: "ForwardBatch") -> None:
+        """Write this batch's tensors into `static`'s, which have the same structure and shapes (graph replay)."""
+        dst, src = static.tensors(), self.tensors()
+        if len(dst) != len(src):
+            raise ValueError(f"batch structure differs: {len(src)} tensors into {len(dst)}")
+        for d, s in zip(dst, src):
+            if d.shape != s.shape or d.dtype != s.dtype:
+                raise ValueError(f"batch tensor {tuple(s.shape)} {s.dtype} does not fit {tuple(d.shape)} {d.dtype}")
+            d.copy_(s, non_blocking=True)
+        static.segments.forget_host_views()
+
+
+def _map_tensors(obj, fn):
+    """obj with fn applied to each tensor inside it (dataclasses, dicts, tuples of those), in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(obj[k], fn) for k in sorted(obj)}
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(v, fn) for v in obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        changes = {f.name: _map_tensors(getattr(obj, f.name), fn) for f in fields(obj)}
+        return replace(obj, **{k: v for k, v in changes.items() if v is not getattr(obj, k)})
+    return obj
 
 
 @dataclass(frozen=True)

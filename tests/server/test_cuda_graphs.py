@@ -1,0 +1,147 @@
+"""Decode steps replayed from captured static inputs (server/engine/cuda_graphs.py).
+
+On a CPU the capture is `eager_capture` (the step re-runs on the captured static inputs and refills the captured
+output), which checks what graphs add besides the graph itself: padding to the captured batch size, fixed shapes,
+keys, inputs copied into static buffers, stale graphs dropped, the eager fallback. The GPU test captures real CUDA
+graphs. Everything is compared with eager steps and with reference models."""
+import logging
+
+import pytest
+import torch
+
+from adapters.delta import AdapterDeltas
+from server.engine.cuda_graphs import DecodeGraphs, batch_sizes, eager_capture
+from server.model.config import ModelConfig
+from tests.helpers import make_hf_model, random_lowrank, reference_logits, reference_model, refs, run_capture, small_engine
+from tests.server.test_all_kinds import ALL, combine, random_ia3, random_para, random_sparse
+
+
+def test_batch_sizes_cover_every_batch_and_end_at_the_maximum():
+    assert batch_sizes(1) == (1,)
+    assert batch_sizes(16) == (1, 2, 4, 8, 16)
+    assert batch_sizes(20) == (1, 2, 4, 8, 16, 20)
+    assert batch_sizes(64)[-4:] == (40, 48, 56, 64)
+
+
+def graph_engine(path, capture=eager_capture, **opts):
+    engine = small_engine(path, **opts)
+    engine.runner.graphs = DecodeGraphs(engine.scheduler.max_num_seqs, "cpu", capture)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = make_hf_model(tmp_path_factory.mktemp("m") / "m", "qwen2")
+    cfg = ModelConfig.from_dir(path)
+    adapters = {
+        "lora4": random_lowrank(cfg, {"q_proj": 4, "v_proj": 4}, seed=1),
+        "sorsa-2r": random_lowrank(cfg, dict.fromkeys(ALL, 16), seed=5),
+        "sift": random_sparse(cfg, ["q_proj", "v_proj", "up_proj", "down_proj"], 0.05, seed=7),
+        "ia3": random_ia3(cfg, seed=8),
+        "para": random_para(cfg, seed=9),
+        "lora+sift+ia3": combine(random_lowrank(cfg, {"q_proj": 6, "up_proj": 6}, seed=12),
+                                 random_sparse(cfg, ["k_proj", "down_proj"], 0.03, seed=13), random_ia3(cfg, seed=14)),
+        "lora64": random_lowrank(cfg, dict.fromkeys(ALL, 64), seed=2),
+    }
+    return path, adapters
+
+
+def prompts_for(plan, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {rid: torch.randint(3, 300, (n,), generator=gen).tolist() for rid, _, n in plan}
+
+
+def test_graph_steps_equal_eager_steps_and_references_with_every_kind(model):
+    path, adapters = model
+    # 7 requests (padded to 8) of every kind, two joining mid-decode (steps with prefill run eagerly), then
+    # requests finishing at different lengths shrink the batch through 4, 2 and 1.
+    plan = [("base", None, 6), ("l4", "lora4", 13), ("so", "sorsa-2r", 9), ("si", "sift", 15), ("ia", "ia3", 8),
+            ("pa", "para", 11), ("co", "lora+sift+ia3", 10), ("late-pa", "para", 5), ("late-l4", "lora4", 3)]
+    prompts, which = prompts_for(plan), {rid: a for rid, a, _ in plan}
+    join = {"late-pa": 4, "late-l4": 7}
+    eager_tokens, eager_logits = run_capture(small_engine(path), prompts, refs(which, adapters), 12, join)
+    engine = graph_engine(path)
+    tokens, logits = run_capture(engine, prompts, refs(which, adapters), 12, join)
+    graphs = engine.runner.graphs
+    assert graphs.enabled and graphs.num_replays >= 12 and graphs.num_captures <= len(graphs.graphs) + 4
+    sizes = {k.batch_size for k in graphs.graphs}
+    assert {8, 1} <= sizes and sizes <= set(batch_sizes(16))
+    kinds = {k.kinds for k in graphs.graphs}
+    assert any(k.lowrank and k.sparse and k.scale for k in kinds)  # the full mix was captured
+    assert tokens == eager_tokens
+    for rid, prompt in prompts.items():
+        ours = torch.stack(logits[rid])
+        assert (ours - torch.stack(eager_logits[rid])).abs().max().item() <= 1e-5, rid
+        deltas = adapters[which[rid]] if which[rid] else AdapterDeltas()
+        ref = reference_logits(reference_model(path, deltas, len(prompt)), prompt, tokens[rid])
+        assert (ours - ref).abs().max().item() <= 1e-4, rid
+
+
+def test_a_replay_sees_the_new_batch_not_the_captured_one(model):
+    """Same batch size and key, different requests, adapters and positions: the second run must not reuse the
+    first run's inputs."""
+    path, adapters = model
+    engine = graph_engine(path)
+    first = {"a": "lora4", "b": "sorsa-2r", "c": None}
+    run_capture(engine, prompts_for([(r, a, 5) for r, a in first.items()], seed=1), refs(first, adapters), 4)
+    (first_key,) = engine.runner.graphs.graphs  # one batch of 3, padded to 4
+    second = {"x": "sorsa-2r", "y": None, "z": "lora4"}
+    prompts = prompts_for([("x", None, 17), ("y", None, 4), ("z", None, 9)], seed=2)
+    tokens, logits = run_capture(engine, prompts, refs(second, adapters), 6)
+    graphs = engine.runner.graphs
+    assert first_key in graphs.graphs and graphs.num_captures == len(graphs.graphs)  # replayed, not recaptured
+    for rid, prompt in prompts.items():
+        deltas = adapters[second[rid]] if second[rid] else AdapterDeltas()
+        ref = reference_logits(reference_model(path, deltas, len(prompt)), prompt, tokens[rid])
+        assert (torch.stack(logits[rid]) - ref).abs().max().item() <= 1e-4, rid
+
+
+def test_a_higher_rank_adapter_replaces_the_graphs_of_the_lower_max_rank(model):
+    path, adapters = model
+    engine = graph_engine(path)
+    which = {"a": "lora4", "b": "lora64"}
+    prompts = prompts_for([("a", None, 7), ("b", None, 6)], seed=3)
+    tokens, logits = run_capture(engine, prompts, refs(which, adapters), 8, join_after={"b": 4})
+    graphs = engine.runner.graphs
+    assert graphs.num_captures > len(graphs.graphs)  # the rank-4 graphs were dropped
+    assert {k.max_rank for k in graphs.graphs} == {64}
+    for rid, prompt in prompts.items():
+        ref = reference_logits(reference_model(path, adapters[which[rid]], len(prompt)), prompt, tokens[rid])
+        assert (torch.stack(logits[rid]) - ref).abs().max().item() <= 1e-4, rid
+
+
+def test_a_failed_capture_turns_graphs_off_and_the_step_runs_eagerly(model, caplog):
+    path, adapters = model
+
+    def failing_capture(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    engine = graph_engine(path, capture=failing_capture)
+    which = {"a": "lora4", "b": None}
+    prompts = prompts_for([("a", None, 5), ("b", None, 8)], seed=4)
+    with caplog.at_level(logging.WARNING):
+        tokens, logits = run_capture(engine, prompts, refs(which, adapters), 5)
+    assert not engine.runner.graphs.enabled and engine.runner.graphs.num_replays == 0
+    assert "decode steps run without graphs" in caplog.text
+    eager_tokens, _ = run_capture(small_engine(path), prompts, refs(which, adapters), 5)
+    assert tokens == eager_tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_engine_equals_eager_engine_on_gpu(model):
+    path, adapters = model
+    plan = [("base", None, 6), ("l4", "lora4", 13), ("so", "sorsa-2r", 9), ("si", "sift", 15), ("ia", "ia3", 8),
+            ("pa", "para", 11), ("co", "lora+sift+ia3", 10), ("l64", "lora64", 5)]
+    prompts, which = prompts_for(plan), {rid: a for rid, a, _ in plan}
+    opts = dict(device="cuda", dtype="fp32")
+    eager_tokens, eager_logits = run_capture(small_engine(path, cuda_graphs=False, **opts), prompts,
+                                             refs(which, adapters), 12, {"l64": 3})
+    engine = small_engine(path, **opts)
+    assert engine.runner.graphs is not None
+    tokens, logits = run_capture(engine, prompts, refs(which, adapters), 12, {"l64": 3})
+    assert engine.runner.graphs.enabled and engine.runner.graphs.num_replays > 0
+    assert tokens == eager_tokens
+    for rid in prompts:
+        diff = (torch.stack(logits[rid]) - torch.stack(eager_logits[rid])).abs().max().item()
+        assert diff <= 1e-4, rid
