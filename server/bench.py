@@ -142,42 +142,67 @@ def cpu_suite(args) -> list[dict]:
 
 
 def decode_step_suite(args) -> list[dict]:
-    """Time one decode step (batch 32, context 512) of a 7B-shaped random model with 0/1/8/32 distinct adapters."""
+    """One decode step (batch 32, context 512) of a random-weight model (7B-shaped by default) with 0/1/8/32
+    distinct rank-16 adapters on all seven projections: the eager forward, the CUDA-graph replay, and the engine's
+    whole step (host metadata + replay). On a CPU (--device cpu, for a smoke run) graphs are static-buffer replays."""
+    from server.engine.cuda_graphs import DecodeGraphs, cuda_capture, eager_capture
+    from server.engine.model_runner import ModelRunner
     from server.model.adapter_pool import AdapterPool
     from server.model.llama import LlamaModel
-    from server.engine.model_runner import ModelRunner
 
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
     hf = {**CONFIGS[args.shape], "max_position_embeddings": 4096, "architectures": ["LlamaForCausalLM"]}
     cfg = ModelConfig.from_hf(hf)
     state = _random_state(cfg, device, dtype)
     model = LlamaModel(cfg, state, device, dtype)
     del state
     batch, ctx, block = args.batch, args.context, 16
-    pool = AdapterPool(cfg, max_slots=64, arena_bytes=8 << 30, device=device, dtype=dtype)
-    runner = ModelRunner(model, num_blocks=batch * (ctx // block + 2), block_size=block, adapter_pool=pool)
-    for slot in range(max(args.adapter_counts)):
-        pool.load(slot, random_adapter(cfg, args.rank, seed=slot))
+    blocks_per_seq = ctx // block + 2
+    counts = sorted(set(args.adapter_counts))
+    pool = AdapterPool(cfg, max_slots=max(max(counts), 1), arena_bytes=(8 << 30) if on_gpu else (1 << 30),
+                       device=device, dtype=dtype)
+    graphs = DecodeGraphs(batch, device, cuda_capture(torch.cuda.graph_pool_handle()) if on_gpu else eager_capture)
+    runner = ModelRunner(model, num_blocks=batch * blocks_per_seq, block_size=block, adapter_pool=pool,
+                         max_model_len=blocks_per_seq * block, graphs=graphs)
+    # One adapter's values in every slot: each slot still has its own copy in the arena, so the kernels read
+    # max(counts) distinct factor sets, and the timing does not depend on the values.
+    adapter = random_adapter(cfg, args.rank, seed=0)
+    image = pool.lowrank_image(adapter)
+    for slot in range(max(counts)):
+        pool.load(slot, adapter, image)
     rows = []
-    for n in args.adapter_counts:
+    for n in counts:
         reqs = []
         for b in range(batch):
             r = Request(f"r{b}", [5] * ctx, SamplingParams(max_tokens=1))
-            r.block_ids = list(range(b * (ctx // block + 2), (b + 1) * (ctx // block + 2)))
+            r.block_ids = list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq))
             r.num_computed_tokens = ctx - 1
             r.slot = (b % n) if n else -1
             reqs.append(r)
         sched = ScheduledBatch([ScheduledSeq(r, ctx - 1, 1, True) for r in reqs])
         fb = runner.build(sched)
-        step = lambda: model.forward(fb, runner.kv, pool)  # noqa: E731
-        ms = _cuda_time(step)
-        rows.append(dict(shape=args.shape, batch=batch, context=ctx, distinct_adapters=n, rank=args.rank, ms_per_step=ms,
-                         tokens_per_s=batch / ms * 1e3, device=torch.cuda.get_device_name()))
-        print(f"decode step {args.shape} batch {batch} ctx {ctx}: {n:2d} distinct rank-{args.rank} adapters "
-              f"-> {ms:7.3f} ms ({rows[-1]['tokens_per_s']:8.0f} tok/s)", flush=True)
-    base = rows[0]["ms_per_step"]
+        eager_ms = _time(lambda: model.forward(fb, runner.kv, pool), device)  # noqa: B023
+        host_fb = runner.build(sched, pad_to=graphs.batch_size_for(sched), device="cpu")
+        key = runner.graph_key(host_fb)
+        replay_ms = _time(lambda: graphs.run(key, host_fb, runner.forward), device)  # noqa: B023
+        step_ms = _time(lambda: runner.execute(sched), device)  # noqa: B023
+        rows.append(dict(shape=args.shape, batch=batch, context=ctx, distinct_adapters=n, rank=args.rank,
+                         eager_ms=eager_ms, graph_replay_ms=replay_ms, engine_step_ms=step_ms,
+                         tokens_per_s=batch / step_ms * 1e3, graphs_enabled=graphs.enabled,
+                         device=torch.cuda.get_device_name(device) if on_gpu else "cpu", dtype=str(dtype)))
+        print(f"decode step {args.shape} batch {batch} ctx {ctx}: {n:2d} distinct rank-{args.rank} adapters -> eager "
+              f"{eager_ms:7.3f} ms, graph replay {replay_ms:7.3f} ms, engine step {step_ms:7.3f} ms "
+              f"({rows[-1]['tokens_per_s']:8.0f} tok/s){'' if graphs.enabled else ' [graph capture failed: eager]'}",
+              flush=True)
+    base = rows[0]
     for r in rows:
-        r["overhead_vs_base"] = r["ms_per_step"] / base - 1.0
+        for k in ("eager_ms", "graph_replay_ms", "engine_step_ms"):
+            r[k.replace("_ms", "_vs_base")] = r[k] / base[k]
+    if base["distinct_adapters"] == 0:
+        print("vs. no adapters: " + ", ".join(f"{r['distinct_adapters']}: eager {r['eager_vs_base']:.3f}x "
+                                              f"graph {r['graph_replay_vs_base']:.3f}x" for r in rows[1:]))
     return rows
 
 
@@ -201,10 +226,16 @@ def _random_state(cfg: ModelConfig, device, dtype) -> dict[str, torch.Tensor]:
     return s
 
 
-def _cuda_time(fn, iters: int = 20) -> float:
+def _time(fn, device: torch.device, iters: int = 20) -> float:
+    """Mean milliseconds per call (CUDA events on a GPU, wall clock elsewhere), after 3 warm-up calls."""
     with torch.inference_mode():
         for _ in range(3):
             fn()
+        if device.type != "cuda":
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            return (time.perf_counter() - t0) / iters * 1e3
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -227,6 +258,7 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", default="7b", choices=list(CONFIGS))
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--adapter-counts", type=int, nargs="+", default=[0, 1, 8, 32])
+    ap.add_argument("--device", default=None, help="decode-step: cuda (default when available) or cpu (smoke run)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -66,7 +66,8 @@ def cuda_capture(pool) -> Capture:
             fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: fetch threads may pin host memory meanwhile (cudaHostAlloc), which a global capture forbids
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             out = fn()
         graph.replay()  # capturing only records: this runs the step
         return graph.replay, out

@@ -119,4 +119,5 @@ class LLMEngine:
             "num_waiting_adapter": sum(r.status is Status.WAITING_ADAPTER for r in sched.waiting),
             "adapter_cache": vars(sched.adapters.stats) if hasattr(sched.adapters, "stats") else {},
             "num_resident_adapters": len(self.runner.adapter_pool.slots) if self.runner.adapter_pool else 0,
+            "cuda_graphs": self.runner.graphs.stats() if self.runner.graphs else {"enabled": False},
         }

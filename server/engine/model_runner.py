@@ -141,16 +141,16 @@ class ModelRunner:
         if size is not None:
             fb = self.build(batch, pad_to=size, device="cpu")  # host tensors, copied into the graph's inputs
             if not fb.para_prefills:  # a PARA prompt of one token is a prefill: its vectors are computed eagerly
-                logits = self.graphs.run(self._graph_key(fb), fb, self._forward)
+                logits = self.graphs.run(self.graph_key(fb), fb, self.forward)
                 if logits is not None:
                     return logits[: len(batch.seqs)]
-            return self._forward(fb.to(self.device))
-        return self._forward(self.build(batch))
+            return self.forward(fb.to(self.device))
+        return self.forward(self.build(batch))
 
-    def _forward(self, fb: ForwardBatch) -> torch.Tensor:
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
         return self.model.forward(fb, self.kv, self.adapter_pool)
 
-    def _graph_key(self, fb: ForwardBatch) -> GraphKey:
+    def graph_key(self, fb: ForwardBatch) -> GraphKey:
         """Everything a captured step depends on beyond its input tensors' values."""
         return GraphKey(batch_size=fb.segments.num_tokens, kinds=fb.adapter_kinds,
                         scale_targets=tuple(sorted(fb.scale_rows)), para=fb.para_rows is not None,
