@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast bench clean
+.PHONY: install serve test test-fast bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	@if [ ! -x $(VPY) ]; then \
@@ -35,6 +35,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m "not slow"
+
+# On a GPU machine: native GPU tests, kernel and decode-step benchmarks into out/gpu (see .ci/gpu-check).
+gpu-check:
+	bash .ci/gpu-check
 
 bench: $(STAMP)
 	$(VPY) -m server.bench
