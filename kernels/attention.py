@@ -6,7 +6,8 @@ has seq_lens[b] tokens, stored in the blocks block_tables[b, :]. Causal with an 
 sequence b sits at position p = seq_lens[b] - q_len_b + j and attends to keys 0..p.
 
 Semantics (per sequence b, head h, GQA group g = h // (Hq // Hkv)):
-    out[q_start[b] + j, h] = softmax(sm_scale * q[., h] @ K_b[:p+1, g]^T) @ V_b[:p+1, g]
+    out[q_start[b] + j, h] = softmax(sm_scale * q[., h] @ K_b[lo:p+1, g]^T) @ V_b[lo:p+1, g]
+    lo = 0, or with a sliding window W (Mistral; window > 0): lo = max(0, p - W + 1), the last W positions.
 
 Running example (block_size 4, Hq 4, Hkv 2, so a GQA group of 2 query heads per KV head):
 
@@ -23,7 +24,7 @@ The Triton kernel is one flash-attention program per (query block, KV head, KV s
     is T // BLOCK_Q + B programs (host ints only, no device sync) and a program finds its sequence by binary
     search over q_start. Programs left over (a sequence shorter than its share) return at once.
   * Keys stream in tiles of BLOCK_N positions through the block table (online softmax, fp32 statistics and
-    accumulator), stopping at the last position the block's queries can see (causal tile skipping).
+    accumulator), from the first position the block's queries can see (sliding window) to the last (causal).
   * With few programs (small decode batches) the key range is split NUM_SPLITS ways (flash-decoding); each
     split writes its unnormalised (acc, max, sum) and a second kernel merges them.
 """
@@ -68,9 +69,11 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
 
 
-def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, sm_scale: float) -> torch.Tensor:
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, sm_scale: float,
+                        window: int = 0) -> torch.Tensor:
     """Reference (and CPU path): decode rows of all sequences in one batched softmax over their gathered blocks;
-    each longer query range (a prefill chunk) by SDPA with a causal offset mask. fp32 math."""
+    each longer query range (a prefill chunk) by SDPA with a causal offset mask. fp32 math. window > 0: each
+    query sees only the last `window` positions up to its own."""
     out = torch.empty_like(q)
     q_start = meta.q_start.tolist()
     seq_lens = meta.seq_lens.tolist()
@@ -78,10 +81,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     decode = [b for b, n in enumerate(q_lens) if n == 1 and seq_lens[b] > 0]
     if decode:
         _decode_ref(q, k_cache, v_cache, meta, sm_scale, decode, [q_start[b] for b in decode],
-                    [seq_lens[b] for b in decode], out)
+                    [seq_lens[b] for b in decode], out, window)
     for b, n in enumerate(q_lens):
         if n > 1 or (n == 1 and seq_lens[b] == 0):
-            _prefill_ref(q, k_cache, v_cache, meta.block_tables[b], q_start[b], n, seq_lens[b], sm_scale, out)
+            _prefill_ref(q, k_cache, v_cache, meta.block_tables[b], q_start[b], n, seq_lens[b], sm_scale, out, window)
     return out
 
 
@@ -91,12 +94,14 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) ->
     return cache[block_tables[:, :num_blocks].long()].reshape(b, -1, *cache.shape[2:])
 
 
-def _decode_ref(q, k_cache, v_cache, meta, sm_scale, seqs, rows, lens, out) -> None:
+def _decode_ref(q, k_cache, v_cache, meta, sm_scale, seqs, rows, lens, out, window) -> None:
     num_kv_heads, block_size, head_dim = k_cache.shape[2], k_cache.shape[1], k_cache.shape[3]
     rep = q.shape[1] // num_kv_heads
     tables = meta.block_tables[torch.tensor(seqs, device=q.device)]
     num_blocks = -(-max(lens) // block_size)
-    valid = torch.arange(num_blocks * block_size, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]
+    pos = torch.arange(num_blocks * block_size, device=q.device)[None, :]
+    lens_t = torch.tensor(lens, device=q.device)[:, None]
+    valid = (pos < lens_t) & ((pos >= lens_t - window) if window > 0 else True)
     k = _gather(k_cache, tables, num_blocks).float()  # (Bd, S, Hkv, D)
     v = _gather(v_cache, tables, num_blocks).float().masked_fill(~valid[:, :, None, None], 0.0)  # unused slots may hold NaN
     qd = q[torch.tensor(rows, device=q.device)].float().view(len(seqs), num_kv_heads, rep, head_dim)  # (Bd, Hkv, rep, D)
@@ -106,7 +111,7 @@ def _decode_ref(q, k_cache, v_cache, meta, sm_scale, seqs, rows, lens, out) -> N
     out[torch.tensor(rows, device=q.device)] = o.reshape(len(seqs), -1, head_dim).to(q.dtype)
 
 
-def _prefill_ref(q, k_cache, v_cache, block_table, q0, n, seq_len, sm_scale, out) -> None:
+def _prefill_ref(q, k_cache, v_cache, block_table, q0, n, seq_len, sm_scale, out, window) -> None:
     num_q_heads, num_kv_heads, block_size = q.shape[1], k_cache.shape[2], k_cache.shape[1]
     if seq_len == 0:
         out[q0 : q0 + n] = 0
@@ -119,7 +124,10 @@ def _prefill_ref(q, k_cache, v_cache, block_table, q0, n, seq_len, sm_scale, out
     v = v.repeat_interleave(rep, dim=1).transpose(0, 1).float()
     qb = q[q0 : q0 + n].transpose(0, 1).float()  # (Hq, n, D)
     pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]  # (n, 1)
-    mask = torch.arange(seq_len, device=q.device)[None, :] <= pos  # (n, S)
+    keys = torch.arange(seq_len, device=q.device)[None, :]
+    mask = keys <= pos  # (n, S)
+    if window > 0:
+        mask &= keys > pos - window
     o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=sm_scale)  # (Hq, n, D)
     out[q0 : q0 + n] = o.transpose(0, 1).to(q.dtype)
 
@@ -184,7 +192,7 @@ def _find_seq(q_start_ptr, qblock, num_seqs, BLOCK_Q: tl.constexpr):
 def _paged_attn_kernel(
     out_ptr, part_acc_ptr, part_stat_ptr,  # out: (T, Hq, D); partials (splits only): (S, T, Hq, D), (S, 2, T, Hq)
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, q_start_ptr, seq_lens_ptr,
-    qk_scale, num_seqs, num_tokens, stride_qt, stride_bt,  # qk_scale = sm_scale * log2(e)
+    qk_scale, num_seqs, num_tokens, stride_qt, stride_bt, window,  # qk_scale = sm_scale * log2(e); window 0 = none
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -210,12 +218,15 @@ def _paged_attn_kernel(
     q = tl.load(q_ptr + (q0 + q_pos)[:, None].to(tl.int64) * stride_qt + head[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (M, Dp)
 
-    # Keys this block can see end at the last query's position; this split takes a contiguous share of the tiles.
+    # Keys this block can see end at the last query's position and, with a sliding window, start at the first
+    # query's window; this split takes a contiguous share of the tiles in between.
     kv_end = tl.minimum(context_len + (qblock_local + 1) * BLOCK_Q, seq_len)
-    num_tiles = tl.cdiv(kv_end, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    kv_start = tl.where(window > 0, tl.maximum(context_len + qblock_local * BLOCK_Q - window + 1, 0), 0)
+    first_tile = kv_start // BLOCK_N
+    end_tile = tl.cdiv(kv_end, BLOCK_N)
+    tiles_per_split = tl.cdiv(end_tile - first_tile, NUM_SPLITS)
+    tile_lo = first_tile + split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, end_tile)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -233,6 +244,7 @@ def _paged_attn_kernel(
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 domain
         visible = (pos[None, :] <= context_len + q_pos[:, None]) & pos_ok[None, :]
+        visible &= (window <= 0) | (pos[None, :] > context_len + q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet (only in later splits)
@@ -295,7 +307,8 @@ def _num_splits(num_programs: int, max_seq_len: int, block_n: int, device: torch
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
-                           sm_scale: float, num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           sm_scale: float, num_splits: int | None = None, out: torch.Tensor | None = None,
+                           window: int = 0) -> torch.Tensor:
     """Triton paged attention, same semantics as paged_attention_ref. Never syncs with the device.
 
     q: (T, Hq, D) with unit strides inside a token (a view of a fused qkv is fine)   caches: contiguous
@@ -333,7 +346,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     head_dim_pad = max(triton.next_power_of_2(head_dim), 16)
     _paged_attn_kernel[(num_qblocks, num_kv_heads, splits)](
         out, part_acc, part_stat, q, k_cache, v_cache, meta.block_tables, meta.q_start, meta.seq_lens,
-        sm_scale * math.log2(math.e), num_seqs, num_tokens, q.stride(0), meta.block_tables.stride(0),
+        sm_scale * math.log2(math.e), num_seqs, num_tokens, q.stride(0), meta.block_tables.stride(0), window,
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         NUM_SPLITS=splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -357,8 +370,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, sm_scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, sm_scale: float,
+                    window: int = 0) -> torch.Tensor:
     """Dispatch: CUDA tensors -> Triton, anything else -> the reference (MULTIPLEX_KERNELS overrides)."""
     if _use_triton(q):
-        return paged_attention_triton(q, k_cache, v_cache, meta, sm_scale)
-    return paged_attention_ref(q, k_cache, v_cache, meta, sm_scale)
+        return paged_attention_triton(q, k_cache, v_cache, meta, sm_scale, window=window)
+    return paged_attention_ref(q, k_cache, v_cache, meta, sm_scale, window)

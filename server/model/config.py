@@ -32,7 +32,8 @@ class ModelConfig:
     qkv_bias: bool  # Qwen2
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    sliding_window: int | None  # Mistral: attention beyond it is not implemented, so it caps the context
+    sliding_window: int | None  # Mistral (and Qwen2 with use_sliding_window): keys a query sees, its own included
+    sliding_layers: tuple[int, ...] = ()  # the layers that use it (Mistral: all; Qwen2: from max_window_layers on)
 
     @property
     def q_size(self) -> int:
@@ -44,7 +45,11 @@ class ModelConfig:
 
     @property
     def max_context(self) -> int:
-        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+        return self.max_position_embeddings
+
+    def attention_window(self, layer: int) -> int:
+        """The sliding window of this layer's attention, 0 for full attention."""
+        return self.sliding_window if self.sliding_window and layer in self.sliding_layers else 0
 
     def spec(self) -> dict:
         """The backbone spec the adapter fingerprint is computed from (adapters.artifact.fingerprint)."""
@@ -71,12 +76,21 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         sliding = cfg.get("sliding_window") if (family == "mistral" or cfg.get("use_sliding_window")) else None
+        num_layers = cfg["num_hidden_layers"]
+        sliding_layers: tuple[int, ...] = ()
+        if sliding:
+            if cfg.get("layer_types"):  # transformers >= 4.53 writes which layers slide
+                sliding_layers = tuple(i for i, t in enumerate(cfg["layer_types"]) if t == "sliding_attention")
+            elif family == "qwen2":
+                sliding_layers = tuple(range(cfg.get("max_window_layers", num_layers), num_layers))
+            else:
+                sliding_layers = tuple(range(num_layers))
         return cls(
             architecture=family,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
@@ -89,6 +103,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             sliding_window=sliding,
+            sliding_layers=sliding_layers,
         )
 
     @classmethod

@@ -64,6 +64,7 @@ class LlamaModel:
             ))
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device, dtype)
         self.sm_scale = cfg.head_dim ** -0.5
+        self.windows = [cfg.attention_window(i) for i in range(cfg.num_layers)]  # 0 = full attention
 
     def forward(self, batch: ForwardBatch, kv: KVCache, adapters: AdapterPool | None) -> torch.Tensor:
         """-> (B, V) fp32 logits for the rows in batch.logits_indices."""
@@ -87,7 +88,8 @@ class LlamaModel:
             v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             q, k = self.rope.apply(q, k, batch.positions)
             write_kv(k, v, kv.k[i], kv.v[i], batch.slot_mapping)
-            attn = paged_attention(q, kv.k[i], kv.v[i], batch.attn, self.sm_scale).view(num_tokens, cfg.q_size)
+            attn = paged_attention(q, kv.k[i], kv.v[i], batch.attn, self.sm_scale, self.windows[i])
+            attn = attn.view(num_tokens, cfg.q_size)
             o = F.linear(attn, lw.o)  # (T, H)
             if use_adapters:
                 adapters.apply(i, "o", o, attn, batch)

@@ -51,12 +51,12 @@ def make_batch(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, dtype, dev
     return q.to(device, dtype), k_cache.to(device, dtype), v_cache.to(device, dtype), meta
 
 
-def check_attention(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, dtype, device, num_splits=None):
+def check_attention(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, dtype, device, num_splits=None, window=0):
     q, k_cache, v_cache, meta = make_batch(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, dtype, device)
     sm_scale = head_dim**-0.5
-    ref = attn.paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, sm_scale)  # (T, Hq, D) fp32
+    ref = attn.paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, sm_scale, window)  # (T, Hq, D)
     out = torch.full_like(q, float("nan"))
-    attn.paged_attention_triton(q, k_cache, v_cache, meta, sm_scale, num_splits=num_splits, out=out)
+    attn.paged_attention_triton(q, k_cache, v_cache, meta, sm_scale, num_splits=num_splits, out=out, window=window)
     tol = TOLERANCES[dtype]
     err = (out.float() - ref).abs().max().item()
     assert err <= tol["atol"] + tol["rtol"] * ref.abs().max().item(), f"max abs error {err}"
@@ -90,6 +90,32 @@ def test_paged_attention_head_dims_interpreter(head_dim):
 def test_paged_attention_split_kv_interpreter(num_splits):
     # The split path merges partial softmaxes, including splits that see no key for some rows.
     check_attention([1, 6, 0, 1], [150, 70, 4, 9], 4, 1, 32, torch.float32, "cpu", num_splits=num_splits)
+
+
+@cpu
+@pytest.mark.parametrize("num_splits", [None, 2])
+@pytest.mark.parametrize("window", [1, 7, 16, 40])
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_paged_attention_sliding_window_interpreter(batch, window, num_splits):
+    # Windows shorter than a key tile, on a block boundary, and longer than some contexts (then nothing is cut).
+    check_attention(*BATCHES[batch], 4, 2, 32, torch.float32, "cpu", num_splits=num_splits, window=window)
+
+
+def test_sliding_window_reference_is_softmax_over_the_last_window_positions():
+    """The reference's window, checked by hand on one decode row and one prefill chunk."""
+    q_lens, seq_lens, window = [1, 5], [30, 12], 6
+    q, k_cache, v_cache, meta = make_batch(q_lens, seq_lens, 2, 2, 16, torch.float32, "cpu", seed=3)
+    out = attn.paged_attention_ref(q, k_cache, v_cache, meta, 0.25, window)
+    for b, (q0, n, length) in enumerate([(0, 1, 30), (1, 5, 12)]):
+        blocks = meta.block_tables[b].long()
+        keys = k_cache[blocks].reshape(-1, 2, 16)[:length]
+        vals = v_cache[blocks].reshape(-1, 2, 16)[:length]
+        for j in range(n):
+            p = length - n + j
+            lo = max(0, p - window + 1)
+            scores = torch.einsum("hd,shd->hs", q[q0 + j], keys[lo : p + 1]) * 0.25
+            expected = torch.einsum("hs,shd->hd", scores.softmax(-1), vals[lo : p + 1])
+            assert torch.allclose(out[q0 + j], expected, atol=1e-5)
 
 
 def check_write_kv(dtype, device):
@@ -133,6 +159,14 @@ def test_paged_attention_cuda(batch, head_dim, group, dtype):
 @pytest.mark.parametrize("batch", ["decode", "long"])
 def test_paged_attention_split_kv_cuda(batch, group):
     check_attention(*BATCHES.get(batch, LONG_BATCH), 4 * group, 4, 128, torch.bfloat16, "cuda", num_splits=4)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("num_splits", [None, 4])
+@pytest.mark.parametrize("window", [16, 100, 4096])
+def test_paged_attention_sliding_window_cuda(window, num_splits):
+    check_attention(*LONG_BATCH, 8, 2, 128, torch.bfloat16, "cuda", num_splits=num_splits, window=window)
 
 
 @pytest.mark.gpu
