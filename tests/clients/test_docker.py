@@ -244,3 +244,22 @@ def test_compose_config_validates(profiles: list[str], tmp_path: Path) -> None:
         command += ["--profile", profile]
     result = subprocess.run([*command, "config", "--quiet"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_file_follows_the_compose_specification_schema() -> None:
+    """Without Docker, the next best check: compose.yaml against the Compose Specification's JSON schema
+    (tests/clients/data/compose-spec.json, from github.com/compose-spec/compose-spec, Apache-2.0, commit 170098b).
+    The same validator must refuse a broken copy, so the check can fail."""
+    import copy
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).parent / "data" / "compose-spec.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    compose = load_compose()
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, errors
+    broken = copy.deepcopy(compose)
+    broken["services"]["server"]["enviroment"] = {"MULTIPLEX_DEVICE": "cuda"}  # misspelt key
+    broken["services"]["server"]["depends_on"]["redis"]["condition"] = "healthy"  # not a condition compose knows
+    assert len(list(validator.iter_errors(broken))) >= 2
