@@ -109,6 +109,7 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     if opts.cuda_graphs and device.type == "cuda" and use_triton(device):
         graphs = DecodeGraphs.for_device(device, opts.max_num_seqs)
     runner = ModelRunner(llama, num_blocks, opts.block_size, pool, max_model_len=max_len, graphs=graphs)
+    runner.capture_decode_graphs()
     eos = cfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     log.info("model %s on %s/%s: %d layers, context %d, %d KV blocks of %d, CUDA graphs %s", path, device, dtype,
              cfg.num_layers, max_len, num_blocks, opts.block_size, "on" if graphs else "off")

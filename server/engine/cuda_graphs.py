@@ -5,8 +5,10 @@ captured batch size (`batch_sizes`: 1, 2, 4, 8, then multiples of 8) by ModelRun
 shapes then depend on that size alone: block tables as wide as the longest context, attention split for it,
 row tiles bounded by `kernels.segments.max_tiles`. What else a step's kernels depend on besides the values in
 its input tensors is its `GraphKey`: the delta kinds the step uses (a base-only step launches no adapter kernel),
-the Scale targets present, whether PARA vectors apply, and the device pool's largest rank (it sizes the
-low-rank intermediate and grid). Each key is captured once, on first use, then replayed:
+the Scale targets present, whether PARA vectors apply, and the device pool's rank class (a power of two >= 16
+bounding every resident rank; it sizes the low-rank intermediate and grid). The engine captures the base and
+LowRank steps of every batch size at start-up (ModelRunner.capture_decode_graphs); any other key is captured once,
+on first use. Then each step is a replay:
 
     fresh host ForwardBatch --copy_into--> the graph's static ForwardBatch --replay--> static logits[:B]
 
@@ -117,7 +119,7 @@ class DecodeGraphs:
         return graph.logits
 
     def _capture(self, key: GraphKey, fb: ForwardBatch, forward: Forward) -> _Graph | None:
-        # A larger max_rank makes every graph of a smaller one stale (the pool's max rank never shrinks).
+        # A larger rank class makes every graph of a smaller one stale (the pool's rank class never shrinks).
         for old in [k for k in self.graphs if k.max_rank != key.max_rank]:
             del self.graphs[old]
         while len(self.graphs) >= self.max_graphs:

@@ -8,6 +8,8 @@ writes nothing of anybody else, and its logits are dropped.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import replace
 
 import torch
 
@@ -86,7 +88,7 @@ class ModelRunner:
 
         attn = AttentionMeta(
             q_start=t(q_start, torch.int32), seq_lens=t(seq_lens, torch.int32), block_tables=block_tables.to(dev),
-            max_q_len=max(s.num_tokens for s in batch.seqs),
+            max_q_len=max((s.num_tokens for s in batch.seqs), default=1),
             max_seq_len=self.max_blocks_per_seq * bs if pad_to else max(seq_lens),
         )
         segments = make_segments([s.num_tokens for s in batch.seqs] + [1] * num_pad,
@@ -146,6 +148,25 @@ class ModelRunner:
                     return logits[: len(batch.seqs)]
             return self.forward(fb.to(self.device))
         return self.forward(self.build(batch))
+
+    def capture_decode_graphs(self) -> None:
+        """Capture, for every batch size, the decode step with no adapter and the one with LowRank adapters (the
+        common cases) now, at start-up, rather than during the first such steps. The steps captured are all
+        padding rows, on the scratch KV block; the LowRank ones name slot 0, whose empty table entries (rank 0)
+        make the kernels do nothing until a real step's inputs are copied in."""
+        if self.graphs is None:
+            return
+        t0 = time.perf_counter()
+        for size in self.graphs.sizes:
+            fb = self.build(ScheduledBatch([]), pad_to=size, device="cpu")
+            variants = [fb]
+            if self.adapter_pool is not None:
+                variants.append(replace(fb, segments=make_segments([1] * size, [0] * size, "cpu"),
+                                        adapter_kinds=AdapterKinds(lowrank=True)))
+            for v in variants:
+                if self.graphs.run(self.graph_key(v), v, self.forward) is None:
+                    return  # capture failed: graphs are off, the engine runs eagerly
+        log.info("captured %d decode-step graphs in %.1f s", len(self.graphs.graphs), time.perf_counter() - t0)
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         return self.model.forward(fb, self.kv, self.adapter_pool)

@@ -51,6 +51,13 @@ class LowRankImage:
     scale: torch.Tensor  # (num_layers, 7) float32
 
 
+def rank_class(rank: int) -> int:
+    """The bound on ranks the kernels are sized for: a power of two >= 16, so that it changes at most a few times
+    (each change re-sizes the low-rank intermediate and grid, and makes the captured CUDA graphs stale). Programs
+    past a slot's real rank return at once, so the bound costs nothing measurable."""
+    return max(16, 1 << (max(rank, 1) - 1).bit_length())
+
+
 class AdapterPoolFull(Exception):
     """No free slot or no arena range large enough: the caller evicts an unpinned adapter and retries."""
 
@@ -77,7 +84,7 @@ class AdapterPool:
         self.para_layers: dict[int, dict[int, ParaLayer]] = {}  # slot -> layer -> generator (device tensors)
         self.para_vectors: torch.Tensor | None = None  # (L, max_requests, d_q + d_kv + d_ff), made on first use
         self.slots: dict[int, SlotInfo] = {}
-        self.max_rank = 1
+        self.max_rank = rank_class(1)
         self._build_tables()
         # On a CPU (unless the Triton kernels are forced), LowRank deltas are applied from a padded mirror
         self.padded = None if use_triton(device) else PaddedLowRank(self.layout, cfg.num_layers, max_slots)
@@ -199,7 +206,7 @@ class AdapterPool:
         self.b_off[:, :, slot] = (image.b_rel + start).to(self.device, non_blocking=True)
         self.rank[:, :, slot] = image.rank.to(self.device, non_blocking=True)
         self.scale[:, :, slot] = image.scale.to(self.device, non_blocking=True)
-        max_rank = max(self.max_rank, int(image.rank.max()) if image.rank.numel() else 0)
+        max_rank = rank_class(max(self.max_rank, int(image.rank.max()) if image.rank.numel() else 0))
         if max_rank != self.max_rank:
             self.max_rank = max_rank
             self._build_tables()

@@ -110,6 +110,23 @@ def test_a_higher_rank_adapter_replaces_the_graphs_of_the_lower_max_rank(model):
         assert (torch.stack(logits[rid]) - ref).abs().max().item() <= 1e-4, rid
 
 
+def test_graphs_captured_at_start_up_serve_base_and_lowrank_steps_without_new_captures(model):
+    path, adapters = model
+    engine = graph_engine(path)
+    engine.runner.capture_decode_graphs()
+    graphs = engine.runner.graphs
+    assert graphs.num_captures == 2 * len(graphs.sizes)  # per size: no adapter, LowRank
+    which = {"a": "lora4", "b": None, "c": "sorsa-2r", "d": "lora4", "e": None}
+    prompts = prompts_for([(r, None, n) for r, n in zip(which, (5, 9, 3, 12, 7))], seed=5)
+    replays = graphs.num_replays
+    tokens, logits = run_capture(engine, prompts, refs(which, adapters), 7, join_after={"e": 3})
+    assert graphs.num_captures == 2 * len(graphs.sizes) and graphs.num_replays - replays >= 5
+    for rid, prompt in prompts.items():
+        deltas = adapters[which[rid]] if which[rid] else AdapterDeltas()
+        ref = reference_logits(reference_model(path, deltas, len(prompt)), prompt, tokens[rid])
+        assert (torch.stack(logits[rid]) - ref).abs().max().item() <= 1e-4, rid
+
+
 def test_a_failed_capture_turns_graphs_off_and_the_step_runs_eagerly(model, caplog):
     path, adapters = model
 
