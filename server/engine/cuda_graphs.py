@@ -19,6 +19,7 @@ warning; the step, and every later one, runs eagerly.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -106,15 +107,16 @@ class DecodeGraphs:
     def run(self, key: GraphKey, fb: ForwardBatch, forward: Forward) -> torch.Tensor | None:
         """Replay (capturing first if new) the step for `fb` (host tensors) -> static logits (batch_size, V),
         or None when capture failed and the caller must run the step eagerly."""
-        graph = self.graphs.get(key)
-        if graph is None:
-            graph = self._capture(key, fb, forward)
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            graph = self.graphs.get(key)
             if graph is None:
-                return None
-        else:
-            self.graphs.move_to_end(key)
-            fb.copy_into(graph.static)
-            graph.replay()
+                graph = self._capture(key, fb, forward)
+                if graph is None:
+                    return None
+            else:
+                self.graphs.move_to_end(key)
+                fb.copy_into(graph.static)
+                graph.replay()
         self.num_replays += 1
         return graph.logits
 
@@ -135,7 +137,7 @@ class DecodeGraphs:
             return None
         graph = self.graphs[key] = _Graph(static, replay, logits)
         self.num_captures += 1
-        log.info("captured decode step %s (%d graphs)", key, len(self.graphs))
+        log.debug("captured decode step %s (%d graphs)", key, len(self.graphs))
         return graph
 
     def stats(self) -> dict:
