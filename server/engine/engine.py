@@ -30,7 +30,7 @@ class LLMEngine:
                 f"prompt has {len(req.prompt_ids)} tokens; this model's context is {self.max_model_len} tokens")
         if not req.prompt_ids:
             raise PromptTooLongError("prompt is empty")
-        req.generator = make_generator(req.params, self.runner.device)
+        req.generator = make_generator(req.params)
         self.requests[req.request_id] = req
         self.scheduler.add(req)
 

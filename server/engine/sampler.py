@@ -15,10 +15,12 @@ class SampleResult:
     top: list[list[tuple[int, float]] | None]  # top-k (token, logprob) per row when asked for
 
 
-def make_generator(params: SamplingParams, device) -> torch.Generator | None:
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """A request's random source: on the host whatever the device (one uniform draw per sampled token, see
+    _sample_rows), so that a seed gives the same stream on every device and costs no kernel launch."""
     if params.temperature == 0:
         return None
-    gen = torch.Generator(device=device)
+    gen = torch.Generator()
     if params.seed is not None:
         gen.manual_seed(params.seed)
     else:
@@ -29,9 +31,10 @@ def make_generator(params: SamplingParams, device) -> torch.Generator | None:
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> SampleResult:
     """logits: (B, V) fp32, one row per request that needs a token this step."""
     token_ids = logits.argmax(dim=-1)  # (B,) greedy for every row; sampled rows overwrite theirs
-    for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.temperature > 0:
-            token_ids[row] = _sample_row(logits[row], p, gen)
+    rows = [row for row, p in enumerate(params) if p.temperature > 0]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        token_ids[index] = _sample_rows(logits[index], [params[r] for r in rows], [generators[r] for r in rows])
     ids = token_ids.tolist()
     want = [p.logprobs is not None for p in params]
     logprobs: list[float | None] = [None] * len(ids)
@@ -50,15 +53,27 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return SampleResult(ids, logprobs, top)
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-    x = logits / p.temperature  # (V,)
-    if p.top_k > 0:
-        kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        cum = torch.softmax(sorted_x, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_x, dim=-1) >= p.top_p  # keep the smallest prefix reaching top_p
-        x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(x, dim=-1)
-    return torch.multinomial(probs, 1, generator=gen)[0]
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row, all rows at once (a fixed number of batched ops, not a loop over requests): temperature,
+    then top-k and top-p on the sorted distribution, then inverse-CDF sampling with one uniform per row drawn from
+    the row's generator. logits: (n, V) -> (n,) token ids."""
+    n, vocab = logits.shape
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=dev, dtype=logits.dtype)
+    x = logits / temps[:, None]  # (n, V)
+    u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float64)
+    if all(p.top_k <= 0 and p.top_p >= 1.0 for p in params):  # plain temperature: no sort needed
+        probs, order = torch.softmax(x, dim=-1), None
+    else:
+        x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(x, dim=-1)
+        ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
+        top_ps = torch.tensor([p.top_p for p in params], device=dev, dtype=probs.dtype)
+        keep = torch.arange(vocab, device=dev)[None, :] < ks[:, None]  # top-k: the k most likely
+        keep &= probs.cumsum(-1) - probs < top_ps[:, None]  # top-p: the smallest prefix reaching top_p (>= 1 token)
+        probs = probs * keep
+    cdf = probs.double().cumsum(-1)  # (n, V); float64 so that the last entries stay ordered
+    target = u.to(dev)[:, None] * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)  # first entry with cdf > u * total
+    # A token of probability 0 (cut by top-k/top-p) has cdf equal to its predecessor's, so it is never chosen.
+    return (idx if order is None else order.gather(1, idx)).squeeze(1)

@@ -55,12 +55,33 @@ def test_max_tokens_and_context_limit(model_dir):
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
     logits = torch.randn(3, 50)
     p = SamplingParams(temperature=1.0, seed=7)
-    runs = [sample(logits, [p] * 3, [make_generator(p, "cpu") for _ in range(3)]).token_ids for _ in range(2)]
+    runs = [sample(logits, [p] * 3, [make_generator(p) for _ in range(3)]).token_ids for _ in range(2)]
     assert runs[0] == runs[1]
     k1 = SamplingParams(temperature=1.5, top_k=1)
-    assert sample(logits, [k1] * 3, [make_generator(k1, "cpu")] * 3).token_ids == logits.argmax(-1).tolist()
+    assert sample(logits, [k1] * 3, [make_generator(k1)] * 3).token_ids == logits.argmax(-1).tolist()
     p_small = SamplingParams(temperature=1.0, top_p=1e-6)
-    assert sample(logits, [p_small] * 3, [make_generator(p_small, "cpu")] * 3).token_ids == logits.argmax(-1).tolist()
+    assert sample(logits, [p_small] * 3, [make_generator(p_small)] * 3).token_ids == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.8),
+                                                     (0.8, 4, 0.9)])
+def test_sampled_tokens_follow_the_truncated_tempered_distribution(temperature, top_k, top_p):
+    """20000 rows in one call, against the distribution computed by hand: softmax(logits / T), keep the top_k most
+    likely, then the smallest prefix whose mass reaches top_p, renormalise."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.3, -0.5, -1.0])
+    probs = torch.softmax(logits / temperature, -1)  # already in descending order
+    keep = torch.ones(6, dtype=torch.bool)
+    if top_k:
+        keep[top_k:] = False
+    keep &= probs.cumsum(-1) - probs < top_p
+    expected = probs * keep / (probs * keep).sum()
+    n = 20000
+    p = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=11)
+    gen = make_generator(p)
+    ids = sample(logits.expand(n, 6), [p] * n, [gen] * n).token_ids
+    freq = torch.bincount(torch.tensor(ids), minlength=6).float() / n
+    assert (freq[~keep] == 0).all()
+    assert (freq - expected).abs().max().item() < 0.015, (freq, expected)
 
 
 def test_logprobs_are_log_softmax():
