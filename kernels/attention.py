@@ -101,7 +101,9 @@ def _decode_ref(q, k_cache, v_cache, meta, sm_scale, seqs, rows, lens, out, wind
     num_blocks = -(-max(lens) // block_size)
     pos = torch.arange(num_blocks * block_size, device=q.device)[None, :]
     lens_t = torch.tensor(lens, device=q.device)[:, None]
-    valid = (pos < lens_t) & ((pos >= lens_t - window) if window > 0 else True)
+    valid = pos < lens_t
+    if window > 0:
+        valid &= pos >= lens_t - window
     k = _gather(k_cache, tables, num_blocks).float()  # (Bd, S, Hkv, D)
     v = _gather(v_cache, tables, num_blocks).float().masked_fill(~valid[:, :, None, None], 0.0)  # unused slots may hold NaN
     qd = q[torch.tensor(rows, device=q.device)].float().view(len(seqs), num_kv_heads, rep, head_dim)  # (Bd, Hkv, rep, D)
