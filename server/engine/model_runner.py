@@ -152,8 +152,8 @@ class ModelRunner:
     def capture_decode_graphs(self) -> None:
         """Capture, for every batch size, the decode step with no adapter and the one with LowRank adapters (the
         common cases) now, at start-up, rather than during the first such steps. The steps captured are all
-        padding rows, on the scratch KV block; the LowRank ones name slot 0, whose empty table entries (rank 0)
-        make the kernels do nothing until a real step's inputs are copied in."""
+        padding rows, on the scratch KV block; the LowRank ones name slot 0 (whatever it holds, only the padding
+        rows' activations are touched), until a real step's inputs are copied in."""
         if self.graphs is None:
             return
         t0 = time.perf_counter()
