@@ -135,7 +135,7 @@ def check_write_kv(dtype, device):
 
 
 @cpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # a copy, no tl.dot: bf16 is sound
 def test_write_kv_interpreter(dtype):
     check_write_kv(dtype, "cpu")
 

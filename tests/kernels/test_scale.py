@@ -49,7 +49,7 @@ def check_scale(num_tokens, width, col_start, num_vectors, dtype, vec_dtype, dev
 
 @cpu
 @pytest.mark.parametrize("vec_dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # no tl.dot: bf16 is sound here
 @pytest.mark.parametrize("width,col_start", [(1376, 0), (2049, 13), (64, 4096)])
 def test_scale_interpreter(width, col_start, dtype, vec_dtype):
     check_scale(37, width, col_start, 5, dtype, vec_dtype, "cpu")
