@@ -173,6 +173,7 @@ def decode_step_suite(args) -> list[dict]:
     for slot in range(max(counts)):
         pool.load(slot, adapter, image)
     rows = []
+    floor_base = _decode_bytes(cfg, batch, ctx, 0, args.rank, dtype)
     for n in counts:
         reqs = []
         for b in range(batch):
@@ -191,6 +192,7 @@ def decode_step_suite(args) -> list[dict]:
         rows.append(dict(shape=args.shape, batch=batch, context=ctx, distinct_adapters=n, rank=args.rank,
                          eager_ms=eager_ms, graph_replay_ms=replay_ms, engine_step_ms=step_ms,
                          tokens_per_s=batch / step_ms * 1e3, graphs_enabled=graphs.enabled,
+                         bytes_floor_vs_base=_decode_bytes(cfg, batch, ctx, n, args.rank, dtype) / floor_base,
                          device=torch.cuda.get_device_name(device) if on_gpu else "cpu", dtype=str(dtype)))
         print(f"decode step {args.shape} batch {batch} ctx {ctx}: {n:2d} distinct rank-{args.rank} adapters -> eager "
               f"{eager_ms:7.3f} ms, graph replay {replay_ms:7.3f} ms, engine step {step_ms:7.3f} ms "
@@ -202,8 +204,22 @@ def decode_step_suite(args) -> list[dict]:
             r[k.replace("_ms", "_vs_base")] = r[k] / base[k]
     if base["distinct_adapters"] == 0:
         print("vs. no adapters: " + ", ".join(f"{r['distinct_adapters']}: eager {r['eager_vs_base']:.3f}x "
-                                              f"graph {r['graph_replay_vs_base']:.3f}x" for r in rows[1:]))
+                                              f"graph {r['graph_replay_vs_base']:.3f}x "
+                                              f"(bytes floor {r['bytes_floor_vs_base']:.3f}x)" for r in rows[1:]))
     return rows
+
+
+def _decode_bytes(cfg: ModelConfig, batch: int, ctx: int, num_adapters: int, rank: int, dtype) -> int:
+    """Bytes one decode step must read at least: every weight matrix (lm_head included), every sequence's KV
+    cache, and the factors of each distinct adapter (rank r on all seven projections of every layer)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    layer = h * (q + 2 * kv) + q * h + 2 * h * i + i * h
+    weights = cfg.num_layers * layer + cfg.vocab_size * h
+    kv_cache = batch * ctx * cfg.num_layers * 2 * kv
+    dims = Layout.of(cfg).dims.values()  # (d_out, d_in) per projection
+    adapters = num_adapters * cfg.num_layers * sum(rank * (d_out + d_in) for d_out, d_in in dims)
+    return (weights + kv_cache + adapters) * elem
 
 
 def _random_state(cfg: ModelConfig, device, dtype) -> dict[str, torch.Tensor]:
