@@ -388,12 +388,16 @@ def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factor
         return
     # index_select rather than advanced indexing: the same gathers at a fraction of the dispatch cost
     num_slots, n = sb.gather.shape
+
+    def per_slot(stack: torch.Tensor) -> torch.Tensor:  # (max_slots, ...) -> (S, ...): a view when it can be
+        return stack[sb.slot_range[0] : sb.slot_range[1]] if sb.slot_range else stack.index_select(0, sb.slots)
+
     x_ext = torch.cat([x, x.new_zeros(1, x.shape[1])]).float()  # row T: zeros for the padding
     xs = x_ext.index_select(0, sb.gather.view(-1)).view(num_slots, n, -1)  # (S, n, d_in)
-    h = torch.bmm(xs, factors.a.index_select(0, sb.slots).transpose(1, 2))  # (S, n, num_slices * R)
+    h = torch.bmm(xs, per_slot(factors.a).transpose(1, 2))  # (S, n, num_slices * R)
     r = factors.rank
     for i, (col, w) in enumerate(zip(factors.out_start, factors.out_width)):
-        o = torch.bmm(h[:, :, i * r : (i + 1) * r], factors.bt[i].index_select(0, sb.slots))  # (S, n, w)
+        o = torch.bmm(h[:, :, i * r : (i + 1) * r], per_slot(factors.bt[i]))  # (S, n, w)
         y[:, col : col + w].index_add_(0, sb.rows, o.view(-1, w).index_select(0, sb.keep).to(y.dtype))
 
 

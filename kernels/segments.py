@@ -37,12 +37,16 @@ TILE_SIZES = (16, 32, 64)
 @dataclass(frozen=True)
 class SlotBatch:
     """Adapter tokens grouped by slot and padded: row i of `gather` lists the token rows of slot `slots[i]`,
-    padded with num_tokens (an appended zero row). Flattened, the entries `keep` are real tokens, in `rows` order."""
+    padded with num_tokens (an appended zero row). Flattened, the entries `keep` are real tokens, in `rows` order.
+    When the step's slots lie close together, `slots` is their whole range lo..hi-1 (`slot_range`), slots of the
+    range that the step does not use getting padding rows only: per-slot stacks are then read through a view of
+    rows lo..hi-1 instead of being gathered (copied) for every op."""
 
     slots: torch.Tensor  # (S,) int64
     gather: torch.Tensor  # (S, n_max) int64
     keep: torch.Tensor  # (N,) int64 positions in gather.view(-1) that are real tokens
     rows: torch.Tensor  # (N,) int64 token rows, in the same order
+    slot_range: tuple[int, int] | None = None  # (lo, hi) when slots == arange(lo, hi)
 
 
 @dataclass(frozen=True)
@@ -84,18 +88,25 @@ class Segments:
     def slot_batch(self) -> SlotBatch | None:
         """The adapter tokens as a padded (slot, token) grid, for gather-bmm paths (kernels.lowrank's padded CPU
         path): one batched matmul per op whatever the number of adapters. None when no token has an adapter."""
-        groups = self.slot_rows
+        groups = sorted(self.slot_rows, key=lambda g: g[0])
         if not groups:
             return None
         device = self.seg_slot.device
+        slots = [s for s, _ in groups]
         rows = [torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for _, r in groups]
+        slot_range = None
+        if slots[-1] - slots[0] + 1 <= 2 * len(slots):  # close together: read the range, unused slots padded
+            slot_range = (slots[0], slots[-1] + 1)
+            by_slot = dict(zip(slots, rows))
+            slots = list(range(*slot_range))
+            rows = [by_slot.get(s, torch.empty(0, dtype=torch.long)) for s in slots]
         width = max(len(r) for r in rows)
         gather = torch.full((len(rows), width), self.num_tokens, dtype=torch.long)  # pad -> the appended zero row
         for i, r in enumerate(rows):
             gather[i, : len(r)] = r
         keep = (gather != self.num_tokens).view(-1).nonzero().squeeze(1)
-        return SlotBatch(slots=torch.tensor([s for s, _ in groups], dtype=torch.long).to(device),
-                         gather=gather.to(device), keep=keep.to(device), rows=torch.cat(rows).long().to(device))
+        return SlotBatch(slots=torch.tensor(slots, dtype=torch.long).to(device), gather=gather.to(device),
+                         keep=keep.to(device), rows=torch.cat(rows).long().to(device), slot_range=slot_range)
 
     def forget_host_views(self) -> None:
         """Drop slot_rows / slot_batch, read from the device tensors: call after writing new values into them."""

@@ -324,3 +324,25 @@ def test_padded_cpu_path_matches_reference(case: Case):
     torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.float32])
     base = seg.token_slot < 0
     assert torch.equal(y[base], y0[base])  # base-model tokens untouched
+
+
+@pytest.mark.parametrize("slots, uses_range", [
+    ([3, 5, 3, -1, 4], True),  # adjacent slots, one repeated across requests: read as the range 3..5
+    ([6, -1, 9, 6], True),  # a range with unused slots in it (7, 8): padding rows only
+    ([0, 40, -1], False),  # far apart: gathered
+    ([12], True),
+])
+def test_padded_cpu_path_reads_a_slot_range_or_gathers(slots, uses_range):
+    gen = torch.Generator().manual_seed(7)
+    case = next(c for c in CASES if len(c.widths) == 3)
+    seg_lens = [(2 * k + 1) % 5 + 1 for k in range(len(slots))]
+    seg = make_segments(seg_lens, slots, "cpu")
+    assert (seg.slot_batch.slot_range is not None) == uses_range
+    num_slots = 48
+    arena, table = _make_table(replace(case, num_slots=num_slots), torch.float32, "cpu", gen)
+    x = torch.randn(seg.num_tokens, case.d_in, generator=gen)
+    y0 = torch.randn(seg.num_tokens, sum(case.widths), generator=gen)
+    y_ref, y = y0.clone(), y0.clone()
+    lowrank.lowrank_delta_ref(y_ref, x, seg, arena, table)
+    lowrank.lowrank_delta_padded(y, x, seg, _padded_from_table(arena, table, case.d_in))
+    torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.float32])
