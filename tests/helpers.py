@@ -50,7 +50,8 @@ def refs(which: dict[str, str | None], adapters: dict) -> dict[str, AdapterRef |
 
 
 def run_capture(engine: LLMEngine, prompts: dict[str, list[int]], adapters: dict[str, AdapterRef | None], max_tokens: int,
-                join_after: dict[str, int] | None = None) -> tuple[dict[str, list[int]], dict[str, list[torch.Tensor]]]:
+                join_after: dict[str, int] | None = None, params: SamplingParams | None = None,
+                ) -> tuple[dict[str, list[int]], dict[str, list[torch.Tensor]]]:
     """Greedy-generate every prompt; requests in `join_after` are added after that many steps (mid-decode).
     -> (generated ids per request, the logits row that produced each generated token)."""
     logits_log: dict[str, list[torch.Tensor]] = {rid: [] for rid in prompts}
@@ -65,7 +66,7 @@ def run_capture(engine: LLMEngine, prompts: dict[str, list[int]], adapters: dict
 
     engine.runner.execute = capture
     join_after = join_after or {}
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    params = params or SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     pending = {rid: p for rid, p in prompts.items()}
     generated: dict[str, list[int]] = {rid: [] for rid in prompts}
     step = 0

@@ -56,6 +56,8 @@ def to_sampling_params(body: CompletionRequest) -> SamplingParams:
         stop=tuple(body.stop),
         logprobs=body.logprobs,
         ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
     )
 
 

@@ -37,6 +37,12 @@ class CompletionRequest(BaseModel):
     n: StrictInt = 1
     echo: StrictBool = False
     ignore_eos: StrictBool = False  # extension: keep generating past EOS until max_tokens or a stop string
+    presence_penalty: StrictFloat | None = Field(0.0, ge=-2.0, le=2.0)  # null = 0
+    frequency_penalty: StrictFloat | None = Field(0.0, ge=-2.0, le=2.0)
+    # OpenAI fields this server does not implement: accepted at their no-op values, refused otherwise (never ignored)
+    best_of: StrictInt | None = None
+    logit_bias: dict[str, Any] | None = None
+    suffix: str | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -74,6 +80,27 @@ class CompletionRequest(BaseModel):
     def _no_echo(cls, value: bool) -> bool:
         if value:
             raise ValueError("echo=true is not supported")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict | None) -> dict | None:
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix is not supported")
         return value
 
     @property

@@ -70,7 +70,7 @@ class LLMEngine:
         if not sampled:
             return []
         reqs = [s.request for s in sampled]
-        result = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        result = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], [r.output_ids for r in reqs])
         outputs = []
         for row, req in enumerate(reqs):
             token = result.token_ids[row]

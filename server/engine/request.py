@@ -21,6 +21,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # number of top alternatives per token (0..5); None = no logprobs
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence of a token already generated
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -33,6 +35,12 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= 5:
             raise ValueError("logprobs must be between 0 and 5")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must be between -2 and 2")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass(frozen=True, eq=False)

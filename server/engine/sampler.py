@@ -28,13 +28,16 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return gen
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> SampleResult:
-    """logits: (B, V) fp32, one row per request that needs a token this step."""
-    token_ids = logits.argmax(dim=-1)  # (B,) greedy for every row; sampled rows overwrite theirs
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           outputs: list[list[int]] | None = None) -> SampleResult:
+    """logits: (B, V) fp32, one row per request that needs a token this step; outputs: the tokens each request
+    generated so far (for presence/frequency penalties). Logprobs are those of the model's own distribution."""
+    chosen_from = _penalized(logits, params, outputs)
+    token_ids = chosen_from.argmax(dim=-1)  # (B,) greedy for every row; sampled rows overwrite theirs
     rows = [row for row, p in enumerate(params) if p.temperature > 0]
     if rows:
         index = torch.tensor(rows, device=logits.device)
-        token_ids[index] = _sample_rows(logits[index], [params[r] for r in rows], [generators[r] for r in rows])
+        token_ids[index] = _sample_rows(chosen_from[index], [params[r] for r in rows], [generators[r] for r in rows])
     ids = token_ids.tolist()
     want = [p.logprobs is not None for p in params]
     logprobs: list[float | None] = [None] * len(ids)
@@ -51,6 +54,26 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                 else:
                     top[row] = []
     return SampleResult(ids, logprobs, top)
+
+
+def _penalized(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]] | None) -> torch.Tensor:
+    """OpenAI's penalties, all rows at once: logit[t] -= presence * (count[t] > 0) + frequency * count[t], where
+    count is how often the request generated t so far. Returns `logits` itself when no row has a penalty."""
+    rows = [row for row, p in enumerate(params) if p.has_penalties and outputs and outputs[row]]
+    if not rows:
+        return logits
+    dev = logits.device
+    ids = [outputs[r] for r in rows]
+    flat = torch.tensor([t for out in ids for t in out], device=dev)
+    which = torch.tensor([i for i, out in enumerate(ids) for _ in out], device=dev)
+    counts = torch.zeros((len(rows), logits.shape[1]), device=dev, dtype=logits.dtype)
+    counts.index_put_((which, flat), torch.ones_like(flat, dtype=logits.dtype), accumulate=True)
+    presence = torch.tensor([params[r].presence_penalty for r in rows], device=dev, dtype=logits.dtype)
+    frequency = torch.tensor([params[r].frequency_penalty for r in rows], device=dev, dtype=logits.dtype)
+    out = logits.clone()
+    index = torch.tensor(rows, device=dev)
+    out[index] -= presence[:, None] * (counts > 0) + frequency[:, None] * counts
+    return out
 
 
 def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:

@@ -263,6 +263,11 @@ def test_openai_client(live_server: LiveServer) -> None:
     ({"prompt": PROMPT, "temperature": "hot"}, "temperature"),
     ({"prompt": PROMPT, "stream": "yes"}, "stream"),
     ({"prompt": PROMPT, "seed": "abc"}, "seed"),
+    ({"prompt": PROMPT, "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": PROMPT, "frequency_penalty": -3}, "frequency_penalty"),
+    ({"prompt": PROMPT, "best_of": 3}, "best_of"),  # OpenAI fields we do not implement: refused, never ignored
+    ({"prompt": PROMPT, "logit_bias": {"50": 100}}, "logit_bias"),
+    ({"prompt": PROMPT, "suffix": "end"}, "suffix"),
 ], ids=lambda value: json.dumps(value) if isinstance(value, dict) else value)
 def test_bad_parameters_are_400(live_server: LiveServer, body: dict[str, Any], word: str) -> None:
     error = assert_error(live_server.client.post("/v1/completions", json=body), 400, word)
@@ -270,8 +275,17 @@ def test_bad_parameters_are_400(live_server: LiveServer, body: dict[str, Any], w
 
 
 def test_unknown_fields_are_ignored(live_server: LiveServer) -> None:
-    body = live_server.complete(prompt=PROMPT, max_tokens=2, user="someone", presence_penalty=0, best_of=1)
+    body = live_server.complete(prompt=PROMPT, max_tokens=2, user="someone", presence_penalty=0, best_of=1,
+                                logit_bias={}, suffix=None)
     assert len(body["choices"]) == 1
+
+
+def test_frequency_penalty_changes_greedy_text_and_is_deterministic(live_server: LiveServer) -> None:
+    plain = live_server.complete(prompt=PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
+    penalized = [live_server.complete(prompt=PROMPT, max_tokens=24, temperature=0, ignore_eos=True,
+                                      frequency_penalty=2.0, presence_penalty=1.0) for _ in range(2)]
+    assert penalized[0]["choices"][0]["text"] == penalized[1]["choices"][0]["text"]
+    assert penalized[0]["choices"][0]["text"] != plain["choices"][0]["text"]
 
 
 def test_unknown_adapter_is_404(live_server: LiveServer) -> None:

@@ -84,6 +84,34 @@ def test_sampled_tokens_follow_the_truncated_tempered_distribution(temperature, 
     assert (freq - expected).abs().max().item() < 0.015, (freq, expected)
 
 
+def test_penalties_subtract_presence_and_frequency_of_generated_tokens():
+    logits = torch.tensor([[0.0, 3.0, 2.5, 1.0], [0.0, 3.0, 2.5, 1.0], [0.0, 3.0, 2.5, 1.0]])
+    plain = SamplingParams(temperature=0)
+    freq = SamplingParams(temperature=0, frequency_penalty=0.3)  # token 1 twice: 3.0 - 0.6 = 2.4 < 2.5
+    pres = SamplingParams(temperature=0, presence_penalty=0.3)  # 3.0 - 0.3 = 2.7 > 2.5: still token 1
+    outputs = [[1, 1], [1, 1], [1, 1]]
+    res = sample(logits, [plain, freq, pres], [None] * 3, outputs)
+    assert res.token_ids == [1, 2, 1]
+    logp = SamplingParams(temperature=0, frequency_penalty=2.0, logprobs=1)
+    res = sample(logits[:1], [logp], [None], [[1]])
+    assert res.token_ids == [2]
+    assert res.logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[2].item())  # the model's, unpenalized
+
+
+def test_engine_greedy_with_penalties_picks_the_argmax_of_penalized_logits(model_dir):
+    from tests.helpers import run_capture, small_engine
+
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, frequency_penalty=0.7, presence_penalty=0.4)
+    prompts = {"a": [5, 9, 17, 3], "b": [40, 41, 42, 43, 44, 45]}
+    tokens, logits = run_capture(small_engine(model_dir), prompts, {}, 16, params=params)
+    for rid in prompts:
+        counts = torch.zeros(logits[rid][0].shape[0])
+        for step, row in enumerate(logits[rid]):
+            expected = (row - 0.4 * (counts > 0) - 0.7 * counts).argmax().item()
+            assert tokens[rid][step] == expected
+            counts[tokens[rid][step]] += 1
+
+
 def test_logprobs_are_log_softmax():
     logits = torch.randn(1, 20)
     p = SamplingParams(temperature=0, logprobs=3)
