@@ -154,6 +154,8 @@ def add_complete_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="generate max_tokens even past end-of-sequence")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, OpenAI's (default 0)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, OpenAI's (default 0)")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                         help="print tokens as they come (default) or the whole completion at the end")
     add_connection_arguments(parser)
@@ -161,7 +163,8 @@ def add_complete_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_complete(args: argparse.Namespace) -> int:
     params = dict(adapter_id=args.adapter_id, max_tokens=args.max_tokens, temperature=args.temperature,
-                  top_p=args.top_p, top_k=args.top_k, stop=args.stop, seed=args.seed, ignore_eos=args.ignore_eos)
+                  top_p=args.top_p, top_k=args.top_k, stop=args.stop, seed=args.seed, ignore_eos=args.ignore_eos,
+                  presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     try:
         with Client(**client_kwargs(args)) as client:
             if not args.stream:

@@ -112,21 +112,25 @@ class Client(_ClientBase):
 
     def complete(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None,
-                 seed: int | None = None, logprobs: int | None = None, ignore_eos: bool = False) -> Completion:
+                 seed: int | None = None, logprobs: int | None = None, ignore_eos: bool = False,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Completion:
         """One completion; `adapter_id` None is the base model; temperature 0 is greedy."""
         body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=logprobs,
-                               ignore_eos=ignore_eos, stream=False)
+                               ignore_eos=ignore_eos, stream=False, presence_penalty=presence_penalty,
+                               frequency_penalty=frequency_penalty)
         return Completion.from_json(self._request("POST", "/v1/completions", json=body,
                                                   headers=self._api_headers(adapter_id)))
 
     def stream(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
                top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None, seed: int | None = None,
-               ignore_eos: bool = False) -> TextStream:
+               ignore_eos: bool = False, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0) -> TextStream:
         """The completion's text as it is generated: an iterator of deltas (see TextStream)."""
         body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=None,
-                               ignore_eos=ignore_eos, stream=True)
+                               ignore_eos=ignore_eos, stream=True, presence_penalty=presence_penalty,
+                               frequency_penalty=frequency_penalty)
         state = StreamState()
         return TextStream(self._stream_deltas(body, self._api_headers(adapter_id), state), state)
 
@@ -221,19 +225,23 @@ class AsyncClient(_ClientBase):
     async def complete(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                        stop: str | list[str] | None = None, seed: int | None = None, logprobs: int | None = None,
-                       ignore_eos: bool = False) -> Completion:
+                       ignore_eos: bool = False, presence_penalty: float = 0.0,
+                       frequency_penalty: float = 0.0) -> Completion:
         body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=logprobs,
-                               ignore_eos=ignore_eos, stream=False)
+                               ignore_eos=ignore_eos, stream=False, presence_penalty=presence_penalty,
+                               frequency_penalty=frequency_penalty)
         return Completion.from_json(await self._request("POST", "/v1/completions", json=body,
                                                         headers=self._api_headers(adapter_id)))
 
     def stream(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
                top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None, seed: int | None = None,
-               ignore_eos: bool = False) -> AsyncTextStream:
+               ignore_eos: bool = False, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0) -> AsyncTextStream:
         body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=None,
-                               ignore_eos=ignore_eos, stream=True)
+                               ignore_eos=ignore_eos, stream=True, presence_penalty=presence_penalty,
+                               frequency_penalty=frequency_penalty)
         state = StreamState()
         return AsyncTextStream(self._stream_deltas(body, self._api_headers(adapter_id), state), state)
 

@@ -143,7 +143,8 @@ def list_items(body: Any, key: str) -> list[dict[str, Any]]:
 
 def completion_body(prompt: str, *, adapter_id: str | None, max_tokens: int, temperature: float, top_p: float,
                     top_k: int, stop: str | list[str] | None, seed: int | None, logprobs: int | None,
-                    ignore_eos: bool, stream: bool) -> dict[str, Any]:
+                    ignore_eos: bool, stream: bool, presence_penalty: float = 0.0,
+                    frequency_penalty: float = 0.0) -> dict[str, Any]:
     """The JSON body of POST /v1/completions. Floats are sent as floats: the server's fields are strict."""
     body: dict[str, Any] = {"prompt": prompt, "max_tokens": int(max_tokens), "temperature": float(temperature),
                             "top_p": float(top_p), "top_k": int(top_k), "stream": stream}
@@ -157,6 +158,10 @@ def completion_body(prompt: str, *, adapter_id: str | None, max_tokens: int, tem
         body["logprobs"] = int(logprobs)
     if ignore_eos:
         body["ignore_eos"] = True
+    if presence_penalty:
+        body["presence_penalty"] = float(presence_penalty)
+    if frequency_penalty:
+        body["frequency_penalty"] = float(frequency_penalty)
     if stream:
         body["stream_options"] = {"include_usage": True}  # the last chunk then carries the token counts
     return body

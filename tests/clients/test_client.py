@@ -107,6 +107,8 @@ def test_complete_sampling_options(client: Client) -> None:
     sampled = [client.complete(PROMPT, max_tokens=6, temperature=0.9, top_p=0.9, top_k=20, seed=7, ignore_eos=True)
                for _ in range(2)]
     assert sampled[0].text == sampled[1].text  # same seed, same text
+    penalized = greedy(client, max_tokens=24, frequency_penalty=2.0, presence_penalty=1.0)
+    assert penalized.text != greedy(client, max_tokens=24).text  # the penalties reach the server
     with_logprobs = greedy(client, max_tokens=4, logprobs=2)
     logprobs = with_logprobs.choices[0].logprobs
     assert logprobs is not None and len(logprobs.tokens) == len(logprobs.token_logprobs) == 4
