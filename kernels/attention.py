@@ -118,15 +118,17 @@ def _prefill_ref(q, k_cache, v_cache, block_table, q0, n, seq_len, sm_scale, out
     if seq_len == 0:
         out[q0 : q0 + n] = 0
         return
+    # Keys from the first query's window on (0 without a window): earlier blocks may have been freed
+    lo = max(0, seq_len - n - window + 1) if window > 0 else 0
     num_blocks = -(-seq_len // block_size)
-    k = _gather(k_cache, block_table[None], num_blocks)[0, :seq_len]  # (S, Hkv, D)
-    v = _gather(v_cache, block_table[None], num_blocks)[0, :seq_len]
+    k = _gather(k_cache, block_table[None], num_blocks)[0, lo:seq_len]  # (S, Hkv, D)
+    v = _gather(v_cache, block_table[None], num_blocks)[0, lo:seq_len]
     rep = num_q_heads // num_kv_heads
     k = k.repeat_interleave(rep, dim=1).transpose(0, 1).float()  # (Hq, S, D)
     v = v.repeat_interleave(rep, dim=1).transpose(0, 1).float()
     qb = q[q0 : q0 + n].transpose(0, 1).float()  # (Hq, n, D)
     pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]  # (n, 1)
-    keys = torch.arange(seq_len, device=q.device)[None, :]
+    keys = torch.arange(lo, seq_len, device=q.device)[None, :]
     mask = keys <= pos  # (n, S)
     if window > 0:
         mask &= keys > pos - window
@@ -237,7 +239,7 @@ def _paged_attn_kernel(
     table = block_tables_ptr + seq * stride_bt
     for tile in range(tile_lo, tile_hi):
         pos = tile * BLOCK_N + offs_n  # (N,) key positions
-        pos_ok = pos < kv_end
+        pos_ok = (pos < kv_end) & (pos >= kv_start)  # never load before the window: those blocks may be freed
         block = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
         slot = block * BLOCK_SIZE + pos % BLOCK_SIZE  # (N,)
         kv_off = slot[:, None] * ROW + kv_head * HEAD_DIM + offs_d[None, :]  # (N, Dp)

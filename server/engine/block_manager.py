@@ -1,5 +1,12 @@
-"""Paged KV cache bookkeeping: fixed-size blocks handed out from a free list. Plain Python, no tensors."""
+"""Paged KV cache bookkeeping: fixed-size blocks handed out from a free list. Plain Python, no tensors.
+
+A sequence's `block_ids` lists its blocks by position (entry i holds positions [i * block_size, (i+1) * block_size)).
+With sliding-window attention on every layer, blocks that left the window are given back while the sequence runs
+(`drop_before`); their entries become FREED, and nothing reads them again.
+"""
 from __future__ import annotations
+
+FREED = -1  # a block_ids entry whose block left the sliding window and went back to the free list
 
 
 class BlockManager:
@@ -28,6 +35,16 @@ class BlockManager:
         for _ in range(missing):
             block_ids.append(self._free.pop())
 
+    def drop_before(self, block_ids: list[int], position: int) -> int:
+        """Give back the blocks whose positions all lie before `position` (in place) -> how many."""
+        dropped = 0
+        for i in range(min(position // self.block_size, len(block_ids))):
+            if block_ids[i] != FREED:
+                self._free.append(block_ids[i])
+                block_ids[i] = FREED
+                dropped += 1
+        return dropped
+
     def release(self, block_ids: list[int]) -> None:
-        self._free.extend(reversed(block_ids))
+        self._free.extend(b for b in reversed(block_ids) if b != FREED)
         block_ids.clear()

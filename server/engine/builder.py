@@ -104,7 +104,8 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     blocks = BlockManager(num_blocks, opts.block_size)
     scheduler = Scheduler(blocks, cache, max_num_seqs=opts.max_num_seqs,
                           max_num_batched_tokens=max(opts.max_num_batched_tokens, opts.max_prefill_chunk),
-                          max_prefill_chunk=opts.max_prefill_chunk)
+                          max_prefill_chunk=opts.max_prefill_chunk,
+                          sliding_window=cfg.sliding_window if len(cfg.sliding_layers) == cfg.num_layers else 0)
     graphs = None
     if opts.cuda_graphs and device.type == "cuda" and use_triton(device):
         graphs = DecodeGraphs.for_device(device, opts.max_num_seqs)

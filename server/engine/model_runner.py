@@ -15,6 +15,7 @@ import torch
 
 from kernels.attention import AttentionMeta
 from kernels.segments import make_segments
+from server.engine.block_manager import FREED
 from server.engine.cuda_graphs import DecodeGraphs, GraphKey
 from server.engine.request import Request
 from server.engine.scheduler import ScheduledBatch
@@ -69,7 +70,9 @@ class ModelRunner:
             slot_mapping += [req.block_ids[p // bs] * bs + p % bs for p in range(s.start, end)]
             q_start.append(q_start[-1] + s.num_tokens)
             seq_lens.append(end)
-            block_tables[b, : len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.int32)
+            # blocks freed by a sliding window are never read; their entries point at the scratch block
+            block_tables[b, : len(req.block_ids)] = torch.tensor(
+                [i if i != FREED else self.scratch_block for i in req.block_ids], dtype=torch.int32)
             if s.needs_logits:
                 logits_indices.append(q_start[-1] - 1)
         num_pad = num_seqs - len(batch.seqs)

@@ -45,8 +45,11 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, adapters: AdapterSlots, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_prefill_chunk: int) -> None:
+                 max_prefill_chunk: int, sliding_window: int = 0) -> None:
+        """sliding_window > 0: every layer attends to the last `sliding_window` positions only, so a running
+        request's blocks before its window are freed as it advances."""
         self.blocks, self.adapters = blocks, adapters
+        self.sliding_window = sliding_window
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_prefill_chunk = max_prefill_chunk
         self.waiting: deque[Request] = deque()
@@ -66,6 +69,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if self.sliding_window:  # this step's first query sees positions >= start - window + 1
+                self.blocks.drop_before(req.block_ids, req.num_computed_tokens - self.sliding_window + 1)
             n = min(self._remaining(req), budget)
             while not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
                 victim = self.running[-1]

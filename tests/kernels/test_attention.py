@@ -101,6 +101,25 @@ def test_paged_attention_sliding_window_interpreter(batch, window, num_splits):
     check_attention(*BATCHES[batch], 4, 2, 32, torch.float32, "cpu", num_splits=num_splits, window=window)
 
 
+@cpu
+@pytest.mark.parametrize("num_splits", [None, 2])
+def test_paged_attention_never_reads_before_the_window_interpreter(num_splits):
+    """The engine frees a sequence's blocks that left the window (their ids may then hold anybody's data): NaN in
+    every position before each sequence's window must not reach the output, in the kernel or the reference."""
+    q_lens, seq_lens, window = [1, 1, 9, 1], [70, 33, 51, 5], 10
+    q, k_cache, v_cache, meta = make_batch(q_lens, seq_lens, 4, 2, 32, torch.float32, "cpu", seed=5)
+    for b, (n, length) in enumerate(zip(q_lens, seq_lens)):
+        for p in range(max(0, length - n - window + 1)):  # before the first query's window
+            block = int(meta.block_tables[b, p // BLOCK_SIZE])
+            k_cache[block, p % BLOCK_SIZE] = float("nan")
+            v_cache[block, p % BLOCK_SIZE] = float("nan")
+    ref = attn.paged_attention_ref(q, k_cache, v_cache, meta, 0.2, window)
+    out = torch.full_like(q, float("nan"))
+    attn.paged_attention_triton(q, k_cache, v_cache, meta, 0.2, num_splits=num_splits, out=out, window=window)
+    assert torch.isfinite(ref).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float32])
+
+
 def test_sliding_window_reference_is_softmax_over_the_last_window_positions():
     """The reference's window, checked by hand on one decode row and one prefill chunk."""
     q_lens, seq_lens, window = [1, 5], [30, 12], 6

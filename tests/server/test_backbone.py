@@ -34,3 +34,30 @@ def test_logits_match_transformers(tmp_path, name):
         ref = reference_logits(hf, prompt, generated[rid])
         ours = torch.stack(logits[rid])
         assert (ours - ref).abs().max().item() <= 1e-4, rid
+
+
+def test_sliding_window_frees_blocks_behind_the_window_and_still_matches_transformers(tmp_path):
+    """Mistral with a window of 8 and KV blocks of 4: a request keeps at most the blocks its window spans (plus the
+    ones being filled), the freed blocks go back to the pool, and the logits stay equal to transformers'."""
+    path = make_hf_model(tmp_path / "m", "mistral", sliding_window=8)
+    engine = small_engine(path, max_prefill_chunk=8)  # block_size 4; prompts are chunked
+    assert engine.scheduler.sliding_window == 8
+    held: list[int] = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        held.extend(sum(b >= 0 for b in s.request.block_ids) for s in batch.seqs)
+        return batch
+
+    engine.scheduler.schedule = spy
+    gen = torch.Generator().manual_seed(1)
+    prompts = {"long": torch.randint(3, 300, (45,), generator=gen).tolist(),
+               "short": torch.randint(3, 300, (6,), generator=gen).tolist()}
+    generated, logits = run_capture(engine, prompts, {}, max_tokens=30)
+    assert max(held) <= 8 // 4 + 3  # the window's blocks, a partial one at each end, and the chunk being written
+    assert engine.scheduler.blocks.num_free == engine.scheduler.blocks.num_blocks  # everything came back
+    hf = load_hf(path)
+    for rid, prompt in prompts.items():
+        ref = reference_logits(hf, prompt, generated[rid])
+        assert (torch.stack(logits[rid]) - ref).abs().max().item() <= 1e-4, rid
