@@ -1,12 +1,31 @@
-"""Incremental detokenisation with stop strings: text is released only once no stop string can still match it."""
+"""Incremental detokenisation with stop strings: text is released only once no stop string can still match it.
+
+Each step decodes only a short window of the request's newest tokens, not its whole output (which would cost
+O(n) per step, O(n^2) per request: 0.5 ms a step for a 2000-token output). The window starts a few tokens back
+(`prefix_offset`): decoding `ids[prefix_offset:]` and `ids[prefix_offset:read_offset]` and keeping the difference
+gives the text the new tokens add, with the context a tokenizer needs to place spaces (SentencePiece drops the
+leading space of the first token it decodes, the same in both). While the window's text ends in an incomplete
+UTF-8 sequence ("\ufffd") nothing is released; the final step releases it as the whole decode would.
+"""
 from __future__ import annotations
 
 from server.engine.request import Request
 
 
+def _new_text(req: Request, tokenizer, final: bool) -> str:
+    """The text the tokens after req.read_offset add; advances the request's offsets when it is complete."""
+    ids = req.output_ids
+    prefix = tokenizer.decode(ids[req.prefix_offset : req.read_offset], skip_special_tokens=True)
+    full = tokenizer.decode(ids[req.prefix_offset :], skip_special_tokens=True)
+    if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+        req.prefix_offset, req.read_offset = req.read_offset, len(ids)
+        return full[len(prefix) :]
+    return ""
+
+
 def update_text(req: Request, tokenizer, final: bool) -> tuple[str, bool]:
-    """Re-decode the request's output, cut at the first stop string. -> (new text to send, hit a stop string)."""
-    text = tokenizer.decode(req.output_ids, skip_special_tokens=True)
+    """Add the newest tokens' text to req.text, cut at the first stop string. -> (new text to send, hit a stop)."""
+    text = req.text + _new_text(req, tokenizer, final)
     stops = req.params.stop
     hit = False
     if stops:
@@ -18,11 +37,7 @@ def update_text(req: Request, tokenizer, final: bool) -> tuple[str, bool]:
     if hit or final:
         end = len(text)
     else:
-        # hold back a possible stop-string prefix and an incomplete UTF-8 sequence
-        hold = max((len(s) - 1 for s in stops), default=0)
-        end = len(text) - hold
-        while end > req.num_text_sent and text[end - 1] == "\ufffd":
-            end -= 1
+        end = len(text) - max((len(s) - 1 for s in stops), default=0)  # hold back a possible stop-string prefix
     end = max(end, req.num_text_sent)
     new = text[req.num_text_sent : end]
     req.num_text_sent = end

@@ -103,9 +103,11 @@ class Request:
     whole_prefill: bool = False  # PARA adapters: the prompt is prefilled in one step
     generator: torch.Generator | None = None
     finish_reason: str | None = None
-    # detokenisation state
-    text: str = ""
-    num_text_sent: int = 0
+    # detokenisation state (server/engine/detokenizer.py)
+    text: str = ""  # the output's text so far (cut at a stop string)
+    num_text_sent: int = 0  # characters of it already released
+    prefix_offset: int = 0  # output_ids[prefix_offset:read_offset]: the decoded tokens kept as context
+    read_offset: int = 0  # output_ids[read_offset:]: tokens whose text is not in `text` yet
     num_preemptions: int = 0
 
     @property
