@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from server.engine.detokenizer import update_text
+from server.engine.detokenizer import make_decoder, update_text
 from server.engine.errors import PromptTooLongError
 from server.engine.model_runner import ModelRunner
 from server.engine.request import Request, RequestOutput, Status, TokenLogprob
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, *, max_model_len: int, eos_token_ids: tuple[int, ...]) -> None:
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
+        self._decode = make_decoder(tokenizer)
         self.max_model_len, self.eos_token_ids = max_model_len, set(eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.num_generated_tokens = 0
@@ -82,7 +83,7 @@ class LLMEngine:
                 reason = "stop"
             elif len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
                 reason = "length"
-            text, hit_stop = update_text(req, self.tokenizer, final=reason is not None)
+            text, hit_stop = update_text(req, self._decode, final=reason is not None)
             if hit_stop:
                 reason = "stop"
             logprobs = None

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from server.engine.detokenizer import update_text
+from server.engine.detokenizer import make_decoder, update_text
 from server.engine.request import Request, SamplingParams
 from server.model.tiny import byte_level_tokenizer
 
@@ -25,10 +25,11 @@ def metaspace_tokenizer() -> PreTrainedTokenizerFast:
 
 def stream(tokenizer, ids: list[int], stop=()) -> tuple[str, list[str]]:
     req = Request("r", [1], SamplingParams(stop=tuple(stop)))
+    decode = make_decoder(tokenizer)
     pieces = []
     for i, token in enumerate(ids):
         req.output_ids.append(token)
-        new, hit = update_text(req, tokenizer, final=i == len(ids) - 1)
+        new, hit = update_text(req, decode, final=i == len(ids) - 1)
         pieces.append(new)
         assert req.read_offset - req.prefix_offset <= 8  # a short window, not the whole output
         if hit:
@@ -36,7 +37,15 @@ def stream(tokenizer, ids: list[int], stop=()) -> tuple[str, list[str]]:
     return "".join(pieces), pieces
 
 
-@pytest.mark.parametrize("make", [byte_level_tokenizer, metaspace_tokenizer], ids=["byte-level", "metaspace"])
+def spacing_cleanup_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer whose decode cleans up spaces: make_decoder must go through transformers' decode for it."""
+    tokenizer = metaspace_tokenizer()
+    tokenizer.clean_up_tokenization_spaces = True
+    return tokenizer
+
+
+@pytest.mark.parametrize("make", [byte_level_tokenizer, metaspace_tokenizer, spacing_cleanup_tokenizer],
+                         ids=["byte-level", "metaspace", "cleanup"])
 def test_streamed_text_equals_the_whole_decode(make):
     tokenizer = make()
     for text in TEXTS:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from server.engine.block_manager import BlockManager
-from server.engine.detokenizer import update_text
+from server.engine.detokenizer import make_decoder, update_text
 from server.engine.request import Request, SamplingParams
 from server.engine.sampler import make_generator, sample
 from server.model.tiny import byte_level_tokenizer
@@ -127,12 +127,12 @@ def test_stop_string_cuts_text_and_never_leaks_a_partial_stop():
     sent = ""
     for ch in "abc EN":
         req.output_ids += tok.encode(ch, add_special_tokens=False)
-        new, hit = update_text(req, tok, final=False)
+        new, hit = update_text(req, make_decoder(tok), final=False)
         sent += new
         assert not hit
     assert "EN" not in sent  # held back: it may start a stop string
     req.output_ids += tok.encode("Dxyz", add_special_tokens=False)
-    new, hit = update_text(req, tok, final=False)
+    new, hit = update_text(req, make_decoder(tok), final=False)
     assert hit and sent + new == "abc "
 
 
