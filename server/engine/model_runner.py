@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from kernels.attention import AttentionMeta
@@ -61,8 +62,8 @@ class ModelRunner:
         q_start, seq_lens, logits_indices = [0], [], []
         num_seqs = pad_to or len(batch.seqs)
         max_blocks = self.max_blocks_per_seq if pad_to else max(len(s.request.block_ids) for s in batch.seqs)
-        tables: list[int] = []  # (num_seqs, max_blocks) row-major, built as one list: one tensor per step
-        for s in batch.seqs:
+        tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)  # filled row by row, one tensor per step
+        for b, s in enumerate(batch.seqs):
             req = s.request
             end = s.start + s.num_tokens
             input_ids += req.token_ids(s.start, end)
@@ -73,18 +74,17 @@ class ModelRunner:
             ids = req.block_ids
             if FREED in ids:  # blocks freed by a sliding window are never read: point them at the scratch block
                 ids = [i if i != FREED else self.scratch_block for i in ids]
-            tables += ids
-            tables += [0] * (max_blocks - len(ids))
+            tables[b, : len(ids)] = ids
             if s.needs_logits:
                 logits_indices.append(q_start[-1] - 1)
         num_pad = num_seqs - len(batch.seqs)
-        for _ in range(num_pad):  # padding rows (graph steps)
+        for b in range(len(batch.seqs), num_seqs):  # padding rows (graph steps)
             input_ids.append(0)
             positions.append(0)
             slot_mapping.append(self.scratch_block * bs)
             q_start.append(q_start[-1] + 1)
             seq_lens.append(1)
-            tables += [self.scratch_block] + [0] * (max_blocks - 1)
+            tables[b, 0] = self.scratch_block
             logits_indices.append(q_start[-1] - 1)
         dev = self.device if device is None else device
 
@@ -93,7 +93,7 @@ class ModelRunner:
 
         attn = AttentionMeta(
             q_start=t(q_start, torch.int32), seq_lens=t(seq_lens, torch.int32),
-            block_tables=t(tables, torch.int32).view(num_seqs, max_blocks),
+            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
             max_q_len=max((s.num_tokens for s in batch.seqs), default=1),
             max_seq_len=self.max_blocks_per_seq * bs if pad_to else max(seq_lens),
         )
