@@ -2,6 +2,7 @@
 
     python -m server.bench                     # CPU: tiny and ~100M configs, 16 requests over 8 adapters
     python -m server.bench --mode decode-step  # GPU: one decode step of a 7B-shaped model, batch 32, 0/1/8/32 adapters
+    python -m server.bench --mode host --batch 64 --gen-len 1000  # the engine's Python work per step
 
 Weights are random (no download); timings do not depend on their values. Ratios are measured in one run.
 """
@@ -209,6 +210,52 @@ def decode_step_suite(args) -> list[dict]:
     return rows
 
 
+def host_suite(args) -> list[dict]:
+    """The engine's host-side time per decode step (the Python work around the forward, the same on a GPU): schedule,
+    build the batch's metadata (eager and graph-padded), and postprocess (sampling with temperature and top-p, and
+    detokenisation), for `--batch` running requests with 8 adapters, after `--gen-len` generated tokens."""
+    from server.engine.sampler import sample
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_checkpoint("tiny", Path(tmp))
+        cfg = ModelConfig.from_dir(path)
+        engine = build_llm_engine(str(path), EngineOptions(device="cpu", dtype="fp32", max_num_seqs=args.batch,
+                                                            max_num_batched_tokens=8192, max_prefill_chunk=4096))
+        refs = [AdapterRef(f"a{i}", 1, random_adapter(cfg, args.rank, seed=i)) for i in range(8)]
+        params = SamplingParams(max_tokens=args.gen_len + 100, temperature=0.8, top_p=0.9, ignore_eos=True)
+        for i in range(args.batch):
+            engine.add_request(Request(f"r{i}", list(range(3, 3 + args.prompt_len)), params, adapter=refs[i % 8]))
+        while min((len(r.output_ids) for r in engine.requests.values()), default=0) < args.gen_len:
+            engine.step()
+        runner, sched, iters = engine.runner, engine.scheduler, 20
+        times = dict(schedule=0.0, build=0.0, build_graph_padded=0.0, sample=0.0, postprocess=0.0)
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            batch = sched.schedule()
+            t1 = time.perf_counter()
+            fb = runner.build(batch)
+            t2 = time.perf_counter()
+            runner.build(batch, pad_to=args.batch, device="cpu")
+            t3 = time.perf_counter()
+            logits = runner.forward(fb)
+            reqs = [q.request for q in batch.seqs]
+            t4 = time.perf_counter()
+            sample(logits, [r.params for r in reqs], [r.generator for r in reqs], [r.output_ids for r in reqs])
+            t5 = time.perf_counter()
+            engine._postprocess(batch, logits)
+            t6 = time.perf_counter()
+            for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, t6 - t5)):
+                times[k] += dt
+        row = dict(requests=args.batch, generated_tokens=args.gen_len, vocab=cfg.vocab_size, device="cpu",
+                   **{f"{k}_ms": v / iters * 1e3 for k, v in times.items()})
+        rows.append(row)
+        print(f"host time per decode step, {args.batch} requests after {args.gen_len} tokens: " +
+              ", ".join(f"{k} {v / iters * 1e3:.2f} ms" for k, v in times.items()) +
+              " (postprocess = sample + detokenise + outputs)", flush=True)
+    return rows
+
+
 def _decode_bytes(cfg: ModelConfig, batch: int, ctx: int, num_adapters: int, rank: int, dtype) -> int:
     """Bytes one decode step must read at least: every weight matrix (lm_head included), every sequence's KV
     cache, and the factors of each distinct adapter (rank r on all seven projections of every layer)."""
@@ -264,7 +311,7 @@ def _time(fn, device: torch.device, iters: int = 20) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["engine", "decode-step"], default="engine")
+    ap.add_argument("--mode", choices=["engine", "decode-step", "host"], default="engine")
     ap.add_argument("--configs", nargs="+", default=["tiny", "100m"], choices=list(CONFIGS))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--num-adapters", type=int, default=8)
@@ -280,7 +327,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.mode == "decode-step" and args.batch == 16:
         args.batch = 32
-    rows = cpu_suite(args) if args.mode == "engine" else decode_step_suite(args)
+    rows = {"engine": cpu_suite, "decode-step": decode_step_suite, "host": host_suite}[args.mode](args)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 

@@ -1,5 +1,5 @@
-"""`python -m server.bench --mode decode-step` runs end to end (on a CPU: tiny shape, static-buffer replays) and
-reports every figure the README quotes from it on a GPU."""
+"""`python -m server.bench --mode decode-step` and `--mode host` run end to end on a CPU (decode-step: tiny shape,
+static-buffer replays) and report every figure the README quotes from them."""
 import json
 
 from server.bench import main
@@ -16,3 +16,12 @@ def test_decode_step_bench_reports_eager_graph_and_engine_step_per_adapter_count
         assert r["eager_ms"] > 0 and r["graph_replay_ms"] > 0 and r["engine_step_ms"] > 0
     assert rows[0]["eager_vs_base"] == 1.0 and rows[0]["bytes_floor_vs_base"] == 1.0
     assert 1.0 < rows[1]["bytes_floor_vs_base"] < rows[2]["bytes_floor_vs_base"]  # more distinct adapters, more bytes
+
+
+def test_host_overhead_bench_reports_each_phase(tmp_path):
+    out = tmp_path / "host.json"
+    main(["--mode", "host", "--batch", "4", "--gen-len", "3", "--prompt-len", "5", "--out", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["requests"] == 4
+    for phase in ("schedule", "build", "build_graph_padded", "sample", "postprocess"):
+        assert row[f"{phase}_ms"] > 0
