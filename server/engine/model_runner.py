@@ -163,7 +163,7 @@ class ModelRunner:
         if self.graphs is None:
             return
         t0 = time.perf_counter()
-        for size in self.graphs.sizes:
+        for size in reversed(self.graphs.sizes):  # largest first: smaller graphs reuse its pool memory
             fb = self.build(ScheduledBatch([]), pad_to=size, device="cpu")
             variants = [fb]
             if self.adapter_pool is not None:
