@@ -10,7 +10,7 @@ bounding every resident rank; it sizes the low-rank intermediate and grid). The 
 LowRank steps of every batch size at start-up (ModelRunner.capture_decode_graphs); any other key is captured once,
 on first use. Then each step is a replay:
 
-    fresh host ForwardBatch --copy_into--> the graph's static ForwardBatch --replay--> static logits[:B]
+    fresh host ForwardBatch --PackedInputs.load (one copy)--> the graph's static inputs --replay--> logits[:B]
 
 Everything the kernels read through pointers (weights, KV cache, the adapter pool's arena and tables, IA3 and
 PARA vector buffers) is allocated once and updated in place, so a replay sees adapters loaded after the capture.
@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from server.engine.scheduler import ScheduledBatch
-from server.model.forward_batch import AdapterKinds, ForwardBatch
+from server.model.forward_batch import AdapterKinds, ForwardBatch, PackedInputs
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class GraphKey:
 
 @dataclass
 class _Graph:
-    static: ForwardBatch  # the captured step's inputs
+    static: PackedInputs  # the captured step's inputs
     replay: Callable[[], None]
     logits: torch.Tensor  # its output, refilled by each replay
 
@@ -115,7 +115,7 @@ class DecodeGraphs:
                     return None
             else:
                 self.graphs.move_to_end(key)
-                fb.copy_into(graph.static)
+                graph.static.load(fb)
                 graph.replay()
         self.num_replays += 1
         return graph.logits
@@ -126,9 +126,9 @@ class DecodeGraphs:
             del self.graphs[old]
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
-        static = fb.to(self.device)
         try:
-            replay, logits = self.capture(lambda: forward(static))
+            static = PackedInputs(fb, self.device)
+            replay, logits = self.capture(lambda: forward(static.batch))
         except Exception as exc:  # noqa: BLE001 - any failure: serve eagerly rather than not at all
             self.enabled = False
             self.graphs.clear()

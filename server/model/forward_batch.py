@@ -51,16 +51,45 @@ class ForwardBatch:
         _map_tensors(self, lambda t: out.append(t) or t)
         return out
 
-    def copy_into(self, static: "ForwardBatch") -> None:
-        """Write this batch's tensors into `static`'s, which have the same structure and shapes (graph replay)."""
-        dst, src = static.tensors(), self.tensors()
-        if len(dst) != len(src):
-            raise ValueError(f"batch structure differs: {len(src)} tensors into {len(dst)}")
-        for d, s in zip(dst, src):
-            if d.shape != s.shape or d.dtype != s.dtype:
-                raise ValueError(f"batch tensor {tuple(s.shape)} {s.dtype} does not fit {tuple(d.shape)} {d.dtype}")
-            d.copy_(s, non_blocking=True)
-        static.segments.forget_host_views()
+
+class PackedInputs:
+    """A ForwardBatch whose tensors are views into one device buffer, refilled from a host batch of the same
+    structure with a single host-to-device copy (a CUDA graph's static inputs: one transfer per replay, from pinned
+    memory on a GPU, instead of one synchronous transfer per tensor)."""
+
+    ALIGN = 16  # bytes: every tensor starts at a multiple, so any dtype can view its slice
+
+    def __init__(self, template: ForwardBatch, device) -> None:
+        tensors = template.tensors()
+        self.slices: list[tuple[int, int]] = []  # (byte offset, byte length) per tensor, in tensors() order
+        size = 0
+        for t in tensors:
+            nbytes = t.numel() * t.element_size()
+            self.slices.append((size, nbytes))
+            size += -(-nbytes // self.ALIGN) * self.ALIGN
+        on_gpu = torch.device(device).type == "cuda"
+        self.device_buf = torch.empty(max(size, self.ALIGN), dtype=torch.uint8, device=device)
+        self.host_buf = torch.empty(max(size, self.ALIGN), dtype=torch.uint8, pin_memory=on_gpu)
+        self._specs = [(t.shape, t.dtype) for t in tensors]
+        views = iter([self.device_buf[off : off + n].view(t.dtype).view(t.shape)
+                      for (off, n), t in zip(self.slices, tensors)])
+        self.batch: ForwardBatch = _map_tensors(template, lambda t: next(views))
+        self._copied = torch.cuda.Event() if on_gpu else None  # the last transfer out of host_buf
+        self.load(template)
+
+    def load(self, fb: ForwardBatch) -> None:
+        """Write `fb`'s values (host tensors, same structure and shapes) into self.batch."""
+        src = fb.tensors()
+        if [(t.shape, t.dtype) for t in src] != self._specs:
+            raise ValueError("batch structure differs from the captured one")
+        if self._copied is not None:
+            self._copied.synchronize()  # host_buf may still be read by the previous step's transfer
+        for (off, n), t in zip(self.slices, src):
+            self.host_buf[off : off + n].copy_(t.contiguous().view(-1).view(torch.uint8))
+        self.device_buf.copy_(self.host_buf, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        self.batch.segments.forget_host_views()  # the CPU paths' host views of the old segment values
 
 
 def _map_tensors(obj, fn):
