@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationInfo, field_validator
 
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 5
@@ -82,25 +82,12 @@ class CompletionRequest(BaseModel):
             raise ValueError("echo=true is not supported")
         return value
 
-    @field_validator("best_of")
+    @field_validator("best_of", "logit_bias", "suffix")
     @classmethod
-    def _no_best_of(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise ValueError("logit_bias is not supported")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("suffix is not supported")
+    def _only_no_op_values(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, 1, {}, ""):  # unset, or the value that changes nothing (best_of 1, empty bias/suffix)
+            only = " (only 1)" if info.field_name == "best_of" else ""
+            raise ValueError(f"{info.field_name} is not supported{only}")
         return value
 
     @property

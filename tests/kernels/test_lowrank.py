@@ -309,12 +309,8 @@ def _padded_from_table(arena: torch.Tensor, table: LowRankTable, d_in: int) -> "
     return lowrank.PaddedFactors(a, bt, table.out_start, table.out_width)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in CASES])
-def test_padded_cpu_path_matches_reference(case: Case):
-    """The CPU path (one gather-bmm per op for all adapters) against the reference, same sweep."""
-    gen = torch.Generator().manual_seed(case.seed)
-    slots = _slots(case, gen)
-    seg = make_segments(list(case.seg_lens), slots, "cpu")
+def _check_padded_against_reference(case: Case, seg, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the padded CPU path and the reference on the same random inputs; they must agree. -> (y, y before)."""
     arena, table = _make_table(case, torch.float32, "cpu", gen)
     x = torch.randn(seg.num_tokens, case.d_in, generator=gen)
     y0 = torch.randn(seg.num_tokens, sum(case.widths), generator=gen)
@@ -322,6 +318,16 @@ def test_padded_cpu_path_matches_reference(case: Case):
     lowrank.lowrank_delta_ref(y_ref, x, seg, arena, table)
     lowrank.lowrank_delta_padded(y, x, seg, _padded_from_table(arena, table, case.d_in))
     torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.float32])
+    return y, y0
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in CASES])
+def test_padded_cpu_path_matches_reference(case: Case):
+    """The CPU path (one gather-bmm per op for all adapters) against the reference, same sweep."""
+    gen = torch.Generator().manual_seed(case.seed)
+    slots = _slots(case, gen)
+    seg = make_segments(list(case.seg_lens), slots, "cpu")
+    y, y0 = _check_padded_against_reference(case, seg, gen)
     base = seg.token_slot < 0
     assert torch.equal(y[base], y0[base])  # base-model tokens untouched
 
@@ -338,11 +344,4 @@ def test_padded_cpu_path_reads_a_slot_range_or_gathers(slots, uses_range):
     seg_lens = [(2 * k + 1) % 5 + 1 for k in range(len(slots))]
     seg = make_segments(seg_lens, slots, "cpu")
     assert (seg.slot_batch.slot_range is not None) == uses_range
-    num_slots = 48
-    arena, table = _make_table(replace(case, num_slots=num_slots), torch.float32, "cpu", gen)
-    x = torch.randn(seg.num_tokens, case.d_in, generator=gen)
-    y0 = torch.randn(seg.num_tokens, sum(case.widths), generator=gen)
-    y_ref, y = y0.clone(), y0.clone()
-    lowrank.lowrank_delta_ref(y_ref, x, seg, arena, table)
-    lowrank.lowrank_delta_padded(y, x, seg, _padded_from_table(arena, table, case.d_in))
-    torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.float32])
+    _check_padded_against_reference(replace(case, num_slots=48), seg, gen)
