@@ -64,27 +64,41 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("train_args", nargs=argparse.REMAINDER,
-                        help="the trainer's flags (see `multiplex train --help-trainer`); --model tiny is the embedded model")
+                        help="the trainer's flags (see `multiplex train --help-trainer`); --model smollm2 (default), "
+                             "tiny or a .gguf file name the embedded models or a GGUF to convert")
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """`multiplex train ...` = `python -m adapters.train ...`, with `--model tiny` resolved to the embedded backbone."""
+    """`multiplex train ...` = `python -m adapters.train ...`, with `--model` naming an embedded model (smollm2, tiny)
+    or a .gguf file resolved to its checkpoint directory (server/model/catalog.py); smollm2 when not given."""
     from adapters.train import main as train_main
+    from server.model.catalog import DEFAULT_MODEL, resolve_model_path
 
     argv = list(args.train_args)
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if argv[:1] == ["--help-trainer"]:
         argv = ["--help"]
-    for i, arg in enumerate(argv):
-        if arg == "--model" and i + 1 < len(argv) and argv[i + 1] == "tiny" or arg == "--model=tiny":
-            from server.engine.builder import resolve_model_path
-
-            data_dir = os.environ.get(f"{ENV_PREFIX}DATA_DIR", ".multiplex")
-            path = str(resolve_model_path("tiny", data_dir))
-            argv[i : i + (1 if "=" in arg else 2)] = ["--model", path]
-            break
+    if "--help" not in argv and "-h" not in argv:
+        data_dir = os.environ.get(f"{ENV_PREFIX}DATA_DIR", ".multiplex")
+        model, where = _model_argument(argv)
+        resolved = str(resolve_model_path(model or DEFAULT_MODEL, data_dir))
+        if where is None:
+            argv = ["--model", resolved, *argv]
+        else:
+            argv[where] = resolved
     return train_main(argv, prog="multiplex train")
+
+
+def _model_argument(argv: list[str]) -> tuple[str | None, int | None]:
+    """The value of --model in `argv` and the index to write its resolved path to (None, None when absent)."""
+    for i, arg in enumerate(argv):
+        if arg == "--model" and i + 1 < len(argv):
+            return argv[i + 1], i + 1
+        if arg.startswith("--model="):
+            argv[i : i + 1] = ["--model", arg.split("=", 1)[1]]
+            return argv[i + 1], i + 1
+    return None, None
 
 
 def _client_subcommands() -> dict[str, tuple[str, AddArguments, Run]]:

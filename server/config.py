@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", env_ignore_empty=True,
                                       populate_by_name=True)
 
-    model: str = Field("tiny", description="backbone: 'tiny' (embedded, random weights) or a HF checkpoint directory")
+    model: str = Field("smollm2", description="backbone: 'smollm2' (embedded SmolLM2-135M-Instruct), 'tiny' (embedded, "
+                                              "random weights, for tests), a .gguf file or a HF checkpoint directory")
     adapters: Path | None = Field(None, description="directory of adapters, one per subdirectory (format 1 or PEFT)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0 = any free port)")
@@ -68,10 +69,13 @@ class Settings(BaseSettings):
     def _check_model(cls, value: str) -> str:
         value = value.strip()
         if not value:
-            raise ValueError("must be 'tiny' or a checkpoint directory")
-        # A name without a path separator may be a named config of the model registry; a path must exist.
+            raise ValueError("must be 'smollm2', 'tiny', a .gguf file or a checkpoint directory")
+        # A name without a path separator may be an embedded model (server/model/catalog.py); a path must exist.
         looks_like_path = os.sep in value or value.startswith(".") or value.startswith("~")
-        if looks_like_path and not Path(value).expanduser().is_dir():
+        if value.lower().endswith(".gguf"):
+            if not Path(value).expanduser().is_file():
+                raise ValueError(f"GGUF file {value!r} does not exist")
+        elif looks_like_path and not Path(value).expanduser().is_dir():
             raise ValueError(f"checkpoint directory {value!r} does not exist")
         return value
 

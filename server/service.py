@@ -37,8 +37,11 @@ def build_service(settings: Settings) -> Service:
     from server.adapter_store import HostTier, RegistryAdapters
     from server.api.admin import AdminSettings, admin_router
     from server.api.app import create_app
+    from server.api.readiness import Readiness, probe_redis
     from server.auth import ApiKeyStore, TenantResolver, parse_api_keys
-    from server.engine.builder import build_engine_options, build_llm_engine, resolve_model_path
+    from server.engine.builder import build_engine_options, build_llm_engine
+    from server.model.catalog import model_name as base_model_name
+    from server.model.catalog import resolve_model_path
     from server.engine.async_engine import AsyncEngine
     from server.model.config import ModelConfig
     from server.embedded_redis import start_embedded_redis
@@ -56,7 +59,7 @@ def build_service(settings: Settings) -> Service:
     pool = llm.runner.adapter_pool
     source = RegistryAdapters(registry, spec, HostTier(settings.host_cache_bytes), fits=pool.fits_empty,
                               prepare=pool.lowrank_image)
-    model_name = "tiny" if settings.model == "tiny" else Path(settings.model).name
+    model_name = base_model_name(settings.model)
     engine = AsyncEngine(llm, model_name=model_name, adapters=source, max_queue=opts.max_queue)
     tenants = TenantResolver(parse_api_keys(settings.api_keys), ApiKeyStore(registry.client, registry.prefix))
 
@@ -68,16 +71,37 @@ def build_service(settings: Settings) -> Service:
         AdminSettings(admin_token=settings.admin_token, max_adapter_bytes=settings.max_adapter_bytes,
                       max_rank=settings.max_rank, base_model_name=model_name),
         on_change=on_change, tenants=tenants)
-    lifespan_tasks = [lambda: _seed(registry, settings.adapters, spec), lambda: _follow_events(registry, source)]
+    readiness = Readiness("engine", "adapters", "redis")
+    lifespan_tasks = [lambda: _seed(registry, settings.adapters, spec, readiness),
+                      lambda: _follow_events(registry, source), lambda: probe_redis(registry.ping, readiness)]
     app = create_app(engine, settings, tenants=tenants, routers=[admin], background=lifespan_tasks,
-                     on_shutdown=[registry.close])
+                     on_shutdown=[registry.close], readiness=readiness)
     return Service(app, engine, registry, embedded, admin.admin_auth.token)
 
 
-async def _seed(registry, adapters_dir: Path | None, spec: dict) -> None:
-    """--adapters DIR seeds the registry: each subdirectory is stored unless the same bytes are already there."""
+async def _seed(registry, adapters_dir: Path | None, spec: dict, readiness) -> None:
+    """--adapters DIR seeds the registry: each subdirectory is stored unless the same bytes are already there.
+    Retried while Redis is unreachable; /health is not ready until every subdirectory was stored or refused."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
     if adapters_dir is None:
+        readiness.set("adapters", None)
         return
+    readiness.set("adapters", f"seeding adapters from {adapters_dir}")
+    delay = 0.5
+    while True:
+        try:
+            await _seed_once(registry, adapters_dir, spec)
+            readiness.set("adapters", None)
+            return
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            readiness.set("adapters", f"seeding adapters from {adapters_dir} waits for redis: {exc}"[:300])
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+async def _seed_once(registry, adapters_dir: Path, spec: dict) -> None:
     from adapters.artifact import ArtifactError, adapter_to_bytes, load_adapter
 
     for sub in sorted(p for p in Path(adapters_dir).iterdir() if p.is_dir()):

@@ -72,7 +72,7 @@ def running_server(**settings_overrides: Any) -> Iterator[LiveServer]:
     try:
         with httpx.Client(base_url=base_url, timeout=60) as client:
             adapter_ids = sorted(p.name for p in settings.adapters.iterdir()) if settings.adapters else []
-            _wait_for_seeding(client, adapter_ids)
+            _wait_until_ready(client)
             yield LiveServer(base_url=base_url, engine=engine, model_name=engine.model_name,
                              adapter_ids=adapter_ids, client=client, admin_token=service.admin_token,
                              registry=service.registry, service=service)
@@ -82,12 +82,10 @@ def running_server(**settings_overrides: Any) -> Iterator[LiveServer]:
         service.close()
 
 
-def _wait_for_seeding(client: httpx.Client, adapter_ids: list[str]) -> None:
-    """--adapters seeds the registry in the background at start; wait until every adapter is listed."""
+def _wait_until_ready(client: httpx.Client) -> None:
+    """/health answers 200 once the engine runs, --adapters is seeded and Redis answers (server/api/readiness.py)."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while adapter_ids:
-        listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
-        if set(adapter_ids) <= listed:
-            return
-        assert time.monotonic() < deadline, f"adapters not seeded: {sorted(set(adapter_ids) - listed)}"
+    while (response := client.get("/health")).status_code != 200:
+        assert response.status_code == 503, response.text
+        assert time.monotonic() < deadline, f"server not ready: {response.text}"
         time.sleep(0.05)

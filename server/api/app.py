@@ -13,6 +13,7 @@ from fastapi import APIRouter, FastAPI
 from server.api import completions, health, models
 from server.api.errors import install_error_handlers
 from server.api.metrics import ApiMetrics
+from server.api.readiness import Readiness
 from server.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -41,20 +42,25 @@ class ResponseStatusCounter:
 
 def create_app(engine: Any, settings: Settings, *, tenants: Any = None, routers: Sequence[APIRouter] = (),
                background: Sequence[Callable[[], Awaitable[None]]] = (),
-               on_shutdown: Sequence[Callable[[], Awaitable[None]]] = ()) -> FastAPI:
+               on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
+               readiness: Readiness | None = None) -> FastAPI:
     """`engine` is a server.engine.async_engine.AsyncEngine, not yet started: the app starts and stops it.
     `tenants`: resolves /v1 API keys (server/auth.py), None = open. `routers`: more routes (the admin API).
     `background`: coroutine functions run as tasks for the app's lifetime (registry seeding, event following).
-    `on_shutdown`: awaited after the engine stops."""
+    `on_shutdown`: awaited after the engine stops. `readiness`: what /health waits for besides the engine (the
+    service adds the adapters seeding and Redis); its "engine" check is set here."""
+    readiness = readiness or Readiness("engine")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        readiness.set("engine", None)
         logger.info("engine started: model %s", engine.model_name)
         tasks = [asyncio.create_task(start()) for start in background]
         try:
             yield
         finally:
+            readiness.set("engine", "shutting down")
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -69,6 +75,7 @@ def create_app(engine: Any, settings: Settings, *, tenants: Any = None, routers:
     app.state.api_metrics = ApiMetrics()
     app.state.created = int(time.time())
     app.state.tenants = tenants
+    app.state.readiness = readiness
     install_error_handlers(app)
     for router in routers:
         app.include_router(router)

@@ -1,4 +1,8 @@
-"""GET /health (liveness plus a summary of the engine's stats) and GET /metrics (Prometheus text format)."""
+"""GET /health (readiness plus a summary of the engine's stats) and GET /metrics (Prometheus text format).
+
+/health answers 200 only when every readiness check passes (server/api/readiness.py: the engine running, the
+--adapters directory seeded, Redis answering); otherwise 503 with `status` "unavailable" and `problems` naming each
+check that fails, so that a load balancer or `docker compose` sends no traffic to a replica that would 404 or 503."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -14,8 +18,12 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     engine = request.app.state.engine
-    # Cheap on purpose: no adapter listing, which may reach the registry; /v1/models does that.
-    return JSONResponse({"status": "ok", "model": engine.model_name, "engine": engine.stats()})
+    # Cheap on purpose: it reads checks kept up to date by their owners and never waits on Redis itself.
+    problems = request.app.state.readiness.problems()
+    body = {"status": "unavailable" if problems else "ok", "model": engine.model_name, "engine": engine.stats()}
+    if problems:
+        body["problems"] = problems
+    return JSONResponse(body, status_code=503 if problems else 200)
 
 
 @router.get("/metrics")

@@ -1,4 +1,4 @@
-"""Assemble a serving engine from a model path (or "tiny") and an optional adapters directory."""
+"""Assemble a serving engine from a model (server/model/catalog.py) and an optional adapters directory."""
 from __future__ import annotations
 
 import logging
@@ -19,10 +19,10 @@ from server.engine.errors import InvalidAdapterError
 from server.engine.model_runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.model.adapter_pool import AdapterPool
+from server.model.catalog import model_name, resolve_model_path
 from server.model.config import ModelConfig
 from server.model.llama import LlamaModel
 from server.model.loader import load_state_dict
-from server.model.tiny import ensure_tiny_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,6 @@ def build_engine_options(settings) -> EngineOptions:
         max_queue=settings.max_num_seqs + settings.max_queue, data_dir=str(settings.data_dir),
         cuda_graphs=settings.cuda_graphs,
     )
-
-
-def resolve_model_path(model: str, data_dir: str) -> Path:
-    if model == "tiny":
-        return ensure_tiny_checkpoint(Path(data_dir) / "models" / "tiny")
-    path = Path(model)
-    if not (path / "config.json").exists():
-        raise ValueError(f"--model {model!r}: not 'tiny' and not a directory with a config.json")
-    return path
 
 
 def load_adapter_dir(adapters_dir: str | Path, spec: dict) -> dict[str, AdapterDeltas]:
@@ -128,5 +119,4 @@ def build_engine(model: str, adapters_dir: str | None, opts: EngineOptions | Non
         if not pool.fits_empty(deltas):
             raise InvalidAdapterError(f"adapter {adapter_id!r} needs {pool.nbytes(deltas)} bytes; "
                                       f"the device pool holds {opts.adapter_pool_bytes}")
-    name = "tiny" if model == "tiny" else Path(model).name
-    return AsyncEngine(engine, model_name=name, adapters=StaticAdapters(adapters), max_queue=opts.max_queue)
+    return AsyncEngine(engine, model_name=model_name(model), adapters=StaticAdapters(adapters), max_queue=opts.max_queue)

@@ -135,7 +135,10 @@ def test_redis_outage(tmp_path):
     with running_server(model="tiny", data_dir=data, admin_token="admin-secret") as server:
         assert _upload(server, "warm", archive).status_code == 201
         before = _text(server, "warm")
+        assert server.client.get("/health").status_code == 200
         server.service.embedded.close()  # Redis dies
+        _wait_for_health(server, 503)
+        assert "redis" in server.client.get("/health").json()["problems"]
         assert _text(server, "warm") == before  # a cached adapter still answers
         assert _text(server, None)  # and the base model
         r = _upload(server, "late", archive)
@@ -148,3 +151,11 @@ def test_redis_outage(tmp_path):
             time.sleep(0.2)
         assert r.status_code == 201
         assert _text(server, "late") == before  # same weights as "warm"
+        _wait_for_health(server, 200)  # /health recovers by itself
+
+
+def _wait_for_health(server, status: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (r := server.client.get("/health")).status_code != status:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.1)
