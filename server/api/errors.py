@@ -1,7 +1,8 @@
 """Every error leaves the server as JSON `{"error": {"type", "message"}}`, never with a stack trace.
 
 - request validation (bad JSON, missing or mistyped fields, out-of-range values) -> 400 naming the field
-- EngineError subclasses (unknown adapter, prompt too long, overloaded, ...) -> their own status and type
+- EngineError subclasses (unknown adapter 404, prompt too long 400, overloaded 503, invalid or quarantined
+  adapter 422, ...) -> their own status and type
 - Starlette HTTP errors (unknown route, wrong method) -> their status
 - anything else -> 500 with a generic message; the traceback goes to the log only
 """

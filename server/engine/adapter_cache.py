@@ -59,6 +59,19 @@ class AdapterCache:
     def needs_whole_prefill(self, ref: AdapterRef) -> bool:
         return self.pool.slots[self.resident[ref.key].slot].has_para
 
+    def discard(self, ref: AdapterRef) -> None:
+        """Free the adapter's slot now rather than when it is the least recently used (a quarantined adapter:
+        nobody will use it again). Its requests must have released it."""
+        entry = self.resident.get(ref.key)
+        if entry is None:
+            return
+        if entry.pins:  # not expected; left to LRU eviction rather than failing the step
+            log.error("adapter %s cannot be discarded: %d requests still pin it", ref.key, entry.pins)
+            return
+        self.pool.free(entry.slot)
+        del self.resident[ref.key]
+        log.info("adapter %s discarded from slot %d", ref.key, entry.slot)
+
     def _load(self, ref: AdapterRef) -> Resident | None:
         t0 = time.perf_counter()
         while True:

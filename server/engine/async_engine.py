@@ -58,7 +58,8 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        adapter_id: str | None, tenant: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Raises UnknownAdapterError / PromptTooLongError / EngineOverloadedError before yielding anything."""
+        """Raises UnknownAdapterError / AdapterQuarantinedError / PromptTooLongError / EngineOverloadedError before
+        yielding anything."""
         if not prompt_ids:
             raise PromptTooLongError("prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -69,6 +70,8 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id}")
         ref = await self.adapters.resolve(adapter_id, tenant) if adapter_id is not None else None  # may fetch
+        if ref is not None:
+            self.engine.check_adapter(ref)  # a quarantined version is refused here, not failed in a stream
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._inbox.put(("add", Request(request_id, list(prompt_ids), params, adapter=ref)))
@@ -103,7 +106,7 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception:  # a bug must not kill the server: fail the requests in flight, keep serving
+            except Exception:  # a bug outside the forward (the step isolates those): fail all in flight, keep serving
                 log.exception("engine step failed; failing the requests in flight")
                 outputs = [o for rid in list(self.engine.requests) if (o := self.engine.fail(rid, "internal error")) is not None]
             produced = sum(len(o.token_ids) for o in outputs)

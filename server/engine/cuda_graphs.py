@@ -15,7 +15,8 @@ on first use. Then each step is a replay:
 Everything the kernels read through pointers (weights, KV cache, the adapter pool's arena and tables, IA3 and
 PARA vector buffers) is allocated once and updated in place, so a replay sees adapters loaded after the capture.
 A capture that fails (an op that is not capturable, out of memory) turns graphs off for the process with one
-warning; the step, and every later one, runs eagerly.
+warning; the step, and every later one, runs eagerly. A step that fails in the capture's eager warm-up (a faulty
+adapter) is no capture failure: its error goes to the engine (server/engine/isolation.py), graphs stay on.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 Forward = Callable[[ForwardBatch], torch.Tensor]
 # capture(fn) -> (replay, output): records fn; `output` holds fn's result for the inputs at capture time, and
-# each replay() refills it for the inputs' current values.
+# each replay() refills it for the inputs' current values. Its first call of fn runs the step eagerly (a warm-up).
 Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
 
 
@@ -65,9 +66,11 @@ def cuda_capture(pool) -> Capture:
     def capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: compiles the Triton kernels, sets up cuBLAS, off the graph
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            with torch.cuda.stream(stream):  # warm-up: compiles the Triton kernels, sets up cuBLAS, off the graph
+                fn()
+        finally:  # also when it raised: what it launched is done before anything else runs
+            torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: fetch threads may pin host memory meanwhile (cudaHostAlloc), which a global capture forbids
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
@@ -76,6 +79,28 @@ def cuda_capture(pool) -> Capture:
         return graph.replay, out
 
     return capture
+
+
+class _StepError(Exception):
+    """The step raised in its eager warm-up run, before any capture: its own error (the exception's cause)."""
+
+
+def _tag_warm_up_errors(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """fn, whose first call (the capture's eager warm-up) raises _StepError from whatever the step raised, so
+    that a faulty step is told apart from a failed capture, which turns graphs off."""
+    calls = 0
+
+    def run() -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            return fn()
+        try:
+            return fn()
+        except Exception as exc:
+            raise _StepError() from exc
+
+    return run
 
 
 def eager_capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
@@ -128,7 +153,9 @@ class DecodeGraphs:
             self.graphs.popitem(last=False)
         try:
             static = PackedInputs(fb, self.device)
-            replay, logits = self.capture(lambda: forward(static.batch))
+            replay, logits = self.capture(_tag_warm_up_errors(lambda: forward(static.batch)))
+        except _StepError as exc:  # the step itself fails (a faulty adapter?): the engine's business, not ours
+            raise exc.__cause__ from None
         except Exception as exc:  # noqa: BLE001 - any failure: serve eagerly rather than not at all
             self.enabled = False
             self.graphs.clear()

@@ -1,4 +1,4 @@
-"""Errors the engine raises for something the caller did; the API maps each to an HTTP status."""
+"""Errors the engine raises for something the caller (or their adapter) did; the API maps each to an HTTP status."""
 
 
 class EngineError(Exception):
@@ -24,3 +24,10 @@ class EngineOverloadedError(EngineError):
 class InvalidAdapterError(EngineError):
     status_code = 422
     error_type = "invalid_adapter"
+
+
+class AdapterQuarantinedError(InvalidAdapterError):
+    """This adapter version made the engine fail and is refused until a new version is uploaded (422, like any
+    adapter that cannot be served: retrying the same version cannot succeed, so not 503)."""
+
+    error_type = "adapter_quarantined"

@@ -145,7 +145,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """-> (num seqs needing logits, V) fp32, in batch order."""
-        size = self.graphs.batch_size_for(batch) if self.graphs is not None else None
+        size = self.graphs.batch_size_for(batch) if self.graphs is not None and not self._injects_faults else None
         if size is not None:
             fb = self.build(batch, pad_to=size, device="cpu")  # host tensors, copied into the graph's inputs
             if not fb.para_prefills:  # a PARA prompt of one token is a prefill: its vectors are computed eagerly
@@ -154,6 +154,12 @@ class ModelRunner:
                     return logits[: len(batch.seqs)]
             return self.forward(fb.to(self.device))
         return self.forward(self.build(batch))
+
+    @property
+    def _injects_faults(self) -> bool:
+        """A test's fault hook is set on the pool: steps run eagerly, so that it sees every step (a graph replay
+        runs no Python)."""
+        return self.adapter_pool is not None and self.adapter_pool.fault_hook is not None
 
     def capture_decode_graphs(self) -> None:
         """Capture, for every batch size, the decode step with no adapter and the one with LowRank adapters (the

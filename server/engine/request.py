@@ -85,7 +85,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int
     num_output_tokens: int
-    error: str | None = None
+    error: str | None = None  # with finish_reason "error": a message meant for the caller
+    error_type: str | None = None  # its type in the API's error body ("internal_error", "adapter_quarantined")
 
 
 @dataclass

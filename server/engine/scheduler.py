@@ -8,6 +8,8 @@ Plain Python over `Request`s; never sees a tensor. Policy, in order:
    adapter is not on the device yet is skipped this step (its load is under way), not blocking others.
    A request whose adapter has a PARA generator is prefilled whole, never in chunks: its vectors are pooled
    from the entire prompt inside one forward (it may exceed the token budget when it is alone in the step).
+   A request whose adapter fails to load (the load raises, as opposed to waiting for room) leaves the queue in
+   `load_failures`: the engine quarantines that adapter version and fails its requests.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class AdapterSlots(Protocol):
     def acquire(self, ref: AdapterRef) -> int | None: ...  # slot when resident (pinned), None while it cannot fit
     def release(self, ref: AdapterRef) -> None: ...
     def needs_whole_prefill(self, ref: AdapterRef) -> bool: ...  # PARA: vectors need the whole prompt at once
+    def discard(self, ref: AdapterRef) -> None: ...  # free an unpinned adapter's slot now (a quarantined one)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class ScheduledSeq:
 class ScheduledBatch:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    load_failures: list[tuple[Request, Exception]] = field(default_factory=list)  # adapter load raised
 
     @property
     def num_tokens(self) -> int:
@@ -90,7 +94,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()
             if req.adapter is not None:
-                slot = self.adapters.acquire(req.adapter)
+                try:
+                    slot = self.adapters.acquire(req.adapter)
+                except Exception as exc:  # noqa: BLE001 - the adapter's fault, not the step's: only it fails
+                    batch.load_failures.append((req, exc))
+                    continue
                 if slot is None:
                     req.status = Status.WAITING_ADAPTER
                     skipped.append(req)

@@ -10,10 +10,16 @@ Layout (S-LoRA style: exact sizes, no padding to a maximum rank):
   vectors of running requests in (num_layers, max_requests, d_q + d_kv + d_ff), rows = request rows.
   Layers an adapter leaves unscaled hold ones (multiplying by 1 is exact).
 The pool only stores and applies; which adapter gets which slot, and when, is the engine's decision.
+
+Fault injection (tests): `fault_hook(slot, layer)`, when set, is called for every adapter slot a step's tokens use,
+in every layer, before that slot's deltas, vectors or PARA generator are applied; what it raises fails the step the
+way a faulty adapter would (server/engine/isolation.py finds the culprit). Steps run eagerly while it is set
+(ModelRunner), since a CUDA graph replay runs no Python.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -88,6 +94,7 @@ class AdapterPool:
         self._build_tables()
         # On a CPU (unless the Triton kernels are forced), LowRank deltas are applied from a padded mirror
         self.padded = None if use_triton(device) else PaddedLowRank(self.layout, cfg.num_layers, max_slots)
+        self.fault_hook: Callable[[int, int], None] | None = None  # (slot, layer); see the module docstring
 
     def _build_tables(self) -> None:
         self.lowrank_tables: list[dict[str, LowRankTable]] = []
@@ -153,13 +160,17 @@ class AdapterPool:
             if start is not None:
                 self.allocator.free(start)
             raise AdapterPoolFull(f"index arena has no free range of {n_idx} elements")
-        cursor = self._write_lowrank(slot, image or self.lowrank_image(deltas), start or 0)
-        if self.padded is not None:
-            self.padded.load(slot, deltas)
-        cursor = self._write_sparse(slot, deltas, cursor, idx_start or 0)
-        targets = self._write_scale(slot, deltas)
-        if deltas.para:
-            self._write_para(slot, deltas, cursor)
+        try:
+            cursor = self._write_lowrank(slot, image or self.lowrank_image(deltas), start or 0)
+            if self.padded is not None:
+                self.padded.load(slot, deltas)
+            cursor = self._write_sparse(slot, deltas, cursor, idx_start or 0)
+            targets = self._write_scale(slot, deltas)
+            if deltas.para:
+                self._write_para(slot, deltas, cursor)
+        except BaseException:  # a half-written slot applies nothing and gives its arena ranges back
+            self._clear(slot, start, idx_start)
+            raise
         info = SlotInfo(start, idx_start, self.nbytes(deltas), frozenset(targets), bool(deltas.para),
                         bool(deltas.lowrank), bool(deltas.sparse))
         self.slots[slot] = info
@@ -268,10 +279,13 @@ class AdapterPool:
 
     def free(self, slot: int) -> None:
         info = self.slots.pop(slot)
-        if info.arena_start is not None:
-            self.allocator.free(info.arena_start)
-        if info.idx_start is not None:
-            self.idx_allocator.free(info.idx_start)
+        self._clear(slot, info.arena_start, info.idx_start)
+
+    def _clear(self, slot: int, arena_start: int | None, idx_start: int | None) -> None:
+        if arena_start is not None:
+            self.allocator.free(arena_start)
+        if idx_start is not None:
+            self.idx_allocator.free(idx_start)
         self.rank[:, :, slot] = 0  # a stale slot id now applies nothing
         if self.padded is not None:
             self.padded.free(slot)
@@ -289,6 +303,7 @@ class AdapterPool:
     # ---- forward hooks ----------------------------------------------------------------------------------------
     def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> None:
         """y += this step's LowRank and Sparse deltas of `group` in `layer` (y: (T, group width), x: (T, d_in))."""
+        self._inject_faults(layer, batch)
         seg = batch.segments
         if self.padded is not None:
             if self.padded.rank:
@@ -302,6 +317,7 @@ class AdapterPool:
         """During a PARA request's prefill: its vectors for `layer` from its prompt tokens' normed hidden states."""
         from adapters.methods.para import para_vectors
 
+        self._inject_faults(layer, batch)
         buf = self.para_buffer()
         for p in batch.para_prefills:
             gen = self.para_layers[p.slot].get(layer)
@@ -314,6 +330,7 @@ class AdapterPool:
 
     def scale_activation(self, layer: int, activation: str, y: torch.Tensor, batch: ForwardBatch) -> None:
         """Multiply the Scale sites inside `activation` ("qkv", "gate_up" or "ffn") of this layer."""
+        self._inject_faults(layer, batch)
         for target, rows in batch.scale_rows.items():
             act, col, width = self.layout.scale_site[target]
             if act == activation:
@@ -326,3 +343,8 @@ class AdapterPool:
                 scale_rows_(y, vec[:, c.q_size : c.q_size + c.kv_size], batch.para_rows, c.q_size + c.kv_size)
             else:
                 scale_rows_(y, vec[:, c.q_size + c.kv_size :], batch.para_rows, c.intermediate_size)
+
+    def _inject_faults(self, layer: int, batch: ForwardBatch) -> None:
+        if self.fault_hook is not None:
+            for slot, _ in batch.segments.slot_rows:  # the slots this step's tokens use
+                self.fault_hook(slot, layer)
