@@ -1,8 +1,10 @@
-"""Client subcommands of the `multiplex` command: upload, adapters, complete, loadgen.
+"""Client subcommands of the `multiplex` command: upload, adapters, complete, chat, loadgen.
 
     multiplex upload out/my-lora --id my-lora            # directory or .tar/.tar.gz/.zip; progress bar on stderr
     multiplex adapters list | get ID | delete ID
     multiplex complete "Once upon a time" --adapter my-lora --max-tokens 64   # streams to the terminal
+    multiplex chat --adapter my-lora --system "Be brief."    # interactive: a line per turn, /exit or EOF ends it
+    multiplex chat "What is a LoRA?"                          # one question, one answer
     multiplex loadgen --rate 2,4,8 --num-adapters 8 --out results.json        # see clients/loadgen.py
 
 `COMMANDS` maps each name to (add_arguments(parser), run(args) -> exit code) and `HELP` to its one-line help, for
@@ -15,7 +17,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from clients import loadgen
 from clients.client import Client
@@ -181,16 +183,73 @@ def run_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- chat ------------------------------------------------------------------------------------------------------------
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("question", nargs="?",
+                        help="ask this, print the answer and exit (default: an interactive chat reading a turn per "
+                             "line of stdin until /exit or end of input)")
+    parser.add_argument("--adapter", dest="adapter_id", help="adapter id (default: the base model)")
+    parser.add_argument("--system", help="system message that opens the chat")
+    parser.add_argument("--max-tokens", type=int, help="per answer (default: as many as the context leaves)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default %(default)s)")
+    add_connection_arguments(parser)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    questions = [args.question] if args.question is not None else _user_turns(sys.stdin)
+    try:
+        with Client(**client_kwargs(args)) as client:
+            for question in questions:
+                _chat_turn(client, history, question, args)
+    except MultiplexError as exc:
+        sys.stdout.flush()
+        return _fail("chat", exc)
+    return 0
+
+
+def _user_turns(stdin: TextIO) -> Iterator[str]:
+    """One turn per non-empty line, until `/exit` or the end of input; a prompt on stderr only at a terminal (so
+    that piped output holds the answers alone)."""
+    is_terminal = stdin.isatty()
+    while True:
+        if is_terminal:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def _chat_turn(client: Client, history: list[dict[str, str]], question: str, args: argparse.Namespace) -> None:
+    """Ask `question` after `history`, stream the answer to stdout, and keep both turns in `history`."""
+    history.append({"role": "user", "content": question})
+    pieces = []
+    with client.chat_stream(history, adapter_id=args.adapter_id, max_tokens=args.max_tokens,
+                            temperature=args.temperature) as deltas:
+        for delta in deltas:
+            pieces.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    history.append({"role": "assistant", "content": "".join(pieces)})
+
+
 COMMANDS: dict[str, tuple[AddArguments, Run]] = {
     "upload": (add_upload_arguments, run_upload),
     "adapters": (add_adapters_arguments, run_adapters),
     "complete": (add_complete_arguments, run_complete),
+    "chat": (add_chat_arguments, run_chat),
     "loadgen": (loadgen.add_arguments, loadgen.run),
 }
 HELP: dict[str, str] = {
     "upload": "upload an adapter directory or archive to a server",
     "adapters": "list, show or delete the adapters stored on a server",
     "complete": "complete a prompt (streams to the terminal)",
+    "chat": "chat with a model (or an adapter) on the terminal, or ask one question",
     "loadgen": "open-loop load generator: throughput, TTFT, TPOT and latency percentiles",
 }
 

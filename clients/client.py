@@ -6,17 +6,21 @@
         print(mpx.complete("Hello", adapter_id="my-lora", max_tokens=32).text)
         for delta in mpx.stream("Hello", adapter_id="my-lora"):
             print(delta, end="", flush=True)
+        answer = mpx.chat([{"role": "user", "content": "Hi"}], adapter_id="my-lora", max_tokens=64)
+        print(answer.text)  # and answer.message is ready to append to the history
+        for delta in mpx.chat_stream("Hi again"):  # a string is one user message
+            print(delta, end="", flush=True)
 
-Both clients have the same methods (the async ones are coroutines, and `stream` an async iterator). Every request
-that names an adapter carries it in the `X-Adapter-Id` header too, for a load balancer that routes by adapter.
-Completions and models send the API key; admin routes send the admin token. Errors raise `clients.errors`
+Both clients have the same methods (the async ones are coroutines; `stream` and `chat_stream` async iterators).
+Every request that names an adapter carries it in the `X-Adapter-Id` header too, for a load balancer that routes by
+adapter. Completions, chat and models send the API key; admin routes send the admin token. Errors raise `clients.errors`
 exceptions carrying the server's error type and message.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, AsyncGenerator, Generator, Iterator
+from typing import Any, AsyncGenerator, Generator, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 import httpx
@@ -24,9 +28,13 @@ import httpx
 from clients.archive import Progress, ProgressReader, open_upload
 from clients.errors import ConnectionFailed, MultiplexError, error_from_response
 from clients.stream import AsyncTextStream, SSEDecoder, StreamState, TextStream
-from clients.wire import AdapterInfo, Completion, ModelInfo, completion_body, list_items, request_headers
+from clients.wire import (AdapterInfo, ChatCompletion, Completion, ModelInfo, chat_body, completion_body, list_items,
+                          request_headers)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+COMPLETIONS_PATH = "/v1/completions"
+CHAT_PATH = "/v1/chat/completions"
+Messages = str | Sequence[Mapping[str, Any]]  # a chat: {"role", "content"} dicts, or one user message as a string
 DEFAULT_TIMEOUT_S = 60.0
 _CONTENT_TYPES = {".zip": "application/zip", ".tar": "application/x-tar"}  # anything else: gzip
 
@@ -110,16 +118,17 @@ class Client(_ClientBase):
 
     # -- completions ----------------------------------------------------------------------------------------------
 
-    def complete(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16,
+    def complete(self, prompt: str | list[int], *, adapter_id: str | None = None, max_tokens: int = 16,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None,
                  seed: int | None = None, logprobs: int | None = None, ignore_eos: bool = False,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Completion:
-        """One completion; `adapter_id` None is the base model; temperature 0 is greedy."""
+        """One completion of a text prompt or of token ids; `adapter_id` None is the base model; temperature 0 is
+        greedy."""
         body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=logprobs,
                                ignore_eos=ignore_eos, stream=False, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty)
-        return Completion.from_json(self._request("POST", "/v1/completions", json=body,
+        return Completion.from_json(self._request("POST", COMPLETIONS_PATH, json=body,
                                                   headers=self._api_headers(adapter_id)))
 
     def stream(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
@@ -132,12 +141,12 @@ class Client(_ClientBase):
                                ignore_eos=ignore_eos, stream=True, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty)
         state = StreamState()
-        return TextStream(self._stream_deltas(body, self._api_headers(adapter_id), state), state)
+        return TextStream(self._stream_deltas(COMPLETIONS_PATH, body, self._api_headers(adapter_id), state), state)
 
-    def _stream_deltas(self, body: dict[str, Any], headers: dict[str, str],
+    def _stream_deltas(self, path: str, body: dict[str, Any], headers: dict[str, str],
                        state: StreamState) -> Generator[str, None, None]:
         with _transport_errors(self.base_url), \
-                self._http.stream("POST", "/v1/completions", json=body, headers=headers) as response:
+                self._http.stream("POST", path, json=body, headers=headers) as response:
             if response.status_code >= 400:
                 response.read()
                 _decode(response)
@@ -154,6 +163,32 @@ class Client(_ClientBase):
                 yield text
         if not state.is_done:
             raise _incomplete(state)
+
+    # -- chat -----------------------------------------------------------------------------------------------------
+
+    def chat(self, messages: Messages, *, adapter_id: str | None = None, max_tokens: int | None = None,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None,
+             seed: int | None = None, top_logprobs: int | None = None, ignore_eos: bool = False,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> ChatCompletion:
+        """The assistant's answer to `messages`, rendered with the model's chat template on the server.
+        `max_tokens` None = as many as the context leaves; `top_logprobs` None = no logprobs."""
+        body = chat_body(messages, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p, top_k=top_k, stop=stop, seed=seed, top_logprobs=top_logprobs,
+                         ignore_eos=ignore_eos, stream=False, presence_penalty=presence_penalty,
+                         frequency_penalty=frequency_penalty)
+        return ChatCompletion.from_json(self._request("POST", CHAT_PATH, json=body,
+                                                      headers=self._api_headers(adapter_id)))
+
+    def chat_stream(self, messages: Messages, *, adapter_id: str | None = None, max_tokens: int | None = None,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                    stop: str | list[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> TextStream:
+        """The assistant's answer as it is generated: an iterator of text deltas (see TextStream)."""
+        body = chat_body(messages, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p, top_k=top_k, stop=stop, seed=seed, top_logprobs=None, ignore_eos=ignore_eos,
+                         stream=True, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+        state = StreamState()
+        return TextStream(self._stream_deltas(CHAT_PATH, body, self._api_headers(adapter_id), state), state)
 
     # -- models and health ----------------------------------------------------------------------------------------
 
@@ -222,7 +257,7 @@ class AsyncClient(_ClientBase):
         with _transport_errors(self.base_url):
             return _decode(await self._http.request(method, path, **kwargs))
 
-    async def complete(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16,
+    async def complete(self, prompt: str | list[int], *, adapter_id: str | None = None, max_tokens: int = 16,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                        stop: str | list[str] | None = None, seed: int | None = None, logprobs: int | None = None,
                        ignore_eos: bool = False, presence_penalty: float = 0.0,
@@ -231,7 +266,7 @@ class AsyncClient(_ClientBase):
                                top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=logprobs,
                                ignore_eos=ignore_eos, stream=False, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty)
-        return Completion.from_json(await self._request("POST", "/v1/completions", json=body,
+        return Completion.from_json(await self._request("POST", COMPLETIONS_PATH, json=body,
                                                         headers=self._api_headers(adapter_id)))
 
     def stream(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
@@ -243,12 +278,35 @@ class AsyncClient(_ClientBase):
                                ignore_eos=ignore_eos, stream=True, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty)
         state = StreamState()
-        return AsyncTextStream(self._stream_deltas(body, self._api_headers(adapter_id), state), state)
+        return AsyncTextStream(self._stream_deltas(COMPLETIONS_PATH, body, self._api_headers(adapter_id), state),
+                               state)
 
-    async def _stream_deltas(self, body: dict[str, Any], headers: dict[str, str],
+    async def chat(self, messages: Messages, *, adapter_id: str | None = None, max_tokens: int | None = None,
+                   temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                   stop: str | list[str] | None = None, seed: int | None = None, top_logprobs: int | None = None,
+                   ignore_eos: bool = False, presence_penalty: float = 0.0,
+                   frequency_penalty: float = 0.0) -> ChatCompletion:
+        body = chat_body(messages, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p, top_k=top_k, stop=stop, seed=seed, top_logprobs=top_logprobs,
+                         ignore_eos=ignore_eos, stream=False, presence_penalty=presence_penalty,
+                         frequency_penalty=frequency_penalty)
+        return ChatCompletion.from_json(await self._request("POST", CHAT_PATH, json=body,
+                                                            headers=self._api_headers(adapter_id)))
+
+    def chat_stream(self, messages: Messages, *, adapter_id: str | None = None, max_tokens: int | None = None,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                    stop: str | list[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> AsyncTextStream:
+        body = chat_body(messages, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p, top_k=top_k, stop=stop, seed=seed, top_logprobs=None, ignore_eos=ignore_eos,
+                         stream=True, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+        state = StreamState()
+        return AsyncTextStream(self._stream_deltas(CHAT_PATH, body, self._api_headers(adapter_id), state), state)
+
+    async def _stream_deltas(self, path: str, body: dict[str, Any], headers: dict[str, str],
                              state: StreamState) -> AsyncGenerator[str, None]:
         with _transport_errors(self.base_url):
-            async with self._http.stream("POST", "/v1/completions", json=body, headers=headers) as response:
+            async with self._http.stream("POST", path, json=body, headers=headers) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     _decode(response)

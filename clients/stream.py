@@ -1,9 +1,10 @@
-"""A streamed completion: server-sent events (the subset the completions stream uses), the state they build up,
-and the iterators over text deltas that the clients' `stream` methods return.
+"""A streamed completion or chat: server-sent events (the subset those streams use), the state they build up, and
+the iterators over text deltas that the clients' `stream` and `chat_stream` methods return.
 
 An event is a block of lines ended by a blank line; `data:` lines (the space after the colon is optional) are
 joined with newlines; lines starting with `:` are comments (keep-alives); other fields (`event:`, `id:`, `retry:`)
-are ignored. The completions stream sends `data: {chunk json}` events and ends with `data: [DONE]`.
+are ignored. Both streams send `data: {chunk json}` events and end with `data: [DONE]`; a completions chunk
+carries its text in `choices[0].text`, a chat chunk in `choices[0].delta.content`.
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ class StreamState:
             return None
         if choices[0].get("finish_reason"):
             self.finish_reason = choices[0]["finish_reason"]
+        if "delta" in choices[0]:  # a chat chunk: the role first, then content pieces
+            return (choices[0]["delta"] or {}).get("content") or None
         return choices[0].get("text") or None
 
 

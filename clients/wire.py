@@ -6,6 +6,7 @@ older client.
 
 | method | route                     | request                      | answer                        |
 | POST   | /v1/completions           | `completion_body(...)`        | `Completion` (or SSE chunks)  |
+| POST   | /v1/chat/completions      | `chat_body(...)`              | `ChatCompletion` (or chunks)  |
 | GET    | /v1/models                |                              | list of `ModelInfo`           |
 | GET    | /health                   |                              | dict                          |
 | POST   | /admin/adapters           | multipart: file + form fields | dict (the stored adapter)     |
@@ -15,7 +16,7 @@ older client.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 ADAPTER_HEADER = "X-Adapter-Id"  # the load balancer hashes on it, so an adapter's requests go where it is resident
 
@@ -87,6 +88,34 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class ChatCompletion:
+    """The answer of POST /v1/chat/completions: the assistant's message (one choice)."""
+
+    id: str
+    created: int
+    model: str  # the adapter id, or the base model's name
+    text: str  # the assistant message's content
+    finish_reason: str | None
+    usage: Usage | None
+    logprobs: list[dict[str, Any]] | None  # OpenAI's choices[0].logprobs.content: {token, logprob, bytes, top_logprobs}
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def message(self) -> dict[str, str]:
+        """The assistant's message, ready to append to the chat's history."""
+        return {"role": "assistant", "content": self.text}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> ChatCompletion:
+        choice = (body.get("choices") or [{}])[0]
+        usage, logprobs = body.get("usage"), choice.get("logprobs")
+        return cls(str(body.get("id", "")), int(body.get("created", 0)), str(body.get("model", "")),
+                   str((choice.get("message") or {}).get("content") or ""), choice.get("finish_reason"),
+                   Usage.from_json(usage) if usage else None,
+                   list(logprobs.get("content") or []) if logprobs else None, body)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     id: str
     parent: str | None  # the base model, for an adapter; None for the base model itself
@@ -141,21 +170,20 @@ def list_items(body: Any, key: str) -> list[dict[str, Any]]:
     raise ValueError(f"unexpected list answer: {str(body)[:200]}")
 
 
-def completion_body(prompt: str, *, adapter_id: str | None, max_tokens: int, temperature: float, top_p: float,
-                    top_k: int, stop: str | list[str] | None, seed: int | None, logprobs: int | None,
-                    ignore_eos: bool, stream: bool, presence_penalty: float = 0.0,
-                    frequency_penalty: float = 0.0) -> dict[str, Any]:
-    """The JSON body of POST /v1/completions. Floats are sent as floats: the server's fields are strict."""
-    body: dict[str, Any] = {"prompt": prompt, "max_tokens": int(max_tokens), "temperature": float(temperature),
-                            "top_p": float(top_p), "top_k": int(top_k), "stream": stream}
+def _sampling_fields(*, adapter_id: str | None, max_tokens: int | None, temperature: float, top_p: float,
+                     top_k: int, stop: str | list[str] | None, seed: int | None, ignore_eos: bool, stream: bool,
+                     presence_penalty: float, frequency_penalty: float) -> dict[str, Any]:
+    """The fields completions and chat share. Floats are sent as floats: the server's fields are strict."""
+    body: dict[str, Any] = {"temperature": float(temperature), "top_p": float(top_p), "top_k": int(top_k),
+                            "stream": stream}
+    if max_tokens is not None:
+        body["max_tokens"] = int(max_tokens)
     if adapter_id is not None:
         body["adapter_id"] = adapter_id
     if stop is not None:
         body["stop"] = [stop] if isinstance(stop, str) else list(stop)
     if seed is not None:
         body["seed"] = int(seed)
-    if logprobs is not None:
-        body["logprobs"] = int(logprobs)
     if ignore_eos:
         body["ignore_eos"] = True
     if presence_penalty:
@@ -164,6 +192,42 @@ def completion_body(prompt: str, *, adapter_id: str | None, max_tokens: int, tem
         body["frequency_penalty"] = float(frequency_penalty)
     if stream:
         body["stream_options"] = {"include_usage": True}  # the last chunk then carries the token counts
+    return body
+
+
+def completion_body(prompt: str | list[int], *, adapter_id: str | None, max_tokens: int, temperature: float,
+                    top_p: float, top_k: int, stop: str | list[str] | None, seed: int | None, logprobs: int | None,
+                    ignore_eos: bool, stream: bool, presence_penalty: float = 0.0,
+                    frequency_penalty: float = 0.0) -> dict[str, Any]:
+    """The JSON body of POST /v1/completions; `prompt` is text or token ids."""
+    body = {"prompt": prompt, **_sampling_fields(
+        adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
+        seed=seed, ignore_eos=ignore_eos, stream=stream, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty)}
+    if logprobs is not None:
+        body["logprobs"] = int(logprobs)
+    return body
+
+
+def chat_messages(messages: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A chat's messages; a plain string is one user message."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    return [dict(message) for message in messages]
+
+
+def chat_body(messages: str | Sequence[Mapping[str, Any]], *, adapter_id: str | None, max_tokens: int | None,
+              temperature: float, top_p: float, top_k: int, stop: str | list[str] | None, seed: int | None,
+              top_logprobs: int | None, ignore_eos: bool, stream: bool, presence_penalty: float = 0.0,
+              frequency_penalty: float = 0.0) -> dict[str, Any]:
+    """The JSON body of POST /v1/chat/completions. `max_tokens` None = the server's default (the rest of the
+    context); `top_logprobs` None = no logprobs, else logprobs with that many alternatives per token."""
+    body = {"messages": chat_messages(messages), **_sampling_fields(
+        adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
+        seed=seed, ignore_eos=ignore_eos, stream=stream, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty)}
+    if top_logprobs is not None:
+        body.update(logprobs=True, top_logprobs=int(top_logprobs))
     return body
 
 

@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, FastAPI
 
-from server.api import completions, health, models
+from server.api import chat, completions, health, models
 from server.api.errors import install_error_handlers
 from server.api.metrics import ApiMetrics
 from server.api.readiness import Readiness
@@ -80,6 +80,7 @@ def create_app(engine: Any, settings: Settings, *, tenants: Any = None, routers:
     for router in routers:
         app.include_router(router)
     app.include_router(completions.router)
+    app.include_router(chat.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.add_middleware(ResponseStatusCounter, metrics=app.state.api_metrics)

@@ -1,16 +1,29 @@
-"""Wire schemas of the HTTP API: the OpenAI completions request and response bodies, plus `adapter_id`.
+"""Wire schemas of the HTTP API: the OpenAI completions and chat completions bodies, plus `adapter_id`.
 
-Unknown request fields are ignored (OpenAI clients send some we do not use); known fields are validated strictly
-enough that a mistake is a 400 naming the field rather than a silent coercion.
+Unknown request fields are ignored (OpenAI clients send some we do not use, such as `user`); known fields are
+validated strictly enough that a mistake is a 400 naming the field rather than a silent coercion. OpenAI fields we
+do not implement are declared in a NO_OPS table: accepted at the values that change nothing, refused otherwise.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationInfo,
+                      field_validator, model_validator)
 
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 5
+ChatRole = Literal["system", "user", "assistant"]
+
+
+def refuse_unless_no_op(value: Any, no_ops: tuple[Any, ...]) -> Any:
+    """`value` if it is one of `no_ops` (of the same type too: True is not 1), else the error (pydantic names the
+    field)."""
+    if any(type(value) is type(no_op) and value == no_op for no_op in no_ops):
+        return value
+    accepted = " or ".join(json.dumps(no_op) for no_op in no_ops)
+    raise ValueError(f"not supported by this server (only {accepted} is accepted)")
 
 
 class StreamOptions(BaseModel):
@@ -19,13 +32,15 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class GenerationRequest(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share: which model, how to sample, when to stop, stream."""
 
-    prompt: str
+    model_config = ConfigDict(extra="ignore")
+    # OpenAI fields this server does not implement -> the values that change nothing (the only ones accepted)
+    NO_OPS: ClassVar[dict[str, tuple[Any, ...]]] = {"logit_bias": (None, {})}
+
     model: str | None = None  # the base model's name, or an adapter id
     adapter_id: str | None = None  # takes precedence over `model`
-    max_tokens: StrictInt | None = Field(16, ge=1)  # null = the default, 16
     temperature: StrictFloat | None = Field(1.0, ge=0.0, le=2.0)  # null = the default; 0 = greedy
     top_p: StrictFloat | None = Field(1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(0, ge=-1)  # extension; 0 or -1 = off
@@ -33,25 +48,11 @@ class CompletionRequest(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     seed: StrictInt | None = None
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     n: StrictInt = 1
-    echo: StrictBool = False
     ignore_eos: StrictBool = False  # extension: keep generating past EOS until max_tokens or a stop string
     presence_penalty: StrictFloat | None = Field(0.0, ge=-2.0, le=2.0)  # null = 0
     frequency_penalty: StrictFloat | None = Field(0.0, ge=-2.0, le=2.0)
-    # OpenAI fields this server does not implement: accepted at their no-op values, refused otherwise (never ignored)
-    best_of: StrictInt | None = None
-    logit_bias: dict[str, Any] | None = None
-    suffix: str | None = None
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-            return value[0]
-        if not isinstance(value, str):
-            raise ValueError("must be a string (or a list of exactly one string)")
-        return value
+    logit_bias: Any = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -75,6 +76,43 @@ class CompletionRequest(BaseModel):
             raise ValueError("only n=1 is supported")
         return value
 
+    @field_validator("*")
+    @classmethod
+    def _only_no_op_values(cls, value: Any, info: ValidationInfo) -> Any:
+        no_ops = cls.NO_OPS.get(info.field_name or "")
+        return value if no_ops is None else refuse_unless_no_op(value, no_ops)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(GenerationRequest):
+    """OpenAI's (legacy) completions body."""
+
+    NO_OPS: ClassVar[dict[str, tuple[Any, ...]]] = {**GenerationRequest.NO_OPS, "best_of": (None, 1),
+                                                    "suffix": (None, "")}
+
+    prompt: str | list[int]  # text, or token ids (sent as they are: no special tokens added)
+    max_tokens: StrictInt | None = Field(16, ge=1)  # null = the default, 16
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = False
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        """A string or a list of token ids, each possibly wrapped in a list of one (a batch of one, as OpenAI and
+        vLLM take it)."""
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+            value = value[0]
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and all(type(i) is int for i in value):
+            return value
+        raise ValueError("must be a string or a non-empty list of token ids (or a list of exactly one of either)")
+
     @field_validator("echo")
     @classmethod
     def _no_echo(cls, value: bool) -> bool:
@@ -82,17 +120,86 @@ class CompletionRequest(BaseModel):
             raise ValueError("echo=true is not supported")
         return value
 
-    @field_validator("best_of", "logit_bias", "suffix")
+
+class ChatMessage(BaseModel):
+    """One message of a chat. `content` is a string or a list of text parts, joined with newlines (as vLLM does)
+    before the chat template sees it. Other OpenAI message fields (`name`, `tool_calls`, ...) are refused unless
+    null or empty: the assistant message an OpenAI client hands back carries some of them as nulls."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: ChatRole
+    content: str
+
+    @field_validator("content", mode="before")
     @classmethod
-    def _only_no_op_values(cls, value: Any, info: ValidationInfo) -> Any:
-        if value not in (None, 1, {}, ""):  # unset, or the value that changes nothing (best_of 1, empty bias/suffix)
-            only = " (only 1)" if info.field_name == "best_of" else ""
-            raise ValueError(f"{info.field_name} is not supported{only}")
-        return value
+    def _text_content(cls, value: Any) -> str:
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError('must be a string or a non-empty list of {"type": "text", "text": ...} parts')
+        for index, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise ValueError(f'part {index} is {kind!r}: only {{"type": "text", "text": ...}} parts are supported')
+            if not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+                raise ValueError(f'part {index} must be exactly {{"type": "text", "text": a string}}')
+        return "\n".join(part["text"] for part in value)
+
+    @model_validator(mode="after")
+    def _no_other_fields(self) -> ChatMessage:
+        for name, value in (self.model_extra or {}).items():
+            if value not in (None, [], {}, ""):
+                raise ValueError(f"{name} is not supported in a message (only role and content are)")
+        return self
+
+    def template_input(self) -> dict[str, str]:
+        """What the chat template sees: exactly role and content."""
+        return {"role": self.role, "content": self.content}
+
+
+class ChatCompletionRequest(GenerationRequest):
+    """OpenAI's chat completions body; tools, structured output and the rest of NO_OPS are refused when set."""
+
+    NO_OPS: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **GenerationRequest.NO_OPS, "tools": (None, []), "tool_choice": (None, "none", "auto"),
+        "parallel_tool_calls": (None, True), "functions": (None, []), "function_call": (None, "none", "auto"),
+        "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
+        "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,), "verbosity": (None,),
+    }
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)  # null = the rest of the context (vLLM's default)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    verbosity: Any = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_top_logprobs(self) -> int | None:
+        """The engine's `logprobs`: None = none; else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionLogprobs(BaseModel):
@@ -125,6 +232,66 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None  # the token's UTF-8 bytes
+
+
+class ChatLogprobEntry(ChatTokenLogprob):
+    top_logprobs: list[ChatTokenLogprob]  # the `top_logprobs` most likely tokens at this position, likeliest first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobEntry]
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    """The role in the first chunk, text after it, nothing in the last (which has the finish reason)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One streamed chunk; `choices` is empty in the usage chunk (sent when stream_options.include_usage)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
 

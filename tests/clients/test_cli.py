@@ -105,4 +105,4 @@ def test_commands_register_in_another_parser() -> None:
     assert (args.action, args.adapter_id, args.admin_token) == ("delete", "x", "t")
     args = parser.parse_args(["loadgen", "--rate", "2,4", "--num-adapters", "3"])
     assert args.rate == ["2,4"] and args.num_adapters == 3
-    assert set(COMMANDS) == set(HELP) == {"upload", "adapters", "complete", "loadgen"}
+    assert set(COMMANDS) == set(HELP) == {"upload", "adapters", "complete", "chat", "loadgen"}

@@ -257,7 +257,7 @@ def test_openai_client(live_server: LiveServer) -> None:
     ({"max_tokens": 4}, "prompt"),
     ({"prompt": 123}, "prompt"),
     ({"prompt": ["one", "two"]}, "prompt"),
-    ({"prompt": [1, 2, 3]}, "prompt"),
+    ({"prompt": [1, 2, 100000]}, "vocabulary"),
     ({"prompt": PROMPT, "max_tokens": "ten"}, "max_tokens"),
     ({"prompt": PROMPT, "max_tokens": 2.5}, "max_tokens"),
     ({"prompt": PROMPT, "temperature": "hot"}, "temperature"),
@@ -311,7 +311,7 @@ def test_prompt_longer_than_context_is_400(live_server: LiveServer) -> None:
 
 def test_unknown_route_and_method(live_server: LiveServer) -> None:
     assert_error(live_server.client.get("/v1/nothing-here"), 404)
-    assert_error(live_server.client.post("/v1/chat/completions", json={}), 404)
+    assert_error(live_server.client.post("/v1/chat/completions", json={}), 400, "messages")
     assert_error(live_server.client.get("/v1/completions"), 405)
     assert_error(live_server.client.get("/v1/models/no-such-model"), 404)
 
