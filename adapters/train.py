@@ -3,9 +3,13 @@
     python -m adapters.train --method lora --model PATH --data train.jsonl --out DIR [--max-steps N] [...]
 
 Data path: JSONL records -> `data.tokenize_records` (completion-only labels) -> seeded shuffled batches
-(`data.collate`, right padded, with `prompt_mask`) -> `fit` (AdamW, warm-up + cosine, gradient clipping, the
-method's hooks; see `methods/base.py`) -> `method.export()` (AdapterDeltas relative to the ORIGINAL backbone) ->
-`artifact.save_artifact(out, deltas, spec=backbone_spec(model.config))`.
+(`data.collate`, right padded, with `prompt_mask`) -> `fit` (AdamW, warm-up + decay schedule, gradient clipping,
+the method's hooks; see `methods/base.py`) -> `method.export()` (AdapterDeltas relative to the ORIGINAL backbone)
+-> `artifact.save_artifact(out, deltas, spec=backbone_spec(model.config))`.
+
+Every optimisation option left unset (None: lr, schedule, warm-up ratio, weight decay, gradient clipping) is the
+method's own, its authors' recipe (`Method.defaults`; the table is docs/method_defaults.md), and the artifact's
+`trainer` record holds the values actually used.
 
 `main(argv)` is the CLI; `multiplex train` delegates to it after resolving `--model tiny` to a path.
 """
@@ -16,7 +20,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,17 +39,17 @@ from adapters.data import (
     tokenize_records,
 )
 from adapters.methods import METHODS, Method, StepContext, get_method
-from adapters.methods.base import method_fields
+from adapters.methods.base import SCHEDULES, TrainingDefaults, method_fields
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass
 class TrainConfig:
-    """Everything `train` needs. None for lr/rank/alpha/targets/weight_decay: the method's defaults."""
+    """Everything `train` needs. None for lr/schedule/warmup_ratio/weight_decay/max_grad_norm/rank/alpha/targets:
+    the method's defaults."""
 
     method: str
     model: str  # local checkpoint directory (config, weights, tokenizer)
@@ -65,10 +69,10 @@ class TrainConfig:
     max_length: int = 512
     eval_fraction: float = 0.1
     eval_every: int = 50
-    warmup_ratio: float = 0.03
-    schedule: str = "cosine"
+    warmup_ratio: float | None = None
+    schedule: str | None = None
     weight_decay: float | None = None
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = None
     name: str | None = None
     progress: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)  # fields of the method's Config
@@ -77,7 +81,7 @@ class TrainConfig:
         get_method(self.method)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.schedule not in SCHEDULES:
+        if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.batch_size < 1 or (self.max_steps is not None and self.max_steps < 1) or self.epochs <= 0:
             raise ValueError("batch_size, max_steps and epochs must be positive")
@@ -86,18 +90,32 @@ class TrainConfig:
 
 @dataclass
 class FitOptions:
-    lr: float
+    """`fit`'s options; None for lr, warmup_ratio, schedule, weight_decay, max_grad_norm: the method's defaults."""
+
+    lr: float | None = None
     max_steps: int | None = None
     epochs: float = 1.0
     batch_size: int = 8
     seed: int = 0
-    warmup_ratio: float = 0.03
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    warmup_ratio: float | None = None
+    schedule: str | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None  # 0: no clipping
     eval_every: int = 50
     progress: bool = True
     device: str | torch.device = "cpu"
+
+
+def resolve_options(opts: FitOptions, d: TrainingDefaults) -> FitOptions:
+    """`opts` with every unset optimisation option taken from a method's defaults `d` (its authors' recipe)."""
+    return replace(
+        opts,
+        lr=d.lr if opts.lr is None else opts.lr,
+        warmup_ratio=d.warmup_ratio if opts.warmup_ratio is None else opts.warmup_ratio,
+        schedule=d.schedule if opts.schedule is None else opts.schedule,
+        weight_decay=d.weight_decay if opts.weight_decay is None else opts.weight_decay,
+        max_grad_norm=d.max_grad_norm if opts.max_grad_norm is None else opts.max_grad_norm,
+    )
 
 
 @dataclass
@@ -160,13 +178,17 @@ def epoch_batches(examples: list[Tokenized], batch_size: int, pad_id: int, seed:
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The lr multiplier at `step`: linear warm-up, then constant, linear, cosine or cosine-squared decay to 0."""
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
         if schedule == "constant":
             return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cosine**2 if schedule == "cosine_squared" else cosine
 
     return f
 
@@ -199,14 +221,20 @@ def fit(
     pad_id: int,
     opts: FitOptions,
 ) -> FitResult:
-    """Train `method`'s parameters on `train_examples`; evaluate every `eval_every` steps and at the end."""
+    """Train `method`'s parameters on `train_examples`; evaluate every `eval_every` steps and at the end.
+
+    Unset options in `opts` are the method's defaults (`resolve_options`). The held-out `eval_examples` are only
+    ever measured; decisions made during training (ALoRA's rank scores) use `score_batch`, a fixed batch of
+    training examples.
+    """
     if not train_examples:
         raise ValueError("no training examples")
+    opts = resolve_options(opts, method.defaults)
     device = torch.device(opts.device)
     steps_per_epoch = math.ceil(len(train_examples) / opts.batch_size)
     max_steps = opts.max_steps if opts.max_steps is not None else max(1, math.ceil(opts.epochs * steps_per_epoch))
     eval_batches = batches_of(eval_examples, opts.batch_size, pad_id, device)
-    val_batch = eval_batches[0] if eval_batches else to_device(collate(train_examples[: opts.batch_size], pad_id), device)
+    score_batch = to_device(collate(train_examples[: opts.batch_size], pad_id), device)
     stream = epoch_batches(train_examples, opts.batch_size, pad_id, opts.seed, device)
 
     model.train()
@@ -222,11 +250,11 @@ def fit(
     warmup = math.ceil(opts.warmup_ratio * max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts.schedule, warmup, max_steps))
 
-    def eval_loss() -> float:
-        return evaluate(model, method, [val_batch])
+    def score_loss() -> float:
+        return evaluate(model, method, [score_batch])
 
     ctx = StepContext(step=0, lr=opts.lr, peak_lr=opts.lr, max_steps=max_steps, steps_per_epoch=steps_per_epoch,
-                      optimizer=optimizer, eval_loss=eval_loss)
+                      optimizer=optimizer, score_loss=score_loss)
     result = FitResult(steps=0, train_losses=[], eval_losses=[], tokens=0, wall_s=0.0)
     if eval_batches:
         result.eval_losses.append((0, evaluate(model, method, eval_batches)))
@@ -308,21 +336,20 @@ def train(cfg: TrainConfig) -> Path:
     spec = backbone_spec(model.config)  # of the untouched backbone
 
     method = build_method(cfg.method, model, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, options=cfg.method_options)
-    cls = type(method)
-    opts = FitOptions(
-        lr=cfg.lr if cfg.lr is not None else cls.default_lr,
+    opts = resolve_options(FitOptions(
+        lr=cfg.lr,
         max_steps=cfg.max_steps,
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         warmup_ratio=cfg.warmup_ratio,
         schedule=cfg.schedule,
-        weight_decay=cfg.weight_decay if cfg.weight_decay is not None else cls.default_weight_decay,
+        weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         eval_every=cfg.eval_every,
         progress=cfg.progress,
         device=cfg.device,
-    )
+    ), method.defaults)
     logger.info("%s: %d trainable parameters, %d train / %d eval examples",
                 cfg.method, method.num_trainable_parameters(), len(train_ex), len(eval_ex))
     result = fit(model, method, train_ex, eval_ex, pad_token_id(tokenizer), opts)
@@ -334,10 +361,11 @@ def train(cfg: TrainConfig) -> Path:
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "dtype": cfg.dtype,
-        "schedule": cfg.schedule,
-        "warmup_ratio": cfg.warmup_ratio,
+        "schedule": opts.schedule,
+        "warmup_ratio": opts.warmup_ratio,
         "weight_decay": opts.weight_decay,
-        "max_grad_norm": cfg.max_grad_norm,
+        "max_grad_norm": opts.max_grad_norm,
+        "defaults_source": method.defaults.source,
         "max_length": cfg.max_length,
         "num_trainable_parameters": method.num_trainable_parameters(),
         "train_loss": result.train_losses[-1][1] if result.train_losses else None,
@@ -381,10 +409,12 @@ def build_parser(prog: str = "python -m adapters.train") -> argparse.ArgumentPar
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the method's, 0)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the task gradient (0: off)")
+    p.add_argument("--warmup-ratio", type=float, default=None,
+                   help="share of the steps in linear warm-up (default: the method's)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None, help="lr decay after warm-up (default: the method's)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the method's)")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip the task gradient, 0: off (default: the method's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for name, cls in METHODS.items():
         group = p.add_argument_group(f"{name} options")

@@ -2,14 +2,20 @@
 
 delta W = s B diag(g) A, g in {0, 1} a non-trainable gate per rank, s = alpha / r_init for every module (alpha
 defaults to r_init). Every target module starts with r_init = `rank` live ranks; budget = r_init * M.
+Each rank (slot) is its own pair of parameters, its row of A and its column of B, so each has its own optimizer
+state, Adam's moments and step count alike.
 
 Schedule: after K1 optimizer steps, then every K2 steps, for N_A rounds:
-  1. score every live rank on a fixed validation batch:
+  1. score every live rank on one fixed batch of TRAINING data (`StepContext.score_loss`; the paper's validation
+     batch, taken from the training split so that the held-out split, on which the reported eval loss is
+     measured, is never used to make training decisions):
          IS(r) = CE(network with rank r gated off) - CE(network with only rank r on, every other rank off)
   2. gate off the n_A lowest-scoring ranks, globally (n_A defaults to the number of target projections per layer);
-  3. give n_A new ranks (A row Kaiming-uniform, B column zero, fresh optimizer state) to modules where nothing was
-     pruned this round, round-robin over them in order of their mean IS (highest first), so as evenly as possible.
-     A module first reuses its own gated-off slots; otherwise its A and B grow (optimizer state carried over).
+  3. give n_A new ranks (A row Kaiming-uniform, B column zero) to modules where nothing was pruned this round,
+     round-robin over them in order of their mean IS (highest first), so as evenly as possible. A module first
+     reuses its own gated-off slots, else grows new ones. Either way the new rank's optimizer state is dropped:
+     its first update is a fresh Adam step (|update| = lr after bias correction), where zeroed moments under the
+     run's step count t would give lr * (1 - b1) / (1 - b1^t) * sqrt((1 - b2^t) / (1 - b2)), up to 3.2x lr.
 Defaults K1 = 1 epoch, K2 = 0.25 epoch, scaled down to fit a short run (see `ALoRA.schedule`).
 
 Served as LowRank per module with the live ranks only (gated rows/columns dropped; a module with no live rank is
@@ -26,26 +32,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.delta import AdapterDeltas, LowRank
-from adapters.methods.base import Method, MethodConfig, StepContext
+from adapters.methods.base import Method, MethodConfig, StepContext, TrainingDefaults, param_group_of
 
 logger = logging.getLogger(__name__)
 
 
 class ALoRALinear(nn.Module):
-    """y = base(x) + s ((x A^T) * g) B^T; slots with g = 0 are dead (ignored by forward and export)."""
+    """y = base(x) + s ((x A^T) * g) B^T; slots with g = 0 are dead (ignored by forward and export).
+
+    A (slots, in) and B (out, slots) are stacked from one parameter per slot (`lora_A[i]` (in,), `lora_B[i]`
+    (out,)), so that a slot's optimizer state can be dropped on its own when it is re-initialised.
+    """
 
     def __init__(self, base: nn.Linear, rank: int, scale: float):
         super().__init__()
-        dev = base.weight.device
         self.base = base
         self.scale = scale
-        self.lora_A = nn.Parameter(_kaiming_rows(rank, base.in_features, dev))  # (slots, in)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))  # (out, slots)
-        self.register_buffer("gate", torch.ones(rank, device=dev))  # (slots,) in {0, 1}
+        self.lora_A = nn.ParameterList()  # slot i: (in,)
+        self.lora_B = nn.ParameterList()  # slot i: (out,)
+        self.register_buffer("gate", torch.zeros(0, device=base.weight.device))  # (slots,) in {0, 1}
+        self.add_slots(rank)
+        self.gate.fill_(1.0)
+
+    def add_slots(self, n: int) -> list[nn.Parameter]:
+        """Append `n` dead slots (A row Kaiming-uniform, B column zero); returns their new parameters."""
+        dev = self.base.weight.device
+        new = []
+        for row in _kaiming_rows(n, self.base.in_features, dev):
+            a, b = nn.Parameter(row.clone()), nn.Parameter(torch.zeros(self.base.out_features, device=dev))
+            self.lora_A.append(a)
+            self.lora_B.append(b)
+            new += [a, b]
+        self.gate = torch.cat([self.gate, torch.zeros(n, device=dev)])
+        return new
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (slots, in), B (out, slots), fp32, differentiable."""
+        return torch.stack(tuple(self.lora_A)), torch.stack(tuple(self.lora_B), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x.float(), self.lora_A) * self.gate  # (..., slots)
-        return self.base(x) + (self.scale * F.linear(h, self.lora_B)).to(x.dtype)
+        a, b = self.factors()
+        h = F.linear(x.float(), a) * self.gate  # (..., slots)
+        return self.base(x) + (self.scale * F.linear(h, b)).to(x.dtype)
 
     def live(self) -> list[int]:
         return torch.nonzero(self.gate, as_tuple=False).flatten().tolist()
@@ -72,7 +100,9 @@ class ALoRAConfig(MethodConfig):
 class ALoRA(Method):
     name = "alora"
     Config = ALoRAConfig
-    default_lr = 1e-4
+    # The paper's lr (METHODS.md, from the paper's text); its schedule, warm-up and decay were not in the material
+    # available: the trainer's cosine with 3% warm-up, no weight decay.
+    defaults = TrainingDefaults(lr=1e-4, source="ALoRA paper (Liu et al., NAACL 2024) as summarised in METHODS.md")
 
     def __init__(self, model: nn.Module, cfg: ALoRAConfig):
         super().__init__(model, cfg)
@@ -111,35 +141,35 @@ class ALoRA(Method):
         if self.round_steps is None:
             self.round_steps = self.schedule(ctx.max_steps, ctx.steps_per_epoch)
         if ctx.step in self.round_steps:
-            if ctx.eval_loss is None:
-                raise ValueError("ALoRA needs a validation-loss callable in the step context")
-            self.run_round(ctx.eval_loss, ctx.optimizer)
+            if ctx.score_loss is None:
+                raise ValueError("ALoRA needs a scoring-loss callable (a fixed training batch) in the step context")
+            self.run_round(ctx.score_loss, ctx.optimizer)
 
     # -- one round ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def importance_scores(self, eval_loss) -> dict[tuple[str, int], float]:
+    def importance_scores(self, score_loss) -> dict[tuple[str, int], float]:
         """IS(r) = CE(r off) - CE(only r on) for every live rank in the network."""
         saved = {name: m.gate.clone() for name, m in self.modules.items()}
         live = [(name, i) for name, m in self.modules.items() for i in m.live()]
         off: dict[tuple[str, int], float] = {}
         for name, i in live:
             self.modules[name].gate[i] = 0.0
-            off[(name, i)] = eval_loss()
+            off[(name, i)] = score_loss()
             self.modules[name].gate[i] = 1.0
         for m in self.modules.values():
             m.gate.zero_()
         scores = {}
         for name, i in live:
             self.modules[name].gate[i] = 1.0
-            scores[(name, i)] = off[(name, i)] - eval_loss()
+            scores[(name, i)] = off[(name, i)] - score_loss()
             self.modules[name].gate[i] = 0.0
         for name, m in self.modules.items():
             m.gate.copy_(saved[name])
         return scores
 
     @torch.no_grad()
-    def run_round(self, eval_loss, optimizer: torch.optim.Optimizer | None) -> dict:
-        scores = self.importance_scores(eval_loss)
+    def run_round(self, score_loss, optimizer: torch.optim.Optimizer | None) -> dict:
+        scores = self.importance_scores(score_loss)
         n = min(self.n_prune, max(0, len(scores) - 1))
         pruned = sorted(scores, key=lambda key: scores[key])[:n]
         mean_is = {}
@@ -164,30 +194,27 @@ class ALoRA(Method):
         return record
 
     def _add_ranks(self, name: str, count: int, optimizer: torch.optim.Optimizer | None) -> list[int]:
-        """Turn on `count` fresh ranks in a module: reuse dead slots first, then grow A and B."""
+        """Turn on `count` fresh ranks in a module: reuse dead slots first, then grow; fresh optimizer state."""
         if count == 0:
             return []
         m = self.modules[name]
-        dead = torch.nonzero(m.gate == 0, as_tuple=False).flatten().tolist()[:count]
-        grow = count - len(dead)
+        slots = torch.nonzero(m.gate == 0, as_tuple=False).flatten().tolist()[:count]
+        grow = count - len(slots)
         if grow > 0:
-            old_a, old_b = m.lora_A, m.lora_B
-            first = old_a.shape[0]
-            m.lora_A = nn.Parameter(torch.cat([old_a.detach(), torch.zeros(grow, old_a.shape[1], device=old_a.device)], 0))
-            m.lora_B = nn.Parameter(torch.cat([old_b.detach(), torch.zeros(old_b.shape[0], grow, device=old_b.device)], 1))
-            m.gate = torch.cat([m.gate, torch.zeros(grow, device=m.gate.device)])
+            first = m.gate.numel()
+            new = m.add_slots(grow)
             if optimizer is not None:
-                _swap_param(optimizer, old_a, m.lora_A, dim=0)
-                _swap_param(optimizer, old_b, m.lora_B, dim=1)
-            dead += list(range(first, first + grow))
-        idx = torch.tensor(dead, device=m.gate.device)
-        m.lora_A[idx] = _kaiming_rows(len(dead), m.lora_A.shape[1], m.lora_A.device)
-        m.lora_B[:, idx] = 0.0
-        m.gate[idx] = 1.0
-        if optimizer is not None:
-            _reset_state(optimizer, m.lora_A, idx, dim=0)
-            _reset_state(optimizer, m.lora_B, idx, dim=1)
-        return dead
+                param_group_of(optimizer, m.lora_A[0])["params"].extend(new)
+            slots += list(range(first, first + grow))
+        rows = _kaiming_rows(len(slots), m.base.in_features, m.gate.device)
+        for slot, row in zip(slots, rows):
+            m.lora_A[slot].copy_(row)
+            m.lora_B[slot].zero_()
+            m.gate[slot] = 1.0
+            if optimizer is not None:  # moments AND step count start afresh at the next step
+                optimizer.state.pop(m.lora_A[slot], None)
+                optimizer.state.pop(m.lora_B[slot], None)
+        return slots
 
     def export(self) -> AdapterDeltas:
         lowrank = {}
@@ -196,32 +223,9 @@ class ALoRA(Method):
             if not live:
                 continue
             idx = torch.tensor(live, device=m.gate.device)
-            a = m.lora_A.detach()[idx].float().cpu().contiguous()  # (r_m, in)
-            b = m.lora_B.detach()[:, idx].float().cpu().contiguous()  # (out, r_m)
+            with torch.no_grad():
+                a, b = m.factors()
+            a = a[idx].float().cpu().contiguous()  # (r_m, in)
+            b = b[:, idx].float().cpu().contiguous()  # (out, r_m)
             lowrank[name] = LowRank(A=a, B=b, scale=m.scale)
         return AdapterDeltas(lowrank=lowrank)
-
-
-def _swap_param(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, dim: int) -> None:
-    """Replace `old` by the grown `new` in the optimizer, padding its per-element state with zeros along `dim`."""
-    for group in optimizer.param_groups:
-        group["params"] = [new if p is old else p for p in group["params"]]
-    state = optimizer.state.pop(old, None)
-    if not state:
-        return
-    for key, v in state.items():
-        if torch.is_tensor(v) and v.shape == old.shape:
-            pad_shape = list(v.shape)
-            pad_shape[dim] = new.shape[dim] - old.shape[dim]
-            state[key] = torch.cat([v, torch.zeros(pad_shape, dtype=v.dtype, device=v.device)], dim)
-    optimizer.state[new] = state
-
-
-def _reset_state(optimizer: torch.optim.Optimizer, p: nn.Parameter, idx: torch.Tensor, dim: int) -> None:
-    """Zero the optimizer's per-element state (Adam moments) of the re-initialised slots."""
-    state = optimizer.state.get(p)
-    if not state:
-        return
-    for v in state.values():
-        if torch.is_tensor(v) and v.shape == p.shape:
-            v.index_fill_(dim, idx, 0.0)

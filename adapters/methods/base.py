@@ -6,14 +6,19 @@ freezes every backbone parameter and replaces each target `nn.Linear` by a modul
 projection plus the method's own term; the backbone weights themselves are never changed, so `export()` can always
 express the adapter relative to the ORIGINAL weights (the delta vocabulary of `adapters/delta.py`).
 
+Each method also states the training recipe its authors use (`TrainingDefaults`: learning rate, schedule, warm-up,
+weight decay, gradient clipping, with the source); the trainer takes it for every option left unset
+(docs/method_defaults.md is the table).
+
 The training loop (`adapters/train.py::fit`) calls, per optimizer step:
 
     prepare(loss_fn, batches)            once, before the optimizer exists (SIFT picks its indices here)
     loss = task loss (+ regularizer())   forward with **forward_kwargs(batch) (PARA passes the prompt mask)
     loss.backward(); clip_grad_norm_(trainable, max_grad_norm)
-    before_optimizer_step(ctx)           SORSA adds its orthonormal gradient, SpecAdapt normalises gradients
+    before_optimizer_step(ctx)           SORSA adds its orthonormal gradient, SpecAdapt normalises gradients and
+                                         applies its singular-guided decay
     optimizer.step()
-    after_optimizer_step(ctx)            decoupled updates (SpecAdapt's singular-guided decay, SORSA decoupled)
+    after_optimizer_step(ctx)            decoupled updates (SORSA decoupled)
     after_step(ctx)                      ALoRA's pruning / reallocation rounds
 
 Adapter parameters are kept in fp32 and the adapter term is computed in fp32 whatever the backbone dtype.
@@ -53,6 +58,29 @@ class MethodConfig:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
 
 
+SCHEDULES = ("cosine", "cosine_squared", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """A method's own training recipe (its authors'), used by the trainer for every option the caller leaves unset.
+
+    schedule: after a linear warm-up over `warmup_ratio` of the steps, "cosine" / "linear" decay to 0, "constant",
+    or "cosine_squared" (cosine decay squared, SpecAdapt's `LinearWarmupCosineDecay`). max_grad_norm 0: no clipping.
+    """
+
+    lr: float
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    source: str = ""  # where the numbers come from (docs/method_defaults.md has the full table)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
 @dataclass
 class StepContext:
     """What the training loop tells a method's hooks. `step` counts finished optimizer steps (1-based in after_*)."""
@@ -63,7 +91,9 @@ class StepContext:
     max_steps: int
     steps_per_epoch: int
     optimizer: torch.optim.Optimizer
-    eval_loss: Callable[[], float] | None = None  # CE on a fixed validation batch, no grad (ALoRA's scores)
+    # CE on one fixed batch of TRAINING data, no grad (ALoRA's importance scores; never the held-out split, which
+    # is what the reported eval loss is measured on)
+    score_loss: Callable[[], float] | None = None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -78,6 +108,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def projection_parent(layer: nn.Module, proj: str) -> nn.Module:
     """The submodule holding `proj` in one decoder layer: self_attn for q/k/v/o, mlp for gate/up/down."""
     return layer.self_attn if proj in ATTENTION_PROJECTIONS else layer.mlp
+
+
+def param_group_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, Any]:
+    """The optimizer's param group holding `p`."""
+    for group in optimizer.param_groups:
+        if any(q is p for q in group["params"]):
+            return group
+    raise ValueError("parameter not in the optimizer")
 
 
 def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:
@@ -102,35 +140,43 @@ def refactor_lowrank(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-factor `B @ A` (B (out, R), A (R, in)) in fp64: QR of both factors, SVD of the R x R core.
 
-    Returns (A', B') in fp32 with B' A' == B A (up to rounding), and, with `energy` in (0, 1], truncated to the
-    fewest singular directions holding that fraction of the squared Frobenius norm. Used for the rank-2r exports
-    of SORSA and PiSSA, whose two terms nearly cancel.
+        B A = (Qb Rb)(Qa Ra)^T = Qb (U S Vh) Qa^T  ->  B' = Qb U sqrt(S) (out, k),  A' = sqrt(S) Vh Qa^T (k, in)
+
+    Both new factors are orthonormal columns / rows times sqrt(S), so their entries have the size of the product
+    itself, not of the terms that cancel in it (SORSA's and PiSSA's rank-2r exports, [B, -B0] [A; A0]): a bf16
+    copy of them keeps the product to bf16 relative precision. Returns (A', B') in fp32 with B' A' == B A to fp64
+    rounding before the cast. k = R less the directions that are zero to fp64 rounding (s_i <= R eps64 ||B|| ||A||,
+    at least one kept); with `energy` in (0, 1], further truncated to the fewest directions holding that fraction
+    of the squared Frobenius norm.
     """
-    qa, ra = torch.linalg.qr(A.double().T)  # (in, R), (R, R)
-    qb, rb = torch.linalg.qr(B.double())  # (out, R), (R, R)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)  # core (R, R)
-    keep = s.numel()
+    a, b = A.double(), B.double()
+    qa, ra = torch.linalg.qr(a.T)  # (in, R), (R, R)
+    qb, rb = torch.linalg.qr(b)  # (out, R), (R, R)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # core (R, R)
+    scale = float(torch.linalg.matrix_norm(a, 2) * torch.linalg.matrix_norm(b, 2))  # bounds ||B A||
+    tol = s.numel() * torch.finfo(torch.float64).eps * scale
+    keep = max(1, int((s > tol).sum()))
     if energy is not None:
         if not 0.0 < energy <= 1.0:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
         cum = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-300)
-        keep = max(1, int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12).item()) + 1)
-        keep = min(keep, s.numel())
-    b_new = (qb @ u[:, :keep]) * s[:keep]  # (out, k)
-    a_new = vh[:keep] @ qa.T  # (k, in)
+        by_energy = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12).item()) + 1
+        keep = max(1, min(keep, by_energy))
+    root = s[:keep].sqrt()  # (k,)
+    b_new = (qb @ u[:, :keep]) * root  # (out, k)
+    a_new = root[:, None] * (vh[:keep] @ qa.T)  # (k, in)
     return a_new.float().contiguous(), b_new.float().contiguous()
 
 
 class Method:
     """Base class: wrap a model's target projections, train, export an `AdapterDeltas`.
 
-    Subclasses set `name`, `Config`, `default_lr`, and implement `make_module` and `export`.
+    Subclasses set `name`, `Config`, `defaults` (their authors' recipe), and implement `make_module` and `export`.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    default_lr: ClassVar[float] = 2e-4
-    default_weight_decay: ClassVar[float] = 0.0
+    defaults: ClassVar[TrainingDefaults] = TrainingDefaults(lr=2e-4)
 
     def __init__(self, model: nn.Module, cfg: MethodConfig):
         self.model = model
@@ -229,12 +275,15 @@ def method_fields(config_cls: type[MethodConfig]) -> list:
 
 
 __all__ = [
+    "SCHEDULES",
     "Method",
     "MethodConfig",
     "StepContext",
+    "TrainingDefaults",
     "decoder_layers",
     "projection_parent",
     "kaiming_uniform_",
+    "param_group_of",
     "top_svd",
     "refactor_lowrank",
     "method_fields",

@@ -2,6 +2,10 @@
 
 k = (x W_K^T) * l_k,  v = (x W_V^T) * l_v,  down = (act(gate) * up * l_ffn) W_D^T  (the input of down_proj).
 q_proj / up_proj may also be targeted (output scaling). Served as Scale vectors under `layers.{i}.{k|v|ffn|q|up}`.
+
+Defaults are T-Few's (r-three/t-few: configs/ia3.json and src/utils/Config.py): lr 3e-3, linear decay after a
+6% warm-up, weight decay 0, gradient clipping at 1.0. T-Few uses Adafactor; the trainer uses AdamW for every
+method. Its unlikelihood and length-normalised losses score answer choices and do not apply to SFT.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 from torch import nn
 
 from adapters.delta import AdapterDeltas
-from adapters.methods.base import Method, MethodConfig
+from adapters.methods.base import Method, MethodConfig, TrainingDefaults
 
 # projection -> (Scale key, scales the projection's input?)
 SCALE_POINTS = {
@@ -59,7 +63,10 @@ class IA3Config(MethodConfig):
 class IA3(Method):
     name = "ia3"
     Config = IA3Config
-    default_lr = 3e-3
+    defaults = TrainingDefaults(
+        lr=3e-3, schedule="linear", warmup_ratio=0.06, weight_decay=0.0, max_grad_norm=1.0,
+        source="r-three/t-few configs/ia3.json, src/utils/Config.py (Adafactor there, AdamW here)",
+    )
 
     def make_module(self, layer: int, proj: str, linear: nn.Linear) -> nn.Module:
         return IA3Linear(linear, scale_input=SCALE_POINTS[proj][1])

@@ -1,5 +1,9 @@
 """LoRA: delta W = scale * B A, A (r, in) Kaiming-uniform, B (out, r) zero; scale = alpha / r (rsLoRA: alpha / sqrt r).
 
+Defaults are the authors' causal-LM recipe (microsoft/LoRA, GPT-2 on E2E): W_q and W_v only, dropout 0.1 on the
+adapter input, AdamW lr 2e-4, weight decay 0.01, linear decay after a 500-step warm-up (taken as its share of
+that run, 2%), no gradient clipping. alpha defaults to r (scale 1: "we set alpha to the first r we try").
+
 Served as LowRank(A, B, scale) per target module, exactly the trained factors.
 """
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.delta import AdapterDeltas, LowRank
-from adapters.methods.base import Method, MethodConfig, kaiming_uniform_
+from adapters.methods.base import Method, MethodConfig, TrainingDefaults, kaiming_uniform_
 
 
 def _cpu32(t: torch.Tensor) -> torch.Tensor:
@@ -42,16 +46,22 @@ class LoRALinear(nn.Module):
 
 @dataclass
 class LoRAConfig(MethodConfig):
-    """LoRA. alpha defaults to the rank (scale 1)."""
+    """LoRA. alpha defaults to the rank (scale 1); targets q_proj, v_proj (the authors')."""
 
+    targets: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"), metadata={"help": "target projections (the authors': q_proj,v_proj)"}
+    )
     rslora: bool = field(default=False, metadata={"help": "rsLoRA scaling alpha / sqrt(r)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input (training only)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter input (training only)"})
 
 
 class LoRA(Method):
     name = "lora"
     Config = LoRAConfig
-    default_lr = 2e-4
+    defaults = TrainingDefaults(
+        lr=2e-4, schedule="linear", warmup_ratio=0.02, weight_decay=0.01, max_grad_norm=0.0,
+        source="microsoft/LoRA examples/NLG/README.md (GPT-2 M, E2E: 500 warm-up steps of 26,290)",
+    )
 
     @property
     def scale(self) -> float:

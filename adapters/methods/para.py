@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.delta import AdapterDeltas, ParaLayer
-from adapters.methods.base import Method, MethodConfig, decoder_layers
+from adapters.methods.base import Method, MethodConfig, TrainingDefaults, decoder_layers
 
 POOLS = ("attention", "mean", "last")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -165,7 +165,8 @@ class PARAConfig(MethodConfig):
 class PARA(Method):
     name = "para"
     Config = PARAConfig
-    default_lr = 1e-3
+    # No published code or recipe was available (see METHODS.md): these are our choices, not the authors'.
+    defaults = TrainingDefaults(lr=1e-3, source="none available: reconstruction, trainer's own recipe")
 
     def __init__(self, model: nn.Module, cfg: PARAConfig):
         super().__init__(model, cfg)

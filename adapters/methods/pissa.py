@@ -9,9 +9,14 @@ gradients as PEFT's residual form W_res = W - s B0 A0, equals the base model exa
 served adapter exactly the trained one. `materialize_residual=True` uses PEFT's form instead (one low-rank
 product per forward; the served adapter then differs from the trained one by the rounding of W_res).
 
-Served as the rank-2r LowRank A' = [A; A0], B' = [B, -B0], same scale (PEFT's
-`path_initial_model_for_weight_conversion`), optionally re-factored and truncated by an energy threshold.
-The SVD is never recomputed at load time.
+Served as a LowRank of rank <= 2r, same scale: the delta s (B A - B0 A0) is the rank-2r product
+B' A' with A' = [A; A0], B' = [B, -B0] (PEFT's `path_initial_model_for_weight_conversion`), and by default
+(`refactor`) it is re-factored in fp64 (`refactor_lowrank`: QR of both factors, SVD of the 2r x 2r core, directions
+zero to fp64 rounding dropped). The re-factoring is what makes the adapter survive bf16 serving: [A; A0] and
+[B, -B0] hold two copies of W's principal part that cancel to a delta ~1000x smaller after a typical run, below
+their own bf16 rounding, whereas the re-factored pair has entries of the delta's size (tests/adapters/
+test_fidelity.py). `refactor=False` exports the raw concatenation (fp32-exact, lost in bf16);
+`refactor_energy` also truncates by energy. The SVD is never recomputed at load time.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.delta import AdapterDeltas, LowRank
-from adapters.methods.base import Method, MethodConfig, refactor_lowrank, top_svd
+from adapters.methods.base import Method, MethodConfig, TrainingDefaults, refactor_lowrank, top_svd
 
 
 class PiSSALinear(nn.Module):
@@ -67,16 +72,29 @@ class PiSSAConfig(MethodConfig):
     materialize_residual: bool = field(
         default=False, metadata={"help": "train on W_res = W - s B0 A0 (PEFT form) instead of W + s(BA - B0A0)"}
     )
+    refactor: bool = field(
+        default=True,
+        metadata={"help": "re-factor the rank-2r export in fp64 (QR + SVD): exact when served in bf16; "
+                          "off: the raw [A; A0], [B, -B0] concatenation, which bf16 serving loses"},
+    )
     refactor_energy: float | None = field(
         default=None,
-        metadata={"help": "re-factor the rank-2r export (QR + SVD) and keep this energy fraction", "type": float},
+        metadata={"help": "with refactor: keep only this fraction of the delta's energy", "type": float},
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.refactor_energy is not None and not self.refactor:
+            raise ValueError("pissa refactor_energy needs refactor")
 
 
 class PiSSA(Method):
     name = "pissa"
     Config = PiSSAConfig
-    default_lr = 2e-5  # the PiSSA authors' Llama-scale setting
+    defaults = TrainingDefaults(
+        lr=2e-5, schedule="cosine", warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
+        source="GraphPKU/PiSSA scripts/metamath_llama2_7b/run_pissa.sh (HF Trainer; clipping: its default 1.0)",
+    )
 
     @property
     def scale(self) -> float:
@@ -91,7 +109,7 @@ class PiSSA(Method):
         for name, m in self.modules.items():
             a = torch.cat([m.lora_A.detach(), m.A0], 0).float().cpu()  # (2r, in)
             b = torch.cat([m.lora_B.detach(), -m.B0], 1).float().cpu()  # (out, 2r)
-            if self.cfg.refactor_energy is not None:
-                a, b = refactor_lowrank(a, b, self.cfg.refactor_energy)
+            if self.cfg.refactor:
+                a, b = refactor_lowrank(a, b, self.cfg.refactor_energy)  # (k, in), (out, k), k <= 2r
             lowrank[name] = LowRank(A=a.contiguous(), B=b.contiguous(), scale=m.scale)
         return AdapterDeltas(lowrank=lowrank)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.delta import AdapterDeltas, Sparse
-from adapters.methods.base import Method, MethodConfig
+from adapters.methods.base import Method, MethodConfig, TrainingDefaults
 
 
 def num_selected(rho: float, numel: int) -> int:
@@ -68,7 +68,12 @@ class SIFTConfig(MethodConfig):
 class SIFT(Method):
     name = "sift"
     Config = SIFTConfig
-    default_lr = 2e-4
+    # HF Trainer's defaults where the script is silent: linear schedule, clipping at 1.0. The script's weight decay
+    # 0.01 acts on a sparse increment that the authors' hook folds into W and zeroes before every step: no effect.
+    defaults = TrainingDefaults(
+        lr=2e-4, schedule="linear", warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
+        source="song-wx/SIFT exp/instruction_finetuning/sparse_llama_7b_alpaca.sh, train.py, sift/sift.py",
+    )
 
     def make_module(self, layer: int, proj: str, linear: nn.Linear) -> nn.Module:
         return SparseLinear(linear)

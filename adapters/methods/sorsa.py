@@ -13,8 +13,12 @@ Update (`update="authors"`, their trainer.py): the task gradient is clipped (the
 default), then the gradient of (gamma / lr_peak) * L_orth is added, then the AdamW step. `update="decoupled"`:
 AdamW on the task gradient, then W <- W - gamma * grad L_orth (the orthonormal gradient taken before the step).
 
-Served delta: s (B' diag(S') A' - B0 diag(S0) A0) as the rank-2r LowRank B = [B' diag(S') | -B0 diag(S0)],
-A = [A'; A0], built in fp64 and stored fp32; optionally re-factored (QR + SVD of the core) and truncated by energy.
+Served delta: s (B' diag(S') A' - B0 diag(S0) A0), the rank-2r product B A with B = [B' diag(S') | -B0 diag(S0)],
+A = [A'; A0], built in fp64 and by default (`refactor`) re-factored there (`refactor_lowrank`: QR of both factors,
+SVD of the 2r x 2r core, directions zero to fp64 rounding dropped) into a LowRank of rank <= 2r. The two halves
+are each the size of W's principal part and cancel to a far smaller delta, below their own bf16 rounding: only the
+re-factored pair, whose entries have the delta's size, survives bf16 serving (tests/adapters/test_fidelity.py).
+`refactor=False` exports the raw concatenation (fp32-exact); `refactor_energy` also truncates by energy.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.delta import AdapterDeltas, LowRank
-from adapters.methods.base import Method, MethodConfig, StepContext, refactor_lowrank, top_svd
+from adapters.methods.base import Method, MethodConfig, StepContext, TrainingDefaults, refactor_lowrank, top_svd
 
 
 class SORSALinear(nn.Module):
@@ -70,21 +74,31 @@ class SORSAConfig(MethodConfig):
         metadata={"help": "authors: add (gamma/lr_peak) grad L_orth before AdamW; decoupled: W -= gamma grad L_orth"},
     )
     niter: int | None = field(default=None, metadata={"help": "svd_lowrank iterations (unset: exact SVD)", "type": int})
+    refactor: bool = field(
+        default=True,
+        metadata={"help": "re-factor the rank-2r export in fp64 (QR + SVD): exact when served in bf16; "
+                          "off: the raw concatenation, which bf16 serving loses"},
+    )
     refactor_energy: float | None = field(
         default=None,
-        metadata={"help": "re-factor the rank-2r export (QR + SVD) and keep this energy fraction", "type": float},
+        metadata={"help": "with refactor: keep only this fraction of the delta's energy", "type": float},
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.update not in ("authors", "decoupled"):
             raise ValueError(f"sorsa update must be 'authors' or 'decoupled', got {self.update!r}")
+        if self.refactor_energy is not None and not self.refactor:
+            raise ValueError("sorsa refactor_energy needs refactor")
 
 
 class SORSA(Method):
     name = "sorsa"
     Config = SORSAConfig
-    default_lr = 3e-5
+    defaults = TrainingDefaults(
+        lr=3e-5, schedule="cosine", warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
+        source="Gunale0926/SORSA scripts/train_sorsa.sh + run.py (cosine, 3% warm-up), trainer.py (clip 1.0)",
+    )
 
     def __init__(self, model: nn.Module, cfg: SORSAConfig):
         super().__init__(model, cfg)
@@ -137,7 +151,7 @@ class SORSA(Method):
             b_old = m.B0.double() * m.S0.double()  # (out, r)
             a = torch.cat([m.sorsa_A.detach().double(), m.A0.double()], 0)  # (2r, in)
             b = torch.cat([b_new, -b_old], 1)  # (out, 2r)
-            if self.cfg.refactor_energy is not None:
-                a, b = refactor_lowrank(a, b, self.cfg.refactor_energy)
+            if self.cfg.refactor:
+                a, b = refactor_lowrank(a, b, self.cfg.refactor_energy)  # (k, in), (out, k), k <= 2r
             lowrank[name] = LowRank(A=a.float().cpu().contiguous(), B=b.float().cpu().contiguous(), scale=m.scale)
         return AdapterDeltas(lowrank=lowrank)

@@ -1,120 +1,164 @@
-"""SpecAdapt — a RECONSTRUCTION from the paper's abstract only (see METHODS.md); every choice below is configurable.
+"""SpecAdapt, ported from its authors' code: zhangkunzk/SpecAdapt_pytorch, `code/torchstocks/optim/peft/svda.py`
+(`SAdamW` with its `WrapperNd`, the version with both of the paper's parts: shared core and singular-guided decay;
+helpers in `peft/common.py`), run by `code/run.py` / `code/script/run_x.sh` through `torchstocks/common/trainer.py`.
 
-Parameterisation: delta W = scale * B diag(s) A, with A (r, in) = Vh_r and B (out, r) = U_r, the top-r singular
-vectors of W (orthonormal, fp32), and s (r,) = 0, so delta W = 0 at init; A, B and s are all trained.
-scale = 1, or alpha / r when alpha is given.
+Per target weight W (out, in), decomposed once when wrapped and then frozen (fp32):
 
-Singular-guided weight decay (decoupled, after each optimizer step, on s only):
-    s_i <- s_i * (1 - lr * lambda * f(sigma_i)),   f(sigma_i) = sigma_1 / sigma_i by default
-where sigma are the top-r singular values of the pretrained W: directions weak in W are regularised more. `f` is
-pluggable: a name from `DECAY_FUNCTIONS` or any callable (sigma (r,) -> (r,)). A and B get no weight decay.
+    U, s, V = svd_lowrank(W, q=d),  d = min(out, in, max_rank)     U (out, d), s (d,), V (in, d); max_rank 1024
+    a  (d, r)   zeros                                           trainable, this weight's own
+    b  (r, d)   truncated normal, std sqrt(1/d), cut at +-2 std  trainable, this weight's own
+    sh (r, r)   identity                                        trainable, ONE tensor shared by every wrapped weight
+    delta W = scale * U a sh b V^T   (out, in), rank <= r, zero at init; scale 1 (alpha / r when alpha is given)
 
-Gradient normalisation (before the optimizer step): every adapter tensor's gradient is rescaled to unit RMS
-(`grad_norm="rms"`, g / (rms(g) + eps)) or unit l2 norm (`"l2"`), or left alone (`"none"`).
+In training, dropout (0.1) is applied to the entries of delta W (`F.dropout`: one mask per forward, kept entries
+scaled by 1 / 0.9), so the training forward materialises delta W; in eval the forward is low rank.
 
-Served as LowRank(A, B diag(s), scale), rank r.
+Each optimizer step, in `before_optimizer_step` (the order of `SAdamW.step` / `WrapperNd.pre_step`):
+  1. gradient normalisation per rank component: `grad_norm="rms"`: g_a[:, j] /= sqrt(mean_i g_a[i, j]^2 + 1e-8)
+     (a over dim 0), g_b[j, :] likewise (b over dim 1); "layer": subtract the mean, divide by std + 1e-8; "none".
+     sh's gradient (summed over every weight that shares it) is left alone;
+  2. singular-guided decay (directions weak in W decay more, the top one not at all), with the scheduled lr and
+     the optimizer group's weight decay wd:
+         a[i, :] *= 1 - lr * wd * extra_decay * (1 - s_i / s_1),     b[:, i] *= the same;
+  3. then the AdamW step itself, whose decoupled weight decay wd applies to a, b AND sh (sh is a parameter of
+     the same group in the authors' code, so it decays toward zero too).
+
+The authors' recipe (`defaults`): wd 0.3, extra_decay 1.3, lr 3e-3 (their run.py and run_x.sh; SAdamW's own
+default lr is 1e-3), a linear warm-up over 5% of the steps then cosine-squared decay to 0 (the trainer's
+`LinearWarmupCosineDecay`, pow_annealing 2), betas (0.9, 0.999), no gradient clipping (the trainer's clipping,
+if asked for, runs before step 1); targets all of a block's linear layers (here: all seven projections).
+
+Where this port departs from the vision code, and why:
+- Layout. `WrapperNd` first reshapes every weight to a near-square matrix (`FlatLikeSquare`: even a 2-D
+  (768, 3072) weight becomes (1536, 1536)) and decomposes that. Here every weight keeps its (out, in) layout, so
+  delta W is an exact rank-r product in the layer's own coordinates and is served as a LowRank of rank r
+  (B = U a, A = sh b V^T, computed in fp64 at export), the kind every method shares; the reshaped version would
+  be a full-rank dense delta in (out, in). For square weights (Llama's attention at hidden size) nothing changes.
+- 1-D parameters. `SAdamW` also wraps every 1-D parameter of its target groups (biases, norm weights) as an
+  additive delta with dropout and the plain (not singular) decay. None is trained here: Llama's projections have
+  no bias, and the delta vocabulary has no bias or norm kind, so such a delta could not be served.
+- The adapter is a module around the frozen Linear rather than an optimizer that rewrites the weight in place
+  after each step; the forward, the gradients and the update are the same. The authors' AdamW also skips a step
+  whose gradients hold inf/nan; this trainer does not.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adapters.delta import AdapterDeltas, LowRank
-from adapters.methods.base import Method, MethodConfig, StepContext, top_svd
+from adapters.methods.base import Method, MethodConfig, StepContext, TrainingDefaults, param_group_of
 
-DECAY_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "inverse": lambda sigma: sigma[0] / sigma,  # sigma_1 / sigma_i (default)
-    "sqrt_inverse": lambda sigma: torch.sqrt(sigma[0] / sigma),
-    "uniform": lambda sigma: torch.ones_like(sigma),  # plain decoupled decay on s
-}
+GRAD_NORMS = ("rms", "layer", "none")
+NORM_EPS = 1e-8  # the authors' `rms_grad_norm_` / `layer_grad_norm_` eps
 
 
 class SpecAdaptLinear(nn.Module):
-    """y = base(x) + scale * ((x A^T) * s) B^T, adapter term in fp32."""
+    """y = base(x) + scale * x (U a sh b V^T)^T; dropout on the delta's entries in training."""
 
-    def __init__(self, base: nn.Linear, rank: int, scale: float):
+    def __init__(self, base: nn.Linear, rank: int, max_rank: int, scale: float, dropout: float, shared: nn.Parameter):
         super().__init__()
-        u, sigma, vh = top_svd(base.weight, rank)  # (out, r), (r,), (r, in)
+        w = base.weight.detach().float()  # (out, in)
+        d = min(*w.shape, max_rank)
+        u, s, v = torch.svd_lowrank(w, q=d)  # (out, d), (d,), (in, d); niter 2, as the authors
         self.base = base
         self.scale = scale
-        self.spec_A = nn.Parameter(vh.clone())  # (r, in)
-        self.spec_B = nn.Parameter(u.clone())  # (out, r)
-        self.spec_s = nn.Parameter(torch.zeros(rank, device=u.device))  # (r,)
-        self.register_buffer("sigma", sigma)  # (r,) singular values of the pretrained W
+        self.dropout = dropout
+        self.register_buffer("U", u.contiguous())  # (out, d)
+        self.register_buffer("Vh", v.T.contiguous())  # (d, in)
+        self.register_buffer("sigma", s.contiguous())  # (d,) singular values of the pretrained W, descending
+        std = math.sqrt(1.0 / d)
+        b = nn.init.trunc_normal_(torch.empty(rank, d, device=w.device), 0.0, std, -2 * std, 2 * std)
+        self.spec_a = nn.Parameter(torch.zeros(d, rank, device=w.device))  # (d, r)
+        self.spec_b = nn.Parameter(b)  # (r, d)
+        self.spec_sh = shared  # (r, r), the same Parameter in every module
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """delta W = scale * B A with B = U a (out, r), A = sh b V^T (r, in), fp32, differentiable."""
+        return self.U @ self.spec_a, self.spec_sh @ self.spec_b @ self.Vh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(F.linear(x.float(), self.spec_A) * self.spec_s, self.spec_B)  # (..., out)
+        b, a = self.factors()
+        if self.training and self.dropout > 0:
+            delta = F.dropout(b @ a, self.dropout)  # (out, in): dropout acts on the weight delta's entries
+            h = F.linear(x.float(), delta)  # (..., out)
+        else:
+            h = F.linear(F.linear(x.float(), a), b)  # (..., out)
         return self.base(x) + (self.scale * h).to(x.dtype)
 
 
 @dataclass
 class SpecAdaptConfig(MethodConfig):
-    """SpecAdapt (reconstruction)."""
+    """SpecAdapt (the authors' SAdamW). The decay strength wd is the optimizer's weight decay (default 0.3)."""
 
-    weight_decay: float = field(default=0.05, metadata={"help": "lambda: base strength of the singular-guided decay on s"})
-    decay_fn: Any = field(
-        default="inverse", metadata={"help": f"f(sigma): one of {sorted(DECAY_FUNCTIONS)} (or a callable)"}
-    )
-    grad_norm: str = field(default="rms", metadata={"help": "per-tensor gradient normalisation: rms, l2 or none"})
-    eps: float = field(default=1e-8, metadata={"help": "epsilon of the gradient normalisation"})
+    max_rank: int = field(default=1024, metadata={"help": "d = min(out, in, max_rank) singular directions kept frozen"})
+    extra_decay: float = field(default=1.3, metadata={"help": "singular-guided decay = lr * wd * this * (1 - s_i/s_1)"})
+    grad_norm: str = field(default="rms", metadata={"help": f"gradient normalisation per rank component: {GRAD_NORMS}"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the entries of delta W (training only)"})
+    shared_core: bool = field(default=True, metadata={"help": "the r x r core sh shared by every weight (else none)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.grad_norm not in ("rms", "l2", "none"):
-            raise ValueError(f"specadapt grad_norm must be rms, l2 or none, got {self.grad_norm!r}")
-        if not callable(self.decay_fn) and self.decay_fn not in DECAY_FUNCTIONS:
-            raise ValueError(f"specadapt decay_fn must be one of {sorted(DECAY_FUNCTIONS)} or a callable")
+        if self.grad_norm not in GRAD_NORMS:
+            raise ValueError(f"specadapt grad_norm must be one of {GRAD_NORMS}, got {self.grad_norm!r}")
+        if self.max_rank < 1 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError("specadapt max_rank must be >= 1 and dropout in [0, 1)")
 
 
 class SpecAdapt(Method):
     name = "specadapt"
     Config = SpecAdaptConfig
-    default_lr = 1e-3
+    defaults = TrainingDefaults(
+        lr=3e-3, schedule="cosine_squared", warmup_ratio=0.05, weight_decay=0.3, max_grad_norm=0.0,
+        source="zhangkunzk/SpecAdapt_pytorch code/run.py, script/run_x.sh, torchstocks/common/trainer.py, "
+               "optim/scheduler.py, optim/peft/svda.py",
+    )
+
+    def __init__(self, model: nn.Module, cfg: SpecAdaptConfig):
+        super().__init__(model, cfg)
+        self.shared: nn.Parameter | None = None  # sh, created with the first module
 
     @property
     def scale(self) -> float:
         return 1.0 if self.cfg.alpha is None else self.cfg.alpha / self.cfg.rank
 
     def make_module(self, layer: int, proj: str, linear: nn.Linear) -> nn.Module:
-        return SpecAdaptLinear(linear, self.cfg.rank, self.scale)
-
-    def decay_strengths(self, module: SpecAdaptLinear) -> torch.Tensor:
-        """lambda_i = lambda * f(sigma_i), (r,)."""
-        f = self.cfg.decay_fn if callable(self.cfg.decay_fn) else DECAY_FUNCTIONS[self.cfg.decay_fn]
-        return self.cfg.weight_decay * f(module.sigma.clamp_min(torch.finfo(module.sigma.dtype).tiny))
+        if self.shared is None:
+            eye = torch.eye(self.cfg.rank, device=linear.weight.device)
+            self.shared = nn.Parameter(eye, requires_grad=self.cfg.shared_core)  # frozen identity: no core
+        return SpecAdaptLinear(linear, self.cfg.rank, self.cfg.max_rank, self.scale, self.cfg.dropout, self.shared)
 
     @torch.no_grad()
     def before_optimizer_step(self, ctx: StepContext) -> None:
-        if self.cfg.grad_norm == "none":
-            return
-        for p in self.trainable_parameters():
-            if p.grad is None:
-                continue
-            g = p.grad
-            norm = g.pow(2).mean().sqrt() if self.cfg.grad_norm == "rms" else g.norm()
-            g.div_(norm + self.cfg.eps)
-
-    @torch.no_grad()
-    def after_optimizer_step(self, ctx: StepContext) -> None:
-        if self.cfg.weight_decay == 0:
-            return
         for m in self.modules.values():
-            factor = (1.0 - ctx.lr * self.decay_strengths(m)).clamp_min(0.0)  # (r,)
-            m.spec_s.mul_(factor)
+            group = param_group_of(ctx.optimizer, m.spec_a)
+            for p, dim in ((m.spec_a, 0), (m.spec_b, 1)):
+                if p.grad is not None:
+                    normalise_grad_(p.grad, dim, self.cfg.grad_norm)
+            decay = group["lr"] * group["weight_decay"] * self.cfg.extra_decay * (1 - m.sigma / m.sigma.max())  # (d,)
+            m.spec_a.mul_(1 - decay[:, None])
+            m.spec_b.mul_(1 - decay[None, :])
 
     def export(self) -> AdapterDeltas:
         lowrank = {}
         for name, m in self.modules.items():
-            b = (m.spec_B.detach() * m.spec_s.detach()).float().cpu().contiguous()  # (out, r)
-            lowrank[name] = LowRank(A=m.spec_A.detach().float().cpu().clone(), B=b, scale=m.scale)
+            with torch.no_grad():
+                b = m.U.double() @ m.spec_a.double()  # (out, r)
+                a = m.spec_sh.double() @ m.spec_b.double() @ m.Vh.double()  # (r, in)
+            lowrank[name] = LowRank(A=a.float().cpu().contiguous(), B=b.float().cpu().contiguous(), scale=m.scale)
         return AdapterDeltas(lowrank=lowrank)
 
-    def config_dict(self) -> dict[str, Any]:
-        out = super().config_dict()
-        if callable(self.cfg.decay_fn):
-            out["decay_fn"] = getattr(self.cfg.decay_fn, "__name__", "callable")
-        return out
+
+def normalise_grad_(g: torch.Tensor, dim: int, kind: str) -> torch.Tensor:
+    """The authors' `rms_grad_norm_` / `layer_grad_norm_`, in place, statistics over `dim`."""
+    if kind == "rms":
+        return g.mul_(g.square().mean(dim, keepdim=True).add_(NORM_EPS).rsqrt_())
+    if kind == "layer":
+        mu = g.mean(dim, keepdim=True)
+        sigma = (g - mu).square_().mean(dim, keepdim=True).sqrt_().add_(NORM_EPS)
+        return g.sub_(mu).div_(sigma)
+    return g

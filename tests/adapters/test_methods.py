@@ -22,7 +22,7 @@ from adapters.methods.base import refactor_lowrank
 from adapters.methods.para import ACTIVATIONS, PROMPT_MASK_KWARG
 from adapters.methods.sorsa import orthonormal_regularizer
 from adapters.methods.sift import num_selected
-from adapters.train import FitOptions, build_method, epoch_batches, fit
+from adapters.train import FitOptions, build_method, epoch_batches, evaluate, fit, lm_loss
 
 VOCAB = 128
 ATOL = 1e-4
@@ -207,26 +207,48 @@ def test_identity_at_init(name, base_model, data):
     assert torch.equal(trainer_logits(model, method, batch), trainer_logits(base_model, method, batch))
 
 
-def test_sorsa_rank_2r_export_is_exact(trained):
+def test_sorsa_export_is_exact_rank_at_most_2r(trained):
+    """Re-factored (the default): B' A' equals s (B diag(S) A - B0 diag(S0) A0) to fp32 rounding, rank <= 2r."""
     model, method, deltas = trained("sorsa")
     r = method.cfg.rank
     for name, m in method.modules.items():
         lr = deltas.lowrank[name]
-        assert lr.rank == 2 * r and lr.scale == method.scale
-        assert torch.equal(lr.A[:r], m.sorsa_A.detach()) and torch.equal(lr.A[r:], m.A0)
+        assert lr.rank <= 2 * r and lr.scale == method.scale
         with torch.no_grad():
             truth = m.scale * (
                 m.sorsa_B.double() * m.sorsa_S.double() @ m.sorsa_A.double() - m.B0.double() * m.S0.double() @ m.A0.double()
             )
         exported = lr.scale * (lr.B.double() @ lr.A.double())
-        assert float((exported - truth).abs().max()) <= 1e-6 * max(1.0, float(truth.abs().max()))
+        assert float((exported - truth).abs().max()) <= 1e-6 * float(truth.abs().max())
         # the trainer's module == the ORIGINAL weight plus the exported delta
         x = torch.randn(3, m.base.in_features)
         with torch.no_grad():
             assert torch.allclose(m(x), F.linear(x, m.base.weight + lr.delta_weight()), atol=1e-5)
 
 
-def test_pissa_init_and_rank_2r_export(trained, base_model):
+def test_sorsa_and_pissa_raw_concatenation_on_request(trained):
+    """refactor=False: the rank-2r concatenation [B' diag(S') | -B0 diag(S0)], [A'; A0] (PiSSA: [B, -B0], [A; A0])."""
+    _, sorsa, _ = trained("sorsa")
+    _, pissa, _ = trained("pissa")
+    sorsa.cfg.refactor = pissa.cfg.refactor = False
+    try:
+        sorsa_raw, pissa_raw = sorsa.export(), pissa.export()
+    finally:
+        sorsa.cfg.refactor = pissa.cfg.refactor = True
+    r = sorsa.cfg.rank
+    for name, m in sorsa.modules.items():
+        lr = sorsa_raw.lowrank[name]
+        assert lr.rank == 2 * r
+        assert torch.equal(lr.A[:r], m.sorsa_A.detach()) and torch.equal(lr.A[r:], m.A0)
+    for name, m in pissa.modules.items():
+        lr = pissa_raw.lowrank[name]
+        assert torch.equal(lr.A, torch.cat([m.lora_A.detach(), m.A0]))
+        assert torch.equal(lr.B, torch.cat([m.lora_B.detach(), -m.B0], 1))
+    with pytest.raises(ValueError, match="refactor"):
+        METHODS["pissa"].Config(refactor=False, refactor_energy=0.9)
+
+
+def test_pissa_init_and_export(trained, base_model):
     model, method, deltas = trained("pissa")
     r = method.cfg.rank
     for name, m in method.modules.items():
@@ -236,9 +258,10 @@ def test_pissa_init_and_rank_2r_export(trained, base_model):
         residual = w - m.scale * (m.B0.double() @ m.A0.double())
         assert math.isclose(float((residual**2).sum()), float((s[r:] ** 2).sum()), rel_tol=1e-4)  # principal part
         lr = deltas.lowrank[name]
-        assert lr.rank == 2 * r
-        assert torch.equal(lr.A, torch.cat([m.lora_A.detach(), m.A0]))
-        assert torch.equal(lr.B, torch.cat([m.lora_B.detach(), -m.B0], 1))
+        assert lr.rank <= 2 * r
+        with torch.no_grad():
+            truth = m.scale * (m.lora_B.double() @ m.lora_A.double() - m.B0.double() @ m.A0.double())
+        assert float((lr.scale * (lr.B.double() @ lr.A.double()) - truth).abs().max()) <= 1e-6 * float(truth.abs().max())
 
 
 def test_sorsa_regularizer_value_and_gradient_by_hand(base_model):
@@ -280,10 +303,17 @@ def test_refactor_lowrank_preserves_product_and_truncates():
     torch.manual_seed(0)
     a, b = torch.randn(6, 20), torch.randn(12, 6)
     a2, b2 = refactor_lowrank(a, b)
-    assert torch.allclose(b2 @ a2, b @ a, atol=1e-4)
+    assert a2.shape == (6, 20) and torch.allclose(b2 @ a2, b @ a, atol=1e-4)
+    # balanced: B' = Qb U sqrt(S), A' = sqrt(S) Vh Qa^T, so B'^T B' == A' A'^T == diag(S)
+    assert torch.allclose(b2.T @ b2, a2 @ a2.T, atol=1e-3)
     low_a = torch.cat([torch.randn(2, 20), 1e-6 * torch.randn(4, 20)])
     a3, b3 = refactor_lowrank(low_a, b, energy=0.999)
     assert a3.shape[0] == 2 and torch.allclose(b3 @ a3, b @ low_a, atol=1e-3)
+    # two halves that cancel exactly: only directions above fp64 rounding are kept (at least one)
+    a4, b4 = refactor_lowrank(torch.cat([a, a]), torch.cat([b, -b], 1))
+    assert a4.shape[0] == 1 and float((b4 @ a4).abs().max()) < 1e-10
+    a5, b5 = refactor_lowrank(torch.cat([a[:3], a]), torch.cat([b[:, :3], -b], 1))  # rank 3 left
+    assert a5.shape[0] == 3 and torch.allclose(b5 @ a5, -b[:, 3:] @ a[3:], atol=1e-4)
 
 
 # -- ALoRA ----------------------------------------------------------------------------------------------------
@@ -299,11 +329,81 @@ def test_alora_keeps_the_rank_budget(trained):
         if not live:
             assert name not in deltas.lowrank
             continue
-        assert torch.equal(deltas.lowrank[name].A, m.lora_A.detach()[live])
-        assert torch.equal(deltas.lowrank[name].B, m.lora_B.detach()[:, live])
+        a, b = (t.detach() for t in m.factors())
+        assert torch.equal(deltas.lowrank[name].A, a[live])
+        assert torch.equal(deltas.lowrank[name].B, b[:, live])
     for rec in method.history:  # new ranks only where nothing was pruned that round
         assert not {n for n, _ in rec["grown"]} & {n for n, _ in rec["pruned"]}
         assert len(rec["grown"]) == len(rec["pruned"])
+
+
+def _b_column(m, slot: int) -> torch.Tensor:
+    """Column `slot` of an ALoRA module's B (out,)."""
+    return (m.factors()[1] if hasattr(m, "factors") else m.lora_B)[:, slot].detach().clone()
+
+
+def test_alora_regrown_rank_takes_a_fresh_adam_step(base_model, data):
+    """A rank regrown after t = 10 steps: its first update is a fresh Adam step, every entry of its (zero) B column
+    moves by lr (bias-corrected m / sqrt(v) = sign g), not by lr (1 - b1) / (1 - b1^t) sqrt((1 - b2^t) / (1 - b2)),
+    0.48 lr at t = 10 and up to 3.2 lr later, as zeroed moments under the run's step count give."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(base_model).train()
+    method = build_method("alora", model, rank=2, targets=("q_proj", "v_proj"), options={"n_prune": 2})
+    lr = 1e-3
+    optimizer = torch.optim.AdamW(method.param_groups(0.0), lr=lr)
+    batches = epoch_batches(data["train"], 4, 0, 0, "cpu")
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        lm_loss(model, method, next(batches)).backward()
+        optimizer.step()
+
+    for _ in range(10):
+        step()
+    score_batch = collate(data["train"][:4], 0)
+    record = method.run_round(lambda: evaluate(model, method, [score_batch]), optimizer)
+    assert record["grown"]
+    before = {key: _b_column(method.modules[key[0]], key[1]) for key in record["grown"]}
+    step()
+    for (name, slot), b0 in before.items():
+        moved = (_b_column(method.modules[name], slot) - b0).abs() / lr  # (out,)
+        assert float(moved.max()) <= 1 + 1e-4, f"{name}#{slot}: {moved.max():.3f} lr"
+        assert float(moved.median()) >= 0.99, f"{name}#{slot}: {moved.median():.3f} lr"
+
+
+def test_alora_scores_ranks_on_a_training_batch(base_model, data, monkeypatch):
+    """The importance scores' CE is taken on training examples only: the held-out split is what the reported eval
+    loss measures, so it must not steer training."""
+    import adapters.train as train_module
+
+    scored: list[tuple[int, ...]] = []  # the token rows every scoring forward saw
+    scoring = {"on": False}
+    real_lm_loss = train_module.lm_loss
+
+    def spy(model, method, batch, reduction="mean"):
+        if scoring["on"]:
+            rows = zip(batch["input_ids"], batch["attention_mask"])
+            scored.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in rows)
+        return real_lm_loss(model, method, batch, reduction)
+
+    monkeypatch.setattr(train_module, "lm_loss", spy)
+    model = copy.deepcopy(base_model)
+    method = build_method("alora", model, rank=2, targets=("q_proj",), options={"k1": 1, "k2": 1, "rounds": 1})
+    real_scores = method.importance_scores
+
+    def scores(score_loss):
+        scoring["on"] = True
+        try:
+            return real_scores(score_loss)
+        finally:
+            scoring["on"] = False
+
+    method.importance_scores = scores
+    fit(model, method, data["train"], data["eval"], 0, opts())
+    assert method.rounds_done == 1 and scored
+    train_rows = {tuple(t.input_ids) for t in data["train"]}
+    eval_rows = {tuple(t.input_ids) for t in data["eval"]}
+    assert all(r in train_rows for r in scored) and not any(r in eval_rows for r in scored)
 
 
 # -- SIFT -----------------------------------------------------------------------------------------------------
@@ -357,23 +457,82 @@ def test_para_is_identity_at_init(base_model, data):
 
 
 # -- SpecAdapt ------------------------------------------------------------------------------------------------
-def test_specadapt_gradient_normalisation_and_singular_decay(base_model):
+def test_specadapt_init_follows_the_authors(base_model):
+    """U, s, V from svd_lowrank(W, q=min(out, in, max_rank)); a zeros (d, r); b truncated normal (r, d) within 2 std of
+    std sqrt(1/d); one identity sh shared by every module; delta W = U a sh b V^T, exported exactly as B = U a,
+    A = sh b V^T (rank r)."""
+    model = copy.deepcopy(base_model)
+    method = build_method("specadapt", model, rank=4, options={"max_rank": 48})
+    shared = {id(m.spec_sh) for m in method.modules.values()}
+    assert len(shared) == 1 and torch.equal(method.shared, torch.eye(4))
+    assert sum(p is method.shared for p in method.trainable_parameters()) == 1
+    for name, m in method.modules.items():
+        i, proj = parse_module_name(name)
+        w = _projection(base_model.model.layers[i], proj).weight.detach()
+        d = min(*w.shape, 48)
+        assert m.U.shape == (w.shape[0], d) and m.Vh.shape == (d, w.shape[1]) and m.sigma.shape == (d,)
+        assert torch.allclose(m.U.T @ m.U, torch.eye(d), atol=1e-4)
+        assert torch.equal(m.spec_a, torch.zeros(d, 4)) and m.spec_b.shape == (4, d)
+        assert float(m.spec_b.detach().abs().max()) <= 2 * math.sqrt(1 / d) + 1e-7
+    with torch.no_grad():
+        for m in method.modules.values():
+            m.spec_a.normal_()
+        method.shared.add_(0.1 * torch.randn(4, 4))
+    deltas = method.export()
+    for name, m in method.modules.items():
+        lr = deltas.lowrank[name]
+        truth = (m.U.double() @ m.spec_a.double() @ m.spec_sh.double() @ m.spec_b.double() @ m.Vh.double()).float()
+        assert lr.rank == 4 and torch.allclose(lr.delta_weight(), truth, atol=1e-5)
+
+
+def test_specadapt_dropout_acts_on_the_delta_weight(base_model):
+    """Training: y = base(x) + x dropout(delta W)^T (F.dropout's mask, kept entries / (1 - p)); eval: no dropout."""
+    model = copy.deepcopy(base_model)
+    method = build_method("specadapt", model, rank=4, targets=("q_proj",))
+    m = method.modules["layers.0.q_proj"]
+    with torch.no_grad():
+        m.spec_a.normal_()
+    x = torch.randn(3, m.base.in_features)
+    delta = (m.U @ m.spec_a @ m.spec_sh @ m.spec_b @ m.Vh).detach()  # (out, in)
+    m.train()
+    torch.manual_seed(7)
+    y = m(x).detach()
+    torch.manual_seed(7)
+    expected = F.linear(x, m.base.weight) + F.linear(x, F.dropout(delta, 0.1))
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert not torch.allclose(y, F.linear(x, m.base.weight + delta), atol=1e-5)
+    m.eval()
+    assert torch.allclose(m(x).detach(), F.linear(x, m.base.weight + delta), atol=1e-5)
+
+
+def test_specadapt_update_normalises_then_decays_by_singular_value(base_model):
+    """before_optimizer_step: grads to unit RMS per rank component (a over dim 0, b over dim 1, eps 1e-8 inside the
+    root), sh's untouched; then a[i, :] and b[:, i] *= 1 - lr * wd * extra_decay * (1 - s_i / s_1), lr and wd read
+    from the optimizer's group (wd is also AdamW's own decay, on a, b and sh)."""
     from adapters.methods.base import StepContext
 
     model = copy.deepcopy(base_model)
-    method = build_method("specadapt", model, rank=4, targets=("q_proj",), options={"weight_decay": 0.1})
+    method = build_method("specadapt", model, rank=4, targets=("q_proj", "down_proj"), options={"extra_decay": 1.3})
+    optimizer = torch.optim.AdamW(method.param_groups(0.3), lr=0.5)
+    assert method.defaults.weight_decay == 0.3 and method.defaults.max_grad_norm == 0
+    with torch.no_grad():
+        for m in method.modules.values():
+            m.spec_a.fill_(1.0)
+            m.spec_b.fill_(1.0)
     for p in method.trainable_parameters():
         p.grad = 3.0 * torch.randn_like(p)
-    ctx = StepContext(step=0, lr=0.5, peak_lr=0.5, max_steps=1, steps_per_epoch=1, optimizer=None)
+    sh_grad = method.shared.grad.clone()
+    ctx = StepContext(step=0, lr=0.5, peak_lr=0.5, max_steps=1, steps_per_epoch=1, optimizer=optimizer)
     method.before_optimizer_step(ctx)
-    for p in method.trainable_parameters():
-        assert math.isclose(float(p.grad.pow(2).mean().sqrt()), 1.0, rel_tol=1e-5)
-    m = next(iter(method.modules.values()))
-    with torch.no_grad():
-        m.spec_s.fill_(1.0)
-    method.after_optimizer_step(ctx)
-    expected = 1.0 - 0.5 * 0.1 * (m.sigma[0] / m.sigma)
-    assert torch.allclose(m.spec_s.detach(), expected)
+    assert torch.equal(method.shared.grad, sh_grad)
+    for m in method.modules.values():
+        rms_a = m.spec_a.grad.pow(2).mean(0)  # (r,)
+        rms_b = m.spec_b.grad.pow(2).mean(1)  # (r,)
+        assert torch.allclose(rms_a, torch.ones(4), rtol=1e-5) and torch.allclose(rms_b, torch.ones(4), rtol=1e-5)
+        factor = 1 - 0.5 * 0.3 * 1.3 * (1 - m.sigma / m.sigma[0])  # (d,)
+        assert float(factor[0]) == 1.0 and float(factor[-1]) < 1.0
+        assert torch.allclose(m.spec_a.detach(), factor[:, None].expand_as(m.spec_a))
+        assert torch.allclose(m.spec_b.detach(), factor[None, :].expand_as(m.spec_b))
 
 
 # -- PEFT -----------------------------------------------------------------------------------------------------

@@ -17,7 +17,17 @@ from adapters.data import (
     tokenize_example,
     write_jsonl,
 )
-from adapters.train import TrainConfig, build_parser, config_from_args, main, train
+from adapters.methods import METHODS
+from adapters.train import (
+    FitOptions,
+    TrainConfig,
+    build_parser,
+    config_from_args,
+    lr_lambda,
+    main,
+    resolve_options,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +146,53 @@ def test_cli_writes_a_loadable_artifact(method, flags, model_dir, upper_jsonl, t
         assert loaded.deltas.sparse and all(sp.rows.dtype == torch.int32 for sp in loaded.deltas.sparse.values())
     if method == "para":
         assert {p.pool for p in loaded.deltas.para.values()} == {"mean"}
+
+
+def test_unset_options_are_the_methods_own(model_dir, upper_jsonl, tmp_path):
+    """No --lr / --schedule / --warmup-ratio / --weight-decay / --max-grad-norm: the method's (its authors') recipe,
+    recorded in the artifact; a flag given wins."""
+    out = tmp_path / "specadapt"
+    argv = ["--method", "specadapt", "--model", str(model_dir), "--data", str(upper_jsonl), "--out", str(out),
+            "--max-steps", "2", "--rank", "2", "--no-progress"]
+    assert main(argv) == 0
+    trainer = json.loads((out / "adapter.json").read_text())["trainer"]
+    d = METHODS["specadapt"].defaults
+    recipe = (d.lr, d.schedule, d.warmup_ratio, d.weight_decay, d.max_grad_norm)
+    assert recipe == (3e-3, "cosine_squared", 0.05, 0.3, 0.0)
+    assert tuple(trainer[k] for k in ("lr", "schedule", "warmup_ratio", "weight_decay", "max_grad_norm")) == recipe
+    assert trainer["defaults_source"] == d.source
+    for name, cls in METHODS.items():
+        resolved = resolve_options(FitOptions(), cls.defaults)
+        assert resolved.lr == cls.defaults.lr and resolved.schedule == cls.defaults.schedule, name
+    given = resolve_options(FitOptions(lr=1.0, schedule="constant", max_grad_norm=2.0), METHODS["lora"].defaults)
+    assert (given.lr, given.schedule, given.max_grad_norm, given.weight_decay) == (1.0, "constant", 2.0, 0.01)
+
+
+def test_method_defaults_table_matches_the_code():
+    """docs/method_defaults.md's lr / schedule / warm-up columns are each method's `defaults`."""
+    from pathlib import Path
+
+    table = Path(__file__).resolve().parents[2] / "docs" / "method_defaults.md"
+    rows = {}
+    for line in table.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] in METHODS:
+            rows[cells[0]] = cells
+    assert set(rows) == set(METHODS)
+    for name, cls in METHODS.items():
+        d = cls.defaults
+        assert float(rows[name][1]) == d.lr and rows[name][2] == d.schedule, name
+        assert rows[name][3] == f"{d.warmup_ratio * 100:g}%", name
+
+
+def test_lr_schedules():
+    f = lr_lambda("cosine_squared", warmup=2, total=12)  # SpecAdapt's: linear warm-up, then cosine squared to 0
+    assert [f(0), f(1)] == [0.5, 1.0]
+    assert f(2) == 1.0 and abs(f(7) - 0.25) < 1e-12 and f(12) == 0.0  # half way: cos^2 = (1/2)^2
+    g = lr_lambda("cosine", warmup=2, total=12)
+    assert abs(g(7) - 0.5) < 1e-12
+    h = lr_lambda("linear", warmup=0, total=10)
+    assert h(0) == 1.0 and abs(h(5) - 0.5) < 1e-12
 
 
 def test_loss_decreases_on_a_learnable_task(model_dir, upper_jsonl, tmp_path):
