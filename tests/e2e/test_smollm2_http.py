@@ -1,0 +1,109 @@
+"""The real default model through the front door: smollm2 served over HTTP answers 8 chat prompts, sent at once
+(one batch), with the greedy text of `transformers` on the same converted weights; the rendered chat prompt equals
+`apply_chat_template`'s; the official `openai` client's chat and token-id completion calls work, with and without
+streaming and with an adapter named by `model`."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import torch
+
+from tests.live_server import LiveServer, running_server
+
+pytestmark = pytest.mark.slow
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Name three colors of the rainbow."}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Say hello."}],
+    [{"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help you today?"},
+     {"role": "user", "content": "Tell me a fact about the Moon."}],
+    [{"role": "user", "content": "Translate 'good morning' into Spanish."}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "What color is the sky?"}],
+    [{"role": "user", "content": [{"type": "text", "text": "Write a short greeting"},
+                                  {"type": "text", "text": "for a birthday card."}]}],
+]
+MAX_TOKENS = 24
+
+
+def _text_content(messages: list[dict]) -> list[dict]:
+    """Content parts joined by newlines, as the server does before rendering (vLLM's convention)."""
+    return [{**m, "content": m["content"] if isinstance(m["content"], str) else
+             "\n".join(p["text"] for p in m["content"])} for m in messages]
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_dir: Path, data_dir: Path, tmp_path_factory) -> Iterator[LiveServer]:
+    from adapters.artifact import save_artifact
+    from server.model.config import ModelConfig
+    from tests.helpers import random_lowrank
+
+    cfg = ModelConfig.from_dir(smollm2_dir)
+    adapters = tmp_path_factory.mktemp("smollm2-adapters")
+    save_artifact(adapters / "pirate-lora", random_lowrank(cfg, dict.fromkeys(("q_proj", "v_proj", "up_proj", "down_proj"), 8),
+                                                           seed=3, magnitude=3.0),
+                  method="lora", spec=cfg.spec())
+    with running_server(model="smollm2", data_dir=data_dir, adapters=adapters, max_num_seqs=8,
+                        max_model_len=1024) as server:
+        yield server
+
+
+def test_chat_prompt_is_rendered_as_apply_chat_template(smollm2_server: LiveServer) -> None:
+    tokenizer = smollm2_server.engine.tokenizer
+    for messages in CHATS:
+        expected = tokenizer.apply_chat_template(_text_content(messages), add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+        body = smollm2_server.client.post("/v1/chat/completions", json={
+            "messages": messages, "max_tokens": 1, "temperature": 0}).json()
+        assert body["usage"]["prompt_tokens"] == len(expected)
+        # the same ids sent as a completion prompt give the same first token
+        completion = smollm2_server.complete(prompt=expected, max_tokens=1, temperature=0)
+        assert completion["choices"][0]["text"] == body["choices"][0]["message"]["content"]
+
+
+def test_eight_concurrent_chats_equal_transformers_greedy_text(smollm2_server: LiveServer, smollm2_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    async def ask_all() -> list[dict]:
+        async with httpx.AsyncClient(base_url=smollm2_server.base_url, timeout=300) as client:
+            responses = await asyncio.gather(*(client.post("/v1/chat/completions", json={
+                "messages": m, "max_tokens": MAX_TOKENS, "temperature": 0}) for m in CHATS))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        return [r.json() for r in responses]
+
+    answers = asyncio.run(ask_all())
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    for messages, answer in zip(CHATS, answers):
+        ids = torch.tensor([tokenizer.apply_chat_template(_text_content(messages), add_generation_prompt=True,
+                                                          tokenize=True, return_dict=False)])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=MAX_TOKENS, pad_token_id=tokenizer.eos_token_id)
+        expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert answer["choices"][0]["message"]["content"] == expected, messages
+    assert "Paris" in answers[0]["choices"][0]["message"]["content"]  # a real model, not noise
+
+
+def test_official_openai_client(smollm2_server: LiveServer) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{smollm2_server.base_url}/v1", api_key="unused")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat.completions.create(model="smollm2", messages=question, max_tokens=16, temperature=0)
+    assert whole.choices[0].message.role == "assistant" and "Paris" in whole.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="smollm2", messages=question, max_tokens=16, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    adapted = client.chat.completions.create(model="pirate-lora", messages=question, max_tokens=16, temperature=0)
+    assert adapted.model == "pirate-lora" and adapted.choices[0].message.content != whole.choices[0].message.content
+    ids = smollm2_server.engine.tokenizer.encode("The capital of France is")
+    completion = client.completions.create(model="smollm2", prompt=ids, max_tokens=4, temperature=0)
+    assert completion.usage.prompt_tokens == len(ids) and "Paris" in completion.choices[0].text
