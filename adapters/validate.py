@@ -1,6 +1,17 @@
-"""What the server refuses: an adapter is servable on a backbone only if every tensor has the module's shape, every
-target module exists, every value is finite, ranks are within the server's limit, and the base fingerprint (when
-the manifest states one) is the backbone's. `validate` raises `ArtifactError` naming the module or tensor.
+"""What the server refuses. An adapter is servable on a backbone only if, for every delta of every kind:
+
+| check  | LowRank (A, B, scale)     | Sparse (rows, cols, values) | Scale vector | ParaLayer (down, up, query)  |
+| module | exists in the backbone    | exists                      | layer exists | layer exists; pool and act   |
+|        |                           |                             |              | among those the server runs  |
+| dtype  | weights float32 / float16 / bfloat16; Sparse indices int32 (float8, float64, ... refused)   |
+| shape  | A (r, d_in), B (d_out, r) | the module's (d_out, d_in)  | (d,)         | down (r, h), up (q+kv+ff, r) |
+| rank   | 1 <= r <= max_rank        |                             |              | 1 <= r <= max_rank           |
+| values | finite once cast to the server's dtype (`dtype`: float32 on CPU, bfloat16 on GPU); the scale |
+|        | finite in float32                                                                           |
+| sparse |                           | indices in range, sorted by (row, col), unique             |
+
+and the base fingerprint (when the manifest states one) is the backbone's. `validate` raises `ArtifactError` naming
+the module or tensor. The manifest's own fields are checked before this, when it is parsed (`adapters.manifest`).
 """
 from __future__ import annotations
 
@@ -8,60 +19,59 @@ import math
 
 import torch
 
-from adapters.artifact import (
-    ArtifactError,
-    LoadedAdapter,
-    check_digests,
-    fingerprint,
-    module_shapes,
-    para_up_rows,
-    parse_name,
-    scale_lengths,
-)
-from adapters.delta import AdapterDeltas, ParaLayer, Sparse, parse_module_name, parse_scale_name
+from adapters.delta import AdapterDeltas, LowRank, ParaLayer, Sparse, parse_module_name, parse_scale_name
+from adapters.errors import ArtifactError
+from adapters.files import WEIGHT_DTYPES, parse_name, short
+from adapters.manifest import FLOAT32_MAX, LoadedAdapter, check_digests
+from adapters.methods.para import ACTIVATIONS, POOLS
+from adapters.spec import fingerprint, module_shapes, para_up_rows, scale_lengths
 
-PARA_POOLS = ("attention", "mean", "last")
+SERVING_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def validate(loaded: LoadedAdapter, spec: dict, *, max_rank: int | None = None) -> None:
-    """Raise ArtifactError unless `loaded` can be served on the backbone described by `spec`."""
+def serving_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """The dtype the server computes in, from a torch dtype or its name; None: unknown (values checked as stored)."""
+    if value is None or value in WEIGHT_DTYPES:
+        return value
+    if isinstance(value, str) and value.lower() in SERVING_DTYPES:
+        return SERVING_DTYPES[value.lower()]
+    raise ValueError(f"unknown serving dtype {value!r}; use float32, bfloat16 or float16")
+
+
+def validate(loaded: LoadedAdapter, spec: dict, *, max_rank: int | None = None,
+             dtype: torch.dtype | str | None = None) -> None:
+    """Raise ArtifactError unless `loaded` can be served on the backbone described by `spec`, in `dtype`."""
     base = loaded.manifest.get("base") or {}
+    if not isinstance(base, dict):
+        raise ArtifactError(f"manifest 'base' must be an object, got {type(base).__name__}")
     if base.get("architecture") not in (None, spec["architecture"]):
-        raise ArtifactError(f"base architecture mismatch: adapter made for {base['architecture']!r}, "
+        raise ArtifactError(f"base architecture mismatch: adapter made for {short(base['architecture'])}, "
                             f"backbone is {spec['architecture']!r}")
     if base.get("fingerprint") not in (None, fingerprint(spec)):
-        raise ArtifactError(f"base fingerprint mismatch: adapter made for {base['fingerprint']}, backbone is "
-                            f"{fingerprint(spec)} (another backbone's shapes)")
+        raise ArtifactError(f"base fingerprint mismatch: adapter made for {short(base['fingerprint'], 80)}, backbone "
+                            f"is {fingerprint(spec)} (another backbone's shapes)")
     check_digests(loaded)
-    validate_deltas(loaded.deltas, spec, max_rank=max_rank)
+    validate_deltas(loaded.deltas, spec, max_rank=max_rank, dtype=dtype)
 
 
-def validate_deltas(deltas: AdapterDeltas, spec: dict, *, max_rank: int | None = None) -> None:
-    """Raise ArtifactError unless every delta fits its module of `spec`: shapes, layers, finite values, ranks."""
+def validate_deltas(deltas: AdapterDeltas, spec: dict, *, max_rank: int | None = None,
+                    dtype: torch.dtype | str | None = None) -> None:
+    """Raise ArtifactError unless every delta fits its module of `spec` (the table above)."""
+    dtype = serving_dtype(dtype)
     shapes = module_shapes(spec)
     for name, lr in deltas.lowrank.items():
-        d_out, d_in = _shape_of(name, shapes)
-        _check_float(f"{name}.A", lr.A, None)
-        _check_float(f"{name}.B", lr.B, None)
-        r = lr.A.shape[0] if lr.A.ndim == 2 else -1
-        if r < 1:
-            raise ArtifactError(f"{name}: rank must be >= 1, A has shape {tuple(lr.A.shape)}")
-        if max_rank is not None and r > max_rank:
-            raise ArtifactError(f"{name}: rank {r} exceeds the server's max_rank {max_rank}")
-        if tuple(lr.A.shape) != (r, d_in) or tuple(lr.B.shape) != (d_out, r):
-            raise ArtifactError(f"{name}: wrong shape: A {tuple(lr.A.shape)}, B {tuple(lr.B.shape)}; "
-                                f"expected A (r, {d_in}), B ({d_out}, r)")
-        if not math.isfinite(lr.scale):
-            raise ArtifactError(f"{name}: non-finite scale {lr.scale}")
+        _check_lowrank(name, lr, _shape_of(name, shapes), max_rank, dtype)
     for name, sp in deltas.sparse.items():
-        _check_sparse(name, sp, _shape_of(name, shapes))
+        _check_sparse(name, sp, _shape_of(name, shapes), dtype)
     lengths = scale_lengths(spec)
     for key, vec in deltas.scale.items():
         layer, target = parse_name(parse_scale_name, key, f"{key}_scale")
         _check_layer(key, layer, spec)
-        _check_float(f"{key}_scale", vec, (lengths[target],))
+        _check_weight(f"{key}_scale", vec, (lengths[target],))
+        _check_values(f"{key}_scale", vec, dtype)
     for layer, p in deltas.para.items():
-        _check_para(layer, p, spec)
+        _check_para(layer, p, spec, max_rank, dtype)
 
 
 def _shape_of(name: str, shapes: dict[str, tuple[int, int]]) -> tuple[int, int]:
@@ -72,31 +82,70 @@ def _shape_of(name: str, shapes: dict[str, tuple[int, int]]) -> tuple[int, int]:
 
 
 def _check_layer(name: str, layer: int, spec: dict) -> None:
-    if not 0 <= layer < spec["num_hidden_layers"]:
+    if not isinstance(layer, int) or not 0 <= layer < spec["num_hidden_layers"]:
         raise ArtifactError(f"{name}: layer {layer} does not exist (the backbone has {spec['num_hidden_layers']})")
 
 
-def _check_float(name: str, t: torch.Tensor, shape: tuple[int, ...] | None) -> None:
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise ArtifactError(f"{name}: expected a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+def _check_rank(name: str, r: int, max_rank: int | None) -> None:
+    if max_rank is not None and r > max_rank:
+        raise ArtifactError(f"{name}: rank {r} exceeds the server's max_rank {max_rank}")
+
+
+def _check_weight(name: str, t: torch.Tensor, shape: tuple[int, ...] | None) -> None:
+    """A weight's dtype (refused by name before any arithmetic: torch has no isfinite for float8) and shape."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in WEIGHT_DTYPES:
+        raise ArtifactError(f"{name}: expected a floating-point tensor of float32, float16 or bfloat16, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
     if shape is not None and tuple(t.shape) != shape:
         raise ArtifactError(f"{name}: wrong shape {tuple(t.shape)}, expected {shape}")
-    bad = int((~torch.isfinite(t)).sum())
+
+
+def _check_values(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """Every value finite, and still finite once cast to the serving dtype (a cast never makes a value finite)."""
+    cast = t if dtype is None or dtype == t.dtype else t.to(dtype)
+    bad_cast = int((~torch.isfinite(cast)).sum())
+    if not bad_cast:
+        return
+    bad = bad_cast if cast is t else int((~torch.isfinite(t)).sum())
     if bad:
         raise ArtifactError(f"{name}: {bad} non-finite values (nan/inf)")
+    raise ArtifactError(f"{name}: {bad_cast} values overflow {str(dtype).removeprefix('torch.')}, the server's "
+                        f"dtype (largest finite {torch.finfo(dtype).max:.4g}); they would compute as inf / nan")
 
 
-def _check_sparse(name: str, sp: Sparse, shape: tuple[int, int]) -> None:
+def _check_lowrank(name: str, lr: LowRank, shape: tuple[int, int], max_rank: int | None,
+                   dtype: torch.dtype | None) -> None:
+    d_out, d_in = shape
+    _check_weight(f"{name}.A", lr.A, None)
+    _check_weight(f"{name}.B", lr.B, None)
+    r = lr.A.shape[0] if lr.A.ndim == 2 else -1
+    if r < 1:
+        raise ArtifactError(f"{name}: rank must be >= 1, A has shape {tuple(lr.A.shape)}")
+    _check_rank(name, r, max_rank)
+    if tuple(lr.A.shape) != (r, d_in) or tuple(lr.B.shape) != (d_out, r):
+        raise ArtifactError(f"{name}: wrong shape: A {tuple(lr.A.shape)}, B {tuple(lr.B.shape)}; "
+                            f"expected A (r, {d_in}), B ({d_out}, r)")
+    if isinstance(lr.scale, bool) or not isinstance(lr.scale, (int, float)) or not math.isfinite(lr.scale):
+        raise ArtifactError(f"{name}: non-finite scale {short(lr.scale)}")
+    if abs(lr.scale) > FLOAT32_MAX:
+        raise ArtifactError(f"{name}: scale {lr.scale} overflows float32 (the server applies scales in float32)")
+    _check_values(f"{name}.A", lr.A, dtype)
+    _check_values(f"{name}.B", lr.B, dtype)
+
+
+def _check_sparse(name: str, sp: Sparse, shape: tuple[int, int], dtype: torch.dtype | None) -> None:
     if tuple(sp.shape) != shape:
         raise ArtifactError(f"{name}: Sparse shape {tuple(sp.shape)}, the module is {shape}")
     for part, t in (("rows", sp.rows), ("cols", sp.cols)):
-        if t.dtype != torch.int32 or t.ndim != 1:
-            raise ArtifactError(f"{name}.{part}: expected a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.ndim != 1:
+            raise ArtifactError(f"{name}.{part}: expected a 1-D int32 tensor, got {getattr(t, 'dtype', t)} "
+                                f"{tuple(getattr(t, 'shape', ()))}")
     nnz = sp.rows.numel()
+    _check_weight(f"{name}.values", sp.values, None)
     if sp.cols.numel() != nnz or sp.values.ndim != 1 or sp.values.numel() != nnz:
         raise ArtifactError(f"{name}: rows, cols, values lengths differ "
                             f"({nnz}, {sp.cols.numel()}, {tuple(sp.values.shape)})")
-    _check_float(f"{name}.values", sp.values, (nnz,))
+    _check_values(f"{name}.values", sp.values, dtype)
     rows, cols = sp.rows.long(), sp.cols.long()
     for part, t, limit in (("rows", rows, shape[0]), ("cols", cols, shape[1])):
         if nnz and (int(t.min()) < 0 or int(t.max()) >= limit):
@@ -109,20 +158,26 @@ def _check_sparse(name: str, sp: Sparse, shape: tuple[int, int]) -> None:
         raise ArtifactError(f"{name}: duplicate (row, col) entry at index {int((step == 0).nonzero()[0])}")
 
 
-def _check_para(layer: int, p: ParaLayer, spec: dict) -> None:
+def _check_para(layer: int, p: ParaLayer, spec: dict, max_rank: int | None, dtype: torch.dtype | None) -> None:
     name = f"para.layers.{layer}"
     _check_layer(name, layer, spec)
-    if p.pool not in PARA_POOLS:
-        raise ArtifactError(f"{name}: pool {p.pool!r} is not one of {PARA_POOLS}")
-    if not isinstance(p.act, str) or not p.act:
-        raise ArtifactError(f"{name}: act must be a non-empty string, got {p.act!r}")
+    if not isinstance(p.pool, str) or p.pool not in POOLS:
+        raise ArtifactError(f"{name}: pool {short(p.pool)} is not one of {POOLS}")
+    if not isinstance(p.act, str) or p.act not in ACTIVATIONS:
+        raise ArtifactError(f"{name}: activation {short(p.act)} is not one the server implements "
+                            f"({', '.join(sorted(ACTIVATIONS))})")
     hidden = spec["hidden_size"]
+    _check_weight(f"{name}.down", p.w_down, None)
     r = p.w_down.shape[0] if p.w_down.ndim == 2 else 0
     if r < 1:
         raise ArtifactError(f"{name}.down: expected shape (r, {hidden}) with r >= 1, got {tuple(p.w_down.shape)}")
-    _check_float(f"{name}.down", p.w_down, (r, hidden))
-    _check_float(f"{name}.up", p.w_up, (para_up_rows(spec), r))
+    _check_rank(name, r, max_rank)
+    parts = {"down": (p.w_down, (r, hidden)), "up": (p.w_up, (para_up_rows(spec), r))}
     if p.pool_query is not None:
-        _check_float(f"{name}.query", p.pool_query, (hidden,))
+        parts["query"] = (p.pool_query, (hidden,))
     elif p.pool == "attention":
         raise ArtifactError(f"{name}: attention pooling needs the query vector ({name}.query)")
+    for part, (t, shape) in parts.items():
+        _check_weight(f"{name}.{part}", t, shape)
+    for part, (t, _) in parts.items():
+        _check_values(f"{name}.{part}", t, dtype)

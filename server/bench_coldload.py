@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from adapters.artifact import LoadedAdapter, adapter_to_bytes
+from adapters.artifact import adapter_to_bytes
+from adapters.manifest import LoadedAdapter
 from server.adapter_store import HostTier, RegistryAdapters
 from server.bench import CONFIGS, make_checkpoint, random_adapter
 from server.embedded_redis import start_embedded_redis

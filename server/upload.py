@@ -9,37 +9,43 @@ The archive is unpacked in memory and never written to disk. Refusals, in the or
 | 413    | the upload over `max_bytes`; the unpacked total over `max_unpacked_bytes` (from the headers, and |
 |        | again while decompressing: a zip or gzip bomb is stopped at the limit, whatever its headers say) |
 | 415    | an unknown archive type; pickle weights (`.bin`, `.pt`, `.pth`, ...): only safetensors          |
-| 400    | absolute paths, `..`, links, devices and other special entries, duplicate or nested entries,   |
-|        | unexpected file names, no adapter (or two) in the archive, an unreadable archive                 |
-| 422    | whatever `adapters.artifact` refuses: shapes against the backbone, unknown target modules, rank |
-|        | over `max_rank`, non-finite values, a base fingerprint of another backbone, malformed files     |
+| 400    | more than MAX_ENTRIES entries (a zip: from its end records, before its directory is read; a tar: |
+|        | while streaming), absolute paths, `..`, links, devices and other special entries, duplicate or   |
+|        | nested entries, unexpected file names, no adapter (or two) in the archive, an unreadable archive |
+| 422    | whatever `adapters.artifact` refuses: a manifest or PEFT config over its limits or of the wrong   |
+|        | types, shapes against the backbone, unknown target modules, a rank of any part over `max_rank`,  |
+|        | dtypes, values not finite in the serving `dtype`, a base fingerprint of another backbone, ...    |
 """
 from __future__ import annotations
 
 import gzip
 import io
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
 from typing import IO
 
-from adapters.artifact import (
+import torch
+
+from adapters.artifact import load_adapter_files
+from adapters.errors import ArtifactError
+from adapters.files import (
     MANIFEST_FILE,
     PEFT_CONFIG_FILE,
     PEFT_WEIGHTS_FILE,
     PICKLE_SUFFIXES,
     README_FILE,
     WEIGHTS_FILE,
-    ArtifactError,
-    LoadedAdapter,
-    load_adapter_files,
 )
+from adapters.manifest import LoadedAdapter
 
 FORMAT1_FILES = {MANIFEST_FILE, WEIGHTS_FILE}
 PEFT_FILES = {PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE}
 ALLOWED_FILES = FORMAT1_FILES | PEFT_FILES | {README_FILE}
 MAX_ENTRIES = 64  # an adapter is 2-3 files; more entries than this is not an adapter
+MAX_ZIP_DIRECTORY_BYTES = 1 << 20  # a zip's central directory: ~100 bytes per entry in a legitimate one
 _TAR_OVERHEAD_BYTES = 1 << 20  # headers and padding a legitimate tar of MAX_ENTRIES entries stays far below
 _READ_CHUNK = 1 << 20
 
@@ -52,8 +58,9 @@ class UploadError(Exception):
 
 
 def parse_upload(filename: str | None, data: bytes, spec: dict, *, max_bytes: int, max_unpacked_bytes: int,
-                 max_rank: int | None) -> LoadedAdapter:
-    """Unpack, check and validate an uploaded archive against the backbone `spec`; raises UploadError."""
+                 max_rank: int | None, dtype: torch.dtype | str | None = None) -> LoadedAdapter:
+    """Unpack, check and validate an uploaded archive against the backbone `spec` (values must stay finite in the
+    serving `dtype`: float32 on CPU, bfloat16 on GPU); raises UploadError, and nothing else."""
     name = filename or "upload"
     if len(data) > max_bytes:
         raise UploadError(413, f"{name}: {len(data)} bytes is over the server's limit of {max_bytes} bytes "
@@ -73,7 +80,8 @@ def parse_upload(filename: str | None, data: bytes, spec: dict, *, max_bytes: in
     files, folder = _layout(name, entries)
     _check_names(name, set(files))
     try:
-        return load_adapter_files(files, spec, name=folder or _stem(name), where=name, max_rank=max_rank)
+        return load_adapter_files(files, spec, name=folder or _stem(name), where=name, max_rank=max_rank,
+                                  dtype=dtype)
     except ArtifactError as e:
         raise UploadError(422, str(e)) from None
 
@@ -137,6 +145,7 @@ class _Entries:
 
 
 def _unpack_zip(archive: str, data: bytes, max_unpacked_bytes: int) -> _Entries:
+    _check_zip_directory(archive, data)
     entries = _Entries(archive, max_unpacked_bytes)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
@@ -159,9 +168,55 @@ def _unpack_zip(archive: str, data: bytes, max_unpacked_bytes: int) -> _Entries:
                     raise UploadError(400, f"{archive}: {info.filename!r} is encrypted")
                 with zf.open(info) as f:
                     entries.files[path] = _read_bounded(f, entries, info.file_size, info.filename)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError, ValueError,
+            struct.error) as e:  # ValueError: e.g. a negative seek from a corrupt header offset
         raise UploadError(400, f"{archive}: not a readable zip archive ({e})") from None
     return entries
+
+
+_ZIP_END = b"PK\x05\x06"  # end of central directory record (22 bytes + comment)
+_ZIP64_LOCATOR = b"PK\x06\x07"  # zip64 end locator (20 bytes), just before the end record
+_ZIP64_END = b"PK\x06\x06"  # zip64 end of central directory record (56 bytes)
+
+
+def _check_zip_directory(archive: str, data: bytes) -> None:
+    """Refuse, from the end records alone, a zip whose central directory claims more than MAX_ENTRIES entries or
+    more than MAX_ZIP_DIRECTORY_BYTES, before `zipfile` reads it (one ZipInfo per entry: gigabytes for 10 million).
+    Every end record zipfile may use counts, the largest claim wins: the record at the very end and the last
+    signature in the final 64 KiB (zipfile's `_EndRecData`), with the zip64 record just before its locator and
+    the one the locator points to (then the classic record's 0xFFFF / 0xFFFFFFFF fields are markers, not counts)."""
+    entries = directory_bytes = 0
+    for at in {len(data) - 22, data.rfind(_ZIP_END, max(len(data) - (1 << 16) - 22, 0))}:
+        if at < 0 or data[at:at + 4] != _ZIP_END or at + 22 > len(data):
+            continue
+        _, _, _, n_disk, n_total, size, _, _ = struct.unpack("<4s4H2LH", data[at:at + 22])
+        zip64 = _zip64_claims(data, at)
+        if zip64 is not None:
+            n_disk, n_total = (0 if n == 0xFFFF else n for n in (n_disk, n_total))
+            size = 0 if size == 0xFFFFFFFF else size
+            entries, directory_bytes = max(entries, zip64[0]), max(directory_bytes, zip64[1])
+        entries, directory_bytes = max(entries, n_disk, n_total), max(directory_bytes, size)
+    if entries > MAX_ENTRIES:
+        raise UploadError(400, f"{archive}: {entries} entries in its central directory; more than {MAX_ENTRIES} "
+                               "is not an adapter archive")
+    if directory_bytes > MAX_ZIP_DIRECTORY_BYTES:
+        raise UploadError(400, f"{archive}: a central directory of {directory_bytes} bytes; an adapter archive's "
+                               f"is under {MAX_ZIP_DIRECTORY_BYTES}")
+
+
+def _zip64_claims(data: bytes, end_at: int) -> tuple[int, int] | None:
+    """(entries, directory bytes), the largest claims of the zip64 records for the end record at `end_at`; None
+    without a zip64 locator before it pointing at (or followed by) a zip64 record."""
+    locator = end_at - 20
+    if locator < 0 or data[locator:locator + 4] != _ZIP64_LOCATOR:
+        return None
+    _, _, offset, _ = struct.unpack("<4sLQL", data[locator:end_at])
+    claims = [struct.unpack("<4sQ2H2L4Q", data[end64:end64 + 56])  # ..., n_disk, n_total, size, offset
+              for end64 in {locator - 56, offset}
+              if 0 <= end64 <= len(data) - 56 and data[end64:end64 + 4] == _ZIP64_END]
+    if not claims:
+        return None
+    return max(max(c[6:8]) for c in claims), max(c[8] for c in claims)
 
 
 def _unpack_tar(archive: str, raw: IO[bytes], max_unpacked_bytes: int) -> _Entries:
@@ -186,6 +241,9 @@ def _unpack_tar(archive: str, raw: IO[bytes], max_unpacked_bytes: int) -> _Entri
                 entries.files[path] = _read_bounded(tar.extractfile(member), entries, member.size, member.name)
     except (tarfile.TarError, zlib.error, EOFError, OSError) as e:
         raise UploadError(400, f"{archive}: not a readable tar archive ({e})") from None
+    except RecursionError:  # tarfile reads a chain of pax / GNU long-name headers recursively
+        raise UploadError(400, f"{archive}: too many chained extended (pax / GNU long name) headers; not an "
+                               "adapter archive") from None
     return entries
 
 

@@ -8,7 +8,9 @@ with the stored record. Nothing reaches Redis before the adapter is fully valida
 
 Environment (`AdminSettings.from_env`; the server's settings should carry the same names):
 - `MULTIPLEX_MAX_ADAPTER_BYTES` (default 512 MiB): the most bytes an upload, and the archive's unpacked total, may have
-- `MULTIPLEX_MAX_RANK` (default 128): the highest LowRank rank accepted
+- `MULTIPLEX_MAX_RANK` (default 128): the highest rank accepted, for every part that has one (LowRank, PARA)
+- `MULTIPLEX_DTYPE` (default auto: bfloat16 with CUDA, else float32): the serving dtype; uploaded values must stay
+  finite once cast to it
 - `MULTIPLEX_ADMIN_TOKEN`: see `server.auth`
 """
 from __future__ import annotations
@@ -21,12 +23,14 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Depends, Request
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.datastructures import UploadFile
 
 from adapters.artifact import adapter_to_bytes
+from adapters.validate import serving_dtype
 from server.api.errors import ApiError
 from server.auth import AdminAuth, ApiKeyStore, TenantResolver, check_tenant
 from server.registry import (
@@ -56,6 +60,7 @@ class AdminSettings:
     max_unpacked_bytes: int | None = None  # None: max_adapter_bytes
     max_rank: int = DEFAULT_MAX_RANK
     base_model_name: str | None = None  # refused as an adapter id
+    dtype: str | None = None  # the serving dtype (float32, bfloat16, float16); None or "auto": as the server's auto
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, base_model_name: str | None = None) -> AdminSettings:
@@ -63,7 +68,14 @@ class AdminSettings:
         return cls(admin_token=env.get("MULTIPLEX_ADMIN_TOKEN") or None,
                    max_adapter_bytes=_positive_int(env, "MULTIPLEX_MAX_ADAPTER_BYTES", DEFAULT_MAX_ADAPTER_BYTES),
                    max_rank=_positive_int(env, "MULTIPLEX_MAX_RANK", DEFAULT_MAX_RANK),
-                   base_model_name=base_model_name)
+                   base_model_name=base_model_name, dtype=env.get("MULTIPLEX_DTYPE") or None)
+
+
+def _serving_dtype(name: str | None) -> torch.dtype:
+    """The dtype uploads are checked in: the configured one, else what the server's "auto" picks."""
+    if name is None or name.strip().lower() == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return serving_dtype(name.strip())
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -165,6 +177,7 @@ class _Uploads:
 
     def __init__(self, registry: Registry, spec: dict, limits: AdminSettings, on_change: OnChange | None) -> None:
         self.registry, self.spec, self.limits, self.on_change = registry, spec, limits, on_change
+        self.dtype = _serving_dtype(limits.dtype)
 
     async def store(self, form: dict[str, Any], adapter_id: str | None, *, replace: bool) -> dict:
         upload = form.get("file")
@@ -196,7 +209,7 @@ class _Uploads:
         max_unpacked = self.limits.max_unpacked_bytes or self.limits.max_adapter_bytes
         try:
             return parse_upload(filename, data, self.spec, max_bytes=self.limits.max_adapter_bytes,
-                                max_unpacked_bytes=max_unpacked, max_rank=self.limits.max_rank)
+                                max_unpacked_bytes=max_unpacked, max_rank=self.limits.max_rank, dtype=self.dtype)
         except UploadError as e:
             raise ApiError(e.status_code, e.message, _ERROR_TYPES.get(e.status_code)) from None
 

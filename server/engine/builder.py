@@ -64,7 +64,8 @@ def build_engine_options(settings) -> EngineOptions:
 
 def load_adapter_dir(adapters_dir: str | Path, spec: dict) -> dict[str, AdapterDeltas]:
     """Each subdirectory is one adapter (artifact format 1 or a PEFT directory), named by the subdirectory."""
-    from adapters.artifact import ArtifactError, load_adapter
+    from adapters.artifact import load_adapter
+    from adapters.errors import ArtifactError
 
     out = {}
     for sub in sorted(p for p in Path(adapters_dir).iterdir() if p.is_dir()):

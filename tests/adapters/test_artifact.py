@@ -13,18 +13,7 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adapters.artifact import (
-    ArtifactError,
-    LoadedAdapter,
-    _exact_alpha,
-    backbone_spec,
-    export_peft_lora,
-    fingerprint,
-    load_adapter,
-    module_shapes,
-    save_artifact,
-    validate,
-)
+from adapters.artifact import load_adapter, save_artifact
 from adapters.delta import (
     SCALE_PROJECTION,
     AdapterDeltas,
@@ -34,6 +23,11 @@ from adapters.delta import (
     parse_module_name,
     parse_scale_name,
 )
+from adapters.errors import ArtifactError
+from adapters.manifest import LoadedAdapter
+from adapters.peft_io import _exact_alpha, export_peft_lora
+from adapters.spec import backbone_spec, fingerprint, module_shapes
+from adapters.validate import validate
 
 HF_CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}

@@ -22,6 +22,8 @@ from adapters.methods.base import refactor_lowrank
 from adapters.methods.para import ACTIVATIONS, PROMPT_MASK_KWARG
 from adapters.methods.sorsa import orthonormal_regularizer
 from adapters.methods.sift import num_selected
+from adapters.peft_io import export_peft_lora
+from adapters.spec import backbone_spec
 from adapters.train import FitOptions, build_method, epoch_batches, evaluate, fit, lm_loss
 
 VOCAB = 128
@@ -177,7 +179,7 @@ def test_export_reproduces_trainer_logits(case_id, trained, base_model, data):
 def test_artifact_round_trip(case_id, trained, base_model, data, tmp_path):
     artifact = pytest.importorskip("adapters.artifact", reason="adapters/artifact.py not available yet")
     model, method, deltas = trained(case_id)
-    spec = artifact.backbone_spec(base_model.config)
+    spec = backbone_spec(base_model.config)
     path = artifact.save_artifact(tmp_path / case_id, deltas, method=method.name, spec=spec, trainer=method.config_dict())
     loaded = artifact.load_adapter(path, spec)
     batch = data["test"]
@@ -539,13 +541,10 @@ def test_specadapt_update_normalises_then_decays_by_singular_value(base_model):
 @pytest.mark.parametrize("case_id", ["lora", "lora-rslora", "alora"])
 def test_lora_peft_round_trip(case_id, trained, base_model, data, tmp_path):
     """Exported as a PEFT LoRA directory (ALoRA: rank_pattern / alpha_pattern), loaded by peft: the same logits."""
-    artifact = pytest.importorskip("adapters.artifact", reason="adapters/artifact.py not available yet")
-    if not hasattr(artifact, "export_peft_lora"):
-        pytest.skip("adapters.artifact.export_peft_lora not available yet")
     peft = pytest.importorskip("peft")
     model, method, deltas = trained(case_id)
-    spec = artifact.backbone_spec(base_model.config)
-    out = artifact.export_peft_lora(deltas, tmp_path / "peft", spec)
+    spec = backbone_spec(base_model.config)
+    out = export_peft_lora(deltas, tmp_path / "peft", spec)
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base_model), str(out)).eval()
     batch = data["test"]
     with torch.no_grad():

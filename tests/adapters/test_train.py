@@ -18,6 +18,7 @@ from adapters.data import (
     write_jsonl,
 )
 from adapters.methods import METHODS
+from adapters.spec import backbone_spec
 from adapters.train import (
     FitOptions,
     TrainConfig,
@@ -137,7 +138,7 @@ def test_cli_writes_a_loadable_artifact(method, flags, model_dir, upper_jsonl, t
     manifest = json.loads((out / "adapter.json").read_text())
     assert manifest["method"] == method and manifest["trainer"]["steps"] == 3
     artifact = pytest.importorskip("adapters.artifact", reason="adapters/artifact.py not available yet")
-    spec = artifact.backbone_spec(transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    spec = backbone_spec(transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True))
     loaded = artifact.load_adapter(out, spec)
     assert loaded.manifest["method"] == method
     if method == "lora":

@@ -39,7 +39,8 @@ def make_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_spec: dict) -> C
     """make_adapter(name, rank=4, seed=0) -> a format-1 directory: random LoRA deltas on every q_proj and v_proj."""
     import torch
 
-    from adapters.artifact import module_shapes, save_artifact
+    from adapters.artifact import save_artifact
+    from adapters.spec import module_shapes
     from adapters.delta import AdapterDeltas, LowRank
 
     def make(name: str, rank: int = 4, seed: int = 0) -> Path:

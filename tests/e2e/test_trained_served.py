@@ -4,7 +4,8 @@ import copy
 
 import torch
 
-from adapters.artifact import backbone_spec, load_adapter, save_artifact
+from adapters.artifact import load_adapter, save_artifact
+from adapters.spec import backbone_spec
 from adapters.data import Tokenized
 from adapters.train import FitOptions, build_method, fit
 from tests.helpers import load_hf, make_hf_model, refs, run_capture, small_engine

@@ -14,15 +14,10 @@ import pytest
 import redis
 import torch
 
-from adapters.artifact import (
-    ArtifactError,
-    adapter_from_bytes,
-    adapter_to_bytes,
-    export_peft_lora,
-    load_adapter,
-    save_artifact,
-)
+from adapters.artifact import adapter_from_bytes, adapter_to_bytes, load_adapter, save_artifact
 from adapters.delta import Sparse
+from adapters.errors import ArtifactError
+from adapters.peft_io import export_peft_lora
 from server.embedded_redis import EmbeddedRedis, start_embedded_redis
 from server.registry import AdapterExistsError, AdapterNotFoundError, CorruptAdapterError, Registry
 from tests.server.test_upload import SPEC, assert_same_deltas, lora_deltas

@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from adapters.artifact import export_peft_lora, load_adapter, save_artifact
+from adapters.artifact import load_adapter, save_artifact
 from adapters.delta import AdapterDeltas, LowRank
+from adapters.peft_io import export_peft_lora
 from server.upload import UploadError, parse_upload
 
 # The tiny backbone's shape class, small: every check runs in milliseconds.
