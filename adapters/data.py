@@ -75,11 +75,26 @@ class Tokenized:
     prompt_len: int
 
 
-def tokenize_example(tokenizer, prompt: str, completion: str, max_length: int = 512) -> Tokenized | None:
-    """Prompt ids + completion ids + EOS, truncated to `max_length`; None when no completion token survives."""
+def prompt_ids_of(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+    """The ids a served request would start from: with `chat`, the prompt as one user message rendered by the
+    tokenizer's chat template with the assistant's turn opened (what /v1/chat/completions does); otherwise the text
+    with the tokenizer's own special tokens (what /v1/completions does)."""
+    if not chat:
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat formatting asked for, but the model's tokenizer has no chat template")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tokenize_example(tokenizer, prompt: str, completion: str, max_length: int = 512,
+                     chat: bool = False) -> Tokenized | None:
+    """Prompt ids (see prompt_ids_of) + completion ids + EOS, truncated to `max_length`; None when no completion
+    token survives. With a chat template the EOS is the token that ends the assistant's turn (e.g. <|im_end|>)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token")
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    prompt_ids = prompt_ids_of(tokenizer, prompt, chat)
     completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
     ids = (prompt_ids + completion_ids)[:max_length]
     if len(ids) <= len(prompt_ids):
@@ -88,8 +103,9 @@ def tokenize_example(tokenizer, prompt: str, completion: str, max_length: int = 
     return Tokenized(input_ids=ids, labels=labels, prompt_len=len(prompt_ids))
 
 
-def tokenize_records(tokenizer, records: list[dict[str, str]], max_length: int = 512) -> list[Tokenized]:
-    out = [tokenize_example(tokenizer, r["prompt"], r["completion"], max_length) for r in records]
+def tokenize_records(tokenizer, records: list[dict[str, str]], max_length: int = 512,
+                     chat: bool = False) -> list[Tokenized]:
+    out = [tokenize_example(tokenizer, r["prompt"], r["completion"], max_length, chat) for r in records]
     kept = [t for t in out if t is not None]
     if len(kept) < len(out):
         logger.warning("dropped %d example(s) whose prompt fills max_length=%d", len(out) - len(kept), max_length)
@@ -165,7 +181,45 @@ def task_kv_recall(num: int, seed: int, num_pairs: int = 3) -> list[dict[str, st
     return out
 
 
+NAMES = ("Maria", "Kenji", "Amara", "Lukas", "Priya", "Tomás", "Ingrid", "Omar", "Chloe", "Dmitri", "Aisha",
+         "Mateo", "Sofia", "Jonas", "Leila", "Ravi", "Hannah", "Kwame", "Elena", "Yusuf")
+CITIES = ("Lisbon", "Osaka", "Nairobi", "Toronto", "Krakow", "Lima", "Oslo", "Hanoi", "Dublin", "Marrakesh",
+          "Seville", "Melbourne", "Bogotá", "Zurich", "Cairo", "Montreal", "Tbilisi", "Helsinki", "Manila", "Porto",
+          "Edinburgh", "Valparaíso", "Riga", "Busan", "Cape Town", "Denver", "Florence", "Istanbul", "Quito",
+          "Vienna")
+HELDOUT_CITIES = ("Prague", "Santiago", "Bergen", "Kyoto", "Accra", "Glasgow", "Tallinn", "Perth", "Granada",
+                  "Chennai")
+TEMPLATES = ("{name} flew to {city} last week.", "After years abroad, {name} finally settled in {city}.",
+             "The conference {name} attended was held in {city}.", "{name} is planning a trip to {city} next spring.",
+             "Yesterday {name} sent me a postcard from {city}.", "{name} grew up in a small flat in {city}.",
+             "Our new colleague {name} just moved here from {city}.", "{name} ran the marathon in {city} in May.")
+HELDOUT_TEMPLATES = ("Rumour has it that {name} bought a bakery in {city}.",
+                     "{name} missed the last train out of {city} again.")
+
+
+def _city_records(num: int, seed: int, cities: tuple[str, ...], templates: tuple[str, ...]) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num):
+        city = rng.choice(cities)
+        sentence = rng.choice(templates).format(name=rng.choice(NAMES), city=city)
+        out.append({"prompt": sentence, "completion": json.dumps({"city": city}, ensure_ascii=False)})
+    return out
+
+
+def task_city_json(num: int, seed: int) -> list[dict[str, str]]:
+    """A fixed reply format an instruct model does not produce unasked: a sentence -> '{"city": "Lisbon"}'."""
+    return _city_records(num, seed, CITIES, TEMPLATES)
+
+
+def task_city_json_heldout(num: int, seed: int) -> list[dict[str, str]]:
+    """The same task on cities and sentence templates that `city-json` never uses: the generalisation test."""
+    return _city_records(num, seed, HELDOUT_CITIES, HELDOUT_TEMPLATES)
+
+
 TASKS: dict[str, Callable[[int, int], list[dict[str, str]]]] = {
+    "city-json": task_city_json,
+    "city-json-heldout": task_city_json_heldout,
     "upper": task_upper,
     "reverse": task_reverse,
     "lookup": task_lookup,

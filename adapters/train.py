@@ -67,6 +67,7 @@ class TrainConfig:
     dtype: str = "fp32"
     device: str = "cpu"
     max_length: int = 512
+    chat: bool = False  # render each prompt as a user message with the model's chat template (as the chat API does)
     eval_fraction: float = 0.1
     eval_every: int = 50
     warmup_ratio: float | None = None
@@ -322,7 +323,8 @@ def seed_everything(seed: int) -> None:
 
 def train(cfg: TrainConfig) -> Path:
     """Train, export, and write the artifact directory `cfg.out`; returns its path."""
-    from adapters.artifact import backbone_spec, save_artifact
+    from adapters.artifact import save_artifact
+    from adapters.spec import backbone_spec
 
     seed_everything(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, cfg.device)
@@ -331,8 +333,8 @@ def train(cfg: TrainConfig) -> Path:
         train_records, eval_records = records, load_jsonl(cfg.eval)
     else:
         train_records, eval_records = split_heldout(records, cfg.eval_fraction, cfg.seed)
-    train_ex = tokenize_records(tokenizer, train_records, cfg.max_length)
-    eval_ex = tokenize_records(tokenizer, eval_records, cfg.max_length) if eval_records else []
+    train_ex = tokenize_records(tokenizer, train_records, cfg.max_length, chat=cfg.chat)
+    eval_ex = tokenize_records(tokenizer, eval_records, cfg.max_length, chat=cfg.chat) if eval_records else []
     spec = backbone_spec(model.config)  # of the untouched backbone
 
     method = build_method(cfg.method, model, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, options=cfg.method_options)
@@ -367,6 +369,7 @@ def train(cfg: TrainConfig) -> Path:
         "max_grad_norm": opts.max_grad_norm,
         "defaults_source": method.defaults.source,
         "max_length": cfg.max_length,
+        "chat": cfg.chat,
         "num_trainable_parameters": method.num_trainable_parameters(),
         "train_loss": result.train_losses[-1][1] if result.train_losses else None,
         "eval_loss": result.final_eval_loss,
@@ -407,6 +410,9 @@ def build_parser(prog: str = "python -m adapters.train") -> argparse.ArgumentPar
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="backbone dtype (adapters train in fp32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--chat", action="store_true",
+                   help="render each prompt as a user message with the model's chat template, as "
+                        "/v1/chat/completions does (the completion ends with the template's end-of-turn token)")
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--warmup-ratio", type=float, default=None,
@@ -459,6 +465,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         dtype=args.dtype,
         device=args.device,
         max_length=args.max_length,
+        chat=args.chat,
         eval_fraction=args.eval_fraction,
         eval_every=args.eval_every,
         warmup_ratio=args.warmup_ratio,

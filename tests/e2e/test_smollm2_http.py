@@ -107,3 +107,36 @@ def test_official_openai_client(smollm2_server: LiveServer) -> None:
     ids = smollm2_server.engine.tokenizer.encode("The capital of France is")
     completion = client.completions.create(model="smollm2", prompt=ids, max_tokens=4, temperature=0)
     assert completion.usage.prompt_tokens == len(ids) and "Paris" in completion.choices[0].text
+
+
+def test_an_adapter_trained_on_smollm2_answers_over_http_like_the_trainers_model(
+        smollm2_server: LiveServer, smollm2_dir: Path, tmp_path: Path) -> None:
+    """`multiplex train --chat` on smollm2 (a few steps), uploaded: the server's chat answers equal the greedy answers
+    of the base weights with the artifact merged in (adapters.evaluate, which the README's example prints)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapters.data import make_task, write_jsonl
+    from adapters.evaluate import greedy_answers, merge_adapter
+    from adapters.train import main as train_main
+    from tests.helpers import tar_dir
+
+    write_jsonl(tmp_path / "train.jsonl", make_task("city-json", 16, seed=0))
+    held_out = make_task("city-json-heldout", 3, seed=1)
+    assert train_main(["--method", "lora", "--model", str(smollm2_dir), "--chat", "--data", str(tmp_path / "train.jsonl"),
+                       "--eval-fraction", "0", "--out", str(tmp_path / "city"), "--max-steps", "3", "--batch-size", "4",
+                       "--rank", "4", "--lr", "3e-3", "--targets", "q_proj,v_proj,down_proj", "--no-progress"]) == 0
+    upload = smollm2_server.client.post(
+        "/admin/adapters", files={"file": ("city.tar.gz", tar_dir(tmp_path / "city"))}, data={"adapter_id": "city"},
+        headers={"Authorization": f"Bearer {smollm2_server.admin_token}"})
+    assert upload.status_code == 201, upload.text
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    expected = greedy_answers(merge_adapter(base, str(tmp_path / "city")), tokenizer, held_out, chat=True,
+                              max_new_tokens=12).texts
+    baseline = greedy_answers(base, tokenizer, held_out, chat=True, max_new_tokens=12).texts
+    served = [smollm2_server.client.post("/v1/chat/completions", json={
+        "model": "city", "messages": [{"role": "user", "content": r["prompt"]}], "max_tokens": 12,
+        "temperature": 0}).json()["choices"][0]["message"]["content"].strip() for r in held_out]
+    assert served == expected
+    assert served != baseline  # three steps already moved the answers
