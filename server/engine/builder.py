@@ -1,25 +1,21 @@
-"""Assemble a serving engine from a model (server/model/catalog.py) and an optional adapters directory."""
+"""Assemble the synchronous engine (model, KV cache, adapter pool, scheduler, runner) from a model name or path
+(server/model/catalog.py) and the engine options; server/service.py wraps it for serving."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from adapters.delta import AdapterDeltas
 from kernels.dispatch import use_triton
-from server.adapter_store import StaticAdapters
 from server.engine.adapter_cache import AdapterCache
-from server.engine.async_engine import AsyncEngine
 from server.engine.block_manager import BlockManager
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.engine import LLMEngine
-from server.engine.errors import InvalidAdapterError
 from server.engine.model_runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.model.adapter_pool import AdapterPool
-from server.model.catalog import model_name, resolve_model_path
+from server.model.catalog import resolve_model_path
 from server.model.config import ModelConfig
 from server.model.llama import LlamaModel
 from server.model.loader import load_state_dict
@@ -62,21 +58,6 @@ def build_engine_options(settings) -> EngineOptions:
     )
 
 
-def load_adapter_dir(adapters_dir: str | Path, spec: dict) -> dict[str, AdapterDeltas]:
-    """Each subdirectory is one adapter (artifact format 1 or a PEFT directory), named by the subdirectory."""
-    from adapters.artifact import load_adapter
-    from adapters.errors import ArtifactError
-
-    out = {}
-    for sub in sorted(p for p in Path(adapters_dir).iterdir() if p.is_dir()):
-        try:
-            out[sub.name] = load_adapter(sub, spec=spec).deltas
-        except ArtifactError as exc:
-            raise InvalidAdapterError(f"adapter {sub.name!r} in {adapters_dir}: {exc}") from exc
-    log.info("loaded %d adapters from %s", len(out), adapters_dir)
-    return out
-
-
 def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if opts.device == "auto" else opts.device))
@@ -107,17 +88,3 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     log.info("model %s on %s/%s: %d layers, context %d, %d KV blocks of %d, CUDA graphs %s", path, device, dtype,
              cfg.num_layers, max_len, num_blocks, opts.block_size, "on" if graphs else "off")
     return LLMEngine(runner, scheduler, tokenizer, max_model_len=max_len, eos_token_ids=eos)
-
-
-def build_engine(model: str, adapters_dir: str | None, opts: EngineOptions | None = None, **overrides) -> AsyncEngine:
-    opts = EngineOptions(**{**(opts.__dict__ if opts else {}), **overrides})
-    path = resolve_model_path(model, opts.data_dir)
-    spec = ModelConfig.from_dir(path).spec()
-    adapters = load_adapter_dir(adapters_dir, spec) if adapters_dir else {}
-    engine = build_llm_engine(model, opts)
-    pool = engine.runner.adapter_pool
-    for adapter_id, deltas in adapters.items():
-        if not pool.fits_empty(deltas):
-            raise InvalidAdapterError(f"adapter {adapter_id!r} needs {pool.nbytes(deltas)} bytes; "
-                                      f"the device pool holds {opts.adapter_pool_bytes}")
-    return AsyncEngine(engine, model_name=model_name(model), adapters=StaticAdapters(adapters), max_queue=opts.max_queue)

@@ -1,0 +1,116 @@
+"""The import map, checked: no cycles among the project's modules, and imports flow one way
+(api -> engine -> model -> kernels; server -> adapters; adapters and kernels import neither each other nor server;
+clients import nothing of the others). Every import counts, also those inside functions."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("server", "kernels", "adapters", "clients", "benchmarks")
+
+# module prefix -> prefixes it must never import
+FORBIDDEN = {
+    "kernels": ("server", "adapters", "clients", "benchmarks"),
+    "adapters": ("server", "kernels", "clients", "benchmarks"),
+    "clients": ("server", "kernels", "adapters", "benchmarks"),
+    "server.model": ("server.engine", "server.api"),
+    # the engine and the model know nothing of HTTP, Redis or how the process is assembled
+    "server.engine": ("server.api", "server.registry", "server.adapter_store", "server.service", "server.cli",
+                      "server.auth", "server.upload", "server.embedded_redis"),
+    "server": ("benchmarks",),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES if (ROOT / pkg).is_dir() for p in (ROOT / pkg).rglob("*.py")}
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The project modules `name` imports (a `from pkg import x` counts as pkg.x when that is a module)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:  # 'server.api.errors.ApiError' -> 'server.api.errors'
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {name: _imports(name, path, known) for name, path in modules.items()}
+
+
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def test_imports_flow_one_way():
+    bad = []
+    for module, targets in _graph().items():
+        for prefix, forbidden in FORBIDDEN.items():
+            if _within(module, prefix):
+                bad += [f"{module} -> {t}" for t in targets for f in forbidden if _within(t, f)]
+    assert not bad, "imports against the layering:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_no_import_cycles():
+    # packages' __init__ modules re-export their children; an edge into a parent package is not a cycle by itself
+    graph = {m: {t for t in ts if not _within(m, t)} for m, ts in _graph().items()}
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles: list[list[str]] = []
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return cycles
+
+
+@pytest.mark.parametrize("module", ["kernels.lowrank", "adapters.artifact", "server.engine.engine"])
+def test_the_walker_sees_imports(module):
+    """The checks above are only as good as the walker: it must see these modules' known imports."""
+    graph = _graph()
+    assert graph[module], f"{module}: no project imports found"
