@@ -1,15 +1,21 @@
 """Who may do what: the admin token of the /admin routes, the API keys that bind /v1 requests to tenants, and which
 adapters a tenant may use.
 
-Environment (the server's settings should carry the same names):
-- `MULTIPLEX_ADMIN_TOKEN`: the bearer token of the /admin routes. Unset: `AdminAuth` generates one at start and
-  logs it once (WARNING), so the admin API is never open.
+Environment (the server's settings, server/config.py, carry the same names):
+- `MULTIPLEX_ADMIN_TOKEN`: the bearer token of the /admin routes. Unset: `AdminAuth` reads it from its token file
+  (`<data_dir>/admin-token` for the server), creating the file (mode 0600) with a random token the first time, so
+  the admin API is never open and a restart keeps the token. The log names the file, never the token.
 - `MULTIPLEX_API_KEYS`: `key1:tenantA,key2:tenantB`. Keys can also be created at run time (`POST /admin/api-keys`);
   those live in Redis: `mpx:apikey:{sha256(key)}` -> tenant, and `mpx:apikeys` (hash: sha256 -> JSON with the
   tenant, the key's first characters and its creation time) to list and revoke them. Only digests are stored.
-
-With no key configured anywhere, /v1 is open (local development) and every request has tenant None. With any key,
-a /v1 request without a known key is 401.
+- `MULTIPLEX_API_AUTH` (`TenantResolver.mode`): who may call /v1 without a key.
+  - `auto` (default): everyone, as long as no API key has ever existed (local development). The first key, static
+    or created at run time, records `mpx:apikeys:required` in Redis, and from then on every replica, now and after
+    a restart, answers 401 to a request without a known key, even once every key is revoked: /v1 never opens
+    because a count reached zero.
+  - `required`: a key always, even before any exists (then nobody can call /v1 until a key is created).
+  - `open`: an explicit choice: a request without a key (or with a key the server does not know, as the OpenAI
+    clients send a placeholder) is served as the anonymous tenant None; a known key still selects its tenant.
 
 Visibility (`visible`): an adapter uploaded for a tenant is usable only with that tenant's key; public adapters,
 adapters without an owner and the base model are usable by all. Callers answer an invisible adapter with 404, as
@@ -21,11 +27,14 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -34,12 +43,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
+from server.config import API_AUTH_MODES
 from server.registry import AdapterRecord
 
 log = logging.getLogger(__name__)
 
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 KEY_PREFIX_CHARS = 12  # how much of a key is kept to recognise it by ("mpx_" + 8 random characters)
+ADMIN_TOKEN_FILE = "admin-token"  # in the data directory
 
 
 def hash_api_key(key: str) -> str:
@@ -87,13 +98,23 @@ def visible(entry: AdapterRecord | Mapping[str, Any], tenant: str | None) -> boo
 
 
 class AdminAuth:
-    """The admin bearer token; an instance is a FastAPI dependency (`Depends(admin_auth)`)."""
+    """The admin bearer token; an instance is a FastAPI dependency (`Depends(admin_auth)`).
 
-    def __init__(self, token: str | None) -> None:
+    `token` None: the one in `token_file`, created with a random token if absent (a restart keeps it); without
+    a file, a random token for this process only. The log says where the token is, never what it is."""
+
+    def __init__(self, token: str | None, *, token_file: Path | None = None) -> None:
         self.is_generated = not token
-        self.token = token or secrets.token_urlsafe(32)
-        if self.is_generated:
-            log.warning("MULTIPLEX_ADMIN_TOKEN is not set; the admin token of this run is: %s", self.token)
+        if token:
+            self.token = token
+        elif token_file is not None:
+            self.token = read_or_create_token(Path(token_file))
+            log.warning("MULTIPLEX_ADMIN_TOKEN is not set; the admin token is in %s (readable by this user only)",
+                        token_file)
+        else:
+            self.token = secrets.token_urlsafe(32)
+            log.warning("MULTIPLEX_ADMIN_TOKEN is not set; this process generated a random admin token (not shown: "
+                        "set MULTIPLEX_ADMIN_TOKEN to choose one)")
 
     def check(self, authorization: str | None) -> None:
         token = bearer_token(authorization)
@@ -104,6 +125,40 @@ class AdminAuth:
 
     async def __call__(self, request: Request) -> None:
         self.check(request.headers.get("authorization"))
+
+
+def read_or_create_token(path: Path) -> str:
+    """The token in `path`; a new random one written there (mode 0600, atomically) when the file is absent."""
+    try:
+        return _read_token(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(token + "\n")
+        os.link(staging, path)  # atomic, and refuses to replace: a server started at the same moment wins
+    except FileExistsError:
+        token = _read_token(path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return token
+
+
+def _read_token(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as file:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:  # readable by others: make it ours alone again
+            os.fchmod(fd, 0o600)
+            log.warning("%s was readable by other users; its mode is now 0600", path)
+        token = file.read().strip()
+    if not token:
+        raise ValueError(f"{path} is empty: delete it to have a new admin token generated, or set "
+                         "MULTIPLEX_ADMIN_TOKEN")
+    return token
 
 
 @dataclass(frozen=True)
@@ -124,6 +179,7 @@ class ApiKeyStore:
 
     def __init__(self, client: aioredis.Redis, prefix: str = "mpx") -> None:
         self.client, self.prefix, self.index_key = client, prefix, f"{prefix}:apikeys"
+        self.required_key = f"{prefix}:apikeys:required"  # set once any key has existed; never unset by the server
 
     def key_of(self, key_id: str) -> str:
         return f"{self.prefix}:apikey:{key_id}"
@@ -138,8 +194,22 @@ class ApiKeyStore:
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self.key_of(api_key.key_id), tenant)
             pipe.hset(self.index_key, api_key.key_id, info)
+            pipe.set(self.required_key, 1)
             await pipe.execute()
         return api_key
+
+    async def keys_required(self) -> bool:
+        """Has any API key existed? (Keys made before the marker existed count, and set it.)"""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.exists(self.required_key)
+            pipe.hlen(self.index_key)
+            marked, num_keys = await pipe.execute()
+        if num_keys and not marked:
+            await self.remember_keys_required()
+        return bool(marked or num_keys)
+
+    async def remember_keys_required(self) -> None:
+        await self.client.set(self.required_key, 1)
 
     async def tenant_of(self, key_id: str) -> str | None:
         tenant = await self.client.get(self.key_of(key_id))
@@ -170,28 +240,40 @@ class ApiKeyStore:
 
 
 class TenantResolver:
-    """Authorization header -> tenant for the /v1 routes.
+    """Authorization header -> tenant for the /v1 routes, and whether a key is required at all (`mode`, see the
+    module's docstring).
 
     Keys from Redis are cached for `cache_ttl_s` (a revoked key works at most that long on other replicas), and a
-    cached answer outlives a Redis outage, so that tenants keep being served while Redis is away."""
+    cached answer outlives a Redis outage, so that tenants keep being served while Redis is away. Once keys are
+    required they stay required for the life of the process (and, through Redis, of the registry)."""
 
-    def __init__(self, static_keys: Mapping[str, str], store: ApiKeyStore | None, *, cache_ttl_s: float = 10.0) -> None:
+    def __init__(self, static_keys: Mapping[str, str], store: ApiKeyStore | None, *, mode: str = "auto",
+                 cache_ttl_s: float = 10.0) -> None:
+        if mode not in API_AUTH_MODES:
+            raise ValueError(f"unknown API auth mode {mode!r}; use one of {', '.join(API_AUTH_MODES)}")
         self.static = {hash_api_key(k): t for k, t in static_keys.items()}  # by digest: no key-dependent timing
         self.store = store
+        self.mode = mode
         self.cache_ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[str | None, float]] = {}  # key id -> (tenant or None, when it was read)
-        self._num_stored: tuple[int, float] | None = None
+        self._is_required = mode == "required" or (mode == "auto" and bool(self.static))
+        self._required_read_at: float | None = None  # when Redis last said no key has existed (mode auto)
+        self._is_static_remembered = not self.static  # static keys recorded in Redis (for later restarts)
+        self._remember_tried_at = -cache_ttl_s  # retried at most once per TTL while Redis is away
+        if mode == "open":
+            log.warning("MULTIPLEX_API_AUTH=open: /v1 serves requests without an API key (as no tenant)")
 
     async def resolve_tenant(self, authorization: str | None) -> str | None:
-        """The tenant of the request's key; None when no key is configured anywhere (open). 401 when keys are
-        configured and this request's is missing or unknown; 503 when only Redis could tell and it is away."""
-        if not self.static and not await self._any_stored_keys():
-            return None
+        """The tenant of the request's key; None for an anonymous caller where /v1 is open. 401 when a key is
+        required and this request's is missing or unknown; 503 when only Redis could tell and it is away."""
         token = bearer_token(authorization)
+        if not await self._keys_required():
+            if token is None or self.mode != "open":
+                return None  # mode auto and no key has ever existed: there is no key to look up
+            return await self._tenant_of(hash_api_key(token))  # open: a known key still selects its tenant
         if token is None:
             raise unauthorized("this server needs an API key: send 'Authorization: Bearer <key>'")
-        key_id = hash_api_key(token)
-        tenant = self.static.get(key_id) or await self._stored_tenant(key_id)
+        tenant = await self._tenant_of(hash_api_key(token))
         if tenant is None:
             raise unauthorized("invalid API key")
         return tenant
@@ -200,19 +282,32 @@ class TenantResolver:
         """This replica created (key_id None) or revoked a key: re-read from Redis now, not after the TTL."""
         if key_id is not None:
             self._cache.pop(key_id, None)
-        self._num_stored = None
+        self._required_read_at = None
 
-    async def _any_stored_keys(self) -> bool:
-        if self.store is None:
-            return False
+    async def _tenant_of(self, key_id: str) -> str | None:
+        return self.static.get(key_id) or await self._stored_tenant(key_id)
+
+    async def _keys_required(self) -> bool:
         now = time.monotonic()
-        if self._num_stored is None or now - self._num_stored[1] > self.cache_ttl_s:
-            try:
-                self._num_stored = (await self.store.count(), now)
+        if not self._is_static_remembered and self.store is not None \
+                and now - self._remember_tried_at > self.cache_ttl_s:
+            self._remember_tried_at = now
+            try:  # best effort: a restart without the static keys stays closed
+                await self.store.remember_keys_required()
+                self._is_static_remembered = True
             except (RedisConnectionError, RedisTimeoutError):
-                if self._num_stored is None:  # never known: refuse rather than open the server
+                pass
+        if self._is_required or self.mode == "open" or self.store is None:
+            return self._is_required
+        if self._required_read_at is None or now - self._required_read_at > self.cache_ttl_s:
+            try:
+                self._is_required = await self.store.keys_required()
+            except (RedisConnectionError, RedisTimeoutError):
+                if self._required_read_at is None:  # never known: refuse rather than open the server
                     raise _registry_unavailable() from None
-        return self._num_stored[0] > 0
+                return False  # known a moment ago that no key had ever existed
+            self._required_read_at = now
+        return self._is_required
 
     async def _stored_tenant(self, key_id: str) -> str | None:
         if self.store is None:

@@ -49,13 +49,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn  # deferred: `multiplex --help` should not pay for the web stack
 
+    from server.auth import ADMIN_TOKEN_FILE
     from server.service import running_service
 
     logger.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
     with running_service(settings) as service:
         registry = settings.redis_url or f"embedded redis in {settings.data_dir}"
+        # Where the admin token is, never the token itself (logs and terminals are read by others).
+        admin_token = f"{ENV_PREFIX}ADMIN_TOKEN" if settings.admin_token else settings.data_dir / ADMIN_TOKEN_FILE
         print(f"multiplex: serving {service.engine.model_name} on http://{settings.host}:{settings.port} "
-              f"(adapter registry: {registry})", flush=True)
+              f"(adapter registry: {registry}; admin token: {admin_token}; /v1 API keys: {settings.api_auth})",
+              flush=True)
         # On shutdown, streams still open after the grace period are cancelled, which aborts them in the engine.
         uvicorn.run(service.app, host=settings.host, port=settings.port, log_config=None,
                     log_level=settings.log_level.lower(), timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

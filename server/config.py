@@ -23,6 +23,7 @@ _DTYPE_ALIASES = {
 }
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+API_AUTH_MODES = ("auto", "required", "open")  # server/auth.py TenantResolver's modes
 
 
 class ConfigError(ValueError):
@@ -55,13 +56,39 @@ class Settings(BaseSettings):
                                   description="Redis of the adapter registry (env REDIS_URL); unset: an embedded "
                                               "Redis in data_dir")
     redis_chunk_bytes: int = Field(8 << 20, ge=1024, description="adapter blobs are stored in chunks of this size")
-    admin_token: str | None = Field(None, description="bearer token of /admin (unset: one is generated and logged)")
-    api_keys: str | None = Field(None, description="'key:tenant,...'; with any key, /v1 needs one (else it is open)")
+    redis_max_connections: int = Field(64, ge=2, description="most Redis connections per replica; a command that "
+                                                             "finds all busy waits for one (up to "
+                                                             "redis_pool_timeout_s)")
+    redis_pool_timeout_s: float = Field(5.0, gt=0, description="how long a Redis command waits for a free "
+                                                               "connection before the request answers 503")
+    adapter_record_ttl_s: float = Field(10.0, gt=0, description="longest a replica keeps an adapter's registry "
+                                                                "record without re-reading it (registry events "
+                                                                "invalidate it sooner)")
+    admin_token: str | None = Field(None, description="bearer token of /admin (unset: the one in "
+                                                      "<data_dir>/admin-token, created mode 0600 with a random "
+                                                      "token the first time; the log names the file, not the token)")
+    api_keys: str | None = Field(None, description="'key:tenant,...': static API keys; more can be created at run "
+                                                   "time (POST /admin/api-keys)")
+    api_auth: str = Field("auto", description="who may call /v1 without an API key. auto: anyone until the first "
+                                              "API key exists (static or created); from then on a key is required, "
+                                              "on every replica and after restarts (recorded in Redis), even once "
+                                              "every key is revoked. required: always a key. open: anyone, "
+                                              "explicitly (a known key still selects its tenant)")
+    max_request_bytes: int = Field(16 << 20, ge=1024,
+                                   description="largest request body (the /v1 JSON bodies; the admin upload has "
+                                               "max_adapter_bytes): larger is 413 before any of it is read")
+    max_prompt_chars: int | None = Field(None, ge=1,
+                                         description="most characters of a prompt, or of a chat's messages, "
+                                                     "refused with 400 before tokenizing (default: 16 per token of "
+                                                     "the context length)")
     max_adapter_bytes: int = Field(512 << 20, ge=1, description="largest adapter upload (and unpacked total)")
     max_rank: int = Field(128, ge=1, description="highest LowRank rank an uploaded adapter may have")
     adapter_pool_bytes: int | None = Field(None, ge=1 << 16,
                                            description="device memory for resident adapters (default 256 MiB on cpu, "
                                                        "2 GiB on cuda)")
+    max_adapter_slots: int | None = Field(None, ge=1, description="most adapters resident on the device at once "
+                                                                  "(default 64 on cuda, 16 on cpu); with "
+                                                                  "adapter_pool_bytes, the device pool's bounds")
     host_cache_bytes: int = Field(2 << 30, ge=1, description="host memory for fetched adapters (LRU)")
 
     @field_validator("model")
@@ -115,6 +142,14 @@ class Settings(BaseSettings):
         if value not in _DTYPE_ALIASES:
             raise ValueError(f"unknown dtype {value!r}; use auto, float32, bfloat16 or float16")
         return _DTYPE_ALIASES[value]
+
+    @field_validator("api_auth")
+    @classmethod
+    def _check_api_auth(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in API_AUTH_MODES:
+            raise ValueError(f"unknown API auth mode {value!r}; use one of {', '.join(API_AUTH_MODES)}")
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -2,7 +2,10 @@
 replica, with an event on every change.
 
 Settings (server/config.py): `REDIS_URL` (a shared Redis; unset: server/embedded_redis.py under
-`MULTIPLEX_DATA_DIR`) and `MULTIPLEX_REDIS_CHUNK_BYTES` (default 8 MiB; a Redis value holds at most 512 MB).
+`MULTIPLEX_DATA_DIR`), `MULTIPLEX_REDIS_CHUNK_BYTES` (default 8 MiB; a Redis value holds at most 512 MB), and the
+client's connection pool: `MULTIPLEX_REDIS_MAX_CONNECTIONS` (default 64 per replica) and
+`MULTIPLEX_REDIS_POOL_TIMEOUT_S` (default 5 s). The pool blocks: a command that finds every connection busy waits
+for one (up to the timeout) instead of failing, so a burst of requests is served, only later.
 
 Keys (prefix `mpx`):
 | key                              | type   | holds                                                                |
@@ -31,11 +34,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 8 << 20
+DEFAULT_MAX_CONNECTIONS = 64  # per replica: the event subscription holds one, every command borrows one briefly
+DEFAULT_POOL_TIMEOUT_S = 5.0  # how long a command waits for a free connection before failing (-> 503)
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _MAX_READ_BYTES = 64 << 20  # most bytes one LRANGE reply carries when reading a blob
 
@@ -98,7 +104,7 @@ class AdapterRecord:
 
 @dataclass(frozen=True)
 class RegistryEvent:
-    kind: str  # "put" | "delete"
+    kind: str  # "put" | "delete"; "resync" (RESYNC, never published): events may have been missed
     adapter_id: str
     version: int
 
@@ -109,6 +115,9 @@ class RegistryEvent:
     def from_json(cls, data: bytes | str) -> RegistryEvent:
         value = json.loads(data)
         return cls(str(value["type"]), str(value["id"]), int(value["version"]))
+
+
+RESYNC = RegistryEvent("resync", "", 0)
 
 
 class Registry:
@@ -127,12 +136,19 @@ class Registry:
         self.events_channel = f"{prefix}:events"
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> Registry:
-        # Few, short retries: with Redis away, callers should learn it in well under a second (uploads get 503).
+    def from_url(cls, url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S, **kwargs: Any) -> Registry:
+        """A client on a blocking pool of `max_connections` (a command waits up to `pool_timeout_s` for a free one).
+        A command that loses its connection reconnects and is retried with exponential backoff; few, short retries:
+        with Redis away, callers learn it in well under a second (503), while the readiness probe and the event
+        follower keep reconnecting on their own schedule."""
+        if max_connections < 2:
+            raise ValueError(f"max_connections must be >= 2 (the event subscription holds one), got {max_connections}")
         retry = AsyncRetry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries=2)
-        client = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=60, health_check_interval=30,
-                                         retry=retry)
-        return cls(client, **kwargs)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=pool_timeout_s, socket_connect_timeout=5,
+            socket_timeout=60, health_check_interval=30, retry=retry)
+        return cls(aioredis.Redis.from_pool(pool), **kwargs)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -296,11 +312,15 @@ class Registry:
 
 
 class Subscription:
-    """The registry's events as an async iterator. Connection errors propagate: reconnect, then reconcile from
-    `Registry.versions()`, since events published meanwhile are lost (pub/sub keeps no history)."""
+    """The registry's events as an async iterator, subscribed once Redis confirms it (so that every event published
+    after `start` returns is delivered).
 
-    def __init__(self, client: aioredis.Redis, channel: str) -> None:
-        self.client, self.channel = client, channel
+    redis-py reconnects a dropped subscription by itself and subscribes again; events published in between are lost
+    (pub/sub keeps no history), so that re-subscription is yielded as RESYNC: drop whatever was derived from
+    earlier events. A connection that cannot be re-established raises: reconnect, and treat it the same way."""
+
+    def __init__(self, client: aioredis.Redis, channel: str, *, confirm_timeout_s: float = 10.0) -> None:
+        self.client, self.channel, self.confirm_timeout_s = client, channel, confirm_timeout_s
         self._pubsub: Any = None
 
     async def __aenter__(self) -> Subscription:
@@ -311,14 +331,28 @@ class Subscription:
         await self.close()
 
     async def start(self) -> None:
-        if self._pubsub is None:
-            self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        if self._pubsub is not None:
+            return
+        self._pubsub = self.client.pubsub()
+        try:
             await self._pubsub.subscribe(self.channel)
+            deadline = time.monotonic() + self.confirm_timeout_s
+            while (left := deadline - time.monotonic()) > 0:
+                message = await self._pubsub.get_message(timeout=left)
+                if message is not None and message.get("type") == "subscribe":
+                    return
+            raise RedisTimeoutError(f"redis did not confirm the subscription to {self.channel}")
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._pubsub is not None:
             pubsub, self._pubsub = self._pubsub, None
-            await pubsub.aclose()
+            try:
+                await pubsub.aclose()
+            except Exception as exc:  # noqa: BLE001 - a broken connection is what is being closed
+                log.debug("closing the event subscription: %s", exc)
 
     def __aiter__(self) -> Subscription:
         return self
@@ -330,12 +364,17 @@ class Subscription:
                 return event
 
     async def next(self, timeout: float) -> RegistryEvent | None:
-        """The next event, or None if none arrives within `timeout` seconds."""
+        """The next event (or RESYNC), or None if none arrives within `timeout` seconds."""
         await self.start()
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             message = await self._pubsub.get_message(timeout=left)
-            if message is None or message.get("type") != "message":
+            if message is None:
+                continue
+            if message.get("type") == "subscribe":  # subscribed again after a reconnect: events may be lost
+                log.warning("registry events: the subscription was re-established; events meanwhile are lost")
+                return RESYNC
+            if message.get("type") != "message":
                 continue
             try:
                 return RegistryEvent.from_json(message["data"])

@@ -1,5 +1,6 @@
 """One serving process assembled from Settings: engine, embedded or shared Redis, registry-backed adapter source,
-admin routes, tenants, and the lifespan tasks (seed the registry from --adapters, follow registry events).
+admin routes, tenants, and the lifespan tasks (seed the registry from --adapters, follow registry events, probe
+Redis for /health).
 
 Used by `multiplex serve` and by the end-to-end tests, so both run the same thing.
 """
@@ -38,7 +39,7 @@ def build_service(settings: Settings) -> Service:
     from server.api.admin import AdminSettings, admin_router
     from server.api.app import create_app
     from server.api.readiness import Readiness, probe_redis
-    from server.auth import ApiKeyStore, TenantResolver, parse_api_keys
+    from server.auth import ADMIN_TOKEN_FILE, AdminAuth, ApiKeyStore, TenantResolver, parse_api_keys
     from server.engine.builder import build_engine_options, build_llm_engine
     from server.model.catalog import model_name as base_model_name
     from server.model.catalog import resolve_model_path
@@ -52,16 +53,20 @@ def build_service(settings: Settings) -> Service:
     llm = build_llm_engine(settings.model, opts)
     embedded = None
     url = settings.redis_url
-    if url is None:  # the main thread owns the embedded Redis: it lives as long as this process
+    if url is None:  # our own Redis, supervised: restarted at the same address if it dies
         embedded = start_embedded_redis(settings.data_dir)
         url = embedded.url
-    registry = Registry.from_url(url, chunk_bytes=settings.redis_chunk_bytes)
+    registry = Registry.from_url(url, chunk_bytes=settings.redis_chunk_bytes,
+                                 max_connections=settings.redis_max_connections,
+                                 pool_timeout_s=settings.redis_pool_timeout_s)
     pool = llm.runner.adapter_pool
     source = RegistryAdapters(registry, spec, HostTier(settings.host_cache_bytes), fits=pool.fits_empty,
-                              prepare=pool.lowrank_image)
+                              prepare=pool.lowrank_image,
+                              record_ttl_s=settings.adapter_record_ttl_s)
     model_name = base_model_name(settings.model)
     engine = AsyncEngine(llm, model_name=model_name, adapters=source, max_queue=opts.max_queue)
-    tenants = TenantResolver(parse_api_keys(settings.api_keys), ApiKeyStore(registry.client, registry.prefix))
+    tenants = TenantResolver(parse_api_keys(settings.api_keys), ApiKeyStore(registry.client, registry.prefix),
+                             mode=settings.api_auth)
 
     def on_change(kind: str, adapter_id: str, version: int) -> None:
         source.forget(adapter_id)  # this replica acts at once; others on the pub/sub event
@@ -69,11 +74,12 @@ def build_service(settings: Settings) -> Service:
     admin = admin_router(
         registry, spec,
         AdminSettings(admin_token=settings.admin_token, max_adapter_bytes=settings.max_adapter_bytes,
-                      max_rank=settings.max_rank, base_model_name=model_name),
-        on_change=on_change, tenants=tenants)
+                      max_rank=settings.max_rank, base_model_name=model_name, dtype=settings.dtype),
+        on_change=on_change, tenants=tenants,
+        admin_auth=AdminAuth(settings.admin_token, token_file=settings.data_dir / ADMIN_TOKEN_FILE))
     readiness = Readiness("engine", "adapters", "redis")
     lifespan_tasks = [lambda: _seed(registry, settings.adapters, spec, readiness),
-                      lambda: _follow_events(registry, source), lambda: probe_redis(registry.ping, readiness)]
+                      source.follow_events, lambda: probe_redis(registry.ping, readiness)]
     app = create_app(engine, settings, tenants=tenants, routers=[admin], background=lifespan_tasks,
                      on_shutdown=[registry.close], readiness=readiness)
     return Service(app, engine, registry, embedded, admin.admin_auth.token)
@@ -102,7 +108,8 @@ async def _seed(registry, adapters_dir: Path | None, spec: dict, readiness) -> N
 
 
 async def _seed_once(registry, adapters_dir: Path, spec: dict) -> None:
-    from adapters.artifact import ArtifactError, adapter_to_bytes, load_adapter
+    from adapters.artifact import adapter_to_bytes, load_adapter
+    from adapters.errors import ArtifactError
 
     for sub in sorted(p for p in Path(adapters_dir).iterdir() if p.is_dir()):
         try:
@@ -115,25 +122,6 @@ async def _seed_once(registry, adapters_dir: Path, spec: dict) -> None:
             continue  # already stored: a restart must not mint a new version
         await registry.put(sub.name, manifest, blob, public=True, replace=True)
         log.info("seeded adapter %s from %s", sub.name, sub)
-
-
-async def _follow_events(registry, source) -> None:
-    """Drop host-tier copies of adapters replaced or deleted on any replica (reconnecting when Redis is away)."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    while True:
-        try:
-            async with registry.subscribe() as events:
-                async for event in events:
-                    source.forget(event.adapter_id)
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            await asyncio.sleep(1.0)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # never let the follower die silently
-            log.exception("registry event loop failed; restarting")
-            await asyncio.sleep(1.0)
 
 
 @contextlib.contextmanager

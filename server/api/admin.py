@@ -32,8 +32,10 @@ from starlette.datastructures import UploadFile
 from adapters.artifact import adapter_to_bytes
 from adapters.validate import serving_dtype
 from server.api.errors import ApiError
-from server.auth import AdminAuth, ApiKeyStore, TenantResolver, check_tenant
+from server.api.openapi import form_body
+from server.auth import TENANT_PATTERN, AdminAuth, ApiKeyStore, TenantResolver, check_tenant
 from server.registry import (
+    ID_PATTERN,
     AdapterExistsError,
     AdapterNotFoundError,
     CorruptAdapterError,
@@ -51,6 +53,24 @@ _ERROR_TYPES = {413: "request_too_large", 415: "unsupported_media_type", 422: "i
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 OnChange = Callable[[str, str, int], Any]  # (event "put" | "delete", adapter id, version); may be async
+
+# The bodies these routes read themselves, for the OpenAPI document (server/api/openapi.py).
+_FLAG_SCHEMA = {"type": "string", "enum": [*_TRUE, *_FALSE]}
+_TENANT_SCHEMA = {"type": "string", "pattern": f"^{TENANT_PATTERN.pattern}$"}
+UPLOAD_FORM_SCHEMA = {
+    "type": "object", "required": ["file"], "additionalProperties": False,
+    "properties": {
+        "file": {"type": "string", "format": "binary",
+                 "description": "a .tar, .tar.gz or .zip of an artifact-format-1 or PEFT LoRA/IA3 directory"},
+        "adapter_id": {"type": "string", "pattern": f"^{ID_PATTERN.pattern}$",
+                       "description": "default: the manifest's name (POST); the path's id (PUT)"},
+        "tenant": {**_TENANT_SCHEMA, "description": "the owner: only its API keys may use the adapter"},
+        "public": {**_FLAG_SCHEMA, "description": "usable by every tenant"},
+        "replace": {**_FLAG_SCHEMA, "description": "POST: store a new version of an existing id"},
+    },
+}
+API_KEY_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["tenant"], "properties": {"tenant": _TENANT_SCHEMA}}}}}}
 
 
 @dataclass(frozen=True)
@@ -109,13 +129,13 @@ def admin_router(registry: Registry, spec: dict, settings: Any, on_change: OnCha
 
 def _adapter_routes(router: APIRouter, registry: Registry, uploads: _Uploads, on_change: OnChange | None,
                     max_body_bytes: int) -> None:
-    @router.post("/adapters", status_code=201)
+    @router.post("/adapters", status_code=201, openapi_extra=form_body(UPLOAD_FORM_SCHEMA))
     async def upload_adapter(request: Request) -> dict:
         async with _upload_form(request, max_body_bytes) as form:
             replace = _flag(form, "replace") or _flag(dict(request.query_params), "replace")
             return await uploads.store(form, form.get("adapter_id") or None, replace=replace)
 
-    @router.put("/adapters/{adapter_id}", status_code=201)
+    @router.put("/adapters/{adapter_id}", status_code=201, openapi_extra=form_body(UPLOAD_FORM_SCHEMA))
     async def replace_adapter(adapter_id: str, request: Request) -> dict:
         async with _upload_form(request, max_body_bytes) as form:
             if form.get("adapter_id") not in (None, "", adapter_id):
@@ -146,7 +166,7 @@ def _adapter_routes(router: APIRouter, registry: Registry, uploads: _Uploads, on
 
 
 def _api_key_routes(router: APIRouter, keys: ApiKeyStore, tenants: TenantResolver | None) -> None:
-    @router.post("/api-keys", status_code=201)
+    @router.post("/api-keys", status_code=201, openapi_extra=API_KEY_BODY)
     async def create_api_key(request: Request) -> dict:
         body = await _json_object(request)
         with _registry_errors():
@@ -184,7 +204,9 @@ class _Uploads:
         if not isinstance(upload, UploadFile):
             raise ApiError(400, "multipart field 'file' is missing or not a file (the adapter archive: .tar, .tar.gz "
                                 "or .zip)")
-        tenant, public = form.get("tenant") or None, _flag(form, "public")
+        tenant, public = form.get("tenant"), _flag(form, "public")
+        if isinstance(tenant, str) and not tenant.strip():  # never read as "no owner": that would publish it
+            raise ApiError(400, "form field 'tenant' is empty; omit it to keep (or not set) the owner")
         with _registry_errors():
             if tenant is not None:
                 check_tenant(tenant)
@@ -198,7 +220,7 @@ class _Uploads:
             manifest, blob = await asyncio.to_thread(adapter_to_bytes, loaded)
             previous = await self.registry.record(adapter_id) if replace else None
             if previous is not None:  # a new version keeps its owner and visibility unless the form says otherwise
-                tenant = tenant if form.get("tenant") is not None else previous.tenant
+                tenant = tenant if tenant is not None else previous.tenant
                 public = public if form.get("public") is not None else previous.public
             record = await self.registry.put(adapter_id, manifest, blob, tenant=tenant, public=public,
                                              replace=replace)

@@ -3,6 +3,7 @@
 The messages are rendered with the checkpoint's own chat template, as `transformers` does it
 (`tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`), then tokenized without
 adding special tokens: the template already carries them (vLLM's convention; adding them again would give two BOS).
+The messages are bounded in characters first, and rendered and tokenized in a worker thread (off the event loop).
 server/api/generation.py runs the request; this file keeps the prompt rendering and the `chat.completion` shapes:
 
     whole:  {"object": "chat.completion", "choices": [{"message": {"role": "assistant", "content"}, ...}], "usage"}
@@ -11,6 +12,7 @@ server/api/generation.py runs the request; this file keeps the prompt rendering 
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,9 +20,10 @@ import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.api.body import check_prompt_chars, parse_body
 from server.api.errors import ApiError
-from server.api.generation import (MIN_LOGPROB, Choice, check_context, resolve_adapter_id, respond,
-                                   sampling_params)
+from server.api.generation import Choice, check_context, reported_logprob, resolve_adapter_id, respond, sampling_params
+from server.api.openapi import json_body
 from server.api.schemas import ChatCompletionRequest
 from server.api.tenancy import request_tenant
 from server.engine.request import RequestOutput, TokenLogprob
@@ -44,7 +47,7 @@ def encode_chat(tokenizer: Any, model_name: str, messages: list[dict[str, str]])
 def _token_logprob(token: str, logprob: float) -> dict[str, Any]:
     # The engine reports a token as decoded text (a lone byte of a multi-byte character decodes to U+FFFD), so its
     # bytes are that text's UTF-8, as vLLM reports them.
-    return {"token": token, "logprob": max(logprob, MIN_LOGPROB), "bytes": list(token.encode("utf-8"))}
+    return {"token": token, "logprob": reported_logprob(logprob), "bytes": list(token.encode("utf-8"))}
 
 
 @dataclass
@@ -84,12 +87,17 @@ def _chunk_choice(delta: dict[str, str], logprobs: dict[str, Any] | None, finish
     return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-    engine = request.app.state.engine
-    tenant = await request_tenant(request)  # 401 before any work when keys are configured
+@router.post("/v1/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
+async def create_chat_completion(request: Request) -> JSONResponse | StreamingResponse:
+    state = request.app.state
+    engine = state.engine
+    tenant = await request_tenant(request)  # checked by the guard before the body was read
+    body = await parse_body(request, ChatCompletionRequest, state.limits)
     adapter_id = resolve_adapter_id(body.adapter_id, body.model, engine.model_name)
-    prompt_ids = encode_chat(engine.tokenizer, engine.model_name, [m.template_input() for m in body.messages])
+    messages = [m.template_input() for m in body.messages]
+    num_chars = sum(len(m["role"]) + len(m["content"]) for m in messages)
+    check_prompt_chars(num_chars, state.limits, "messages", "the messages' roles and contents together")
+    prompt_ids = await asyncio.to_thread(encode_chat, engine.tokenizer, engine.model_name, messages)
     # No max_tokens: as much as the context leaves (vLLM's default; OpenAI's chat has no small default either).
     max_tokens = body.requested_max_tokens or max(engine.max_model_len - len(prompt_ids), 1)
     params = sampling_params(body, max_tokens=max_tokens, logprobs=body.num_top_logprobs)

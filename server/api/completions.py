@@ -1,21 +1,25 @@
 """POST /v1/completions: a prompt (text, or token ids) in, its continuation back, whole or as OpenAI SSE chunks.
 
-The route validates and tokenizes; server/api/generation.py runs the request. This file keeps what is particular
-to completions: the prompt forms and the `text_completion` shape of a choice, with its parallel-list logprobs.
+The route validates, bounds and tokenizes (off the event loop); server/api/generation.py runs the request. This
+file keeps what is particular to completions: the prompt forms and the `text_completion` shape of a choice, with
+its parallel-list logprobs.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.api.body import RequestLimits, check_prompt_chars, parse_body
 from server.api.errors import ApiError
-from server.api.generation import (MIN_LOGPROB, Choice, check_context, resolve_adapter_id, respond,
-                                   sampling_params)
+from server.api.generation import Choice, check_context, reported_logprob, resolve_adapter_id, respond, sampling_params
+from server.api.openapi import json_body
 from server.api.schemas import CompletionRequest
 from server.api.tenancy import request_tenant
+from server.engine.errors import PromptTooLongError
 from server.engine.request import RequestOutput, SamplingParams, TokenLogprob
 
 router = APIRouter()
@@ -35,9 +39,9 @@ class LogprobsBuilder:
             # Tokens that decode to the same string (e.g. lone bytes -> U+FFFD) share one key: keep the likeliest.
             top: dict[str, float] = {}
             for token, logprob in [*entry.top, (entry.token, entry.logprob)]:
-                top.setdefault(token, max(logprob, MIN_LOGPROB))
+                top.setdefault(token, reported_logprob(logprob))
             out["tokens"].append(entry.token)
-            out["token_logprobs"].append(max(entry.logprob, MIN_LOGPROB))
+            out["token_logprobs"].append(reported_logprob(entry.logprob))
             out["top_logprobs"].append(top)
             out["text_offset"].append(self.next_offset)
             self.next_offset += len(entry.token)
@@ -68,11 +72,16 @@ class CompletionFormat:
         return {"text": text, "index": 0, "logprobs": logprobs_json, "finish_reason": finish_reason}
 
 
-def prompt_token_ids(prompt: str | list[int], engine: Any) -> list[int]:
-    """Text is tokenized with the tokenizer's special tokens; ids are taken as they are (the caller chose them),
-    once checked against the vocabulary: an id past it would index outside the embedding table."""
+async def prompt_token_ids(prompt: str | list[int], engine: Any, limits: RequestLimits) -> list[int]:
+    """Text is bounded in characters, then tokenized with the tokenizer's special tokens in a worker thread; ids
+    are taken as they are (the caller chose them), once checked against the context and the vocabulary: an id past
+    it would index outside the embedding table."""
     if isinstance(prompt, str):
-        return engine.encode_prompt(prompt)
+        check_prompt_chars(len(prompt), limits, "prompt", "the prompt")
+        return await asyncio.to_thread(engine.encode_prompt, prompt)
+    if len(prompt) >= limits.max_model_len:
+        raise PromptTooLongError(f"the prompt has {len(prompt)} tokens; the context length is "
+                                 f"{limits.max_model_len} tokens")
     vocab_size = len(engine.tokenizer)
     bad_ids = sorted({i for i in prompt if not 0 <= i < vocab_size})
     if bad_ids:
@@ -81,14 +90,16 @@ def prompt_token_ids(prompt: str | list[int], engine: Any) -> list[int]:
     return prompt
 
 
-@router.post("/v1/completions", response_model=None)
-async def create_completion(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-    engine = request.app.state.engine
-    tenant = await request_tenant(request)  # 401 before any work when keys are configured
+@router.post("/v1/completions", response_model=None, openapi_extra=json_body(CompletionRequest))
+async def create_completion(request: Request) -> JSONResponse | StreamingResponse:
+    state = request.app.state
+    engine = state.engine
+    tenant = await request_tenant(request)  # checked by the guard before the body was read
+    body = await parse_body(request, CompletionRequest, state.limits)
     adapter_id = resolve_adapter_id(body.adapter_id, body.model, engine.model_name)
     max_tokens = body.max_tokens if body.max_tokens is not None else SamplingParams().max_tokens
     params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
-    prompt_ids = prompt_token_ids(body.prompt, engine)
+    prompt_ids = await prompt_token_ids(body.prompt, engine, state.limits)
     check_context(len(prompt_ids), params.max_tokens, engine.max_model_len)
     fmt = CompletionFormat(want_logprobs=body.logprobs is not None)
     return await respond(request, prompt_ids, params, adapter_id, tenant, fmt, stream=body.stream,

@@ -1,6 +1,7 @@
 """Every error leaves the server as JSON `{"error": {"type", "message"}}`, never with a stack trace.
 
 - request validation (bad JSON, missing or mistyped fields, out-of-range values) -> 400 naming the field
+- the request guard's refusals (server/api/guard.py): no or a wrong key 401, a body over the limit 413
 - EngineError subclasses (unknown adapter 404, prompt too long 400, overloaded 503, invalid or quarantined
   adapter 422, ...) -> their own status and type
 - Starlette HTTP errors (unknown route, wrong method) -> their status
@@ -53,10 +54,13 @@ def error_response(status_code: int, error_type: str, message: str,
     return JSONResponse(error_body(error_type, message), status_code=status_code, headers=headers)
 
 
+MAX_ERRORS_NAMED = 10  # a body with thousands of bad items gets a short answer
+
+
 def format_validation_errors(errors: list[dict[str, Any]]) -> str:
     """One readable line per problem, e.g. `max_tokens: Input should be greater than or equal to 1`."""
     parts = []
-    for error in errors:
+    for error in errors[:MAX_ERRORS_NAMED]:
         loc = [str(part) for part in error.get("loc", ()) if part != "body"]
         kind = error.get("type", "")
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -69,7 +73,14 @@ def format_validation_errors(errors: list[dict[str, Any]]) -> str:
             parts.append(f"request body: {message}")
         else:
             parts.append(f"{'.'.join(loc)}: {message}")
+    if len(errors) > MAX_ERRORS_NAMED:
+        parts.append(f"and {len(errors) - MAX_ERRORS_NAMED} more problems")
     return "; ".join(parts) or "invalid request"
+
+
+def http_error_response(exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, _TYPE_BY_STATUS.get(exc.status_code, "error"), str(exc.detail),
+                          exc.headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -90,10 +101,9 @@ async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 404:
-        message = f"no route for {request.method} {request.url.path}"
-    else:
-        message = str(exc.detail)
-    return error_response(exc.status_code, _TYPE_BY_STATUS.get(exc.status_code, "error"), message, exc.headers)
+        return error_response(404, _TYPE_BY_STATUS[404], f"no route for {request.method} {request.url.path}",
+                              exc.headers)
+    return http_error_response(exc)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -1,7 +1,8 @@
 """One request through the engine, for the routes that generate (/v1/completions, /v1/chat/completions).
 
-Path of a request: a route validates its body and makes prompt ids + SamplingParams, then `respond` runs
-engine.generate -> RequestOutput deltas -> one JSON response, or `data: {chunk}\\n\\n` ... `data: [DONE]\\n\\n`.
+Path of a request: the guard (server/api/guard.py) has checked its key and body size; a route parses its body
+(server/api/body.py), bounds and tokenizes its prompt off the event loop and makes SamplingParams, then `respond`
+runs engine.generate -> RequestOutput deltas -> one JSON response, or `data: {chunk}\\n\\n` ... `data: [DONE]\\n\\n`.
 What differs between the routes (object names, the shape of a choice, chat's opening role chunk) is a
 `ResponseFormat`; everything else (admission, in-flight accounting, disconnects, failures, usage) is here, once.
 A request whose client goes away is aborted in the engine: for a stream, the response task is cancelled and the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from server.engine.request import RequestOutput, SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
-MIN_LOGPROB = -9999.0  # JSON has no -inf; a token the sampler ruled out is reported with this logprob
+MIN_LOGPROB = -9999.0  # JSON has no -inf or NaN: see reported_logprob
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # finish reasons that end a stream with an error event (type, message) instead of a last chunk
 STREAM_FAILURES = {"error": ("internal_error", "the request failed in the engine"),
@@ -81,6 +83,13 @@ def sampling_params(body: GenerationRequest, *, max_tokens: int, logprobs: int |
     )
 
 
+def reported_logprob(logprob: float) -> float:
+    """A logprob as JSON can carry it. Below MIN_LOGPROB (-inf: a token the sampler ruled out) or not a number at
+    all (NaN: the model's logits were not finite, e.g. an adapter that overflows the serving dtype) -> MIN_LOGPROB,
+    "as unlikely as can be said": the request still completes with the tokens it produced."""
+    return logprob if math.isfinite(logprob) and logprob >= MIN_LOGPROB else MIN_LOGPROB
+
+
 def check_context(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
     if num_prompt_tokens >= max_model_len:
         raise PromptTooLongError(
@@ -104,28 +113,31 @@ class Generation:
     start_time: float = field(default_factory=time.monotonic)
     is_finished: bool = False
     is_released: bool = False
-    has_first_token: bool = False
+    first_token_time: float | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
 
     def observe(self, output: RequestOutput) -> None:
-        if output.token_ids and not self.has_first_token:
-            self.has_first_token = True
-            self.metrics.observe_ttft(time.monotonic() - self.start_time)
+        now = time.monotonic()
+        if output.token_ids and self.first_token_time is None:
+            self.first_token_time = now
+            self.metrics.ttft.observe(now - self.start_time)
         self.num_prompt_tokens = output.num_prompt_tokens
         self.num_output_tokens = output.num_output_tokens
         self.is_finished = output.finished
+        if output.finished and self.first_token_time is not None and self.num_output_tokens > 1:
+            self.metrics.tpot.observe((now - self.first_token_time) / (self.num_output_tokens - 1))
 
     def release(self, client_gone: bool = False) -> None:
         if self.is_released:
             return
         self.is_released = True
-        self.metrics.num_in_flight -= 1
+        self.metrics.in_flight.dec()
         if not self.is_finished:
             # The client went away (or the response failed): free the request's blocks and adapter pin now.
             self.engine.abort(self.request_id)
             if client_gone:
-                self.metrics.num_client_disconnects += 1
+                self.metrics.client_disconnects.inc()
                 logger.info("client disconnected; aborted %s", self.request_id)
 
     def usage(self) -> dict[str, int]:
@@ -142,7 +154,10 @@ class Generation:
 
 
 def sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    """One server-sent event. Strict JSON (allow_nan=False, as Starlette's JSONResponse for whole responses): a
+    NaN that gets this far is a ValueError, logged and answered with an error event, never `NaN` on the wire."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
+                                                               allow_nan=False)
     return f"data: {data}\n\n"
 
 
@@ -152,7 +167,7 @@ async def respond(request: Request, prompt_ids: list[int], params: SamplingParam
     """Admit the request in the engine, then answer it whole or as a stream of `fmt`'s chunks."""
     state = request.app.state
     engine = state.engine
-    state.api_metrics.num_in_flight += 1
+    state.api_metrics.in_flight.inc()
     generation = Generation(request_id=f"{fmt.id_prefix}{uuid.uuid4().hex}", model=adapter_id or engine.model_name,
                             metrics=state.api_metrics, engine=engine)
     try:

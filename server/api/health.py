@@ -8,11 +8,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from server.api.metrics import render_prometheus
+from server.api.metrics import CONTENT_TYPE
 
 router = APIRouter()
 
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @router.get("/health")
@@ -28,5 +27,4 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> PlainTextResponse:
-    text = render_prometheus(request.app.state.engine.stats(), request.app.state.api_metrics)
-    return PlainTextResponse(text, media_type=PROMETHEUS_CONTENT_TYPE)
+    return PlainTextResponse(request.app.state.api_metrics.render(), media_type=CONTENT_TYPE)

@@ -41,6 +41,6 @@ async def probe_redis(ping: Callable[[], Awaitable[bool]], readiness: Readiness)
         except Exception as exc:  # any failure to answer: connection refused, timeout, loading, ...
             problem = f"redis unreachable: {type(exc).__name__}: {exc}"[:300]
         if problem != readiness.problems().get("redis"):
-            (log.warning if problem else log.info)("registry redis %s", problem or "reachable")
+            (log.warning if problem else log.info)("registry: %s", problem or "redis reachable")
         readiness.set("redis", problem)
         await asyncio.sleep(REDIS_PROBE_INTERVAL_S)

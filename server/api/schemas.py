@@ -3,18 +3,43 @@
 Unknown request fields are ignored (OpenAI clients send some we do not use, such as `user`); known fields are
 validated strictly enough that a mistake is a 400 naming the field rather than a silent coercion. OpenAI fields we
 do not implement are declared in a NO_OPS table: accepted at the values that change nothing, refused otherwise.
+Every number is bounded (integers within int64, as the engine's tensors and torch's seeds hold them; floats within
+their range, so never NaN or infinite), and so is every string the server echoes in an error (`model`).
+
+The JSON schemas (served in /openapi.json, server/api/openapi.py) describe what is accepted: where a validator
+takes more forms than the declared type (a stop string or a list of them, text parts) or fewer (NO_OPS values, a
+non-empty prompt), `WithJsonSchema` or the NO_OPS table says so; validation itself does not depend on them.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, GetJsonSchemaHandler, StrictBool, StrictFloat, StrictInt,
+                      ValidationInfo, WithJsonSchema, field_validator, model_validator)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 5
+# seed: 0..2**63 - 1, as vLLM and OpenAI accept it; other counts: below 2**63 too. Written as `lt=INT64_END`: the
+# OpenAPI document carries bounds as floats, and 2**63 is one exactly, while 2**63 - 1 would be rounded up to it.
+INT64_END = 2**63
+MAX_NAME_CHARS = 1024  # `model`, `adapter_id`: adapter ids have at most 128 characters
 ChatRole = Literal["system", "user", "assistant"]
+
+# What the validators below accept, for the OpenAPI document.
+_TOKEN_IDS_SCHEMA = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
+PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, _TOKEN_IDS_SCHEMA,
+                           {"type": "array", "items": {"anyOf": [{"type": "string"}, _TOKEN_IDS_SCHEMA]},
+                            "minItems": 1, "maxItems": 1}],
+                 "description": "text, or token ids; either may be wrapped in a list of one"}
+STOP_SCHEMA = {"anyOf": [{"type": "null"}, {"type": "string", "minLength": 1},
+                         {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS}]}
+TEXT_PART_SCHEMA = {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                    "required": ["type", "text"], "additionalProperties": False}
+CONTENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART_SCHEMA, "minItems": 1}]}
+EMPTY_VALUES = (None, [], {}, "")  # the only values a chat message's other fields may have
 
 
 def refuse_unless_no_op(value: Any, no_ops: tuple[Any, ...]) -> Any:
@@ -39,16 +64,16 @@ class GenerationRequest(BaseModel):
     # OpenAI fields this server does not implement -> the values that change nothing (the only ones accepted)
     NO_OPS: ClassVar[dict[str, tuple[Any, ...]]] = {"logit_bias": (None, {})}
 
-    model: str | None = None  # the base model's name, or an adapter id
-    adapter_id: str | None = None  # takes precedence over `model`
+    model: str | None = Field(None, max_length=MAX_NAME_CHARS)  # the base model's name, or an adapter id
+    adapter_id: str | None = Field(None, max_length=MAX_NAME_CHARS)  # takes precedence over `model`
     temperature: StrictFloat | None = Field(1.0, ge=0.0, le=2.0)  # null = the default; 0 = greedy
     top_p: StrictFloat | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=-1)  # extension; 0 or -1 = off
-    stop: list[str] = Field(default_factory=list)
+    top_k: StrictInt = Field(0, ge=-1, lt=INT64_END)  # extension; 0 or -1 = off
+    stop: Annotated[list[str], WithJsonSchema(STOP_SCHEMA)] = Field(default_factory=list)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    seed: StrictInt | None = None
-    n: StrictInt = 1
+    seed: StrictInt | None = Field(None, ge=0, lt=INT64_END)
+    n: StrictInt = Field(1, json_schema_extra={"enum": [1]})
     ignore_eos: StrictBool = False  # extension: keep generating past EOS until max_tokens or a stop string
     presence_penalty: StrictFloat | None = Field(0.0, ge=-2.0, le=2.0)  # null = 0
     frequency_penalty: StrictFloat | None = Field(0.0, ge=-2.0, le=2.0)
@@ -82,6 +107,16 @@ class GenerationRequest(BaseModel):
         no_ops = cls.NO_OPS.get(info.field_name or "")
         return value if no_ops is None else refuse_unless_no_op(value, no_ops)
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """NO_OPS fields are documented with the values they accept (their declared type is Any)."""
+        json_schema = handler(core_schema)
+        properties = handler.resolve_ref_schema(json_schema)["properties"]
+        for name, no_ops in cls.NO_OPS.items():
+            properties[name] = {"enum": list(no_ops), "default": None,
+                                "description": "not implemented: accepted only at values that change nothing"}
+        return json_schema
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -93,10 +128,10 @@ class CompletionRequest(GenerationRequest):
     NO_OPS: ClassVar[dict[str, tuple[Any, ...]]] = {**GenerationRequest.NO_OPS, "best_of": (None, 1),
                                                     "suffix": (None, "")}
 
-    prompt: str | list[int]  # text, or token ids (sent as they are: no special tokens added)
-    max_tokens: StrictInt | None = Field(16, ge=1)  # null = the default, 16
+    prompt: Annotated[str | list[int], WithJsonSchema(PROMPT_SCHEMA)]  # text, or token ids (no special tokens added)
+    max_tokens: StrictInt | None = Field(16, ge=1, lt=INT64_END)  # null = the default, 16
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: StrictBool = False
+    echo: StrictBool = Field(False, json_schema_extra={"enum": [False]})
     best_of: Any = None
     suffix: Any = None
 
@@ -126,10 +161,10 @@ class ChatMessage(BaseModel):
     before the chat template sees it. Other OpenAI message fields (`name`, `tool_calls`, ...) are refused unless
     null or empty: the assistant message an OpenAI client hands back carries some of them as nulls."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": {"enum": list(EMPTY_VALUES)}})
 
     role: ChatRole
-    content: str
+    content: Annotated[str, WithJsonSchema(CONTENT_SCHEMA)]
 
     @field_validator("content", mode="before")
     @classmethod
@@ -149,7 +184,7 @@ class ChatMessage(BaseModel):
     @model_validator(mode="after")
     def _no_other_fields(self) -> ChatMessage:
         for name, value in (self.model_extra or {}).items():
-            if value not in (None, [], {}, ""):
+            if value not in EMPTY_VALUES:
                 raise ValueError(f"{name} is not supported in a message (only role and content are)")
         return self
 
@@ -169,8 +204,8 @@ class ChatCompletionRequest(GenerationRequest):
     }
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(None, ge=1)  # null = the rest of the context (vLLM's default)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
+    max_tokens: StrictInt | None = Field(None, ge=1, lt=INT64_END)  # null = the rest of the context (vLLM's)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, lt=INT64_END)  # OpenAI's newer name; wins
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: Any = None

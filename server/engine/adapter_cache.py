@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from server.engine.metrics import EngineMetrics
 from server.engine.request import AdapterRef
 from server.model.adapter_pool import AdapterPool, AdapterPoolFull
 
@@ -34,8 +35,9 @@ class CacheStats:
 
 
 class AdapterCache:
-    def __init__(self, pool: AdapterPool) -> None:
+    def __init__(self, pool: AdapterPool, metrics: EngineMetrics | None = None) -> None:
         self.pool = pool
+        self.metrics = metrics or EngineMetrics()
         self.resident: OrderedDict[str, Resident] = OrderedDict()  # LRU order: oldest first
         self.stats = CacheStats()
 
@@ -55,6 +57,11 @@ class AdapterCache:
 
     def release(self, ref: AdapterRef) -> None:
         self.resident[ref.key].pins -= 1
+
+    @property
+    def num_pinned(self) -> int:
+        """Resident adapters that requests in flight hold (0 once every request has finished)."""
+        return sum(entry.pins > 0 for entry in self.resident.values())
 
     def needs_whole_prefill(self, ref: AdapterRef) -> bool:
         return self.pool.slots[self.resident[ref.key].slot].has_para
@@ -85,7 +92,9 @@ class AdapterCache:
             if not self._evict_one():
                 return None
         self.stats.loads += 1
-        self.stats.load_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.stats.load_seconds += seconds
+        self.metrics.adapter_load_time.observe(seconds)
         entry = Resident(free[0])
         self.resident[ref.key] = entry
         log.info("adapter %s loaded into slot %d", ref.key, entry.slot)

@@ -31,6 +31,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._num_resolving = 0  # requests admitted whose adapter is still being resolved (maybe fetched)
         self._thread: threading.Thread | None = None
         self._stop = False
         self._tokens_window: list[tuple[float, int]] = []
@@ -65,13 +66,19 @@ class AsyncEngine:
         if len(prompt_ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens")
-        if len(self._streams) >= self.max_queue:
+        # The limit counts requests still resolving their adapter too: their slot is taken before the fetch is
+        # awaited and passes to the stream without an await in between, so concurrent cold requests cannot overrun it.
+        if len(self._streams) + self._num_resolving >= self.max_queue:
             raise EngineOverloadedError(f"server is at its limit of {self.max_queue} requests; retry later")
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id}")
-        ref = await self.adapters.resolve(adapter_id, tenant) if adapter_id is not None else None  # may fetch
-        if ref is not None:
-            self.engine.check_adapter(ref)  # a quarantined version is refused here, not failed in a stream
+        self._num_resolving += 1
+        try:
+            ref = await self.adapters.resolve(adapter_id, tenant) if adapter_id is not None else None  # may fetch
+            if ref is not None:
+                self.engine.check_adapter(ref)  # a quarantined version is refused here, not failed in a stream
+        finally:
+            self._num_resolving -= 1  # on every exit: resolved, refused, failed or cancelled
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._inbox.put(("add", Request(request_id, list(prompt_ids), params, adapter=ref)))
@@ -91,10 +98,19 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    @property
+    def metrics_registry(self):
+        """The engine's Prometheus histograms (server/engine/metrics.py), exported by /metrics."""
+        return self.engine.metrics_registry
+
     def stats(self) -> dict:
         now = time.monotonic()
         recent = [n for t, n in self._tokens_window if now - t < 10]
-        return {**self.engine.stats(), "num_streams": len(self._streams), "tokens_per_second": sum(recent) / 10.0}
+        stats = {**self.engine.stats(), "num_streams": len(self._streams), "num_resolving": self._num_resolving,
+                 "tokens_per_second": sum(recent) / 10.0}
+        if hasattr(self.adapters, "stats"):  # the registry's: its record cache
+            stats["adapter_source"] = self.adapters.stats()
+        return stats
 
     # ---- engine thread ----------------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -12,6 +12,7 @@ from server.engine.adapter_cache import AdapterCache
 from server.engine.block_manager import BlockManager
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.engine import LLMEngine
+from server.engine.metrics import EngineMetrics
 from server.engine.model_runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.model.adapter_pool import AdapterPool
@@ -51,7 +52,8 @@ def build_engine_options(settings) -> EngineOptions:
         max_model_len=settings.max_model_len, num_kv_blocks=settings.num_kv_blocks, block_size=settings.block_size,
         adapter_pool_bytes=settings.adapter_pool_bytes or ((2 << 30) if on_gpu else (256 << 20)),
         max_num_batched_tokens=8192 if on_gpu else 2048,
-        max_adapter_slots=64 if on_gpu else 16,  # on a CPU every slot also costs a padded copy (padded_lowrank.py)
+        # on a CPU every slot also costs a padded copy (padded_lowrank.py)
+        max_adapter_slots=settings.max_adapter_slots or (64 if on_gpu else 16),
         # the engine bounds every request it holds; max_queue counts those waiting beyond the running batch
         max_queue=settings.max_num_seqs + settings.max_queue, data_dir=str(settings.data_dir),
         cuda_graphs=settings.cuda_graphs,
@@ -73,12 +75,14 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     max_len = min(max_len, num_blocks * opts.block_size)
     pool = AdapterPool(cfg, opts.max_adapter_slots, opts.adapter_pool_bytes, device, dtype,
                        max_requests=2 * opts.max_num_seqs)
-    cache = AdapterCache(pool)
+    metrics = EngineMetrics()
+    cache = AdapterCache(pool, metrics)
     blocks = BlockManager(num_blocks, opts.block_size)
     scheduler = Scheduler(blocks, cache, max_num_seqs=opts.max_num_seqs,
                           max_num_batched_tokens=max(opts.max_num_batched_tokens, opts.max_prefill_chunk),
                           max_prefill_chunk=opts.max_prefill_chunk,
-                          sliding_window=cfg.sliding_window if len(cfg.sliding_layers) == cfg.num_layers else 0)
+                          sliding_window=cfg.sliding_window if len(cfg.sliding_layers) == cfg.num_layers else 0,
+                          metrics=metrics)
     graphs = None
     if opts.cuda_graphs and device.type == "cuda" and use_triton(device):
         graphs = DecodeGraphs.for_device(device, opts.max_num_seqs)

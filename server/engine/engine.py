@@ -67,6 +67,11 @@ class LLMEngine:
         if message is not None:
             raise AdapterQuarantinedError(message)
 
+    @property
+    def metrics_registry(self):
+        """The Prometheus registry of the engine's histograms (server/engine/metrics.py)."""
+        return self.scheduler.metrics.registry
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
@@ -163,5 +168,6 @@ class LLMEngine:
             "num_waiting_adapter": sum(r.status is Status.WAITING_ADAPTER for r in sched.waiting),
             "adapter_cache": vars(sched.adapters.stats) if hasattr(sched.adapters, "stats") else {},
             "num_resident_adapters": len(self.runner.adapter_pool.slots) if self.runner.adapter_pool else 0,
+            "num_pinned_adapters": sched.adapters.num_pinned if hasattr(sched.adapters, "num_pinned") else 0,
             "cuda_graphs": self.runner.graphs.stats() if self.runner.graphs else {"enabled": False},
         }

@@ -96,6 +96,7 @@ class Request:
     params: SamplingParams
     adapter: AdapterRef | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # when its first step was scheduled (queue time = this - arrival)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache

@@ -13,11 +13,13 @@ Plain Python over `Request`s; never sees a tensor. Policy, in order:
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.engine.block_manager import BlockManager
+from server.engine.metrics import EngineMetrics
 from server.engine.request import AdapterRef, Request, Status
 
 
@@ -49,7 +51,7 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, adapters: AdapterSlots, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_prefill_chunk: int, sliding_window: int = 0) -> None:
+                 max_prefill_chunk: int, sliding_window: int = 0, metrics: EngineMetrics | None = None) -> None:
         """sliding_window > 0: every layer attends to the last `sliding_window` positions only, so a running
         request's blocks before its window are freed as it advances."""
         self.blocks, self.adapters = blocks, adapters
@@ -59,6 +61,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.metrics = metrics or EngineMetrics()
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -112,6 +115,9 @@ class Scheduler:
                 self.waiting.appendleft(req)
                 break  # FIFO: nobody jumps a request that waits for memory or budget
             req.status = Status.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+                self.metrics.queue_time.observe(req.first_scheduled_time - req.arrival_time)
             self.running.append(req)
             self._schedule(batch, req, n)
             budget -= n

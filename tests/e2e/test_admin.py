@@ -342,6 +342,13 @@ def test_api_keys_and_tenant_isolation(fresh, tmp_path):
     # a replace keeps the owner unless the form names another
     replaced = admin.upload("a.zip", archive, method="PUT", path="/admin/adapters/acme-private")
     assert (replaced.json()["tenant"], replaced.json()["public"], replaced.json()["version"]) == ("acme", False, 2)
+    # an empty tenant field never clears the owner (that would show acme's adapter to every tenant): refused
+    assert_error(admin.upload("a.zip", archive, method="PUT", path="/admin/adapters/acme-private", tenant=""), 400,
+                 "'tenant' is empty")
+    assert_error(admin.upload("a.zip", archive, method="PUT", path="/admin/adapters/acme-private", tenant="  "), 400,
+                 "'tenant' is empty")
+    kept = admin.client.get("/admin/adapters/acme-private").json()
+    assert (kept["tenant"], kept["public"], kept["version"]) == ("acme", False, 2)
 
     # revoke by the prefix shown at creation: the key stops working
     assert_error(admin.client.delete("/admin/api-keys/nothing-like-it"), 404, "no API key matches")
@@ -380,7 +387,8 @@ def test_tenant_resolver_cache_and_redis_outage(fresh):
         await store.delete(hash_api_key(key))
         assert await resolver.resolve_tenant(f"Bearer {key}") == "acme"  # cached for the TTL
         resolver.invalidate(hash_api_key(key))
-        assert await resolver.resolve_tenant(f"Bearer {key}") is None  # no key left anywhere: open
+        assert await _status(resolver.resolve_tenant(f"Bearer {key}")) == 401  # no key left: still closed
+        assert await _status(resolver.resolve_tenant(None)) == 401
 
         await store.add(key, "acme")
         resolver = TenantResolver({}, store, cache_ttl_s=0)

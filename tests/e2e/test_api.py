@@ -84,6 +84,17 @@ def test_health_and_metrics(live_server: LiveServer) -> None:
         name, value = line.rsplit(" ", 1)
         float(value)
         assert name.replace("_", "a").split("{")[0].isalnum(), line
+    types = dict(line.split(" ")[2:4] for line in metrics.text.splitlines() if line.startswith("# TYPE "))
+    assert types["multiplex_engine_num_generated_tokens_total"] == "counter"  # cumulative stats are counters
+    assert types["multiplex_engine_num_free_kv_blocks"] == "gauge"
+    assert types["multiplex_api_responses_total"] == "counter"
+    assert types["multiplex_api_client_disconnects_total"] == "counter"
+    for histogram in ("multiplex_api_time_to_first_token_seconds", "multiplex_api_time_per_output_token_seconds",
+                      "multiplex_engine_queue_time_seconds", "multiplex_engine_adapter_load_seconds"):
+        assert types[histogram] == "histogram", histogram
+    assert any(line.startswith('multiplex_api_time_to_first_token_seconds_bucket{le="+Inf"}') for line in lines)
+    count = [line for line in lines if line.startswith("multiplex_engine_queue_time_seconds_count")]
+    assert count and float(count[0].split()[-1]) >= 1  # the request above waited, and was counted
 
 
 # --- completions -------------------------------------------------------------------------------------------------
@@ -487,3 +498,5 @@ def test_cli_serve_subprocess(adapters_dir: Path, data_dir: Path) -> None:
     assert process.returncode == 0, output
     assert "Traceback" not in output, output
     assert f"http://127.0.0.1:{port}" in output
+    token_file = data_dir / "admin-token"  # no MULTIPLEX_ADMIN_TOKEN: generated there, named, never printed
+    assert str(token_file) in output and token_file.read_text().strip() not in output

@@ -159,3 +159,20 @@ def _wait_for_health(server, status: int, timeout_s: float = 10.0) -> None:
     while (r := server.client.get("/health")).status_code != status:
         assert time.monotonic() < deadline, r.text
         time.sleep(0.1)
+
+
+def test_a_replica_of_another_backbone_refuses_a_foreign_adapter_by_name(tmp_path):
+    """Two backbones on one Redis (a misconfiguration, but a shared registry makes it possible): an adapter made for
+    one is a 422 naming it on the other, never a 500, and the other's own requests are unaffected."""
+    from tests.helpers import make_hf_model
+
+    data = tmp_path / "data"
+    _, archive = _format1(tmp_path, data, "for-tiny", seed=3)
+    other = make_hf_model(tmp_path / "other-backbone", "llama")
+    with running_server(model="tiny", data_dir=data, admin_token="admin-secret") as tiny, \
+            running_server(model=str(other), data_dir=data, admin_token="admin-secret") as foreign:
+        assert _upload(tiny, "for-tiny", archive).status_code == 201
+        refused = foreign.client.post("/v1/completions", json={**GREEDY, "adapter_id": "for-tiny"})
+        assert refused.status_code == 422, refused.text
+        assert "'for-tiny'" in refused.json()["error"]["message"] and "backbone" in refused.json()["error"]["message"]
+        assert _text(foreign, None) and _text(tiny, "for-tiny")
