@@ -4,8 +4,8 @@ The path of a completion, one data type per hop (who owns it; where it lives):
 
     HTTP body (JSON)                   server/api/completions.py      validated by pydantic (schemas.py)
       -> prompt ids + SamplingParams   server/api                     tokenised on the event loop
-      -> AdapterRef                    server/adapter_store.py        id@version + host-side AdapterDeltas, fetched
-                                                                      from Redis (registry.py) without blocking the engine
+      -> AdapterRef                    server/registry/adapters.py    id@version + host-side AdapterDeltas, fetched
+                                                                      from Redis (store.py) without blocking the engine
       -> Request                       server/engine/request.py       handed to the engine thread through an inbox
       -> ScheduledBatch                server/engine/scheduler.py     CPU, no tensors: which requests, how many tokens
       -> ForwardBatch                  server/engine/model_runner.py  device tensors: ids, positions, KV slots, segments

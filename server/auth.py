@@ -44,7 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
 from server.config import API_AUTH_MODES
-from server.registry import AdapterRecord
+from server.registry.store import AdapterRecord, RegistryUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +327,5 @@ class TenantResolver:
         return tenant
 
 
-def _registry_unavailable() -> HTTPException:
-    return HTTPException(503, detail="cannot check the API key: the registry (Redis) is unavailable",
-                         headers={"Retry-After": "1"})
+def _registry_unavailable() -> RegistryUnavailableError:
+    return RegistryUnavailableError("cannot check the API key: the registry (Redis) is unavailable; retry later")

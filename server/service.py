@@ -35,7 +35,7 @@ class Service:
 
 def build_service(settings: Settings) -> Service:
     """Build everything (not started: the app's lifespan starts the engine and the registry tasks)."""
-    from server.adapter_store import HostTier, RegistryAdapters
+    from server.registry.adapters import HostTier, RegistryAdapters
     from server.api.admin import AdminSettings, admin_router
     from server.api.app import create_app
     from server.api.readiness import Readiness, probe_redis
@@ -45,8 +45,8 @@ def build_service(settings: Settings) -> Service:
     from server.model.catalog import resolve_model_path
     from server.engine.async_engine import AsyncEngine
     from server.model.config import ModelConfig
-    from server.embedded_redis import start_embedded_redis
-    from server.registry import Registry
+    from server.registry.embedded import start_embedded_redis
+    from server.registry.store import Registry
 
     opts = build_engine_options(settings)  # the model first: a bad model fails before anything is started
     spec = ModelConfig.from_dir(resolve_model_path(settings.model, opts.data_dir)).spec()

@@ -1,11 +1,28 @@
 """Suite-wide setup. Triton enters interpreter mode only if TRITON_INTERPRET is set before triton is first imported,
-so on a machine without CUDA it is set here, before any test module imports kernel code."""
+so on a machine without CUDA it is set here (and only here), before any test module imports kernel code.
+
+Markers (registered in pyproject.toml) are skipped here, once: `gpu` without CUDA or with the interpreter on,
+`interpreter` where Triton compiles for the GPU."""
 import os
 
 import torch
 
-if not torch.cuda.is_available():
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+IS_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    import pytest
+
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+    skip_interpreter = pytest.mark.skip(reason="Triton compiles for the GPU here; the gpu tests cover it")
+    for item in items:
+        if "gpu" in item.keywords and (not HAS_CUDA or IS_INTERPRETED):
+            item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and not IS_INTERPRETED:
+            item.add_marker(skip_interpreter)
 
 
 # ---- a real server (uvicorn + the tiny model + embedded Redis), shared by the e2e and client tests ------------

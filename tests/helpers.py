@@ -1,8 +1,12 @@
 """Shared test helpers: tiny random HF checkpoints, engines over them, and logit capture."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
+import httpx
 import torch
 
 from server.engine.builder import EngineOptions, build_llm_engine
@@ -123,6 +127,68 @@ def random_lowrank(spec_cfg, targets: dict[str, int], seed: int, layers=None, ma
     return out
 
 
+# every projection a delta can target
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_sparse(cfg, procs, density, seed):
+    """AdapterDeltas with Sparse deltas of `density` on `procs` of every layer."""
+    from adapters.delta import AdapterDeltas, Sparse
+    from server.model.adapter_layout import Layout
+
+    gen = torch.Generator().manual_seed(seed)
+    dims = Layout.of(cfg).dims  # projection -> (d_out, d_in)
+    out = AdapterDeltas()
+    for layer in range(cfg.num_layers):
+        for proj in procs:
+            d_out, d_in = dims[proj]
+            k = max(1, int(density * d_out * d_in))
+            flat = torch.randperm(d_out * d_in, generator=gen)[:k].sort().values
+            out.sparse[f"layers.{layer}.{proj}"] = Sparse((flat // d_in).int(), (flat % d_in).int(),
+                                                          torch.randn(k, generator=gen) * 0.3, (d_out, d_in))
+    return out
+
+
+def random_ia3(cfg, seed):
+    """AdapterDeltas with IA3 Scale vectors (k, v, ffn) on every layer."""
+    from adapters.delta import AdapterDeltas
+
+    gen = torch.Generator().manual_seed(seed)
+    out = AdapterDeltas()
+    for layer in range(cfg.num_layers):
+        out.scale[f"layers.{layer}.k"] = 1 + 0.5 * torch.randn(cfg.kv_size, generator=gen)
+        out.scale[f"layers.{layer}.v"] = 1 + 0.5 * torch.randn(cfg.kv_size, generator=gen)
+        out.scale[f"layers.{layer}.ffn"] = 1 + 0.5 * torch.randn(cfg.intermediate_size, generator=gen)
+    return out
+
+
+def random_para(cfg, seed, pool="attention", layers=None):
+    """AdapterDeltas with a PARA generator on every layer (or `layers`)."""
+    from adapters.delta import AdapterDeltas, ParaLayer
+
+    gen = torch.Generator().manual_seed(seed)
+    n_out = cfg.q_size + cfg.kv_size + cfg.intermediate_size
+    out = AdapterDeltas()
+    for layer in (layers if layers is not None else range(cfg.num_layers)):
+        out.para[layer] = ParaLayer(pool, torch.randn(6, cfg.hidden_size, generator=gen) * 0.3,
+                                    torch.randn(n_out, 6, generator=gen) * 0.3,
+                                    torch.randn(cfg.hidden_size, generator=gen) if pool == "attention" else None, "silu")
+    return out
+
+
+def combine(*parts):
+    """One AdapterDeltas holding every part's deltas."""
+    from adapters.delta import AdapterDeltas
+
+    out = AdapterDeltas()
+    for p in parts:
+        out.lowrank.update(p.lowrank)
+        out.sparse.update(p.sparse)
+        out.scale.update(p.scale)
+        out.para.update(p.para)
+    return out
+
+
 def reference_model(directory: Path, deltas, prompt_len: int):
     """The transformers model with `deltas` applied the reference way: LowRank/Sparse merged into the weights,
     IA3 vectors and PARA vectors (pooled from the first `prompt_len` positions) multiplied into activations."""
@@ -173,3 +239,46 @@ def tar_dir(directory: Path) -> bytes:
         for f in sorted(directory.iterdir()):
             tar.add(f, arcname=f.name)
     return buf.getvalue()
+
+
+# ---- HTTP answers -------------------------------------------------------------------------------------------
+def parse_sse(raw: str) -> list[Any]:
+    """`data: {json}\\n\\n` events -> decoded JSON objects, with the final `[DONE]` kept as the string."""
+    assert raw.endswith("\n\n"), raw[-200:]
+    events = []
+    for block in raw.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        payload = block[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    assert events and events[-1] == "[DONE]"
+    return events[:-1]
+
+
+def assert_error(response: httpx.Response, status: int, *words: str) -> dict[str, Any]:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"type", "message"}, body
+    assert isinstance(body["error"]["type"], str) and body["error"]["type"]
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    for word in words:
+        assert word in body["error"]["message"], body
+    return body["error"]
+
+
+CHATML_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def make_chat_checkpoint(tiny_dir: Path, directory: Path) -> Path:
+    """A copy of the tiny checkpoint whose tokenizer has CHATML_TEMPLATE."""
+    shutil.copytree(tiny_dir, directory)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHATML_TEMPLATE
+    config_path.write_text(json.dumps(config))
+    return directory

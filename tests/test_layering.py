@@ -16,10 +16,11 @@ FORBIDDEN = {
     "kernels": ("server", "adapters", "clients", "benchmarks"),
     "adapters": ("server", "kernels", "clients", "benchmarks"),
     "clients": ("server", "kernels", "adapters", "benchmarks"),
-    "server.model": ("server.engine", "server.api"),
+    "server.model": ("server.engine", "server.api", "server.registry"),
+    "server.registry": ("server.api", "server.service", "server.cli"),
     # the engine and the model know nothing of HTTP, Redis or how the process is assembled
-    "server.engine": ("server.api", "server.registry", "server.adapter_store", "server.service", "server.cli",
-                      "server.auth", "server.upload", "server.embedded_redis"),
+    "server.engine": ("server.api", "server.registry", "server.service", "server.cli",
+                      "server.auth", "server.upload"),
     "server": ("benchmarks",),
 }
 
@@ -107,6 +108,17 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if module not in state:
             visit(module)
     return cycles
+
+
+def test_test_modules_do_not_import_each_other():
+    """Shared test code lives in tests/helpers.py, tests/archives.py, tests/admin_server.py, tests/live_server.py
+    and tests/e2e/serving.py, never in a test module another one imports."""
+    bad = []
+    for path in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[-1].startswith("test_"):
+                bad.append(f"{path.relative_to(ROOT)} imports {node.module}")
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("module", ["kernels.lowrank", "adapters.artifact", "server.engine.engine"])

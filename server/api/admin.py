@@ -25,8 +25,6 @@ from typing import Any
 
 import torch
 from fastapi import APIRouter, Depends, Request
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.datastructures import UploadFile
 
 from adapters.artifact import adapter_to_bytes
@@ -34,14 +32,13 @@ from adapters.validate import serving_dtype
 from server.api.errors import ApiError
 from server.api.openapi import form_body
 from server.auth import TENANT_PATTERN, AdminAuth, ApiKeyStore, TenantResolver, check_tenant
-from server.registry import (
+from server.registry.store import (
     ID_PATTERN,
     AdapterExistsError,
     AdapterNotFoundError,
-    CorruptAdapterError,
     Registry,
-    RegistryError,
     check_adapter_id,
+    outage_is_unavailable,
 )
 from server.upload import UploadError, parse_upload
 
@@ -154,7 +151,7 @@ def _adapter_routes(router: APIRouter, registry: Registry, uploads: _Uploads, on
         with _registry_errors():
             record = await registry.record(adapter_id)
         if record is None:
-            raise ApiError(404, f"adapter {adapter_id!r} does not exist", "adapter_not_found")
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
         return record.to_json()
 
     @router.delete("/adapters/{adapter_id}")
@@ -248,19 +245,11 @@ class _Uploads:
 
 @contextlib.contextmanager
 def _registry_errors() -> Iterator[None]:
-    """Registry and Redis failures -> API errors (ApiErrors raised inside pass through)."""
+    """Redis outages -> RegistryUnavailableError; a refused id, tenant or key reference (ValueError) -> 400. The
+    registry's own errors pass through to the table in server/api/errors.py."""
     try:
-        yield
-    except AdapterNotFoundError as e:
-        raise ApiError(404, str(e), "adapter_not_found") from None
-    except AdapterExistsError as e:
-        raise ApiError(409, str(e)) from None
-    except CorruptAdapterError as e:
-        raise ApiError(500, str(e), "registry_error") from None
-    except RegistryError as e:
-        raise ApiError(409, str(e)) from None
-    except (RedisConnectionError, RedisTimeoutError) as e:
-        raise ApiError(503, f"the adapter registry (Redis) is unavailable: {e}; retry later", "unavailable") from None
+        with outage_is_unavailable():
+            yield
     except ValueError as e:
         raise ApiError(400, str(e)) from None
 

@@ -12,6 +12,7 @@ from fastapi import APIRouter, FastAPI
 
 from server.api import chat, completions, health, models
 from server.api.body import RequestLimits
+from server.api.engine_port import EnginePort
 from server.api.errors import install_error_handlers
 from server.api.guard import RequestGuard
 from server.api.metrics import ApiMetrics
@@ -45,11 +46,11 @@ class ResponseStatusCounter:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(engine: Any, settings: Settings, *, tenants: Any = None, routers: Sequence[APIRouter] = (),
+def create_app(engine: EnginePort, settings: Settings, *, tenants: Any = None, routers: Sequence[APIRouter] = (),
                background: Sequence[Callable[[], Awaitable[None]]] = (),
                on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
                readiness: Readiness | None = None) -> FastAPI:
-    """`engine` is a server.engine.async_engine.AsyncEngine, not yet started: the app starts and stops it.
+    """`engine`: an EnginePort (the server's AsyncEngine), not yet started: the app starts and stops it.
     `tenants`: resolves /v1 API keys (server/auth.py TenantResolver), None = open. `routers`: more routes (the
     admin API); a router with an `admin_auth` (server/api/admin.py's) has its token checked by the request guard,
     from the headers, before any body is read.

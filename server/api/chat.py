@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.body import check_prompt_chars, parse_body
+from server.api.engine_port import EnginePort
 from server.api.errors import ApiError
 from server.api.generation import Choice, check_context, reported_logprob, resolve_adapter_id, respond, sampling_params
 from server.api.openapi import json_body
@@ -90,7 +91,7 @@ def _chunk_choice(delta: dict[str, str], logprobs: dict[str, Any] | None, finish
 @router.post("/v1/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
 async def create_chat_completion(request: Request) -> JSONResponse | StreamingResponse:
     state = request.app.state
-    engine = state.engine
+    engine: EnginePort = state.engine
     tenant = await request_tenant(request)  # checked by the guard before the body was read
     body = await parse_body(request, ChatCompletionRequest, state.limits)
     adapter_id = resolve_adapter_id(body.adapter_id, body.model, engine.model_name)

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.body import RequestLimits, check_prompt_chars, parse_body
+from server.api.engine_port import EnginePort
 from server.api.errors import ApiError
 from server.api.generation import Choice, check_context, reported_logprob, resolve_adapter_id, respond, sampling_params
 from server.api.openapi import json_body
@@ -72,7 +73,7 @@ class CompletionFormat:
         return {"text": text, "index": 0, "logprobs": logprobs_json, "finish_reason": finish_reason}
 
 
-async def prompt_token_ids(prompt: str | list[int], engine: Any, limits: RequestLimits) -> list[int]:
+async def prompt_token_ids(prompt: str | list[int], engine: EnginePort, limits: RequestLimits) -> list[int]:
     """Text is bounded in characters, then tokenized with the tokenizer's special tokens in a worker thread; ids
     are taken as they are (the caller chose them), once checked against the context and the vocabulary: an id past
     it would index outside the embedding table."""
@@ -93,7 +94,7 @@ async def prompt_token_ids(prompt: str | list[int], engine: Any, limits: Request
 @router.post("/v1/completions", response_model=None, openapi_extra=json_body(CompletionRequest))
 async def create_completion(request: Request) -> JSONResponse | StreamingResponse:
     state = request.app.state
-    engine = state.engine
+    engine: EnginePort = state.engine
     tenant = await request_tenant(request)  # checked by the guard before the body was read
     body = await parse_body(request, CompletionRequest, state.limits)
     adapter_id = resolve_adapter_id(body.adapter_id, body.model, engine.model_name)

@@ -2,22 +2,37 @@
 
 - request validation (bad JSON, missing or mistyped fields, out-of-range values) -> 400 naming the field
 - the request guard's refusals (server/api/guard.py): no or a wrong key 401, a body over the limit 413
-- EngineError subclasses (unknown adapter 404, prompt too long 400, overloaded 503, invalid or quarantined
-  adapter 422, ...) -> their own status and type
+- the domain errors of the engine and the registry (plain exceptions, no HTTP on them) -> `DOMAIN_ERRORS`, the one
+  table of their status and type
+- `ApiError`: what the API itself detects, with its own status
 - Starlette HTTP errors (unknown route, wrong method) -> their status
 - anything else -> 500 with a generic message; the traceback goes to the log only
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine.errors import EngineError
+from server.engine.errors import (
+    AdapterQuarantinedError,
+    EngineError,
+    EngineOverloadedError,
+    InvalidAdapterError,
+    PromptTooLongError,
+    UnknownAdapterError,
+)
+from server.registry.store import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    CorruptAdapterError,
+    RegistryError,
+    RegistryUnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +48,40 @@ _TYPE_BY_STATUS = {
     429: "rate_limit_error",
     503: "overloaded",
 }
+
+
+class ErrorMapping(NamedTuple):
+    status_code: int
+    error_type: str
+    is_message_shown: bool = True  # False: a generic message, and the traceback goes to the log
+
+
+# Domain error -> how HTTP answers it. The most specific class wins (looked up along the exception's MRO), so a
+# subclass not listed answers as its parent. Every 503 carries `Retry-After`.
+DOMAIN_ERRORS: dict[type[Exception], ErrorMapping] = {
+    # the engine (server/engine/errors.py)
+    UnknownAdapterError: ErrorMapping(404, "adapter_not_found"),
+    PromptTooLongError: ErrorMapping(400, "invalid_request_error"),
+    EngineOverloadedError: ErrorMapping(503, "overloaded"),
+    InvalidAdapterError: ErrorMapping(422, "invalid_adapter"),
+    AdapterQuarantinedError: ErrorMapping(422, "adapter_quarantined"),  # retrying this version cannot succeed
+    EngineError: ErrorMapping(500, "internal_error", is_message_shown=False),
+    # the registry (server/registry/store.py)
+    AdapterNotFoundError: ErrorMapping(404, "adapter_not_found"),
+    AdapterExistsError: ErrorMapping(409, "conflict_error"),
+    CorruptAdapterError: ErrorMapping(500, "registry_error"),  # the message names the adapter and the mismatch
+    RegistryUnavailableError: ErrorMapping(503, "unavailable"),  # Redis away: every route, every replica
+    RegistryError: ErrorMapping(409, "conflict_error"),  # a concurrent write got there first; retry
+}
+DOMAIN_ERROR_BASES = (EngineError, RegistryError)
+
+
+def error_mapping(exc: BaseException) -> ErrorMapping:
+    """The status and type `exc` (a domain error) is answered with."""
+    for cls in type(exc).__mro__:
+        if cls in DOMAIN_ERRORS:
+            return DOMAIN_ERRORS[cls]
+    raise TypeError(f"{type(exc).__name__} is not a domain error (see DOMAIN_ERRORS)")
 
 
 class ApiError(Exception):
@@ -91,12 +140,14 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status_code, exc.error_type, exc.message)
 
 
-async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
-    if exc.status_code >= 500 and exc.status_code != 503:
-        logger.error("engine error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(exc.status_code, exc.error_type, "internal error in the engine")
-    headers = {"Retry-After": "1"} if exc.status_code == 503 else None
-    return error_response(exc.status_code, exc.error_type, str(exc) or exc.error_type, headers)
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    mapping = error_mapping(exc)
+    if mapping.status_code >= 500 and mapping.status_code != 503:
+        logger.error("%s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
+    if not mapping.is_message_shown:
+        return error_response(mapping.status_code, mapping.error_type, "internal error in the engine")
+    headers = {"Retry-After": "1"} if mapping.status_code == 503 else None
+    return error_response(mapping.status_code, mapping.error_type, str(exc) or mapping.error_type, headers)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -146,6 +197,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_middleware(CatchAllMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(EngineError, _engine_error)
+    for base in DOMAIN_ERROR_BASES:
+        app.add_exception_handler(base, _domain_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -22,10 +22,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from server.api.errors import ApiError, error_body
+from server.api.engine_port import EnginePort
+from server.api.errors import ApiError, error_body, error_mapping
 from server.api.metrics import ApiMetrics
 from server.api.schemas import GenerationRequest
-from server.engine.errors import AdapterQuarantinedError, PromptTooLongError
+from server.engine.errors import ADAPTER_QUARANTINED, AdapterQuarantinedError, PromptTooLongError
 from server.engine.request import RequestOutput, SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STREAM_FAILURES = {"error": ("internal_error", "the request failed in the engine"),
                    "abort": ("overloaded", "the request was aborted by the server")}
 Choice = dict[str, Any]
+_UNICODE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})  # see sse()
 
 
 class ResponseFormat(Protocol):
@@ -108,7 +110,7 @@ class Generation:
     request_id: str
     model: str
     metrics: ApiMetrics
-    engine: Any
+    engine: EnginePort
     created: int = field(default_factory=lambda: int(time.time()))
     start_time: float = field(default_factory=time.monotonic)
     is_finished: bool = False
@@ -155,9 +157,13 @@ class Generation:
 
 def sse(payload: dict[str, Any] | str) -> str:
     """One server-sent event. Strict JSON (allow_nan=False, as Starlette's JSONResponse for whole responses): a
-    NaN that gets this far is a ValueError, logged and answered with an error event, never `NaN` on the wire."""
+    NaN that gets this far is a ValueError, logged and answered with an error event, never `NaN` on the wire.
+    U+0085, U+2028 and U+2029 are escaped: JSON may carry them raw, but `str.splitlines` (so httpx's and requests'
+    `iter_lines`, which our own client reads streams with) breaks lines at them, cutting the event in two."""
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
                                                                allow_nan=False)
+    if "\x85" in data or "\u2028" in data or "\u2029" in data:
+        data = data.translate(_UNICODE_LINE_BREAKS)
     return f"data: {data}\n\n"
 
 
@@ -166,7 +172,7 @@ async def respond(request: Request, prompt_ids: list[int], params: SamplingParam
                   include_usage: bool) -> JSONResponse | StreamingResponse:
     """Admit the request in the engine, then answer it whole or as a stream of `fmt`'s chunks."""
     state = request.app.state
-    engine = state.engine
+    engine: EnginePort = state.engine
     state.api_metrics.in_flight.inc()
     generation = Generation(request_id=f"{fmt.id_prefix}{uuid.uuid4().hex}", model=adapter_id or engine.model_name,
                             metrics=state.api_metrics, engine=engine)
@@ -221,8 +227,8 @@ def _raise_for_failure(output: RequestOutput) -> None:
         raise ApiError(500, "internal server error", "internal_error")
     if output.finish_reason == "error":
         logger.error("engine failed request %s: %s", output.request_id, output.error)
-        if output.error_type == AdapterQuarantinedError.error_type:  # the request's own adapter failed
-            raise ApiError(AdapterQuarantinedError.status_code, output.error, output.error_type)
+        if output.error_type == ADAPTER_QUARANTINED:  # the request's own adapter failed
+            raise AdapterQuarantinedError(output.error)
         raise ApiError(500, "internal error in the engine", "internal_error")
     if output.finish_reason == "abort":
         raise ApiError(503, "the request was aborted by the server (shutting down?); retry", "overloaded")
@@ -231,8 +237,8 @@ def _raise_for_failure(output: RequestOutput) -> None:
 def _stream_failure(output: RequestOutput) -> tuple[str, str]:
     """(type, message) of the error event that ends a failed stream; the engine's own words when they are about
     the request's adapter (every engine message is ours, never an exception's text)."""
-    if output.error_type == AdapterQuarantinedError.error_type and output.error:
-        return output.error_type, output.error
+    if output.error_type == ADAPTER_QUARANTINED and output.error:
+        return error_mapping(AdapterQuarantinedError(output.error)).error_type, output.error
     return STREAM_FAILURES[output.finish_reason]
 
 

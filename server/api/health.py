@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from server.api.engine_port import EnginePort
 from server.api.metrics import CONTENT_TYPE
 
 router = APIRouter()
@@ -16,7 +17,7 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    engine = request.app.state.engine
+    engine: EnginePort = request.app.state.engine
     # Cheap on purpose: it reads checks kept up to date by their owners and never waits on Redis itself.
     problems = request.app.state.readiness.problems()
     body = {"status": "unavailable" if problems else "ok", "model": engine.model_name, "engine": engine.stats()}

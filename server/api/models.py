@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from server.api.engine_port import EnginePort
 from server.api.errors import ApiError
 from server.api.schemas import ModelCard, ModelList
 from server.api.tenancy import request_tenant
@@ -11,7 +12,7 @@ router = APIRouter()
 
 
 async def _cards(request: Request) -> list[ModelCard]:
-    engine = request.app.state.engine
+    engine: EnginePort = request.app.state.engine
     created = request.app.state.created
     base = ModelCard(id=engine.model_name, created=created, root=engine.model_name)
     adapters = [ModelCard(id=adapter_id, created=created, root=engine.model_name, parent=engine.model_name)

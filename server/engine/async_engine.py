@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, *, model_name: str, adapters, max_queue: int = 1024) -> None:
-        """`adapters`: an adapter source (server/adapter_store.py) with async `list(tenant)` and `resolve(id, tenant)`."""
+        """`adapters`: an adapter source (server/registry/adapters.py) with async `list(tenant)` and `resolve(id, tenant)`."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name

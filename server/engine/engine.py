@@ -13,7 +13,7 @@ import logging
 import torch
 
 from server.engine.detokenizer import make_decoder, update_text
-from server.engine.errors import AdapterQuarantinedError, PromptTooLongError
+from server.engine.errors import ADAPTER_QUARANTINED, AdapterQuarantinedError, PromptTooLongError
 from server.engine.isolation import StepRun, execute_isolating
 from server.engine.model_runner import ModelRunner
 from server.engine.request import AdapterRef, Request, RequestOutput, Status, TokenLogprob
@@ -105,7 +105,7 @@ class LLMEngine:
                                          f"and was quarantined; upload a new version to use it again")
         ids = [rid for rid, r in self.requests.items() if r.adapter is not None and r.adapter.key == ref.key]
         message = self.quarantined[ref.key]
-        outputs = [out for rid in ids if (out := self.fail(rid, message, AdapterQuarantinedError.error_type))
+        outputs = [out for rid in ids if (out := self.fail(rid, message, ADAPTER_QUARANTINED))
                    is not None]
         self.scheduler.adapters.discard(ref)
         return outputs

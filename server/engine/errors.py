@@ -1,33 +1,30 @@
-"""Errors the engine raises for something the caller (or their adapter) did; the API maps each to an HTTP status."""
+"""What the engine refuses, as plain domain exceptions: they say what went wrong, not how HTTP answers it (that is
+server/api/errors.py's table)."""
 
 
 class EngineError(Exception):
-    status_code = 500
-    error_type = "internal_error"
+    """Something the engine cannot do; subclasses say why (the base class itself: a bug, answered as internal)."""
 
 
 class UnknownAdapterError(EngineError):
-    status_code = 404
-    error_type = "adapter_not_found"
+    """No such adapter, or not one this tenant may use (never said apart, so that ids do not leak)."""
 
 
 class PromptTooLongError(EngineError):
-    status_code = 400
-    error_type = "invalid_request_error"
+    """The prompt is empty or leaves no room for a token within the model's context."""
 
 
 class EngineOverloadedError(EngineError):
-    status_code = 503
-    error_type = "overloaded"
+    """The queue is at its limit; retrying later can succeed."""
 
 
 class InvalidAdapterError(EngineError):
-    status_code = 422
-    error_type = "invalid_adapter"
+    """This adapter cannot be served by this backbone or device pool; retrying the same version cannot succeed."""
 
 
 class AdapterQuarantinedError(InvalidAdapterError):
-    """This adapter version made the engine fail and is refused until a new version is uploaded (422, like any
-    adapter that cannot be served: retrying the same version cannot succeed, so not 503)."""
+    """This adapter version made the engine fail and is refused until a new version is uploaded."""
 
-    error_type = "adapter_quarantined"
+
+# RequestOutput.error_type of a request failed because its adapter was quarantined (else "internal_error").
+ADAPTER_QUARANTINED = "adapter_quarantined"

@@ -86,7 +86,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None  # with finish_reason "error": a message meant for the caller
-    error_type: str | None = None  # its type in the API's error body ("internal_error", "adapter_quarantined")
+    error_type: str | None = None  # why it failed: "internal_error" or errors.ADAPTER_QUARANTINED
 
 
 @dataclass

@@ -554,7 +554,6 @@ def test_lora_peft_round_trip(case_id, trained, base_model, data, tmp_path):
 
 # -- GPU ------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case_id", [c[0] for c in CASES])
 def test_export_reproduces_cuda_training(case_id, base_model, data):
     """Trained on the GPU in fp32, the exported adapter reproduces the GPU logits under the CPU reference."""

@@ -208,7 +208,6 @@ def test_loss_decreases_on_a_learnable_task(model_dir, upper_jsonl, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["lora", "sorsa", "sift", "para", "ia3"])
 def test_cli_bf16_on_cuda(method, model_dir, upper_jsonl, tmp_path):
     out = tmp_path / method

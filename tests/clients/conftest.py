@@ -5,25 +5,25 @@ and small format-1 adapter directories made for the tiny backbone.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 
-@pytest.fixture(scope="session")
-def server_url(live_server: Any) -> str:
-    url = getattr(live_server, "url", None) or getattr(live_server, "base_url", None)
-    assert url, "live_server exposes neither .url nor .base_url"
-    return url
+from tests.live_server import LiveServer
 
 
 @pytest.fixture(scope="session")
-def admin_token(live_server: Any) -> str:
-    token = getattr(live_server, "admin_token", None) or os.environ.get("MULTIPLEX_ADMIN_TOKEN")
-    if not token:
-        pytest.skip("live_server has no .admin_token (the e2e fixture must start the server with a known admin token)")
-    return token
+def server_url(live_server: LiveServer) -> str:
+    return live_server.url
+
+
+@pytest.fixture(scope="session")
+def admin_token(live_server: LiveServer) -> str:
+    """The live server's admin token; a server without one is a broken fixture, so this fails rather than skips
+    (a skip would hide every admin test)."""
+    assert live_server.admin_token, "live_server has no admin token: tests/live_server.py must start it with one"
+    return live_server.admin_token
 
 
 @pytest.fixture(scope="session")

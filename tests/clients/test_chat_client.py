@@ -16,7 +16,7 @@ import pytest
 from clients import AsyncClient, BadRequestError, Client, NotFoundError
 from clients.cli import COMMANDS, HELP, main
 from clients.wire import ChatCompletion
-from tests.e2e.test_chat import make_chat_checkpoint
+from tests.helpers import make_chat_checkpoint
 from tests.live_server import LiveServer, running_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

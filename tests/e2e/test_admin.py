@@ -5,29 +5,27 @@ The app is built here from the admin router and the API's error handlers only; n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import math
-import threading
-import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
 import redis
 import torch
-from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 
 from adapters.artifact import adapter_from_bytes
-from server.api.admin import AdminSettings, admin_router
-from server.api.errors import install_error_handlers
+from server.api.admin import AdminSettings
+from server.api.errors import error_mapping
 from server.auth import AdminAuth, ApiKeyStore, TenantResolver, hash_api_key, parse_api_keys, visible
-from server.embedded_redis import start_embedded_redis
-from server.registry import Registry
-from tests.server.test_upload import (
+from server.engine.errors import EngineError
+from server.registry.embedded import start_embedded_redis
+from server.registry.store import Registry, RegistryError
+from tests.admin_server import AdminServer, admin_app, serve
+from tests.archives import (
     SPEC,
     format1_files,
     lora_deltas,
@@ -40,56 +38,6 @@ from tests.server.test_upload import (
 )
 
 MAX_ADAPTER_BYTES = 256 << 10
-
-
-@dataclass
-class AdminServer:
-    url: str
-    redis_url: str
-    token: str
-    client: httpx.Client
-    changes: list[tuple[str, str, int]] = field(default_factory=list)
-
-    def upload(self, filename: str, data: bytes, method: str = "POST", path: str = "/admin/adapters",
-               **fields: str) -> httpx.Response:
-        return self.client.request(method, path, files={"file": (filename, data)}, data=fields)
-
-    def redis_keys(self) -> list[str]:
-        return sorted(k.decode() for k in redis.Redis.from_url(self.redis_url).keys("mpx:*"))
-
-
-@contextlib.contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run `app` with uvicorn in a thread on a free port; -> its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn-admin", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def admin_app(redis_url: str, settings: AdminSettings, on_change=None) -> tuple[FastAPI, AdminAuth]:
-    registry = Registry.from_url(redis_url, chunk_bytes=4096)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        await registry.close()
-
-    app = FastAPI(lifespan=lifespan)
-    install_error_handlers(app)
-    router = admin_router(registry, SPEC, settings, on_change)
-    app.include_router(router)
-    return app, router.admin_auth
 
 
 @pytest.fixture(scope="module")
@@ -406,8 +354,22 @@ def test_tenant_resolver_cache_and_redis_outage(fresh):
 
 
 async def _status(coro) -> int:
+    """The HTTP status the API answers `coro`'s outcome with (401: an HTTP error; 503: a domain error's mapping)."""
     try:
         await coro
-    except Exception as e:  # noqa: BLE001 - the HTTP error is the result
+    except HTTPException as e:
         return e.status_code
+    except (EngineError, RegistryError) as e:
+        return error_mapping(e).status_code
     return 200
+
+
+def test_registry_unavailable_is_one_error_everywhere(tmp_path):
+    """Redis away answers the same 503 and type on the admin routes and on /v1's key check."""
+    app, _ = admin_app("unix:///nonexistent/redis.sock", AdminSettings(admin_token="t"))
+    with serve(app) as url, httpx.Client(base_url=url, headers={"Authorization": "Bearer t"}) as client:
+        assert_error(client.get("/admin/adapters"), 503, "unavailable", "unavailable")
+    dead = Registry.from_url("unix:///nonexistent/redis.sock")
+    with pytest.raises(RegistryError) as raised:
+        asyncio.run(TenantResolver({}, ApiKeyStore(dead.client)).resolve_tenant("Bearer k"))
+    assert "unavailable" in str(raised.value) and error_mapping(raised.value) == (503, "unavailable", True)

@@ -15,22 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers import assert_error, parse_sse
 from tests.live_server import LiveServer, running_server
 
 PROMPT = "The quick brown fox"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def parse_sse(raw: str) -> list[Any]:
-    """`data: {json}\\n\\n` events -> decoded JSON objects, with the final `[DONE]` kept as the string."""
-    assert raw.endswith("\n\n"), raw[-200:]
-    events = []
-    for block in raw.split("\n\n")[:-1]:
-        assert block.startswith("data: "), block
-        payload = block[len("data: "):]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    assert events and events[-1] == "[DONE]"
-    return events[:-1]
 
 
 def stream(server: LiveServer, **body: Any) -> list[dict[str, Any]]:
@@ -43,20 +32,6 @@ def stream(server: LiveServer, **body: Any) -> list[dict[str, Any]]:
 def greedy(server: LiveServer, prompt: str = PROMPT, adapter_id: str | None = None, max_tokens: int = 8,
            **extra: Any) -> dict[str, Any]:
     return server.complete(prompt=prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=0, **extra)
-
-
-def assert_error(response: httpx.Response, status: int, *words: str) -> dict[str, Any]:
-    assert response.status_code == status, (response.status_code, response.text)
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"type", "message"}, body
-    assert isinstance(body["error"]["type"], str) and body["error"]["type"]
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert "Traceback" not in response.text and 'File "' not in response.text
-    for word in words:
-        assert word in body["error"]["message"], body
-    return body["error"]
 
 
 # --- models, health, metrics ------------------------------------------------------------------------------------

@@ -8,20 +8,15 @@ starts with the BOS token, so a prompt tokenized with special tokens added again
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from server.api.schemas import ChatCompletionChunk, ChatCompletionResponse
-from tests.e2e.test_api import assert_error, parse_sse
+from tests.helpers import assert_error, make_chat_checkpoint, parse_sse
 from tests.live_server import LiveServer, running_server
 
-CHATML_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 CHAT_MAX_MODEL_LEN = 256  # small, so that a chat without max_tokens (the rest of the context) stays quick
 USER = [{"role": "user", "content": "Hello there"}]
 CHATS = {
@@ -32,16 +27,6 @@ CHATS = {
     "parts": [{"role": "user", "content": [{"type": "text", "text": "First part."},
                                            {"type": "text", "text": "Second part."}]}],
 }
-
-
-def make_chat_checkpoint(tiny_dir: Path, directory: Path) -> Path:
-    """A copy of the tiny checkpoint whose tokenizer has CHATML_TEMPLATE."""
-    shutil.copytree(tiny_dir, directory)
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["chat_template"] = CHATML_TEMPLATE
-    config_path.write_text(json.dumps(config))
-    return directory
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.test_api import assert_error, parse_sse
+from tests.helpers import assert_error, parse_sse
 from tests.live_server import LiveServer, running_server
 
 KEYS = {"acme": "key-of-acme", "globex": "key-of-globex"}
@@ -243,7 +243,7 @@ def test_revoking_the_last_key_keeps_v1_closed(tmp_path: Path) -> None:
     import asyncio
 
     from server.auth import ApiKeyStore, TenantResolver
-    from server.registry import Registry
+    from server.registry.store import Registry
 
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with running_server(model="tiny", data_dir=tmp_path / "data", admin_token=ADMIN_TOKEN) as live:
@@ -284,8 +284,8 @@ def test_api_auth_modes(tmp_path: Path) -> None:
 
     from server.auth import ApiKeyStore, TenantResolver
     from server.config import ConfigError, load_settings
-    from server.embedded_redis import start_embedded_redis
-    from server.registry import Registry
+    from server.registry.embedded import start_embedded_redis
+    from server.registry.store import Registry
 
     async def statuses(store: ApiKeyStore, static: dict[str, str], mode: str, headers: list[str | None]) -> list:
         resolver, out = TenantResolver(static, store, mode=mode), []

@@ -29,7 +29,7 @@ def _adapter_bytes(data_dir, seed: int) -> tuple[dict, bytes]:
 
 def _store(url: str, adapters: dict[str, tuple[dict, bytes]]) -> None:
     """Put adapters straight into the registry (what an upload ends with), without the cost of N uploads."""
-    from server.registry import Registry
+    from server.registry.store import Registry
 
     async def put_all():
         registry = Registry.from_url(url)

@@ -6,41 +6,9 @@ import time
 import httpx
 import torch
 
+from tests.e2e.serving import ADMIN, ALL, GREEDY, format1_archive, greedy_text, tiny_checkpoint, upload, wait_for_health
 from tests.helpers import tar_dir
 from tests.live_server import running_server
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADMIN = {"Authorization": "Bearer admin-secret"}
-GREEDY = {"prompt": "multiplex", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
-
-
-def _upload(server, adapter_id, archive, **form):
-    return server.client.post("/admin/adapters", files={"file": ("a.tar.gz", archive)},
-                              data={"adapter_id": adapter_id, "public": "true", **form}, headers=ADMIN)
-
-
-def _text(server, adapter_id, **extra):
-    r = server.client.post("/v1/completions", json={**GREEDY, "adapter_id": adapter_id, **extra})
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
-
-
-def _tiny(data_dir):
-    from server.model.config import ModelConfig
-    from server.model.tiny import ensure_tiny_checkpoint
-
-    path = ensure_tiny_checkpoint(data_dir / "models" / "tiny")
-    return path, ModelConfig.from_dir(path)
-
-
-def _format1(tmp_path, data_dir, name, seed, rank=8):
-    from adapters.artifact import save_artifact
-    from tests.helpers import random_lowrank
-
-    _, cfg = _tiny(data_dir)
-    deltas = random_lowrank(cfg, dict.fromkeys(ALL, rank), seed=seed, magnitude=0.6)
-    return deltas, tar_dir(save_artifact(tmp_path / name, deltas, method="lora", spec=cfg.spec()))
-
 
 def _greedy_reference(model, tokenizer, max_tokens=10, **kwargs) -> str:
     ids = torch.tensor([tokenizer.encode(GREEDY["prompt"])])
@@ -57,7 +25,7 @@ def test_uploads_answer_like_their_references(tmp_path):
     from tests.helpers import load_hf, merged_hf
 
     data = tmp_path / "data"
-    path, _ = _tiny(data)
+    path, _ = tiny_checkpoint(data)
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(3)
     peft_model = get_peft_model(load_hf(path), LoraConfig(r=8, lora_alpha=16, target_modules=ALL, init_lora_weights=False))
@@ -66,25 +34,25 @@ def test_uploads_answer_like_their_references(tmp_path):
             if "lora_" in n:
                 p.mul_(3.0)
     peft_model.save_pretrained(tmp_path / "peft", safe_serialization=True)
-    deltas, fmt1 = _format1(tmp_path, data, "fmt1", seed=5)
+    deltas, fmt1 = format1_archive(tmp_path, data, "fmt1", seed=5)
     with running_server(model="tiny", data_dir=data, admin_token="admin-secret") as server:
-        assert _upload(server, "from-peft", tar_dir(tmp_path / "peft")).status_code == 201
-        assert _upload(server, "from-fmt1", fmt1).status_code == 201
+        assert upload(server, "from-peft", tar_dir(tmp_path / "peft")).status_code == 201
+        assert upload(server, "from-fmt1", fmt1).status_code == 201
         listed = {a["id"] for a in server.client.get("/admin/adapters", headers=ADMIN).json()["adapters"]}
         assert {"from-peft", "from-fmt1"} <= listed
         assert server.client.get("/admin/adapters/from-peft", headers=ADMIN).json()["manifest"]["source_format"] == "peft-lora"
-        assert _text(server, "from-peft") == _greedy_reference(peft_model.eval(), tokenizer)
-        assert _text(server, "from-fmt1") == _greedy_reference(merged_hf(path, deltas), tokenizer)
-        assert _text(server, "from-fmt1") != _text(server, None)
+        assert greedy_text(server, "from-peft") == _greedy_reference(peft_model.eval(), tokenizer)
+        assert greedy_text(server, "from-fmt1") == _greedy_reference(merged_hf(path, deltas), tokenizer)
+        assert greedy_text(server, "from-fmt1") != greedy_text(server, None)
 
 
 def test_two_replicas_share_one_redis(tmp_path):
     data = tmp_path / "data"
-    _, archive = _format1(tmp_path, data, "shared", seed=7)
+    _, archive = format1_archive(tmp_path, data, "shared", seed=7)
     with running_server(model="tiny", data_dir=data, admin_token="admin-secret") as a, \
             running_server(model="tiny", data_dir=data, admin_token="admin-secret") as b:
-        assert _upload(a, "shared", archive).status_code == 201
-        assert _text(b, "shared") == _text(a, "shared")  # uploaded through one, served by the other
+        assert upload(a, "shared", archive).status_code == 201
+        assert greedy_text(b, "shared") == greedy_text(a, "shared")  # uploaded through one, served by the other
         assert a.client.delete("/admin/adapters/shared", headers=ADMIN).status_code == 200
         deadline = time.monotonic() + 1.0
         while b.client.post("/v1/completions", json={**GREEDY, "adapter_id": "shared"}).status_code != 404:
@@ -97,13 +65,13 @@ def test_eviction_and_reload_under_load(tmp_path):
     from server.model.adapter_pool import AdapterPool
 
     data = tmp_path / "data"
-    _, cfg = _tiny(data)
-    made = [_format1(tmp_path, data, f"a{i}", seed=20 + i) for i in range(8)]
+    _, cfg = tiny_checkpoint(data)
+    made = [format1_archive(tmp_path, data, f"a{i}", seed=20 + i) for i in range(8)]
     one = AdapterPool(cfg, 4, 1 << 22, "cpu", torch.float32).nbytes(made[0][0])
     with running_server(model="tiny", data_dir=data, admin_token="admin-secret") as roomy:
         for i, (_, archive) in enumerate(made):
-            assert _upload(roomy, f"a{i}", archive).status_code == 201
-        expected = {f"a{i}": _text(roomy, f"a{i}") for i in range(8)}
+            assert upload(roomy, f"a{i}", archive).status_code == 201
+        expected = {f"a{i}": greedy_text(roomy, f"a{i}") for i in range(8)}
         assert len(set(expected.values())) == 8
         with running_server(model="tiny", data_dir=data, admin_token="admin-secret",
                             adapter_pool_bytes=2 * one + 4096) as small:
@@ -128,37 +96,31 @@ def test_eviction_and_reload_under_load(tmp_path):
 
 
 def test_redis_outage(tmp_path):
-    from server.embedded_redis import start_embedded_redis
+    from server.registry.embedded import start_embedded_redis
 
     data = tmp_path / "data"
-    _, archive = _format1(tmp_path, data, "warm", seed=9)
+    _, archive = format1_archive(tmp_path, data, "warm", seed=9)
     with running_server(model="tiny", data_dir=data, admin_token="admin-secret") as server:
-        assert _upload(server, "warm", archive).status_code == 201
-        before = _text(server, "warm")
+        assert upload(server, "warm", archive).status_code == 201
+        before = greedy_text(server, "warm")
         assert server.client.get("/health").status_code == 200
         server.service.embedded.close()  # Redis dies
-        _wait_for_health(server, 503)
+        wait_for_health(server, 503)
         assert "redis" in server.client.get("/health").json()["problems"]
-        assert _text(server, "warm") == before  # a cached adapter still answers
-        assert _text(server, None)  # and the base model
-        r = _upload(server, "late", archive)
+        assert greedy_text(server, "warm") == before  # a cached adapter still answers
+        assert greedy_text(server, None)  # and the base model
+        r = upload(server, "late", archive)
         assert r.status_code == 503 and r.json()["error"]["message"]
         assert server.client.post("/v1/completions", json={**GREEDY, "adapter_id": "never-seen"}).status_code == 503
         server.service.embedded = start_embedded_redis(data)  # Redis is back, same address, same data
         deadline = time.monotonic() + 10
-        while (r := _upload(server, "late", archive)).status_code == 503:
+        while (r := upload(server, "late", archive)).status_code == 503:
             assert time.monotonic() < deadline, r.text
             time.sleep(0.2)
         assert r.status_code == 201
-        assert _text(server, "late") == before  # same weights as "warm"
-        _wait_for_health(server, 200)  # /health recovers by itself
+        assert greedy_text(server, "late") == before  # same weights as "warm"
+        wait_for_health(server, 200)  # /health recovers by itself
 
-
-def _wait_for_health(server, status: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (r := server.client.get("/health")).status_code != status:
-        assert time.monotonic() < deadline, r.text
-        time.sleep(0.1)
 
 
 def test_a_replica_of_another_backbone_refuses_a_foreign_adapter_by_name(tmp_path):
@@ -167,12 +129,12 @@ def test_a_replica_of_another_backbone_refuses_a_foreign_adapter_by_name(tmp_pat
     from tests.helpers import make_hf_model
 
     data = tmp_path / "data"
-    _, archive = _format1(tmp_path, data, "for-tiny", seed=3)
+    _, archive = format1_archive(tmp_path, data, "for-tiny", seed=3)
     other = make_hf_model(tmp_path / "other-backbone", "llama")
     with running_server(model="tiny", data_dir=data, admin_token="admin-secret") as tiny, \
             running_server(model=str(other), data_dir=data, admin_token="admin-secret") as foreign:
-        assert _upload(tiny, "for-tiny", archive).status_code == 201
+        assert upload(tiny, "for-tiny", archive).status_code == 201
         refused = foreign.client.post("/v1/completions", json={**GREEDY, "adapter_id": "for-tiny"})
         assert refused.status_code == 422, refused.text
         assert "'for-tiny'" in refused.json()["error"]["message"] and "backbone" in refused.json()["error"]["message"]
-        assert _text(foreign, None) and _text(tiny, "for-tiny")
+        assert greedy_text(foreign, None) and greedy_text(tiny, "for-tiny")

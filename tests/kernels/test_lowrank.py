@@ -1,22 +1,17 @@
 """Triton low-rank delta kernels vs the fp32 reference (kernels/lowrank.py).
 
-Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before triton is
-imported); with CUDA the same sweep runs natively in the `gpu` tests. Every run starts from a random y (the
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton
+is imported); with CUDA the same sweep runs natively in the `gpu` tests. Every run starts from a random y (the
 same for kernel and reference), a NaN-poisoned workspace, and an arena whose gaps between factors are NaN,
 so an element read or written out of place fails the comparison.
 """
 import importlib.util
-import os
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
 _HAS_CUDA = torch.cuda.is_available()
-# Triton reads TRITON_INTERPRET when it is first imported (its own library functions, tl.zeros and the like, are
-# decorated then), so the flag takes only if nothing imported triton before: tests/conftest.py is the safe place.
-if not _HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton.language as tl  # noqa: E402
 
@@ -27,9 +22,6 @@ from tests.kernels.conftest import TOLERANCES  # noqa: E402
 
 INTERPRET = all(type(f).__name__ == "InterpretedFunction" for f in (lowrank._shrink_kernel, tl.zeros))
 LowRankTable = lowrank.LowRankTable
-
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="kernels compiled for the GPU (see test_interpreter_engaged)")
-needs_cuda = pytest.mark.skipif(not _HAS_CUDA or INTERPRET, reason="needs CUDA (and TRITON_INTERPRET unset)")
 
 MIXED_RANKS = (1, 7, 8, 16, 33, 64, 100, 128)
 
@@ -173,19 +165,19 @@ def test_interpreter_engaged():
     torch.testing.assert_close(y, (x @ arena[:16, None]) * arena[None, 16:], **TOLERANCES[torch.float32])
 
 
-@needs_interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("case,dtype", list(_cpu_params()))
 def test_lowrank_triton_interpreter(case: Case, dtype: torch.dtype):
     _run_case(case, dtype, "cpu")
 
 
-@needs_interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("split_k", [1, 2, 5])
 def test_lowrank_triton_split_k(split_k: int):
     _run_case(Case("split", (1, 1, 2, 1), "zipf", 3, 200, (24, 16), seed=4), torch.float32, "cpu", split_k=split_k)
 
 
-@needs_interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("config", [
     dict(expand_blocks_per_program=3, expand_block_n=16), dict(shrink_block_k=32, shrink_block_r=16, expand_block_r=16),
     dict(shrink_block_k=128, shrink_block_r=64, expand_block_r=64, expand_block_n=128),
@@ -195,14 +187,12 @@ def test_lowrank_triton_launch_configs(config: dict):
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("case,dtype", list(_gpu_params()))
 def test_lowrank_triton_gpu(case: Case, dtype: torch.dtype):
     _run_case(case, dtype, "cuda")
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("seg_lens", [(1,) * 64, (512, 300, 1, 1, 7)], ids=["decode64", "prefill"])
 def test_lowrank_triton_gpu_llama_shapes(seg_lens, dtype):
@@ -214,7 +204,6 @@ def test_lowrank_triton_gpu_llama_shapes(seg_lens, dtype):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_lowrank_triton_cuda_graph_replay():
     """Captured once, replayed after the step's metadata changed in place (same T and S): still exact."""
     case = Case("graph", (1,) * 16, "distinct", 8, 256, (128, 64, 64))

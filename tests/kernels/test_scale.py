@@ -1,23 +1,16 @@
 """Activation scaling (IA3 / PARA): the Triton kernel against the fp32 reference, in place on a strided view.
 
-Without CUDA the Triton kernel runs in the interpreter on CPU tensors (TRITON_INTERPRET is set before the
-kernels module is imported); the @gpu tests run the same sweep natively on CUDA.
+Without CUDA the Triton kernel runs in the interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET before
+any kernels module is imported); the @gpu tests run the same sweep natively on CUDA.
 """
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the import of the kernels (decorated at import time)
 
 import kernels.scale as scale  # noqa: E402
 from tests.kernels.conftest import TOLERANCES  # noqa: E402
 
 INTERPRETED = type(scale._scale_rows_kernel).__name__ == "InterpretedFunction"
 
-cpu = pytest.mark.skipif(not INTERPRETED, reason="Triton is compiled for the GPU here; the gpu tests cover it")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_kernels_run_somewhere():
@@ -47,7 +40,7 @@ def check_scale(num_tokens, width, col_start, num_vectors, dtype, vec_dtype, dev
     assert torch.equal(wide[~changed], base[~changed])
 
 
-@cpu
+@pytest.mark.interpreter
 @pytest.mark.parametrize("vec_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # no tl.dot: bf16 is sound here
 @pytest.mark.parametrize("width,col_start", [(1376, 0), (2049, 13), (64, 4096)])
@@ -55,14 +48,13 @@ def test_scale_interpreter(width, col_start, dtype, vec_dtype):
     check_scale(37, width, col_start, 5, dtype, vec_dtype, "cpu")
 
 
-@cpu
+@pytest.mark.interpreter
 @pytest.mark.parametrize("num_tokens", [0, 1])
 def test_scale_tiny_batches_interpreter(num_tokens):
     check_scale(num_tokens, 33, 2, 1, torch.float16, torch.float32, "cpu")
 
 
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("vec_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [1, 3000])

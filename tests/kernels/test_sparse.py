@@ -1,15 +1,10 @@
 """Sparse (SIFT) deltas: the Triton kernel against the fp32 reference, over a sweep of batches and adapters.
 
-Without CUDA the Triton kernel runs in the interpreter on CPU tensors (TRITON_INTERPRET is set before the
-kernels module is imported); the @gpu tests run the same sweep natively on CUDA.
+Without CUDA the Triton kernel runs in the interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET before
+any kernels module is imported); the @gpu tests run the same sweep natively on CUDA.
 """
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the import of the kernels (decorated at import time)
 
 import kernels.sparse as sparse  # noqa: E402
 from kernels.segments import make_segments  # noqa: E402
@@ -17,8 +12,6 @@ from tests.kernels.conftest import TOLERANCES  # noqa: E402
 
 INTERPRETED = type(sparse._sparse_kernel).__name__ == "InterpretedFunction"
 
-cpu = pytest.mark.skipif(not INTERPRETED, reason="Triton is compiled for the GPU here; the gpu tests cover it")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_kernels_run_somewhere():
@@ -75,7 +68,7 @@ def check_sparse(num_adapters, popularity, seg_lens, d_out, d_in, dtype, device,
 SEG_LENS = [1, 5, 0, 1, 20, 1, 0, 3, 1, 40, 1, 1]
 
 
-@cpu
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("popularity", POPULARITY)
 @pytest.mark.parametrize("num_adapters", [1, 8, 64])
@@ -84,13 +77,13 @@ def test_sparse_interpreter(num_adapters, popularity, dtype):
     check_sparse(num_adapters, popularity, seg_lens, 80, 96, dtype, "cpu")
 
 
-@cpu
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sparse_odd_sizes_interpreter(dtype):
     check_sparse(3, "distinct", [1, 3, 1, 0, 2], 2049, 1376, dtype, "cpu")
 
 
-@cpu
+@pytest.mark.interpreter
 def test_sparse_base_model_only_interpreter():
     seg = make_segments([3, 1], [-1, -1], "cpu")
     idx_arena, val_arena, table = sparse.pack_sparse([None, None], 40, torch.float32, "cpu")
@@ -101,7 +94,6 @@ def test_sparse_base_model_only_interpreter():
 
 
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("popularity", POPULARITY)
 @pytest.mark.parametrize("num_adapters", [1, 8, 64])

@@ -56,7 +56,7 @@ def test_slots_run_out_before_bytes(cfg):
 
 
 def test_every_kind_counts_against_the_pool(cfg):
-    from tests.server.test_all_kinds import random_para, random_sparse
+    from tests.helpers import random_para, random_sparse
 
     pool = AdapterPool(cfg, max_slots=4, arena_bytes=1 << 22, device="cpu", dtype=torch.float32)
     for deltas in (random_para(cfg, seed=1), random_sparse(cfg, ["q_proj", "down_proj"], 0.05, seed=2)):

@@ -2,58 +2,22 @@
 Scale (IA3), PARA and a combination; each request's logits equal its own reference model's."""
 import torch
 
-from adapters.delta import AdapterDeltas, ParaLayer, Sparse
-from server.model.adapter_layout import Layout
+from adapters.delta import AdapterDeltas
 from server.model.config import ModelConfig
-from tests.helpers import make_hf_model, random_lowrank, reference_logits, reference_model, refs, run_capture, small_engine
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def random_sparse(cfg, procs, density, seed):
-    gen = torch.Generator().manual_seed(seed)
-    dims = Layout.of(cfg).dims  # projection -> (d_out, d_in)
-    out = AdapterDeltas()
-    for layer in range(cfg.num_layers):
-        for proj in procs:
-            d_out, d_in = dims[proj]
-            k = max(1, int(density * d_out * d_in))
-            flat = torch.randperm(d_out * d_in, generator=gen)[:k].sort().values
-            out.sparse[f"layers.{layer}.{proj}"] = Sparse((flat // d_in).int(), (flat % d_in).int(),
-                                                          torch.randn(k, generator=gen) * 0.3, (d_out, d_in))
-    return out
-
-
-def random_ia3(cfg, seed):
-    gen = torch.Generator().manual_seed(seed)
-    out = AdapterDeltas()
-    for layer in range(cfg.num_layers):
-        out.scale[f"layers.{layer}.k"] = 1 + 0.5 * torch.randn(cfg.kv_size, generator=gen)
-        out.scale[f"layers.{layer}.v"] = 1 + 0.5 * torch.randn(cfg.kv_size, generator=gen)
-        out.scale[f"layers.{layer}.ffn"] = 1 + 0.5 * torch.randn(cfg.intermediate_size, generator=gen)
-    return out
-
-
-def random_para(cfg, seed, pool="attention", layers=None):
-    gen = torch.Generator().manual_seed(seed)
-    n_out = cfg.q_size + cfg.kv_size + cfg.intermediate_size
-    out = AdapterDeltas()
-    for layer in (layers if layers is not None else range(cfg.num_layers)):
-        out.para[layer] = ParaLayer(pool, torch.randn(6, cfg.hidden_size, generator=gen) * 0.3,
-                                    torch.randn(n_out, 6, generator=gen) * 0.3,
-                                    torch.randn(cfg.hidden_size, generator=gen) if pool == "attention" else None, "silu")
-    return out
-
-
-def combine(*parts):
-    out = AdapterDeltas()
-    for p in parts:
-        out.lowrank.update(p.lowrank)
-        out.sparse.update(p.sparse)
-        out.scale.update(p.scale)
-        out.para.update(p.para)
-    return out
-
+from tests.helpers import (
+    ALL,
+    combine,
+    make_hf_model,
+    random_ia3,
+    random_lowrank,
+    random_para,
+    random_sparse,
+    reference_logits,
+    reference_model,
+    refs,
+    run_capture,
+    small_engine,
+)
 
 def test_every_kind_in_one_mixed_batch(tmp_path):
     path = make_hf_model(tmp_path / "m", "qwen2")  # qkv bias: Scale must come after the bias

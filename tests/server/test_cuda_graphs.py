@@ -13,7 +13,7 @@ from adapters.delta import AdapterDeltas
 from server.engine.cuda_graphs import DecodeGraphs, batch_sizes, eager_capture
 from server.model.config import ModelConfig
 from tests.helpers import make_hf_model, random_lowrank, reference_logits, reference_model, refs, run_capture, small_engine
-from tests.server.test_all_kinds import ALL, combine, random_ia3, random_para, random_sparse
+from tests.helpers import ALL, combine, random_ia3, random_para, random_sparse
 
 
 def test_batch_sizes_cover_every_batch_and_end_at_the_maximum():
@@ -145,7 +145,6 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_runs_eagerly(model, capl
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_engine_equals_eager_engine_on_gpu(model):
     path, adapters = model
     plan = [("base", None, 6), ("l4", "lora4", 13), ("so", "sorsa-2r", 9), ("si", "sift", 15), ("ia", "ia3", 8),

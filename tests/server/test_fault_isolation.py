@@ -18,7 +18,7 @@ from server.engine.scheduler import ScheduledBatch
 from server.model.config import ModelConfig
 from tests.helpers import make_hf_model, random_lowrank, small_engine
 from tests.live_server import running_server
-from tests.server.test_all_kinds import random_ia3, random_para
+from tests.helpers import random_ia3, random_para
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The per-replica cache of adapter records (server/adapter_store.py) against a real Redis: two replicas
+"""The per-replica cache of adapter records (server/registry/adapters.py) against a real Redis: two replicas
 (RegistryAdapters, each following the registry's events) on one Redis. A replica reads a record once, not once per
 request; a replace or delete is seen at once by the replica that made it and within the event's delivery by the
 other; visibility is checked on every request from the cached record; a subscription that drops clears the cache,
@@ -13,11 +13,11 @@ import pytest
 import redis
 
 from adapters.artifact import adapter_to_bytes, load_adapter, save_artifact
-from server.adapter_store import HostTier, RegistryAdapters
-from server.embedded_redis import start_embedded_redis
+from server.registry.adapters import HostTier, RegistryAdapters
+from server.registry.embedded import start_embedded_redis
 from server.engine.errors import UnknownAdapterError
-from server.registry import Registry
-from tests.server.test_upload import SPEC, lora_deltas
+from server.registry.store import Registry
+from tests.archives import SPEC, lora_deltas
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from adapters.artifact import adapter_from_bytes, adapter_to_bytes, load_adapter
 from adapters.delta import Sparse
 from adapters.errors import ArtifactError
 from adapters.peft_io import export_peft_lora
-from server.embedded_redis import EmbeddedRedis, start_embedded_redis
-from server.registry import AdapterExistsError, AdapterNotFoundError, CorruptAdapterError, Registry
-from tests.server.test_upload import SPEC, assert_same_deltas, lora_deltas
+from server.registry.embedded import EmbeddedRedis, start_embedded_redis
+from server.registry.store import AdapterExistsError, AdapterNotFoundError, CorruptAdapterError, Registry
+from tests.archives import SPEC, assert_same_deltas, lora_deltas
 
 MANIFEST = {"format": 1, "name": "a", "method": "lora"}
 
@@ -111,7 +111,7 @@ def test_chunking(url):
 
 
 def test_chunking_exact_and_reading_in_batches(url, monkeypatch):
-    monkeypatch.setattr("server.registry._MAX_READ_BYTES", 3000)  # 3 chunks per LRANGE
+    monkeypatch.setattr("server.registry.store._MAX_READ_BYTES", 3000)  # 3 chunks per LRANGE
     blob = blob_of(10_000)
 
     async def scenario(reg: Registry):
@@ -247,7 +247,7 @@ def test_client_reconnects_after_a_restart_and_sharing(tmp_path):
 
 def test_embedded_redis_dies_with_its_process(tmp_path):
     """A server process killed with SIGKILL leaves no redis-server behind, and what it stored is on disk."""
-    script = (f"import sys, time, redis; from server.embedded_redis import start_embedded_redis\n"
+    script = (f"import sys, time, redis; from server.registry.embedded import start_embedded_redis\n"
               f"e = start_embedded_redis({str(tmp_path)!r})\n"
               f"redis.Redis.from_url(e.url).set('mpx:probe', 'kept')\n"
               f"print(e.url, flush=True); time.sleep(60)\n")

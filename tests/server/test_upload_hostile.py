@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 from adapters.artifact import adapter_to_bytes
 from server.api.admin import AdminSettings
-from server.embedded_redis import start_embedded_redis
+from server.registry.embedded import start_embedded_redis
 from server.upload import UploadError, parse_upload
-from tests.e2e.test_admin import AdminServer, admin_app, assert_error, serve
-from tests.server.test_upload import (
+from tests.admin_server import AdminServer, admin_app, serve
+from tests.helpers import assert_error
+from tests.archives import (
     LIMITS,
     SPEC,
     format1_files,

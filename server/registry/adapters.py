@@ -1,7 +1,7 @@
 """Where the API finds adapters: resolve an id (for a tenant) to an AdapterRef with host-side deltas.
 
 Two sources behind one interface: a fixed set loaded at start (`--adapters DIR` without Redis, and tests) and
-the Redis registry (server/registry.py). Resolution happens on the event loop before a request reaches the
+the Redis registry (store.py). Resolution happens on the event loop before a request reaches the
 engine, so a cold fetch never stalls the batch. Per replica, two caches sit in front of Redis:
 - `RecordCache`: id -> the adapter's record (version, owner, manifest), so that a request costs no Redis round
   trip; kept only while the registry's events reach this replica (see its docstring for why it is never stale
@@ -19,9 +19,9 @@ from collections import OrderedDict
 from adapters.artifact import adapter_from_bytes
 from adapters.delta import AdapterDeltas
 from adapters.errors import ArtifactError
-from server.engine.errors import EngineOverloadedError, InvalidAdapterError, UnknownAdapterError
+from server.engine.errors import InvalidAdapterError, UnknownAdapterError
 from server.engine.request import AdapterRef
-from server.registry import AdapterRecord
+from server.registry.store import AdapterRecord, RegistryUnavailableError, is_redis_outage, outage_is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class RegistryAdapters:
 
         try:
             record = await self._record(adapter_id)
-        except EngineOverloadedError:
+        except RegistryUnavailableError:
             record = self.known.get(adapter_id)  # registry away: the version this replica last saw, if cached
             if record is None or f"{adapter_id}@{record.version}" not in self.host:
                 raise
@@ -253,7 +253,7 @@ class RegistryAdapters:
             except Exception as exc:  # noqa: BLE001 - never let the follower die: Redis away, or a bug
                 if self.num_subscriptions > num_before:  # it had subscribed: a new outage starts the backoff over
                     delay = first_delay
-                if _is_redis_outage(exc):
+                if is_redis_outage(exc):
                     log.warning("registry events: subscription lost (%s); reading adapter records from Redis per "
                                 "request; subscribing again in %.1fs", exc, delay)
                 else:
@@ -282,20 +282,9 @@ class RegistryAdapters:
 
     @staticmethod
     async def _call(awaitable):
-        """Registry outages answer 503 (retry later), never 500."""
-        try:
+        """Registry outages are RegistryUnavailableError (retry later), never a bare Redis exception."""
+        with outage_is_unavailable():
             return await awaitable
-        except Exception as exc:
-            if _is_redis_outage(exc):
-                raise EngineOverloadedError(f"adapter registry unavailable: {exc}") from exc
-            raise
-
-
-def _is_redis_outage(exc: BaseException) -> bool:
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
 
 
 def _nbytes(entry: tuple[AdapterDeltas, object]) -> int:

@@ -1,7 +1,7 @@
 """The adapter registry: adapters (a format-1 manifest + the adapter.safetensors bytes) in Redis, shared by every
 replica, with an event on every change.
 
-Settings (server/config.py): `REDIS_URL` (a shared Redis; unset: server/embedded_redis.py under
+Settings (server/config.py): `REDIS_URL` (a shared Redis; unset: server/registry/embedded.py under
 `MULTIPLEX_DATA_DIR`), `MULTIPLEX_REDIS_CHUNK_BYTES` (default 8 MiB; a Redis value holds at most 512 MB), and the
 client's connection pool: `MULTIPLEX_REDIS_MAX_CONNECTIONS` (default 64 per replica) and
 `MULTIPLEX_REDIS_POOL_TIMEOUT_S` (default 5 s). The pool blocks: a command that finds every connection busy waits
@@ -22,11 +22,13 @@ finds a manifest therefore finds its blob, and `get` checks the blob's size and 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -34,6 +36,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
@@ -60,6 +63,29 @@ class AdapterExistsError(RegistryError):
 
 class CorruptAdapterError(RegistryError):
     """What Redis holds for an adapter is not what was written (sha256 or size mismatch, missing chunks)."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """Redis cannot be reached (or did not answer in time); retrying later can succeed."""
+
+
+def is_redis_outage(exc: BaseException) -> bool:
+    """Is `exc` Redis being away (as opposed to a bug or a refusal)?"""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
+
+
+@contextlib.contextmanager
+def outage_is_unavailable(what: str = "the adapter registry (Redis) is unavailable") -> Iterator[None]:
+    """Redis outages inside the block -> RegistryUnavailableError (`what`: the message's start); the registry's own
+    errors pass through. Works around `await`s: `with outage_is_unavailable(): await registry.list()`."""
+    try:
+        yield
+    except RegistryError:
+        raise
+    except Exception as exc:
+        if is_redis_outage(exc):
+            raise RegistryUnavailableError(f"{what}: {exc}; retry later") from exc
+        raise
 
 
 def check_adapter_id(adapter_id: str) -> str:
