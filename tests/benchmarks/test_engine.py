@@ -1,8 +1,8 @@
-"""`python -m server.bench --mode decode-step` and `--mode host` run end to end on a CPU (decode-step: tiny shape,
+"""`python -m benchmarks.engine --mode decode-step` and `--mode host` run end to end on a CPU (decode-step: tiny shape,
 static-buffer replays) and report every figure the README quotes from them."""
 import json
 
-from server.bench import main
+from benchmarks.engine import main
 
 
 def test_decode_step_bench_reports_eager_graph_and_engine_step_per_adapter_count(tmp_path):

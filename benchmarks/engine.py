@@ -1,8 +1,8 @@
 """End-to-end throughput: our engine on a mixed-adapter batch vs. the same batch with no adapters vs. PEFT.
 
-    python -m server.bench                     # CPU: tiny and ~100M configs, 16 requests over 8 adapters
-    python -m server.bench --mode decode-step  # GPU: one decode step of a 7B-shaped model, batch 32, 0/1/8/32 adapters
-    python -m server.bench --mode host --batch 64 --gen-len 1000  # the engine's Python work per step
+    python -m benchmarks.engine                     # CPU: tiny and ~100M configs, 16 requests over 8 adapters
+    python -m benchmarks.engine --mode decode-step  # GPU: one 7B-shaped decode step, batch 32, 0/1/8/32 adapters
+    python -m benchmarks.engine --mode host --batch 64 --gen-len 1000  # the engine's Python work per step
 
 Weights are random (no download); timings do not depend on their values. Ratios are measured in one run.
 """

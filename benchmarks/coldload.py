@@ -1,8 +1,8 @@
 """Cold-load cost of an adapter: Redis -> host (fetch + parse) -> device pool, by rank, and the time to first token
 of a request whose adapter is cold versus warm, measured in one run.
 
-    python -m server.bench_coldload                      # ~100M config on this machine's device (cpu here)
-    python -m server.bench_coldload --config tiny --ranks 8 16
+    python -m benchmarks.coldload                      # ~100M config on this machine's device (cpu here)
+    python -m benchmarks.coldload --config tiny --ranks 8 16
 
 Uses an embedded Redis in a temporary directory and the real registry, host tier, device cache and engine.
 """
@@ -17,14 +17,14 @@ from pathlib import Path
 
 from adapters.artifact import adapter_to_bytes
 from adapters.manifest import LoadedAdapter
-from server.adapter_store import HostTier, RegistryAdapters
-from server.bench import CONFIGS, make_checkpoint, random_adapter
-from server.embedded_redis import start_embedded_redis
+from benchmarks.engine import CONFIGS, make_checkpoint, random_adapter
 from server.engine.async_engine import AsyncEngine
 from server.engine.builder import EngineOptions, build_llm_engine
 from server.engine.request import SamplingParams
 from server.model.config import ModelConfig
-from server.registry import Registry
+from server.registry.adapters import HostTier, RegistryAdapters
+from server.registry.embedded import start_embedded_redis
+from server.registry.store import Registry
 
 
 async def _first_token_s(engine: AsyncEngine, adapter_id: str, request_id: str) -> float:
