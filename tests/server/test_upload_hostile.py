@@ -118,7 +118,7 @@ def test_serving_dtype_reaches_the_upload_check(server):
     with serve(app) as url, httpx.Client(base_url=url, headers={"Authorization": "Bearer t"}) as client:
         response = client.post("/admin/adapters", files={"file": ("a.zip", make_zip(para_files(fill=3.4e38)))},
                                data={"adapter_id": "bf16"})
-        assert_error(response, 422, "values overflow bfloat16", "invalid_adapter")
+        assert assert_error(response, 422, "values overflow bfloat16")["type"] == "invalid_adapter"
     assert server.redis_keys() == []
 
 
