@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -52,6 +53,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.auth import ADMIN_TOKEN_FILE
     from server.service import running_service
 
+    # uvicorn re-raises the SIGTERM it handled once it has shut down gracefully; as an exception (not the default
+    # action, which kills the process at once) it lets `running_service` close the embedded Redis on the way out.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+
     logger.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
     with running_service(settings) as service:
         registry = settings.redis_url or f"embedded redis in {settings.data_dir}"
@@ -64,6 +69,10 @@ def run_serve(args: argparse.Namespace) -> int:
         uvicorn.run(service.app, host=settings.host, port=settings.port, log_config=None,
                     log_level=settings.log_level.lower(), timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return 0
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
