@@ -136,6 +136,99 @@ def _prefill_ref(q, k_cache, v_cache, block_table, q0, n, seq_len, sm_scale, out
     out[q0 : q0 + n] = o.transpose(0, 1).to(q.dtype)
 
 
+# ----------------------------------------------------------------------------------------------- CPU path
+
+
+@dataclass(frozen=True)
+class CpuAttentionPlan:
+    """The index work of one step's attention on a CPU, done once and shared by every layer (the reference
+    redoes it in each call). Host tensors; built by plan_cpu_attention from the step's metadata.
+
+    Decode rows of all sequences run as one batched softmax over keys gathered with one index_select per cache
+    and layer. Their keys are laid out (sequence, KV head, key) so that the GQA group of each KV head is one
+    matrix product: with sequences b, KV heads g and S the longest visible key range,
+        keys[window]: (Bd * Hkv * S,) rows of the cache viewed as (num_blocks * block_size * Hkv, D): key j of
+                      sequence b is its position lo_b + j (lo_b: 0, or the window's first position); positions past
+                      the sequence's last one read that last key (written, so finite) and are masked
+        bias[window]: (Bd * Hkv, 1, S) fp32, 0 for a visible key, -inf for a masked one
+    Example (block_size 4, Hkv 1, no window): seq 0 has 6 tokens in blocks [7, 2], seq 1 has 3 in block [4]:
+        S = 6   keys = [28 29 30 31 8 9 | 16 17 18 18 18 18]   bias = [0 0 0 0 0 0 | 0 0 0 -inf -inf -inf]
+    Prefill chunks (and empty sequences) run one by one as in the reference.
+    """
+
+    write_slots: torch.Tensor  # (W,) int64 cache rows of the tokens written (slot_mapping without its -1 entries)
+    write_rows: torch.Tensor | None  # (W,) int64 token rows written; None: every token, in order
+    decode_rows: torch.Tensor | None  # (Bd,) int64 query rows of the decode sequences; None: all rows, in order
+    keys: dict[int, torch.Tensor]  # window (0 = none) -> (Bd * Hkv * S,) int64
+    bias: dict[int, torch.Tensor]  # window -> (Bd * Hkv, 1, S) fp32
+    prefills: tuple[tuple[int, int, int, int], ...]  # (sequence, first query row, query rows, seq_len)
+
+
+def plan_cpu_attention(meta: AttentionMeta, slot_mapping: torch.Tensor, block_size: int, num_kv_heads: int,
+                       windows: tuple[int, ...] = (0,)) -> CpuAttentionPlan:
+    """The CpuAttentionPlan of a step, for the sliding windows its layers use (0 = full attention)."""
+    q_start, seq_lens = meta.q_start.tolist(), meta.seq_lens.tolist()
+    num_tokens = q_start[-1]
+    decode = [b for b in range(len(seq_lens)) if q_start[b + 1] - q_start[b] == 1 and seq_lens[b] > 0]
+    prefills = tuple((b, q_start[b], q_start[b + 1] - q_start[b], seq_lens[b]) for b in range(len(seq_lens))
+                     if q_start[b + 1] - q_start[b] > 1 or (q_start[b + 1] - q_start[b] == 1 and seq_lens[b] == 0))
+    keep = slot_mapping >= 0
+    all_written = bool(keep.all())
+    keys, bias = {}, {}
+    if decode:
+        seqs = torch.tensor(decode, dtype=torch.long)
+        lens = meta.seq_lens.long()[seqs][:, None]  # (Bd, 1)
+        tables = meta.block_tables.long()[seqs]  # (Bd, max_blocks)
+        for window in set(windows):
+            lo = (lens - window).clamp(min=0) if window > 0 else torch.zeros_like(lens)
+            pos = lo + torch.arange(int((lens - lo).max()))[None, :]  # (Bd, S)
+            visible = pos < lens
+            pos = torch.minimum(pos, lens - 1)  # masked keys read the last one: written, so never NaN
+            rows = tables.gather(1, pos // block_size) * block_size + pos % block_size  # (Bd, S) cache rows
+            keys[window] = (rows[:, None, :] * num_kv_heads + torch.arange(num_kv_heads)[None, :, None]).reshape(-1)
+            b = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))  # (Bd, S)
+            bias[window] = b[:, None, None, :].expand(-1, num_kv_heads, 1, -1).reshape(-1, 1, b.shape[1])
+    return CpuAttentionPlan(
+        write_slots=slot_mapping.long() if all_written else slot_mapping[keep].long(),
+        write_rows=None if all_written else keep.nonzero().squeeze(1),
+        decode_rows=None if len(decode) == num_tokens else torch.tensor([q_start[b] for b in decode], dtype=torch.long),
+        keys=keys, bias=bias, prefills=prefills)
+
+
+def write_kv_cpu(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 plan: CpuAttentionPlan) -> None:
+    """write_kv_ref's semantics with the plan's rows: one index_copy_ per cache. k, v may be strided views."""
+    for src, cache in ((k, k_cache), (v, v_cache)):
+        rows = src.reshape(src.shape[0], -1)  # (T, Hkv * D): a view for slices of a fused qkv
+        if plan.write_rows is not None:
+            rows = rows.index_select(0, plan.write_rows)
+        cache.view(-1, rows.shape[1]).index_copy_(0, plan.write_slots, rows.to(cache.dtype))
+
+
+def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
+                        sm_scale: float, window: int, plan: CpuAttentionPlan) -> torch.Tensor:
+    """paged_attention_ref's semantics with the plan's gathers (fp32 math). q: (T, Hq, D), any strides."""
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    rep = num_q_heads // k_cache.shape[2]
+    out = None
+    if plan.keys:
+        keys, bias = plan.keys[window], plan.bias[window]
+        qd = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)
+        qd = qd.reshape(bias.shape[0], rep, head_dim).float()  # (Bd * Hkv, rep, D): a GQA group per matrix
+        k = k_cache.view(-1, head_dim).index_select(0, keys).view(bias.shape[0], -1, head_dim).float()  # (Bd*Hkv, S, D)
+        v = v_cache.view(-1, head_dim).index_select(0, keys).view(bias.shape[0], -1, head_dim).float()
+        scores = torch.baddbmm(bias, qd, k.transpose(1, 2), alpha=sm_scale)  # (Bd * Hkv, rep, S)
+        o = torch.bmm(torch.softmax(scores, dim=-1), v).view(-1, num_q_heads, head_dim).to(q.dtype)  # (Bd, Hq, D)
+        if plan.decode_rows is None:
+            return o
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device).index_copy_(0, plan.decode_rows, o)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for b, q0, n, seq_len in plan.prefills:
+        _prefill_ref(q, k_cache, v_cache, meta.block_tables[b], q0, n, seq_len, sm_scale, out, window)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- write_kv
 
 
@@ -366,17 +459,24 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # ----------------------------------------------------------------------------------------------- dispatch
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Dispatch: CUDA tensors -> Triton, anything else -> the reference (MULTIPLEX_KERNELS overrides)."""
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             plan: CpuAttentionPlan | None = None) -> None:
+    """Dispatch: CUDA tensors -> Triton, anything else -> the CPU path with the step's plan, or the reference
+    without one (MULTIPLEX_KERNELS overrides)."""
     if _use_triton(k_cache):
         write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    elif plan is not None:
+        write_kv_cpu(k, v, k_cache, v_cache, plan)
     else:
         write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, sm_scale: float,
-                    window: int = 0) -> torch.Tensor:
-    """Dispatch: CUDA tensors -> Triton, anything else -> the reference (MULTIPLEX_KERNELS overrides)."""
+                    window: int = 0, plan: CpuAttentionPlan | None = None) -> torch.Tensor:
+    """Dispatch: CUDA tensors -> Triton, anything else -> the CPU path with the step's plan, or the reference
+    without one (MULTIPLEX_KERNELS overrides)."""
     if _use_triton(q):
         return paged_attention_triton(q, k_cache, v_cache, meta, sm_scale, window=window)
+    if plan is not None:
+        return paged_attention_cpu(q, k_cache, v_cache, meta, sm_scale, window, plan)
     return paged_attention_ref(q, k_cache, v_cache, meta, sm_scale, window)

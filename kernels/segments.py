@@ -37,14 +37,15 @@ TILE_SIZES = (16, 32, 64)
 @dataclass(frozen=True)
 class SlotBatch:
     """Adapter tokens grouped by slot and padded: row i of `gather` lists the token rows of slot `slots[i]`,
-    padded with num_tokens (an appended zero row). Flattened, the entries `keep` are real tokens, in `rows` order.
+    padded with row 0 (whatever a padding cell computes is dropped). Flattened, the entries `keep` are real tokens,
+    in `rows` order (`keep` is None when every cell is one, e.g. 16 decode tokens over 8 slots, 2 each).
     When the step's slots lie close together, `slots` is their whole range lo..hi-1 (`slot_range`), slots of the
     range that the step does not use getting padding rows only: per-slot stacks are then read through a view of
     rows lo..hi-1 instead of being gathered (copied) for every op."""
 
     slots: torch.Tensor  # (S,) int64
     gather: torch.Tensor  # (S, n_max) int64
-    keep: torch.Tensor  # (N,) int64 positions in gather.view(-1) that are real tokens
+    keep: torch.Tensor | None  # (N,) int64 positions in gather.view(-1) that are real tokens; None: all of them
     rows: torch.Tensor  # (N,) int64 token rows, in the same order
     slot_range: tuple[int, int] | None = None  # (lo, hi) when slots == arange(lo, hi)
 
@@ -101,12 +102,14 @@ class Segments:
             slots = list(range(*slot_range))
             rows = [by_slot.get(s, torch.empty(0, dtype=torch.long)) for s in slots]
         width = max(len(r) for r in rows)
-        gather = torch.full((len(rows), width), self.num_tokens, dtype=torch.long)  # pad -> the appended zero row
+        is_real = torch.zeros((len(rows), width), dtype=torch.bool)
+        gather = torch.zeros((len(rows), width), dtype=torch.long)  # padding cells read row 0
         for i, r in enumerate(rows):
             gather[i, : len(r)] = r
-        keep = (gather != self.num_tokens).view(-1).nonzero().squeeze(1)
+            is_real[i, : len(r)] = True
+        keep = None if bool(is_real.all()) else is_real.view(-1).nonzero().squeeze(1).to(device)
         return SlotBatch(slots=torch.tensor(slots, dtype=torch.long).to(device), gather=gather.to(device),
-                         keep=keep.to(device), rows=torch.cat(rows).long().to(device), slot_range=slot_range)
+                         keep=keep, rows=torch.cat(rows).long().to(device), slot_range=slot_range)
 
     def forget_host_views(self) -> None:
         """Drop slot_rows / slot_batch, read from the device tensors: call after writing new values into them."""

@@ -29,6 +29,7 @@ tile, plus the gathered xt (mostly from L2), plus y's touched rows read and writ
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,33 @@ def sparse_delta_ref(y: torch.Tensor, x: torch.Tensor, seg: Segments, idx_arena:
         delta = torch.zeros(xs.shape[0], d_out, device=x.device).index_add_(1, rows, xs[:, cols] * vals)
         ys = y[starts[k] : starts[k + 1]]
         ys.copy_((ys.float() + delta).to(y.dtype))
+
+
+def csr_matrix(row_ptr: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """One slot's matrix as a torch sparse CSR tensor (the CPU path's storage): row_ptr (d_out + 1,), cols and
+    values (nnz,) in (row, col) order, as pack_sparse lays them out."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are long stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(row_ptr.long(), cols.long(), values.float(), shape, check_invariants=False)
+
+
+def sparse_delta_csr(y: torch.Tensor, x: torch.Tensor, slot_rows: list, matrices: dict[int, torch.Tensor]) -> None:
+    """The CPU path, sparse_delta_ref's semantics: per distinct slot s (not per request), its tokens' delta as one
+    sparse @ dense product, y[rows_s] += (W_s @ x[rows_s]^T)^T, with W_s a csr_matrix (MKL's sparse kernels).
+    slot_rows: Segments.slot_rows (slot, token rows as a slice or an index tensor); matrices: slot -> W_s, a slot
+    without one has no delta in this module. fp32 accumulation; y is rounded once."""
+    for s, rows in slot_rows:
+        w = matrices.get(s)
+        if w is None:
+            continue
+        delta = (w @ x[rows].float().t()).t()  # (n, d_out)
+        if isinstance(rows, slice):
+            ys = y[rows]
+            ys.add_(delta) if ys.dtype == torch.float32 else ys.copy_((ys.float() + delta).to(ys.dtype))
+        elif y.dtype == torch.float32:
+            y.index_add_(0, rows, delta)
+        else:
+            y[rows] = (y[rows].float() + delta).to(y.dtype)
 
 
 @triton.jit

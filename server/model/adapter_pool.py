@@ -6,10 +6,11 @@ Layout (S-LoRA style: exact sizes, no padding to a maximum rank):
 - Per layer, projection and slot, LowRank tables (offsets, rank, scale) and per layer, group and slot, Sparse
   tables (CSR over the group's fused output rows). A group's LowRank table is a view of consecutive
   projections, so one kernel launch serves a fused projection.
-- Scale: IA3 vectors in per-target buffers (num_layers, max_slots, width: a fixed cost), rows = slots; the PARA
-  vectors of running requests in (num_layers, max_requests, d_q + d_kv + d_ff), rows = request rows.
-  Layers an adapter leaves unscaled hold ones (multiplying by 1 is exact).
-The pool only stores and applies; which adapter gets which slot, and when, is the engine's decision.
+- Scale: IA3 vectors in per-target buffers (num_layers, max_slots + 1, width: a fixed cost), rows = slots; the PARA
+  vectors of running requests in (num_layers, max_requests + 1, d_q + d_kv + d_ff), rows = request rows.
+  Layers an adapter leaves unscaled hold ones (multiplying by 1 is exact), and so does the last row of each buffer,
+  which nobody owns: the CPU path maps a token without a vector there (server/model/adapter_step.py).
+The pool only stores; AdapterStep applies; which adapter gets which slot, and when, is the engine's decision.
 
 Fault injection (tests): `fault_hook(slot, layer)`, when set, is called for every adapter slot a step's tokens use,
 in every layer, before that slot's deltas, vectors or PARA generator are applied; what it raises fails the step the
@@ -25,9 +26,8 @@ import torch
 
 from adapters.delta import PROJECTIONS, AdapterDeltas, ParaLayer, parse_module_name, parse_scale_name
 from kernels.dispatch import use_triton
-from kernels.lowrank import LowRankTable, lowrank_delta, lowrank_delta_padded
-from kernels.scale import scale_rows_
-from kernels.sparse import SparseTable, sparse_delta
+from kernels.lowrank import LowRankTable
+from kernels.sparse import SparseTable, csr_matrix
 from server.model.adapter_layout import GROUPS, Layout
 from server.model.arena import ArenaAllocator
 from server.model.config import ModelConfig
@@ -86,14 +86,16 @@ class AdapterPool:
         self.sp_idx_off = torch.zeros((L, G, max_slots), dtype=torch.int64, device=device)
         self.sp_val_off = torch.zeros((L, G, max_slots), dtype=torch.int64, device=device)
         self.sp_nnz = torch.zeros((L, G, max_slots), dtype=torch.int32, device=device)
-        self.static_vectors: dict[str, torch.Tensor] = {}  # scale target -> (L, max_slots, width), made on first use
+        self.static_vectors: dict[str, torch.Tensor] = {}  # scale target -> (L, max_slots + 1, width), on first use
         self.para_layers: dict[int, dict[int, ParaLayer]] = {}  # slot -> layer -> generator (device tensors)
-        self.para_vectors: torch.Tensor | None = None  # (L, max_requests, d_q + d_kv + d_ff), made on first use
+        self.para_vectors: torch.Tensor | None = None  # (L, max_requests + 1, d_q + d_kv + d_ff), made on first use
         self.slots: dict[int, SlotInfo] = {}
         self.max_rank = rank_class(1)
         self._build_tables()
-        # On a CPU (unless the Triton kernels are forced), LowRank deltas are applied from a padded mirror
+        # On a CPU (unless the Triton kernels are forced), LowRank deltas are applied from a padded mirror, and
+        # Sparse ones from torch sparse CSR matrices: slot -> (layer, group) -> (group width, d_in)
         self.padded = None if use_triton(device) else PaddedLowRank(self.layout, cfg.num_layers, max_slots)
+        self.sparse_csr: dict[int, dict[tuple[int, str], torch.Tensor]] | None = None if use_triton(device) else {}
         self.fault_hook: Callable[[int, int], None] | None = None  # (slot, layer); see the module docstring
 
     def _build_tables(self) -> None:
@@ -240,6 +242,9 @@ class AdapterPool:
             self.idx_arena[idx_cursor + num_rows + 1 : idx_cursor + num_rows + 1 + nnz] = cols.to(self.device, torch.int32)
             self.arena[cursor : cursor + nnz] = vals.to(self.device, self.dtype)
             self.sp_idx_off[layer, g, slot], self.sp_val_off[layer, g, slot], self.sp_nnz[layer, g, slot] = idx_cursor, cursor, nnz
+            if self.sparse_csr is not None:
+                d_in = self.layout.dims[PROJECTIONS[GROUPS[group][0]]][1]
+                self.sparse_csr.setdefault(slot, {})[(layer, group)] = csr_matrix(row_ptr, cols, vals.to(self.dtype), (num_rows, d_in))
             idx_cursor += self.idx_allocator.size_of(num_rows + 1 + nnz)
             cursor += sum(self.allocator.size_of(p[3].numel()) for p in parts)
         return cursor
@@ -274,7 +279,8 @@ class AdapterPool:
     def _static_buffer(self, target: str) -> torch.Tensor:
         if target not in self.static_vectors:
             width = self.layout.scale_site[target][2]
-            self.static_vectors[target] = torch.ones((self.cfg.num_layers, self.max_slots, width), device=self.device, dtype=self.dtype)
+            self.static_vectors[target] = torch.ones((self.cfg.num_layers, self.max_slots + 1, width), device=self.device,
+                                                     dtype=self.dtype)
         return self.static_vectors[target]
 
     def free(self, slot: int) -> None:
@@ -289,6 +295,8 @@ class AdapterPool:
         self.rank[:, :, slot] = 0  # a stale slot id now applies nothing
         if self.padded is not None:
             self.padded.free(slot)
+        if self.sparse_csr is not None:
+            self.sparse_csr.pop(slot, None)
         self.sp_nnz[:, :, slot] = 0
         self.para_layers.pop(slot, None)
 
@@ -296,28 +304,16 @@ class AdapterPool:
     def para_buffer(self) -> torch.Tensor:
         if self.para_vectors is None:
             c = self.cfg
-            self.para_vectors = torch.ones((c.num_layers, self.max_requests, c.q_size + c.kv_size + c.intermediate_size),
+            self.para_vectors = torch.ones((c.num_layers, self.max_requests + 1, c.q_size + c.kv_size + c.intermediate_size),
                                            device=self.device, dtype=self.dtype)
         return self.para_vectors
 
-    # ---- forward hooks ----------------------------------------------------------------------------------------
-    def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> None:
-        """y += this step's LowRank and Sparse deltas of `group` in `layer` (y: (T, group width), x: (T, d_in))."""
-        self._inject_faults(layer, batch)
-        seg = batch.segments
-        if self.padded is not None:
-            if self.padded.rank:
-                lowrank_delta_padded(y, x, seg, self.padded.factors[layer][group])
-        else:
-            lowrank_delta(y, x, seg, self.arena, self.lowrank_tables[layer][group])
-        if batch.adapter_kinds.sparse:
-            sparse_delta(y, x, seg, self.idx_arena, self.arena, self.sparse_tables[layer][group])
-
+    # ---- forward hooks (AdapterStep, server/model/adapter_step.py, applies the deltas) -------------------------
     def compute_para(self, layer: int, h: torch.Tensor, batch: ForwardBatch) -> None:
         """During a PARA request's prefill: its vectors for `layer` from its prompt tokens' normed hidden states."""
         from adapters.methods.para import para_vectors
 
-        self._inject_faults(layer, batch)
+        self.inject_faults(layer, batch)
         buf = self.para_buffer()
         for p in batch.para_prefills:
             gen = self.para_layers[p.slot].get(layer)
@@ -328,23 +324,8 @@ class AdapterPool:
             mask = torch.ones((1, hp.shape[0]), dtype=torch.bool, device=h.device)
             buf[layer, p.row] = para_vectors(gen, hp[None], mask)[0].to(buf.dtype)
 
-    def scale_activation(self, layer: int, activation: str, y: torch.Tensor, batch: ForwardBatch) -> None:
-        """Multiply the Scale sites inside `activation` ("qkv", "gate_up" or "ffn") of this layer."""
-        self._inject_faults(layer, batch)
-        for target, rows in batch.scale_rows.items():
-            act, col, width = self.layout.scale_site[target]
-            if act == activation:
-                scale_rows_(y, self.static_vectors[target][layer], rows, col)
-        if batch.para_rows is not None and activation != "ffn":
-            c = self.cfg
-            vec = self.para_buffer()[layer]  # (max_requests, d_q + d_kv + d_ff)
-            if activation == "qkv":
-                scale_rows_(y, vec[:, : c.q_size], batch.para_rows, 0)
-                scale_rows_(y, vec[:, c.q_size : c.q_size + c.kv_size], batch.para_rows, c.q_size + c.kv_size)
-            else:
-                scale_rows_(y, vec[:, c.q_size + c.kv_size :], batch.para_rows, c.intermediate_size)
-
-    def _inject_faults(self, layer: int, batch: ForwardBatch) -> None:
+    def inject_faults(self, layer: int, batch: ForwardBatch) -> None:
+        """The test seam of the module docstring: before a layer's deltas of any kind are applied."""
         if self.fault_hook is not None:
             for slot, _ in batch.segments.slot_rows:  # the slots this step's tokens use
                 self.fault_hook(slot, layer)

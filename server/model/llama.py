@@ -1,6 +1,6 @@
 """Llama-family forward (Llama, Mistral, Qwen2) over a flat batch of tokens from many requests.
 
-Every projection is `base matmul + the batch's adapter deltas` (AdapterPool.apply); attention reads and writes
+Every projection is `base matmul + the batch's adapter deltas` (AdapterStep.apply); attention reads and writes
 the paged KV cache. Weights are fused the way the kernels batch them: W_qkv = [W_q; W_k; W_v], W_gu = [W_g; W_u].
 """
 from __future__ import annotations
@@ -10,8 +10,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import paged_attention, write_kv
+from kernels.attention import paged_attention, plan_cpu_attention, write_kv
+from kernels.dispatch import use_triton
+from kernels.linear import linear, prepack
 from server.model.adapter_pool import AdapterPool
+from server.model.adapter_step import AdapterStep
 from server.model.config import ModelConfig
 from server.model.forward_batch import ForwardBatch, KVCache
 from server.model.rope import RotaryEmbedding
@@ -19,6 +22,8 @@ from server.model.rope import RotaryEmbedding
 
 @dataclass
 class LayerWeights:
+    """One layer's weights; the matrices as kernels.linear.prepack made them (oneDNN's layout on a CPU)."""
+
     input_norm: torch.Tensor  # (H,)
     qkv: torch.Tensor  # (q + 2kv, H)
     qkv_bias: torch.Tensor | None  # (q + 2kv,)
@@ -29,9 +34,11 @@ class LayerWeights:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:  # one fused op; in fp32 the same math as below
+        return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight * xf.to(x.dtype)  # transformers' rounding: normalise in fp32, round, then scale
 
 
 class LlamaModel:
@@ -45,7 +52,8 @@ class LlamaModel:
 
         self.embed = w("model.embed_tokens.weight")  # (V, H)
         self.norm = w("model.norm.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in state else w("lm_head.weight")
+        head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in state else w("lm_head.weight")
+        self.lm_head = prepack(head)  # (V, H); tied: on a CPU a second copy, in oneDNN's layout
         self.layers: list[LayerWeights] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -55,58 +63,63 @@ class LlamaModel:
                 bias = torch.cat([w(attn + f"{n}_proj.bias") for n in "qkv"])
             self.layers.append(LayerWeights(
                 input_norm=w(p + "input_layernorm.weight"),
-                qkv=torch.cat([w(attn + f"{n}_proj.weight") for n in "qkv"]),
+                qkv=prepack(torch.cat([w(attn + f"{n}_proj.weight") for n in "qkv"])),
                 qkv_bias=bias,
-                o=w(attn + "o_proj.weight"),
+                o=prepack(w(attn + "o_proj.weight")),
                 post_norm=w(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([w(mlp + "gate_proj.weight"), w(mlp + "up_proj.weight")]),
-                down=w(mlp + "down_proj.weight"),
+                gate_up=prepack(torch.cat([w(mlp + "gate_proj.weight"), w(mlp + "up_proj.weight")])),
+                down=prepack(w(mlp + "down_proj.weight")),
             ))
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device, dtype)
         self.sm_scale = cfg.head_dim ** -0.5
         self.windows = [cfg.attention_window(i) for i in range(cfg.num_layers)]  # 0 = full attention
 
     def forward(self, batch: ForwardBatch, kv: KVCache, adapters: AdapterPool | None) -> torch.Tensor:
-        """-> (B, V) fp32 logits for the rows in batch.logits_indices."""
+        """-> (B, V) fp32 logits for the rows in batch.logits_indices.
+
+        What every layer shares is looked up once per step: the rotary tables of the positions, the CPU attention's
+        gather indices and masks (CpuAttentionPlan; on a GPU the kernels read the metadata themselves) and the
+        adapters' per-step rows (AdapterStep)."""
         cfg, kinds = self.cfg, batch.adapter_kinds
-        use_adapters = adapters is not None and (kinds.lowrank or kinds.sparse)
-        use_scale = adapters is not None and kinds.scale
-        x = self.embed[batch.input_ids]  # (T, H)
-        num_tokens = x.shape[0]
+        step = AdapterStep(adapters, batch) if adapters is not None and (kinds.lowrank or kinds.sparse or kinds.scale) else None
+        use_deltas, use_scale = step is not None and (kinds.lowrank or kinds.sparse), step is not None and kinds.scale
+        plan = None
+        if torch.device(self.device).type == "cpu" and not use_triton(self.device):
+            plan = plan_cpu_attention(batch.attn, batch.slot_mapping, kv.k.shape[2], cfg.num_kv_heads, tuple(set(self.windows)))
+        rope = self.rope.tables(batch.positions)  # (T, 1, D) x 2
+        q_size, kv_size, num_tokens = cfg.q_size, cfg.kv_size, batch.input_ids.shape[0]
+        x = self.embed.index_select(0, batch.input_ids)  # (T, H)
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)  # (T, H)
             if batch.para_prefills:
                 adapters.compute_para(i, h, batch)  # PARA vectors come from this layer's normed prompt states
-            qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # (T, q + 2kv)
-            if use_adapters:
-                adapters.apply(i, "qkv", qkv, h, batch)
+            qkv = linear(h, lw.qkv, lw.qkv_bias)  # (T, q + 2kv)
+            if use_deltas:
+                step.apply(i, "qkv", qkv, h)
             if use_scale:
-                adapters.scale_activation(i, "qkv", qkv, batch)  # IA3 / PARA: after bias and deltas, before RoPE
-            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            q = q.view(num_tokens, cfg.num_heads, cfg.head_dim)  # (T, Hq, D)
-            k = k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # (T, Hkv, D)
-            v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-            q, k = self.rope.apply(q, k, batch.positions)
-            write_kv(k, v, kv.k[i], kv.v[i], batch.slot_mapping)
-            attn = paged_attention(q, kv.k[i], kv.v[i], batch.attn, self.sm_scale, self.windows[i])
-            attn = attn.view(num_tokens, cfg.q_size)
-            o = F.linear(attn, lw.o)  # (T, H)
-            if use_adapters:
-                adapters.apply(i, "o", o, attn, batch)
-            x = x + o
+                step.scale(i, "qkv", qkv)  # IA3 / PARA: after bias and deltas, before RoPE
+            self.rope.apply_(qkv[:, : q_size + kv_size].view(num_tokens, -1, cfg.head_dim), rope)  # q and k heads
+            q = qkv[:, :q_size].view(num_tokens, cfg.num_heads, cfg.head_dim)  # (T, Hq, D)
+            k = qkv[:, q_size : q_size + kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # (T, Hkv, D)
+            v = qkv[:, q_size + kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            write_kv(k, v, kv.k[i], kv.v[i], batch.slot_mapping, plan)
+            attn = paged_attention(q, kv.k[i], kv.v[i], batch.attn, self.sm_scale, self.windows[i], plan)
+            attn = attn.view(num_tokens, q_size)
+            x = linear(attn, lw.o, residual=x)  # (T, H): the residual plus o_proj
+            if use_deltas:
+                step.apply(i, "o", x, attn)
             h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
-            gu = F.linear(h, lw.gate_up)  # (T, 2I)
-            if use_adapters:
-                adapters.apply(i, "gate_up", gu, h, batch)
+            gu = linear(h, lw.gate_up)  # (T, 2I)
+            if use_deltas:
+                step.apply(i, "gate_up", gu, h)
             if use_scale:
-                adapters.scale_activation(i, "gate_up", gu, batch)
+                step.scale(i, "gate_up", gu)
             gate, up = gu.chunk(2, dim=-1)
             act = F.silu(gate) * up  # (T, I)
             if use_scale:
-                adapters.scale_activation(i, "ffn", act, batch)  # IA3's feed-forward vector: the input of down_proj
-            d = F.linear(act, lw.down)  # (T, H)
-            if use_adapters:
-                adapters.apply(i, "down", d, act, batch)
-            x = x + d
-        x = rms_norm(x[batch.logits_indices], self.norm, cfg.rms_norm_eps)  # (B, H)
-        return F.linear(x, self.lm_head).float()  # (B, V)
+                step.scale(i, "ffn", act)  # IA3's feed-forward vector: the input of down_proj
+            x = linear(act, lw.down, residual=x)  # (T, H): the residual plus down_proj
+            if use_deltas:
+                step.apply(i, "down", x, act)
+        x = rms_norm(x.index_select(0, batch.logits_indices), self.norm, cfg.rms_norm_eps)  # (B, H)
+        return linear(x, self.lm_head).float()  # (B, V)

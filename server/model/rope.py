@@ -29,7 +29,8 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.
 
 
 class RotaryEmbedding:
-    """Precomputed cos/sin tables; apply() rotates q and k of a flat batch by their positions."""
+    """Precomputed cos/sin tables. A step looks its positions up once (tables()), then every layer rotates its
+    queries and keys in place (apply_)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device, dtype) -> None:
         inv_freq = inv_frequencies(head_dim, theta, scaling).to(device)
@@ -37,15 +38,16 @@ class RotaryEmbedding:
         freqs = torch.outer(t, inv_freq)  # (P, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (P, D)
         self.cos = emb.cos().to(dtype)
-        self.sin = emb.sin().to(dtype)
+        sin = emb.sin().to(dtype)
+        # rotate_half(x) * sin == roll(x, D/2) * [-sin_1, sin_2]: the sign moves into the table (exact)
+        self.sin_signed = torch.cat([-sin[:, : head_dim // 2], sin[:, head_dim // 2 :]], dim=-1)
 
-    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: (T, Hq, D), k: (T, Hkv, D), positions: (T,) -> rotated copies."""
-        cos = self.cos[positions].unsqueeze(1)  # (T, 1, D)
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (T,) -> (cos, signed sin), each (T, 1, D): one lookup per step, shared by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    @staticmethod
+    def apply_(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """x: (T, H, D), any strides (e.g. the q|k heads of a fused qkv) <- x * cos + rotate_half(x) * sin."""
+        cos, sin_signed = tables
+        torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed, out=x)

@@ -1,23 +1,16 @@
 """Paged attention and write_kv: the Triton kernels against the fp32 reference.
 
-Without CUDA the Triton kernels run in the interpreter on CPU tensors (TRITON_INTERPRET is set before the
-kernels module is imported); the @gpu tests run the same sweeps natively on CUDA.
+Without CUDA the Triton kernels run in the interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET before
+any kernels module is imported); the @gpu tests run the same sweeps natively on CUDA.
 """
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the import of the kernels (decorated at import time)
 
 import kernels.attention as attn  # noqa: E402
 from tests.kernels.conftest import TOLERANCES  # noqa: E402
 
 INTERPRETED = type(attn._paged_attn_kernel).__name__ == "InterpretedFunction"
 
-cpu = pytest.mark.skipif(not INTERPRETED, reason="Triton is compiled for the GPU here; the gpu tests cover it")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_kernels_run_somewhere():
@@ -71,7 +64,7 @@ BATCHES = {
 }
 
 
-@cpu
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("batch", list(BATCHES))
@@ -79,20 +72,20 @@ def test_paged_attention_interpreter(batch, group, dtype):
     check_attention(*BATCHES[batch], 2 * group, 2, 32, dtype, "cpu")
 
 
-@cpu
+@pytest.mark.interpreter
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_paged_attention_head_dims_interpreter(head_dim):
     check_attention([1, 5, 1], [33, 20, 3], 4, 2, head_dim, torch.float16, "cpu")
 
 
-@cpu
+@pytest.mark.interpreter
 @pytest.mark.parametrize("num_splits", [2, 4])
 def test_paged_attention_split_kv_interpreter(num_splits):
     # The split path merges partial softmaxes, including splits that see no key for some rows.
     check_attention([1, 6, 0, 1], [150, 70, 4, 9], 4, 1, 32, torch.float32, "cpu", num_splits=num_splits)
 
 
-@cpu
+@pytest.mark.interpreter
 @pytest.mark.parametrize("num_splits", [None, 2])
 @pytest.mark.parametrize("window", [1, 7, 16, 40])
 @pytest.mark.parametrize("batch", list(BATCHES))
@@ -101,7 +94,7 @@ def test_paged_attention_sliding_window_interpreter(batch, window, num_splits):
     check_attention(*BATCHES[batch], 4, 2, 32, torch.float32, "cpu", num_splits=num_splits, window=window)
 
 
-@cpu
+@pytest.mark.interpreter
 @pytest.mark.parametrize("num_splits", [None, 2])
 def test_paged_attention_never_reads_before_the_window_interpreter(num_splits):
     """The engine frees a sequence's blocks that left the window (their ids may then hold anybody's data): NaN in
@@ -153,17 +146,71 @@ def check_write_kv(dtype, device):
     assert torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref)
 
 
-@cpu
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # a copy, no tl.dot: bf16 is sound
 def test_write_kv_interpreter(dtype):
     check_write_kv(dtype, "cpu")
+
+
+def test_write_kv_cpu_path_equals_reference():
+    """The CPU path's write (one index_copy_ per cache, rows planned once per step), -1 slots skipped."""
+    gen = torch.Generator().manual_seed(2)
+    num_tokens, num_kv_heads, head_dim = 9, 2, 16
+    qkv = torch.randn(num_tokens, 3 * num_kv_heads * head_dim, generator=gen)
+    k = qkv[:, : num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    v = qkv[:, 2 * num_kv_heads * head_dim :].view(num_tokens, num_kv_heads, head_dim)
+    for skipped in ([], [0, 5]):
+        slots = torch.randperm(4 * BLOCK_SIZE, generator=gen)[:num_tokens]
+        slots[skipped] = -1
+        base = torch.randn(2, 4, BLOCK_SIZE, num_kv_heads, head_dim, generator=gen)
+        k_ref, v_ref, k_out, v_out = base[0].clone(), base[1].clone(), base[0].clone(), base[1].clone()
+        meta = attn.AttentionMeta(torch.arange(num_tokens + 1, dtype=torch.int32), torch.ones(num_tokens, dtype=torch.int32),
+                                  torch.zeros(num_tokens, 1, dtype=torch.int32), 1, 1)
+        plan = attn.plan_cpu_attention(meta, slots, BLOCK_SIZE, num_kv_heads)
+        assert (plan.write_rows is None) == (not skipped)
+        attn.write_kv_ref(k, v, k_ref, v_ref, slots)
+        attn.write_kv_cpu(k, v, k_out, v_out, plan)
+        assert torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref)
+
+
+@pytest.mark.parametrize("window", [0, 1, 7, 16, 40])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_cpu_path_equals_reference(batch, group, window):
+    """The CPU path (decode rows batched over keys gathered once per layer, indices planned once per step) against
+    the reference, with q a strided view of a fused qkv as the model passes it. Unused cache slots hold NaN."""
+    q_lens, seq_lens = BATCHES[batch]
+    q, k_cache, v_cache, meta = make_batch(q_lens, seq_lens, 2 * group, 2, 32, torch.float32, "cpu", seed=4)
+    qkv = torch.cat([q.reshape(q.shape[0], -1), torch.randn(q.shape[0], 40)], dim=1)
+    q_view = qkv[:, : q[0].numel()].view(q.shape)
+    plan = attn.plan_cpu_attention(meta, torch.zeros(q.shape[0], dtype=torch.long), BLOCK_SIZE, 2, (0, window))
+    assert (plan.decode_rows is None) == (batch == "decode")
+    ref = attn.paged_attention_ref(q, k_cache, v_cache, meta, 0.3, window)
+    out = attn.paged_attention(q_view, k_cache, v_cache, meta, 0.3, window, plan=plan)
+    rows = [t for b, n in enumerate(q_lens) for t in range(sum(q_lens[:b]), sum(q_lens[:b]) + n) if seq_lens[b] > 0]
+    assert torch.isfinite(out[rows]).all()
+    torch.testing.assert_close(out[rows], ref[rows], **TOLERANCES[torch.float32])
+
+
+def test_cpu_path_never_reads_before_the_window():
+    q_lens, seq_lens, window = [1, 1, 9, 1], [70, 33, 51, 5], 10
+    q, k_cache, v_cache, meta = make_batch(q_lens, seq_lens, 4, 2, 32, torch.float32, "cpu", seed=5)
+    for b, (n, length) in enumerate(zip(q_lens, seq_lens)):
+        for p in range(max(0, length - n - window + 1)):
+            block = int(meta.block_tables[b, p // BLOCK_SIZE])
+            k_cache[block, p % BLOCK_SIZE] = float("nan")
+            v_cache[block, p % BLOCK_SIZE] = float("nan")
+    plan = attn.plan_cpu_attention(meta, torch.zeros(q.shape[0], dtype=torch.long), BLOCK_SIZE, 2, (window,))
+    out = attn.paged_attention_cpu(q, k_cache, v_cache, meta, 0.2, window, plan)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, attn.paged_attention_ref(q, k_cache, v_cache, meta, 0.2, window),
+                               **TOLERANCES[torch.float32])
 
 
 LONG_BATCH = ([1, 300, 1, 0, 64], [2049, 300, 4000, 7, 1000])  # long decode contexts next to prefill chunks
 
 
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -173,7 +220,6 @@ def test_paged_attention_cuda(batch, head_dim, group, dtype):
 
 
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("group", [1, 8])
 @pytest.mark.parametrize("batch", ["decode", "long"])
 def test_paged_attention_split_kv_cuda(batch, group):
@@ -181,7 +227,6 @@ def test_paged_attention_split_kv_cuda(batch, group):
 
 
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("num_splits", [None, 4])
 @pytest.mark.parametrize("window", [16, 100, 4096])
 def test_paged_attention_sliding_window_cuda(window, num_splits):
@@ -189,7 +234,6 @@ def test_paged_attention_sliding_window_cuda(window, num_splits):
 
 
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_write_kv_cuda(dtype):
     check_write_kv(dtype, "cuda")

@@ -99,3 +99,37 @@ def test_sparse_base_model_only_interpreter():
 @pytest.mark.parametrize("num_adapters", [1, 8, 64])
 def test_sparse_cuda(num_adapters, popularity, dtype):
     check_sparse(num_adapters, popularity, SEG_LENS * 8 + [300], 2049, 1376, dtype, "cuda")
+
+
+def _csr_matrices(entries, d_out, d_in, dtype):
+    """Each slot's entries as the CPU path stores them: the packed CSR (values rounded to `dtype`), as torch CSR."""
+    out = {}
+    for s, entry in enumerate(entries):
+        if entry is None:
+            continue
+        idx_arena, val_arena, table = sparse.pack_sparse([entry], d_out, dtype, "cpu")
+        n = int(table.nnz[0])
+        out[s] = sparse.csr_matrix(idx_arena[: d_out + 1], idx_arena[d_out + 1 : d_out + 1 + n], val_arena[:n], (d_out, d_in))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("num_adapters", [1, 8, 64])
+def test_csr_cpu_path_matches_reference(num_adapters, popularity, dtype):
+    """The CPU path (one sparse product per distinct slot) against the reference, base tokens untouched."""
+    gen = torch.Generator().manual_seed(num_adapters)
+    d_out, d_in = 80, 96
+    entries = random_adapters(num_adapters, d_out, d_in, gen)
+    seg_lens = SEG_LENS * 6 if num_adapters == 64 else SEG_LENS
+    seg = make_segments(seg_lens, segment_slots(len(seg_lens), num_adapters, popularity, gen), "cpu")
+    idx_arena, val_arena, table = sparse.pack_sparse(entries, d_out, dtype, "cpu")
+    x = torch.randn(seg.num_tokens, d_in, generator=gen).to(dtype)
+    y0 = torch.randn(seg.num_tokens, d_out, generator=gen).to(dtype)
+    ref, y = y0.clone(), y0.clone()
+    sparse.sparse_delta_ref(ref, x, seg, idx_arena, val_arena, table)
+    sparse.sparse_delta_csr(y, x, seg.slot_rows, _csr_matrices(entries, d_out, d_in, dtype))
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(y.float(), ref.float(), atol=tol["atol"], rtol=tol["rtol"])
+    base = seg.token_slot < 0
+    assert torch.equal(y[base], y0[base])

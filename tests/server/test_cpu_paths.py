@@ -1,0 +1,36 @@
+"""The CPU forward takes its fast paths (the golden tests check their values; this checks they are the ones
+running): oneDNN-prepacked projections, the planned attention and KV write, one CSR product per Sparse slot."""
+import torch
+
+import kernels.attention as attention
+import kernels.sparse as sparse
+from server.model.config import ModelConfig
+from tests.helpers import make_hf_model, random_sparse, refs, run_capture, small_engine
+
+
+def test_cpu_forward_uses_prepacked_weights_the_attention_plan_and_csr_sparse(tmp_path, monkeypatch):
+    path = make_hf_model(tmp_path / "m", "llama")
+    engine = small_engine(path)
+    model = engine.runner.model
+    assert all(w.is_mkldnn for lw in model.layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
+    assert model.lm_head.is_mkldnn and not model.embed.is_mkldnn
+    calls = {"attention": 0, "write": 0, "reference": 0, "csr": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(attention, "paged_attention_cpu", counting("attention", attention.paged_attention_cpu))
+    monkeypatch.setattr(attention, "write_kv_cpu", counting("write", attention.write_kv_cpu))
+    monkeypatch.setattr(attention, "paged_attention_ref", counting("reference", attention.paged_attention_ref))
+    import server.model.adapter_step as adapter_step
+    monkeypatch.setattr(adapter_step, "sparse_delta_csr", counting("csr", sparse.sparse_delta_csr))
+    cfg = ModelConfig.from_dir(path)
+    adapters = {"sift": random_sparse(cfg, ["q_proj", "down_proj"], 0.05, seed=1)}
+    prompts = {"a": list(range(3, 12)), "b": list(range(20, 25))}
+    run_capture(engine, prompts, refs({"a": "sift", "b": None}, adapters), max_tokens=3)
+    steps = 3  # one prefill step, then two decode steps
+    assert calls["attention"] == calls["write"] == steps * cfg.num_layers and calls["reference"] == 0
+    assert calls["csr"] == steps * cfg.num_layers * 4  # q|k|v, o, gate|up, down of every layer
