@@ -10,9 +10,12 @@ Module names are `layers.{i}.{q,k,v,o,gate,up,down}_proj`; weights are `[out, in
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Activations a Scale may multiply: outputs of q/k/v/up projections, and "ffn" = the FFN intermediate
@@ -89,6 +92,46 @@ class ParaLayer:
     w_up: torch.Tensor  # (d_q + d_kv + d_ff, r)
     pool_query: torch.Tensor | None = None  # (d_model,) for attention pooling
     act: str = "silu"
+
+
+PARA_POOLS = ("attention", "mean", "last")
+PARA_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "identity": lambda z: z,
+}
+
+
+def para_pool(h: torch.Tensor, prompt_mask: torch.Tensor, pool: str, pool_query: torch.Tensor | None) -> torch.Tensor:
+    """Pool the prompt tokens' hidden states: h (B, T, d) fp32, prompt_mask (B, T) bool -> (B, d). Every row needs a
+    prompt token (the caller's guarantee: nothing here reads a tensor back to the host).
+    "attention": softmax_t(H_t . q_pool / sqrt(d)) weights; "mean"; "last": the last prompt token."""
+    mask = prompt_mask.to(torch.bool)
+    if pool == "mean":
+        m = mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (h * m).sum(1) / m.sum(1)
+    if pool == "last":
+        pos = torch.arange(h.shape[1], device=h.device).expand_as(mask)  # (B, T)
+        last = torch.where(mask, pos, -1).max(dim=1).values  # (B,)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    if pool == "attention":
+        if pool_query is None:
+            raise ValueError("attention pooling needs a pool_query")
+        scores = (h @ pool_query.to(h.dtype)) / math.sqrt(h.shape[-1])  # (B, T)
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)  # (B, T)
+        return (weights.unsqueeze(-1) * h).sum(1)  # (B, d)
+    raise ValueError(f"unknown PARA pool {pool!r}; choose from {PARA_POOLS}")
+
+
+def para_vectors(layer: ParaLayer, h: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """[l_q; l_v; l_u] for one layer, the meaning of a ParaLayer (the trainer and the server both compute it here):
+    h (B, T, d) normed layer input, prompt_mask (B, T) -> (B, d_q + d_kv + d_ff), fp32."""
+    h = h.float()
+    p = para_pool(h, prompt_mask, layer.pool, None if layer.pool_query is None else layer.pool_query.float())
+    z = PARA_ACTIVATIONS[layer.act](p @ layer.w_down.float().T)  # (B, r)
+    return 1.0 + z @ layer.w_up.float().T  # (B, n_out)
 
 
 @dataclass

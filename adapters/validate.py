@@ -19,11 +19,11 @@ import math
 
 import torch
 
-from adapters.delta import AdapterDeltas, LowRank, ParaLayer, Sparse, parse_module_name, parse_scale_name
+from adapters.delta import (PARA_ACTIVATIONS, PARA_POOLS, AdapterDeltas, LowRank, ParaLayer, Sparse, parse_module_name,
+                            parse_scale_name)
 from adapters.errors import ArtifactError
 from adapters.files import WEIGHT_DTYPES, parse_name, short
 from adapters.manifest import FLOAT32_MAX, LoadedAdapter, check_digests
-from adapters.methods.para import ACTIVATIONS, POOLS
 from adapters.spec import fingerprint, module_shapes, para_up_rows, scale_lengths
 
 SERVING_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -161,11 +161,11 @@ def _check_sparse(name: str, sp: Sparse, shape: tuple[int, int], dtype: torch.dt
 def _check_para(layer: int, p: ParaLayer, spec: dict, max_rank: int | None, dtype: torch.dtype | None) -> None:
     name = f"para.layers.{layer}"
     _check_layer(name, layer, spec)
-    if not isinstance(p.pool, str) or p.pool not in POOLS:
-        raise ArtifactError(f"{name}: pool {short(p.pool)} is not one of {POOLS}")
-    if not isinstance(p.act, str) or p.act not in ACTIVATIONS:
+    if not isinstance(p.pool, str) or p.pool not in PARA_POOLS:
+        raise ArtifactError(f"{name}: pool {short(p.pool)} is not one of {PARA_POOLS}")
+    if not isinstance(p.act, str) or p.act not in PARA_ACTIVATIONS:
         raise ArtifactError(f"{name}: activation {short(p.act)} is not one the server implements "
-                            f"({', '.join(sorted(ACTIVATIONS))})")
+                            f"({', '.join(sorted(PARA_ACTIVATIONS))})")
     hidden = spec["hidden_size"]
     _check_weight(f"{name}.down", p.w_down, None)
     r = p.w_down.shape[0] if p.w_down.ndim == 2 else 0

@@ -43,7 +43,7 @@ async def run(config: str, ranks: list[int], device: str) -> list[dict]:
         llm = build_llm_engine(str(path), EngineOptions(device=device, dtype="auto", max_num_seqs=8,
                                                          adapter_pool_bytes=1 << 30, max_adapter_slots=16))
         source = RegistryAdapters(registry, cfg.spec(), HostTier(1 << 32), fits=llm.runner.adapter_pool.fits_empty,
-                                  prepare=llm.runner.adapter_pool.lowrank_image)
+                                  prepare=llm.runner.adapter_pool.prepare)
         engine = AsyncEngine(llm, model_name=config, adapters=source)
         engine.start()
         rows = []

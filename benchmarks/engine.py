@@ -170,7 +170,7 @@ def decode_step_suite(args) -> list[dict]:
     # One adapter's values in every slot: each slot still has its own copy in the arena, so the kernels read
     # max(counts) distinct factor sets, and the timing does not depend on the values.
     adapter = random_adapter(cfg, args.rank, seed=0)
-    image = pool.lowrank_image(adapter)
+    image = pool.prepare(adapter)
     for slot in range(max(counts)):
         pool.load(slot, adapter, image)
     rows = []

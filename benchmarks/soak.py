@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -60,6 +61,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from clients.stream import DONE, aiter_events
 
 log = logging.getLogger(__name__)
 
@@ -298,16 +301,15 @@ async def complete(client: httpx.AsyncClient, key: str, adapter_id: str | None, 
                 data = json.loads(await response.aread())
                 return response.status_code, data["error"]["type"], None, data["error"]["message"][:300]
             pieces, is_done = [], False
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    is_done = True
-                    break
-                event = json.loads(line[len("data: "):])
-                if "error" in event:  # a stream that failed after it started: a 200 with an error event
-                    return 200, event["error"]["type"], None, event["error"]["message"][:300]
-                pieces += [choice["text"] for choice in event["choices"]]
+            async with contextlib.aclosing(aiter_events(response.aiter_lines())) as events:  # clients.stream's SSE
+                async for data in events:
+                    if data == DONE:
+                        is_done = True
+                        break
+                    event = json.loads(data)
+                    if "error" in event:  # a stream that failed after it started: a 200 with an error event
+                        return 200, event["error"]["type"], None, event["error"]["message"][:300]
+                    pieces += [choice["text"] for choice in event["choices"]]
             if not is_done:
                 return None, None, None, "the stream ended without [DONE]"
             return 200, None, "".join(pieces), None

@@ -7,17 +7,24 @@
     multiplex chat "What is a LoRA?"                          # one question, one answer
     multiplex loadgen --rate 2,4,8 --num-adapters 8 --out results.json        # see clients/loadgen.py
 
+The same subcommands run without the server's install: `pip install ./clients` (clients/pyproject.toml: httpx and
+tqdm only) installs this package and its `multiplex-client` command (`multiplex-client upload ...`); in a checkout,
+`python -m clients upload ...` runs them too. Nothing here imports torch or any of the server's packages
+(tests/clients/test_client_distribution.py runs them with those made unimportable).
+
 `COMMANDS` maps each name to (add_arguments(parser), run(args) -> exit code) and `HELP` to its one-line help, for
-the `multiplex` console script to register; `main(argv)` runs them on their own (`python -m clients`).
-Exit codes: 0 success, 1 the server refused or failed (its message on stderr), 2 a local problem (bad path).
+the `multiplex` console script to register; `main(argv)` runs them on their own (`multiplex-client`, `python -m
+clients`). Exit codes: 0 success, 1 the server refused or failed (its message on stderr), 2 a local problem (bad path).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import time
 from typing import Any, Callable, Iterator, TextIO
+
+from tqdm import tqdm
 
 from clients import loadgen
 from clients.client import Client
@@ -28,27 +35,37 @@ AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
 
-class ProgressBar:
-    """`progress(bytes_sent, total)` drawing `[#####.....]  50%  1.2/2.4 MiB` on one line of `out`."""
+class UploadProgress:
+    """`progress(bytes_sent, total)` for `Client.upload_adapter`: a tqdm bar on `out` (stderr by default), in bytes.
 
-    WIDTH = 30
+    The bar opens at the first call (when the total is known); use it with `with` so that it closes on a failure too.
+    """
 
     def __init__(self, label: str, out: TextIO | None = None) -> None:
-        self.label, self.out = label, out or sys.stderr
-        self.last_draw = 0.0
+        self.label, self.out = label, out
+        self.bar: tqdm | None = None
         self.is_done = False
 
     def __call__(self, sent: int, total: int) -> None:
-        now = time.monotonic()
-        is_last = sent >= total
-        if (now - self.last_draw < 0.1 and not is_last) or self.is_done:
+        if self.is_done:
             return
-        self.last_draw, self.is_done = now, is_last
-        fraction = sent / total if total else 1.0
-        filled = int(fraction * self.WIDTH)
-        self.out.write(f"\r{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {fraction:4.0%} "
-                       f"{human_bytes(sent)} / {human_bytes(total)}" + ("\n" if is_last else ""))
-        self.out.flush()
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.label, unit="B", unit_scale=True, unit_divisor=1024,
+                            file=self.out or sys.stderr, dynamic_ncols=True)
+        self.bar.update(max(0, sent - self.bar.n))  # never backwards: a seek restarts the reader's count
+        if sent >= total:
+            self.close()
+
+    def close(self) -> None:
+        self.is_done = True
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> UploadProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def human_bytes(num_bytes: float) -> str:
@@ -88,11 +105,11 @@ def add_upload_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_upload(args: argparse.Namespace) -> int:
-    progress = None if args.quiet else ProgressBar("uploading")
     try:
-        with Client(**client_kwargs(args)) as client:
+        with Client(**client_kwargs(args)) as client, UploadProgress("uploading") as bar:
             stored = client.upload_adapter(args.path, adapter_id=args.adapter_id, tenant=args.tenant,
-                                           public=args.public, replace=args.replace, progress=progress)
+                                           public=args.public, replace=args.replace,
+                                           progress=None if args.quiet else bar)
     except (MultiplexError, OSError, ValueError) as exc:
         return _fail("upload", exc)
     if args.json:
@@ -254,8 +271,8 @@ HELP: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multiplex", description="Client of a multiplex server.")
+def build_parser(prog: str = "multiplex") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Client of a multiplex server.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (add_arguments, run) in COMMANDS.items():
         command = commands.add_parser(name, help=HELP[name], description=HELP[name])
@@ -265,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    args = build_parser("multiplex-client" if name.startswith("multiplex-client") else "multiplex").parse_args(argv)
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ import httpx
 
 from clients.archive import Progress, ProgressReader, open_upload
 from clients.errors import ConnectionFailed, MultiplexError, error_from_response
-from clients.stream import AsyncTextStream, SSEDecoder, StreamState, TextStream
+from clients.stream import AsyncTextStream, StreamState, TextStream, aiter_events, iter_events
 from clients.wire import (AdapterInfo, ChatCompletion, Completion, ModelInfo, chat_body, completion_body, list_items,
                           request_headers)
 
@@ -150,17 +150,12 @@ class Client(_ClientBase):
             if response.status_code >= 400:
                 response.read()
                 _decode(response)
-            decoder = SSEDecoder()
-            for line in response.iter_lines():
-                data = decoder.feed(line)
-                text = state.on_event(data) if data is not None else None
+            for data in iter_events(response.iter_lines()):
+                text = state.on_event(data)
                 if text:
                     yield text
                 if state.is_done:
                     return
-            tail = decoder.flush()
-            if tail is not None and (text := state.on_event(tail)):
-                yield text
         if not state.is_done:
             raise _incomplete(state)
 
@@ -310,17 +305,13 @@ class AsyncClient(_ClientBase):
                 if response.status_code >= 400:
                     await response.aread()
                     _decode(response)
-                decoder = SSEDecoder()
-                async for line in response.aiter_lines():
-                    data = decoder.feed(line)
-                    text = state.on_event(data) if data is not None else None
-                    if text:
-                        yield text
-                    if state.is_done:
-                        return
-                tail = decoder.flush()
-                if tail is not None and (text := state.on_event(tail)):
-                    yield text
+                async with contextlib.aclosing(aiter_events(response.aiter_lines())) as events:
+                    async for data in events:
+                        text = state.on_event(data)
+                        if text:
+                            yield text
+                        if state.is_done:
+                            return
         if not state.is_done:
             raise _incomplete(state)
 

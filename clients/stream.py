@@ -5,12 +5,15 @@ An event is a block of lines ended by a blank line; `data:` lines (the space aft
 joined with newlines; lines starting with `:` are comments (keep-alives); other fields (`event:`, `id:`, `retry:`)
 are ignored. Both streams send `data: {chunk json}` events and end with `data: [DONE]`; a completions chunk
 carries its text in `choices[0].text`, a chat chunk in `choices[0].delta.content`.
+
+This is the one SSE decoder of the repository: the clients, the benchmarks (benchmarks/soak.py) and the client tests
+read the server's streams through `SSEDecoder` or `iter_events`/`aiter_events` over httpx's (a)iter_lines.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, Generator
+from typing import Any, AsyncGenerator, AsyncIterable, Generator, Iterable
 
 from clients.errors import error_from_body
 from clients.wire import Usage
@@ -41,6 +44,30 @@ class SSEDecoder:
             return None
         data, self._data = "\n".join(self._data), []
         return data
+
+
+def iter_events(lines: Iterable[str]) -> Generator[str, None, None]:
+    """Each event's data, from a stream's lines (httpx's `iter_lines`); the last one also without its blank line."""
+    decoder = SSEDecoder()
+    for line in lines:
+        data = decoder.feed(line)
+        if data is not None:
+            yield data
+    tail = decoder.flush()
+    if tail is not None:
+        yield tail
+
+
+async def aiter_events(lines: AsyncIterable[str]) -> AsyncGenerator[str, None]:
+    """`iter_events` over async lines (httpx's `aiter_lines`); close it (contextlib.aclosing) when leaving early."""
+    decoder = SSEDecoder()
+    async for line in lines:
+        data = decoder.feed(line)
+        if data is not None:
+            yield data
+    tail = decoder.flush()
+    if tail is not None:
+        yield tail
 
 
 @dataclass

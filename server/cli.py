@@ -50,7 +50,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn  # deferred: `multiplex --help` should not pay for the web stack
 
-    from server.auth import ADMIN_TOKEN_FILE
+    from server.api.auth import ADMIN_TOKEN_FILE
     from server.service import running_service
 
     # uvicorn re-raises the SIGTERM it handled once it has shut down gracefully; as an exception (not the default

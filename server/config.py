@@ -23,7 +23,7 @@ _DTYPE_ALIASES = {
 }
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-API_AUTH_MODES = ("auto", "required", "open")  # server/auth.py TenantResolver's modes
+API_AUTH_MODES = ("auto", "required", "open")  # server/api/auth.py TenantResolver's modes
 
 
 class ConfigError(ValueError):

@@ -38,13 +38,14 @@ def build_service(settings: Settings) -> Service:
     from server.registry.adapters import HostTier, RegistryAdapters
     from server.api.admin import AdminSettings, admin_router
     from server.api.app import create_app
+    from server.api.auth import ADMIN_TOKEN_FILE, AdminAuth, TenantResolver
     from server.api.readiness import Readiness, probe_redis
-    from server.auth import ADMIN_TOKEN_FILE, AdminAuth, ApiKeyStore, TenantResolver, parse_api_keys
     from server.engine.builder import build_engine_options, build_llm_engine
     from server.model.catalog import model_name as base_model_name
     from server.model.catalog import resolve_model_path
     from server.engine.async_engine import AsyncEngine
     from server.model.config import ModelConfig
+    from server.registry.api_keys import ApiKeyStore, parse_api_keys
     from server.registry.embedded import start_embedded_redis
     from server.registry.store import Registry
 
@@ -61,7 +62,7 @@ def build_service(settings: Settings) -> Service:
                                  pool_timeout_s=settings.redis_pool_timeout_s)
     pool = llm.runner.adapter_pool
     source = RegistryAdapters(registry, spec, HostTier(settings.host_cache_bytes), fits=pool.fits_empty,
-                              prepare=pool.lowrank_image,
+                              prepare=pool.prepare,
                               record_ttl_s=settings.adapter_record_ttl_s)
     model_name = base_model_name(settings.model)
     engine = AsyncEngine(llm, model_name=model_name, adapters=source, max_queue=opts.max_queue)

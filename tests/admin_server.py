@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from server.api.admin import AdminSettings, admin_router
 from server.api.errors import install_error_handlers
-from server.auth import AdminAuth
+from server.api.auth import AdminAuth
 from server.registry.store import Registry
 from tests.archives import SPEC
 

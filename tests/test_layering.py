@@ -1,6 +1,8 @@
 """The import map, checked: no cycles among the project's modules, and imports flow one way
-(api -> engine -> model -> kernels; server -> adapters; adapters and kernels import neither each other nor server;
-clients import nothing of the others). Every import counts, also those inside functions."""
+(api -> registry -> engine -> model -> kernels; server -> adapters; adapters and kernels import neither each other
+nor server; clients import nothing of the others); HTTP (FastAPI, Starlette) stays in server.api and the
+composition root; the top level of server/ only assembles the process. Every import counts, also those inside
+functions."""
 from __future__ import annotations
 
 import ast
@@ -19,10 +21,14 @@ FORBIDDEN = {
     "server.model": ("server.engine", "server.api", "server.registry"),
     "server.registry": ("server.api", "server.service", "server.cli"),
     # the engine and the model know nothing of HTTP, Redis or how the process is assembled
-    "server.engine": ("server.api", "server.registry", "server.service", "server.cli",
-                      "server.auth", "server.upload"),
+    "server.engine": ("server.api", "server.registry", "server.service", "server.cli"),
     "server": ("benchmarks",),
 }
+# module prefix -> third-party packages it must never import
+HTTP_PACKAGES = ("fastapi", "starlette", "uvicorn")
+FORBIDDEN_EXTERNAL = {"server.registry": HTTP_PACKAGES, "server.engine": HTTP_PACKAGES, "server.model": HTTP_PACKAGES}
+# server/ itself: settings, the composition root, the CLI; every concern lives in a sub-package
+SERVER_TOP_LEVEL = {"__init__", "__main__", "config", "service", "cli"}
 
 
 def _module_name(path: Path) -> str:
@@ -57,6 +63,17 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
+def _external_imports(path: Path) -> set[str]:
+    """The top-level names of what `path` imports absolutely (`from redis.asyncio import Redis` -> redis)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.partition(".")[0])
+    return found
+
+
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
     known = set(modules)
@@ -74,6 +91,20 @@ def test_imports_flow_one_way():
             if _within(module, prefix):
                 bad += [f"{module} -> {t}" for t in targets for f in forbidden if _within(t, f)]
     assert not bad, "imports against the layering:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_http_stays_in_the_api():
+    bad = []
+    for module, path in _modules().items():
+        for prefix, forbidden in FORBIDDEN_EXTERNAL.items():
+            if _within(module, prefix):
+                bad += [f"{module} -> {p}" for p in sorted(_external_imports(path) & set(forbidden))]
+    assert not bad, "third-party imports against the layering:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_server_top_level_only_assembles():
+    loose = {p.stem for p in (ROOT / "server").glob("*.py")} - SERVER_TOP_LEVEL
+    assert not loose, f"modules at the top of server/ that belong in a sub-package: {sorted(loose)}"
 
 
 def test_no_import_cycles():
@@ -126,3 +157,8 @@ def test_the_walker_sees_imports(module):
     """The checks above are only as good as the walker: it must see these modules' known imports."""
     graph = _graph()
     assert graph[module], f"{module}: no project imports found"
+
+
+def test_the_walker_sees_third_party_imports():
+    assert {"fastapi", "starlette", "redis"} <= _external_imports(ROOT / "server" / "api" / "auth.py")
+    assert "redis" in _external_imports(ROOT / "server" / "registry" / "api_keys.py")

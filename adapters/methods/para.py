@@ -17,64 +17,37 @@ a_t H_t, with a learned q_pool (d,) initialised to zero (= mean pooling at start
 token). Layer i's H already reflects layers < i's PARA vectors, exactly as during a server prefill.
 
 During training the model forward receives `para_prompt_mask` (B, T) bool (prompt tokens: the completion and the
-padding excluded) as a keyword argument, which transformers passes to every decoder layer. `para_vectors` below
-is the reference computation for one exported `ParaLayer`; the server's prefill may call it directly.
+padding excluded) as a keyword argument, which transformers passes to every decoder layer. The pooling and the
+vectors of one exported `ParaLayer` are defined once, in adapters/delta.py (`para_pool`, `para_vectors`), which
+the server's prefill calls too.
 Served as ParaLayer per layer (vectors computed once per request at prefill, reused at every decode step).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from adapters.delta import AdapterDeltas, ParaLayer
+from adapters.delta import PARA_ACTIVATIONS, PARA_POOLS, AdapterDeltas, ParaLayer, para_pool, para_vectors
 from adapters.methods.base import Method, MethodConfig, TrainingDefaults, decoder_layers
 
-POOLS = ("attention", "mean", "last")
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "tanh": torch.tanh,
-    "identity": lambda z: z,
-}
 PROMPT_MASK_KWARG = "para_prompt_mask"
+POOLS, ACTIVATIONS = PARA_POOLS, PARA_ACTIVATIONS
+
+
+def check_prompt_mask(prompt_mask: torch.Tensor) -> None:
+    """Refuse a sequence without a prompt token (a training batch's mistake; pooling needs one)."""
+    if not bool(prompt_mask.to(torch.bool).any(dim=1).all()):
+        raise ValueError("PARA: every sequence needs at least one prompt token")
 
 
 def pool_prompt(h: torch.Tensor, prompt_mask: torch.Tensor, pool: str, pool_query: torch.Tensor | None) -> torch.Tensor:
-    """Pool the prompt tokens' hidden states. h (B, T, d) fp32, prompt_mask (B, T) bool -> (B, d)."""
-    mask = prompt_mask.to(torch.bool)
-    if not bool(mask.any(dim=1).all()):
-        raise ValueError("PARA: every sequence needs at least one prompt token")
-    if pool == "mean":
-        m = mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
-        return (h * m).sum(1) / m.sum(1)
-    if pool == "last":
-        pos = torch.arange(h.shape[1], device=h.device).expand_as(mask)  # (B, T)
-        last = torch.where(mask, pos, -1).max(dim=1).values  # (B,)
-        return h[torch.arange(h.shape[0], device=h.device), last]
-    if pool == "attention":
-        if pool_query is None:
-            raise ValueError("attention pooling needs a pool_query")
-        scores = (h @ pool_query.to(h.dtype)) / math.sqrt(h.shape[-1])  # (B, T)
-        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)  # (B, T)
-        return (weights.unsqueeze(-1) * h).sum(1)  # (B, d)
-    raise ValueError(f"unknown PARA pool {pool!r}; choose from {POOLS}")
-
-
-def para_vectors(layer: ParaLayer, h: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """[l_q; l_v; l_u] for one layer: h (B, T, d) normed layer input, prompt_mask (B, T) -> (B, d_q + d_kv + d_ff), fp32.
-
-    Split with `split_vectors(vec, d_q, d_kv)`.
-    """
-    h = h.float()
-    p = pool_prompt(h, prompt_mask, layer.pool, None if layer.pool_query is None else layer.pool_query.float())
-    z = ACTIVATIONS[layer.act](p @ layer.w_down.float().T)  # (B, r)
-    return 1.0 + z @ layer.w_up.float().T  # (B, n_out)
+    """adapters.delta.para_pool, checked."""
+    check_prompt_mask(prompt_mask)
+    return para_pool(h, prompt_mask, pool, pool_query)
 
 
 def split_vectors(vec: torch.Tensor, d_q: int, d_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,6 +71,7 @@ class ParaGenerator(nn.Module):
         return ParaLayer(pool=self.pool, w_down=self.w_down, w_up=self.w_up, pool_query=self.pool_query, act=self.act)
 
     def forward(self, h: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        check_prompt_mask(prompt_mask)
         return para_vectors(self.as_layer(), h, prompt_mask)
 
 

@@ -1,7 +1,7 @@
 """The admin API: upload (check, validate, normalise, store), list, get and delete adapters; create, list and revoke
 API keys. Every route needs `Authorization: Bearer <admin token>`.
 
-Path of an upload: multipart body (read within the size limit) -> `server.upload.parse_upload` (archive -> validated
+Path of an upload: multipart body (read within the size limit) -> `server.api.upload.parse_upload` (archive -> validated
 LoadedAdapter, in a worker thread) -> `adapters.artifact.adapter_to_bytes` (format-1 manifest + weights) ->
 `Registry.put` (blob, then manifest + index + event in one transaction) -> `on_change("put", id, version)` -> 201
 with the stored record. Nothing reaches Redis before the adapter is fully validated.
@@ -11,7 +11,7 @@ Environment (`AdminSettings.from_env`; the server's settings should carry the sa
 - `MULTIPLEX_MAX_RANK` (default 128): the highest rank accepted, for every part that has one (LowRank, PARA)
 - `MULTIPLEX_DTYPE` (default auto: bfloat16 with CUDA, else float32): the serving dtype; uploaded values must stay
   finite once cast to it
-- `MULTIPLEX_ADMIN_TOKEN`: see `server.auth`
+- `MULTIPLEX_ADMIN_TOKEN`: see `server.api.auth`
 """
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ from starlette.datastructures import UploadFile
 
 from adapters.artifact import adapter_to_bytes
 from adapters.validate import serving_dtype
+from server.api.auth import AdminAuth, TenantResolver
 from server.api.errors import ApiError
 from server.api.openapi import form_body
-from server.auth import TENANT_PATTERN, AdminAuth, ApiKeyStore, TenantResolver, check_tenant
+from server.api.upload import UploadError, parse_upload
+from server.registry.api_keys import TENANT_PATTERN, ApiKeyStore, check_tenant
 from server.registry.store import (
     ID_PATTERN,
     AdapterExistsError,
@@ -40,7 +42,6 @@ from server.registry.store import (
     check_adapter_id,
     outage_is_unavailable,
 )
-from server.upload import UploadError, parse_upload
 
 DEFAULT_MAX_ADAPTER_BYTES = 512 << 20
 DEFAULT_MAX_RANK = 128
@@ -72,7 +73,7 @@ API_KEY_BODY = {"requestBody": {"required": True, "content": {"application/json"
 
 @dataclass(frozen=True)
 class AdminSettings:
-    admin_token: str | None = None  # None: generated at start (server.auth.AdminAuth)
+    admin_token: str | None = None  # None: generated at start (server.api.auth.AdminAuth)
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     max_unpacked_bytes: int | None = None  # None: max_adapter_bytes
     max_rank: int = DEFAULT_MAX_RANK

@@ -51,7 +51,7 @@ def create_app(engine: EnginePort, settings: Settings, *, tenants: Any = None, r
                on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
                readiness: Readiness | None = None) -> FastAPI:
     """`engine`: an EnginePort (the server's AsyncEngine), not yet started: the app starts and stops it.
-    `tenants`: resolves /v1 API keys (server/auth.py TenantResolver), None = open. `routers`: more routes (the
+    `tenants`: resolves /v1 API keys (server/api/auth.py TenantResolver), None = open. `routers`: more routes (the
     admin API); a router with an `admin_auth` (server/api/admin.py's) has its token checked by the request guard,
     from the headers, before any body is read.
     `background`: coroutine functions run as tasks for the app's lifetime (registry seeding, event following).

@@ -3,9 +3,9 @@
 `RequestGuard` is a pure ASGI middleware (a BaseHTTPMiddleware would buffer streams and hide disconnects). Before
 a route runs, and so before any of the body is read:
 
-    /v1/*     the API key -> its tenant (server/auth.py TenantResolver), kept in scope[TENANT_SCOPE_KEY];
+    /v1/*     the API key -> its tenant (server/api/auth.py TenantResolver), kept in scope[TENANT_SCOPE_KEY];
               401 for a missing or unknown key when keys are required
-    /admin/*  the admin token (server/auth.py AdminAuth); 401 without it
+    /admin/*  the admin token (server/api/auth.py AdminAuth); 401 without it
     any body  Content-Length over the limit -> 413 at once; a body without one (chunked) is counted as the route
               reads it, and the read that passes the limit raises BodyTooLargeError (413)
 
@@ -20,8 +20,8 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from server.api.auth import AdminAuth, TenantResolver
 from server.api.errors import http_error_response
-from server.auth import AdminAuth, TenantResolver
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The tenant of a /v1 request: resolved from its API key by the request guard (server/api/guard.py) before the
-route runs; None for an anonymous caller where /v1 is open (server/auth.py)."""
+route runs; None for an anonymous caller where /v1 is open (server/api/auth.py)."""
 from __future__ import annotations
 
 from fastapi import Request

@@ -63,7 +63,7 @@ class AdapterCache:
         """Resident adapters that requests in flight hold (0 once every request has finished)."""
         return sum(entry.pins > 0 for entry in self.resident.values())
 
-    def needs_whole_prefill(self, ref: AdapterRef) -> bool:
+    def has_para(self, ref: AdapterRef) -> bool:
         return self.pool.slots[self.resident[ref.key].slot].has_para
 
     def discard(self, ref: AdapterRef) -> None:

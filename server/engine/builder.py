@@ -74,7 +74,7 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     num_blocks = opts.num_kv_blocks or -(-max(opts.max_num_seqs * min(max_len, 1024), max_len) // opts.block_size)
     max_len = min(max_len, num_blocks * opts.block_size)
     pool = AdapterPool(cfg, opts.max_adapter_slots, opts.adapter_pool_bytes, device, dtype,
-                       max_requests=2 * opts.max_num_seqs)
+                       max_requests=opts.max_num_seqs)
     metrics = EngineMetrics()
     cache = AdapterCache(pool, metrics)
     blocks = BlockManager(num_blocks, opts.block_size)
@@ -82,7 +82,7 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
                           max_num_batched_tokens=max(opts.max_num_batched_tokens, opts.max_prefill_chunk),
                           max_prefill_chunk=opts.max_prefill_chunk,
                           sliding_window=cfg.sliding_window if len(cfg.sliding_layers) == cfg.num_layers else 0,
-                          metrics=metrics)
+                          metrics=metrics, para_rows=pool.max_requests)
     graphs = None
     if opts.cuda_graphs and device.type == "cuda" and use_triton(device):
         graphs = DecodeGraphs.for_device(device, opts.max_num_seqs)

@@ -50,7 +50,6 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.finish(req, "abort")
-        self.runner.release(req)
         return self._output(req, "", [], None, finished=True)
 
     def fail(self, request_id: str, message: str, error_type: str = "internal_error") -> RequestOutput | None:
@@ -58,7 +57,6 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.finish(req, "error")
-        self.runner.release(req)
         return self._output(req, "", [], None, finished=True, error=message, error_type=error_type)
 
     def check_adapter(self, ref: AdapterRef) -> None:
@@ -77,8 +75,6 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        for req in batch.preempted:
-            self.runner.release(req)
         outputs = [out for req, exc in batch.load_failures for out in self._quarantine(req.adapter, exc)]
         if not batch.seqs:
             return outputs
@@ -139,7 +135,6 @@ class LLMEngine:
             if reason is not None:
                 self.requests.pop(req.request_id, None)
                 self.scheduler.finish(req, reason)
-                self.runner.release(req)
             outputs.append(self._output(req, text, token_ids, logprobs, finished=reason is not None))
         return outputs
 

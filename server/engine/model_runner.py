@@ -1,5 +1,5 @@
-"""ScheduledBatch (CPU, no tensors) -> ForwardBatch (device tensors) -> logits. Owns the KV cache, the rows
-of the PARA vector buffer that running requests hold, and the CUDA graphs of decode steps (cuda_graphs.py).
+"""ScheduledBatch (CPU, no tensors) -> ForwardBatch (device tensors) -> logits. Owns the KV cache and the CUDA
+graphs of decode steps (cuda_graphs.py); the PARA vector rows of running requests are the scheduler's.
 
 Padding (graph steps only): a decode step of B requests runs as a step of the next captured batch size; each
 padding row is one base-model token at position 0 of a scratch KV block that no request owns, so it reads and
@@ -18,7 +18,6 @@ from kernels.attention import AttentionMeta
 from kernels.segments import make_segments
 from server.engine.block_manager import FREED
 from server.engine.cuda_graphs import DecodeGraphs, GraphKey
-from server.engine.request import Request
 from server.engine.scheduler import ScheduledBatch
 from server.model.adapter_pool import AdapterPool
 from server.model.forward_batch import AdapterKinds, ForwardBatch, KVCache, ParaPrefill
@@ -42,14 +41,6 @@ class ModelRunner:
         max_len = min(max_model_len or num_blocks * block_size, num_blocks * block_size)
         self.max_blocks_per_seq = -(-max_len // block_size)
         self.graphs = graphs
-        self._para_rows: dict[str, int] = {}
-        self._free_para_rows = list(range(adapter_pool.max_requests - 1, -1, -1)) if adapter_pool else []
-
-    def release(self, req: Request) -> None:
-        """A request finished or was preempted: its PARA row (if any) is free again."""
-        row = self._para_rows.pop(req.request_id, None)
-        if row is not None:
-            self._free_para_rows.append(row)
 
     def build(self, batch: ScheduledBatch, *, pad_to: int | None = None, device=None) -> ForwardBatch:
         """The step's ForwardBatch on `device` (default: the model's). `pad_to`: a graph step, padded with
@@ -118,9 +109,8 @@ class ModelRunner:
         for s, info, start in zip(batch.seqs, infos, q_start):
             for t in targets:
                 scale_rows[t] += [s.request.slot if info and t in info.scale_targets else -1] * s.num_tokens
-            row = -1
-            if info and info.has_para:
-                row = self._para_row(s.request)
+            row = s.request.para_row if info and info.has_para else -1
+            if row >= 0:
                 if s.start == 0:  # the scheduler never splits a PARA prompt: all of it is in this step
                     prefills.append(ParaPrefill(start, min(len(s.request.prompt_ids), s.num_tokens), row, s.request.slot))
             para_rows += [row] * s.num_tokens
@@ -135,12 +125,6 @@ class ModelRunner:
             para_rows=torch.tensor(para_rows, dtype=torch.int32).to(dev) if has_para else None,
             para_prefills=tuple(prefills),
         )
-
-    def _para_row(self, req: Request) -> int:
-        row = self._para_rows.get(req.request_id)
-        if row is None:
-            row = self._para_rows[req.request_id] = self._free_para_rows.pop()
-        return row
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -103,6 +103,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     slot: int = -1  # adapter slot on the device while running; -1 = base model
     whole_prefill: bool = False  # PARA adapters: the prompt is prefilled in one step
+    para_row: int = -1  # PARA adapters: its row of the PARA vector buffer while running (the scheduler's)
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     # detokenisation state (server/engine/detokenizer.py)

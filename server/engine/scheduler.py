@@ -7,7 +7,8 @@ Plain Python over `Request`s; never sees a tensor. Policy, in order:
 2. Then waiting requests, FIFO, while there are sequence slots, token budget and KV blocks. A request whose
    adapter is not on the device yet is skipped this step (its load is under way), not blocking others.
    A request whose adapter has a PARA generator is prefilled whole, never in chunks: its vectors are pooled
-   from the entire prompt inside one forward (it may exceed the token budget when it is alone in the step).
+   from the entire prompt inside one forward (it may exceed the token budget when it is alone in the step);
+   it also takes a row of the PARA vector buffer (para_rows.py), held until it finishes or is preempted.
    A request whose adapter fails to load (the load raises, as opposed to waiting for room) leaves the queue in
    `load_failures`: the engine quarantines that adapter version and fails its requests.
 """
@@ -20,13 +21,14 @@ from typing import Protocol
 
 from server.engine.block_manager import BlockManager
 from server.engine.metrics import EngineMetrics
+from server.engine.para_rows import ParaRows
 from server.engine.request import AdapterRef, Request, Status
 
 
 class AdapterSlots(Protocol):
     def acquire(self, ref: AdapterRef) -> int | None: ...  # slot when resident (pinned), None while it cannot fit
     def release(self, ref: AdapterRef) -> None: ...
-    def needs_whole_prefill(self, ref: AdapterRef) -> bool: ...  # PARA: vectors need the whole prompt at once
+    def has_para(self, ref: AdapterRef) -> bool: ...  # PARA: a vector row, and the whole prompt in one step
     def discard(self, ref: AdapterRef) -> None: ...  # free an unpinned adapter's slot now (a quarantined one)
 
 
@@ -51,10 +53,13 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, adapters: AdapterSlots, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_prefill_chunk: int, sliding_window: int = 0, metrics: EngineMetrics | None = None) -> None:
+                 max_prefill_chunk: int, sliding_window: int = 0, metrics: EngineMetrics | None = None,
+                 para_rows: int | None = None) -> None:
         """sliding_window > 0: every layer attends to the last `sliding_window` positions only, so a running
-        request's blocks before its window are freed as it advances."""
+        request's blocks before its window are freed as it advances. para_rows: rows of the PARA vector buffer
+        (default max_num_seqs: one per running request)."""
         self.blocks, self.adapters = blocks, adapters
+        self.para_rows = ParaRows(max_num_seqs if para_rows is None else para_rows)
         self.sliding_window = sliding_window
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_prefill_chunk = max_prefill_chunk
@@ -107,13 +112,16 @@ class Scheduler:
                     skipped.append(req)
                     continue
                 req.slot = slot
-                req.whole_prefill = self.adapters.needs_whole_prefill(req.adapter)
+                req.whole_prefill = self.adapters.has_para(req.adapter)
             n = self._remaining(req) if req.whole_prefill else min(self._remaining(req), budget)
             too_long = req.whole_prefill and n > budget and batch.seqs
-            if too_long or not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
+            no_row = req.whole_prefill and self.para_rows.num_free == 0
+            if too_long or no_row or not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
                 self._unpin(req)
                 self.waiting.appendleft(req)
                 break  # FIFO: nobody jumps a request that waits for memory or budget
+            if req.whole_prefill:
+                req.para_row = self.para_rows.take()
             req.status = Status.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
@@ -146,6 +154,9 @@ class Scheduler:
     def _free(self, req: Request) -> None:
         self.blocks.release(req.block_ids)
         self._unpin(req)
+        if req.para_row >= 0:
+            self.para_rows.give_back(req.para_row)
+            req.para_row = -1
 
     def _unpin(self, req: Request) -> None:
         if req.adapter is not None and req.slot >= 0:

@@ -1,23 +1,24 @@
-"""The adapter work of one forward step: what every layer shares is looked up once, then the deltas of each layer.
+"""The adapter operations the forward calls in one step: what every layer shares is looked up once, then the
+deltas of each layer, from the pool's stores (server/model/adapter_pool.py).
 
     step = AdapterStep(pool, batch)        # once per forward
+    step.compute_para(layer, h)             # PARA prefills: their vectors from this layer's normed prompt states
     step.apply(layer, group, y, x)          # y += this step's LowRank and Sparse deltas of `group` (qkv, o, ...)
     step.scale(layer, activation, y)        # IA3 and PARA vectors of `activation` (qkv, gate_up, ffn)
 
-On a CUDA device (or with MULTIPLEX_KERNELS=triton) each call launches the Triton kernels on the pool's tables and
-does no host work (CUDA-graph capturable). On a CPU, LowRank runs from the padded mirror (padded_lowrank.py) with the
-step's slot grid computed once (Segments.slot_batch), Sparse from the pool's CSR matrices, one product per slot
-(not per request), and each Scale row of -1 (no vector) is mapped once per step to the pool's row of ones past the
-last slot (request), so that a layer's scaling is one gather and one multiply.
+Which implementation serves is the stores' (kernels.dispatch picks them per device): on a CUDA device (or with
+MULTIPLEX_KERNELS=triton) the Triton kernels on the arenas, with no host work (CUDA-graph capturable); on a CPU the
+padded LowRank stacks (the step's slot grid computed once, Segments.slot_batch) and CSR Sparse matrices, one
+product per slot. For Scale on the CPU each row of -1 (no vector) is mapped once per step to the store's row of
+ones past the last slot (request), so that a layer's scaling is one gather and one multiply.
 """
 from __future__ import annotations
 
 import torch
 
+from adapters.delta import para_vectors
 from kernels.dispatch import use_triton
-from kernels.lowrank import lowrank_delta, lowrank_delta_padded
 from kernels.scale import scale_rows_
-from kernels.sparse import sparse_delta, sparse_delta_csr
 from server.model.adapter_pool import AdapterPool
 from server.model.forward_batch import ForwardBatch
 
@@ -38,40 +39,52 @@ class AdapterStep:
             if batch.para_rows is not None:
                 self.para_index = torch.where(batch.para_rows >= 0, batch.para_rows, pool.max_requests).long()
 
+    def inject_faults(self, layer: int) -> None:
+        """The pool's test seam (AdapterPool.fault_hook): before a layer's deltas of any kind are applied."""
+        hook = self.pool.fault_hook
+        if hook is not None:
+            for slot, _ in self.batch.segments.slot_rows:  # the slots this step's tokens use
+                hook(slot, layer)
+
+    def compute_para(self, layer: int, h: torch.Tensor) -> None:
+        """During PARA prefills: each request's vectors for `layer` from its prompt tokens' normed hidden states
+        h (T, H), into its row of the PARA vector buffer (the generators' semantics: adapters.delta.para_vectors)."""
+        self.inject_faults(layer)
+        store = self.pool.scale
+        buf = store.para_vectors()
+        for p in self.batch.para_prefills:
+            gen = store.para_layers[p.slot].get(layer)
+            if gen is None:
+                buf[layer, p.row] = 1.0
+                continue
+            hp = h[p.token_start : p.token_start + p.num_prompt_tokens]  # (n, H)
+            mask = torch.ones((1, hp.shape[0]), dtype=torch.bool, device=h.device)
+            buf[layer, p.row] = para_vectors(gen, hp[None], mask)[0].to(buf.dtype)
+
     def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor) -> None:
         """y += this step's LowRank and Sparse deltas of `group` in `layer` (y: (T, group width), x: (T, d_in))."""
         pool, batch = self.pool, self.batch
-        pool.inject_faults(layer, batch)
-        seg = batch.segments
+        self.inject_faults(layer)
         if batch.adapter_kinds.lowrank:
-            if pool.padded is not None:
-                if pool.padded.rank:
-                    lowrank_delta_padded(y, x, seg, pool.padded.factors[layer][group])
-            else:
-                lowrank_delta(y, x, seg, pool.arena, pool.lowrank_tables[layer][group])
+            pool.lowrank.apply(layer, group, y, x, batch.segments)
         if batch.adapter_kinds.sparse:
-            if pool.sparse_csr is not None:
-                matrices = {s: m[(layer, group)] for s, _ in seg.slot_rows
-                            if (m := pool.sparse_csr.get(s)) is not None and (layer, group) in m}
-                sparse_delta_csr(y, x, seg.slot_rows, matrices)
-            else:
-                sparse_delta(y, x, seg, pool.idx_arena, pool.arena, pool.sparse_tables[layer][group])
+            pool.sparse.apply(layer, group, y, x, batch.segments)
 
     def scale(self, layer: int, activation: str, y: torch.Tensor) -> None:
         """Multiply the Scale sites inside `activation` ("qkv", "gate_up" or "ffn") of this layer."""
         pool, batch = self.pool, self.batch
-        pool.inject_faults(layer, batch)
+        self.inject_faults(layer)
         for target, rows in batch.scale_rows.items():
             act, col, _ = pool.layout.scale_site[target]
             if act != activation:
                 continue
-            vectors = pool.static_vectors[target][layer]  # (max_slots + 1, width)
+            vectors = pool.scale.static_vectors[target][layer]  # (max_slots + 1, width)
             if self.use_triton:
                 scale_rows_(y, vectors, rows, col)
             else:
                 _mul_columns(y, col, vectors.index_select(0, self.scale_index[target]))
         if batch.para_rows is not None and activation != "ffn":
-            vectors = pool.para_buffer()[layer]  # (max_requests + 1, d_q + d_kv + d_ff): written during prefills
+            vectors = pool.scale.para_vectors()[layer]  # (max_requests + 1, d_q + d_kv + d_ff): written during prefills
             per_token = None if self.use_triton else vectors.index_select(0, self.para_index)  # (T, ...)
             for y_col, v_col, width in self.para_spans[activation]:
                 if self.use_triton:

@@ -92,7 +92,7 @@ class LlamaModel:
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)  # (T, H)
             if batch.para_prefills:
-                adapters.compute_para(i, h, batch)  # PARA vectors come from this layer's normed prompt states
+                step.compute_para(i, h)  # PARA vectors come from this layer's normed prompt states
             qkv = linear(h, lw.qkv, lw.qkv_bias)  # (T, q + 2kv)
             if use_deltas:
                 step.apply(i, "qkv", qkv, h)

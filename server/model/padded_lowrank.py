@@ -1,24 +1,37 @@
-"""A CPU mirror of the pool's LowRank factors in the padded layout of kernels.lowrank.PaddedFactors.
+"""The CPU's LowRank store (server/model/lowrank_store.py): every slot's factors in the padded layout of
+kernels.lowrank.PaddedFactors, and nowhere else.
 
 On a CPU, every torch call costs microseconds of dispatch, so applying each adapter with its own matmuls makes the
 adapter overhead grow with the number of adapters in the step; the padded layout applies all of them with one
-gather-bmm per op. It pads every slot to the largest rank loaded (grown on demand), which is a fine trade on a
-CPU and a poor one on a GPU, where the exact-rank arena and the Triton kernels serve instead.
+gather-bmm per op. It pads every slot to the largest rank loaded (grown on demand, by powers of two), which is a
+fine trade on a CPU and a poor one on a GPU, where the exact-rank arena and the Triton kernels serve instead. The
+pool still reserves the adapter's exact size in its arena accounting, so both stores admit the same adapters.
 """
 from __future__ import annotations
 
 import torch
 
 from adapters.delta import PROJECTIONS, AdapterDeltas, parse_module_name
-from kernels.lowrank import PaddedFactors
+from kernels.lowrank import PaddedFactors, lowrank_delta_padded
+from kernels.segments import Segments
 from server.model.adapter_layout import GROUPS, Layout
+from server.model.lowrank_store import LowRankImage, rank_class
 
 
 class PaddedLowRank:
     def __init__(self, layout: Layout, num_layers: int, max_slots: int) -> None:
         self.layout, self.num_layers, self.max_slots = layout, num_layers, max_slots
-        self.rank = 0
+        self.rank = 0  # the padded rank R of every stack; 0 until a LowRank adapter is loaded
         self.factors: list[dict[str, PaddedFactors]] = []
+        self.ranks: dict[int, dict[tuple[int, str], int]] = {}  # slot -> (layer, projection) -> its real rank
+
+    @property
+    def max_rank(self) -> int:
+        """The rank class the stacks are padded to (16 before any LowRank load, like the arena's)."""
+        return rank_class(self.rank)
+
+    def prepare(self, deltas: AdapterDeltas, size_of) -> LowRankImage | None:
+        return None  # loads straight from the deltas
 
     def _slices(self, group: str) -> tuple[str, ...]:
         lo, hi = GROUPS[group]
@@ -44,10 +57,11 @@ class PaddedLowRank:
             new.append(per_group)
         self.factors, self.rank = new, rank
 
-    def load(self, slot: int, deltas: AdapterDeltas) -> None:
+    def load(self, slot: int, deltas: AdapterDeltas, image: LowRankImage | None, start: int) -> None:
         need = max((lr.rank for lr in deltas.lowrank.values()), default=0)
-        if need > self.rank:  # grow by powers of two (at least 16): a regrow copies every stack
-            self._grow(max(16, 1 << (need - 1).bit_length()))
+        if need > self.rank:  # a regrow copies every stack: grow by rank classes
+            self._grow(rank_class(need))
+        ranks = self.ranks[slot] = {}
         for name, lr in deltas.lowrank.items():
             layer, proj = parse_module_name(name)
             group = self.layout.col[proj][0]
@@ -55,10 +69,20 @@ class PaddedLowRank:
             f = self.factors[layer][group]
             f.a[slot, i * self.rank : i * self.rank + r] = lr.A.float()
             f.bt[i][slot, :r] = lr.B.float().t() * float(lr.scale)
+            ranks[(layer, proj)] = r
 
     def free(self, slot: int) -> None:
+        if self.ranks.pop(slot, None) is None:
+            return
         for per_group in self.factors:
             for f in per_group.values():
                 f.a[slot] = 0
                 for bt in f.bt:
                     bt[slot] = 0
+
+    def rank_of(self, slot: int, layer: int, proj: str) -> int:
+        return self.ranks.get(slot, {}).get((layer, proj), 0)
+
+    def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor, seg: Segments) -> None:
+        if self.rank:
+            lowrank_delta_padded(y, x, seg, self.factors[layer][group])

@@ -22,6 +22,7 @@ from adapters.errors import ArtifactError
 from server.engine.errors import InvalidAdapterError, UnknownAdapterError
 from server.engine.request import AdapterRef
 from server.registry.store import AdapterRecord, RegistryUnavailableError, is_redis_outage, outage_is_unavailable
+from server.registry.visibility import visible
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +167,9 @@ class RegistryAdapters:
         self.num_subscriptions = 0  # to the registry's events, since start
 
     async def list(self, tenant: str | None = None) -> list[str]:
-        from server.auth import visible
-
         return sorted(r.adapter_id for r in await self._call(self.registry.list()) if visible(r, tenant))
 
     async def resolve(self, adapter_id: str, tenant: str | None = None) -> AdapterRef:
-        from server.auth import visible
-
         try:
             record = await self._record(adapter_id)
         except RegistryUnavailableError:

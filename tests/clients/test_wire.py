@@ -2,6 +2,7 @@
 and tolerant parsing of the wire schemas."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -15,15 +16,22 @@ import pytest
 from clients.archive import ProgressReader, open_upload, pack_directory
 from clients.errors import (AuthError, BadRequestError, ConflictError, MultiplexError, NotFoundError,
                             OverloadedError, error_from_body, error_from_response)
-from clients.stream import DONE, SSEDecoder, StreamState
+from clients.stream import DONE, SSEDecoder, StreamState, aiter_events, iter_events
 from clients.wire import AdapterInfo, Completion, completion_body, list_items, request_headers
 
 
 def decode(lines: list[str]) -> list[str]:
-    decoder = SSEDecoder()
-    events = [data for line in lines if (data := decoder.feed(line)) is not None]
-    tail = decoder.flush()
-    return events + ([tail] if tail is not None else [])
+    events = list(iter_events(lines))
+
+    async def lines_async():
+        for line in lines:
+            yield line
+
+    async def collect() -> list[str]:
+        return [data async for data in aiter_events(lines_async())]
+
+    assert asyncio.run(collect()) == events  # the async twin decodes the same
+    return events
 
 
 def test_sse_decoding() -> None:
@@ -31,6 +39,13 @@ def test_sse_decoding() -> None:
     assert decode([": keep-alive", "", "event: x", "id: 3", "data:no-space", ""]) == ["no-space"]
     assert decode(["data: one\r\n", "data: two\r\n", "\r\n"]) == ["one\ntwo"]  # CRLF, multi-line data
     assert decode(["data: last"]) == ["last"]  # the stream ended without its blank line
+    assert decode(["", ": only a comment", "", "data: x", "", ""]) == ["x"]  # no empty events
+
+
+def test_sse_decoder_feed_and_flush() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed("data: a") is None and decoder.feed("data: b") is None
+    assert decoder.feed("") == "a\nb" and decoder.flush() is None
 
 
 def test_stream_state() -> None:

@@ -19,11 +19,13 @@ from starlette.exceptions import HTTPException
 
 from adapters.artifact import adapter_from_bytes
 from server.api.admin import AdminSettings
+from server.api.auth import AdminAuth, TenantResolver
 from server.api.errors import error_mapping
-from server.auth import AdminAuth, ApiKeyStore, TenantResolver, hash_api_key, parse_api_keys, visible
 from server.engine.errors import EngineError
+from server.registry.api_keys import ApiKeyStore, hash_api_key, parse_api_keys
 from server.registry.embedded import start_embedded_redis
 from server.registry.store import Registry, RegistryError
+from server.registry.visibility import visible
 from tests.admin_server import AdminServer, admin_app, serve
 from tests.archives import (
     SPEC,

@@ -242,7 +242,8 @@ def test_revoking_the_last_key_keeps_v1_closed(tmp_path: Path) -> None:
     another replica and after a restart (the registry's Redis remembers); only MULTIPLEX_API_AUTH=open opens it."""
     import asyncio
 
-    from server.auth import ApiKeyStore, TenantResolver
+    from server.api.auth import TenantResolver
+    from server.registry.api_keys import ApiKeyStore
     from server.registry.store import Registry
 
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -282,8 +283,9 @@ def test_api_auth_modes(tmp_path: Path) -> None:
     them stays closed), `required` needs a key before any exists, `open` serves anonymous callers on purpose."""
     import asyncio
 
-    from server.auth import ApiKeyStore, TenantResolver
+    from server.api.auth import TenantResolver
     from server.config import ConfigError, load_settings
+    from server.registry.api_keys import ApiKeyStore
     from server.registry.embedded import start_embedded_redis
     from server.registry.store import Registry
 
@@ -345,7 +347,7 @@ def test_numbers_out_of_range_are_400(server: LiveServer) -> None:
 
 
 def test_generated_admin_token_is_in_a_file_not_in_the_log(tmp_path: Path) -> None:
-    from server.auth import AdminAuth
+    from server.api.auth import AdminAuth
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.DEBUG)

@@ -33,7 +33,7 @@ def test_lru_eviction_pinning_and_waiting(cfg):
     assert sc is not None and "a@1" not in cache.resident and cache.stats.evictions == 1
     assert cache.acquire(b) == sb and cache.stats.hits == 1  # resident: no reload
     # the slot's contents are c's now: rank table shows c's rank in q_proj of layer 0
-    assert int(pool.rank[0, 0, sc]) == 8
+    assert pool.rank_of(sc, 0, "q_proj") == 8
 
 
 def test_new_version_gets_its_own_slot_while_old_is_pinned(cfg):
@@ -42,7 +42,7 @@ def test_new_version_gets_its_own_slot_while_old_is_pinned(cfg):
     v1, v2 = _ref(cfg, "x", 4, version=1), _ref(cfg, "x", 6, version=2)
     s1 = cache.acquire(v1)
     s2 = cache.acquire(v2)
-    assert s1 != s2 and int(pool.rank[0, 0, s1]) == 4 and int(pool.rank[0, 0, s2]) == 6
+    assert s1 != s2 and pool.rank_of(s1, 0, "q_proj") == 4 and pool.rank_of(s2, 0, "q_proj") == 6
 
 
 def test_slots_run_out_before_bytes(cfg):

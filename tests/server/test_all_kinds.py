@@ -1,17 +1,17 @@
 """Every delta kind in one mixed batch: LowRank of many ranks (LoRA, ALoRA, SORSA/PiSSA at 2r), Sparse (SIFT),
 Scale (IA3), PARA and a combination; each request's logits equal its own reference model's."""
+from unittest.mock import patch
+
 import torch
 
 from adapters.delta import AdapterDeltas
+from server.model.adapter_step import AdapterStep
 from server.model.config import ModelConfig
 from tests.helpers import (
-    ALL,
-    combine,
+    every_kind,
     make_hf_model,
-    random_ia3,
     random_lowrank,
     random_para,
-    random_sparse,
     reference_logits,
     reference_model,
     refs,
@@ -22,21 +22,7 @@ from tests.helpers import (
 def test_every_kind_in_one_mixed_batch(tmp_path):
     path = make_hf_model(tmp_path / "m", "qwen2")  # qkv bias: Scale must come after the bias
     cfg = ModelConfig.from_dir(path)
-    adapters = {
-        "lora4": random_lowrank(cfg, {"q_proj": 4, "v_proj": 4}, seed=1),
-        "lora64": random_lowrank(cfg, dict.fromkeys(ALL, 64), seed=2),
-        "alora": combine(random_lowrank(cfg, {"q_proj": 3, "down_proj": 11}, seed=3, layers=[0]),
-                         random_lowrank(cfg, {"k_proj": 7, "gate_proj": 1, "o_proj": 5}, seed=4, layers=[1])),
-        "sorsa-2r": random_lowrank(cfg, dict.fromkeys(ALL, 16), seed=5),
-        "pissa-2r": random_lowrank(cfg, {"q_proj": 8, "k_proj": 8, "v_proj": 8, "o_proj": 8}, seed=6),
-        "sift": random_sparse(cfg, ["q_proj", "v_proj", "up_proj", "down_proj"], 0.05, seed=7),
-        "ia3": random_ia3(cfg, seed=8),
-        "para": random_para(cfg, seed=9),
-        "para-mean-lora": combine(random_para(cfg, seed=10, pool="mean", layers=[1]),
-                                  random_lowrank(cfg, {"o_proj": 2}, seed=11)),
-        "lora+sift+ia3": combine(random_lowrank(cfg, {"q_proj": 6, "up_proj": 6}, seed=12),
-                                 random_sparse(cfg, ["k_proj", "down_proj"], 0.03, seed=13), random_ia3(cfg, seed=14)),
-    }
+    adapters = every_kind(cfg)
     engine = small_engine(path, max_prefill_chunk=8)  # long prompts are chunked (except PARA's)
     gen = torch.Generator().manual_seed(0)
     plan = [("base", None, 6), ("l4", "lora4", 13), ("l64", "lora64", 3), ("al", "alora", 19), ("so", "sorsa-2r", 9),
@@ -64,17 +50,18 @@ def test_para_vectors_depend_on_the_prompt_and_not_on_neighbours(tmp_path):
         engine = small_engine(path)
         captured = {}
         pool = engine.runner.adapter_pool
-        compute = pool.compute_para
 
-        def spy(layer, h, batch):
-            compute(layer, h, batch)
-            rid_by_row = {v: k for k, v in engine.runner._para_rows.items()}
-            for p in batch.para_prefills:
-                captured.setdefault(rid_by_row[p.row], {})[layer] = pool.para_buffer()[layer, p.row].clone()
+        def spy(step, layer, h):
+            compute(step, layer, h)
+            rid_by_row = {r.para_row: rid for rid, r in engine.requests.items() if r.para_row >= 0}
+            for p in step.batch.para_prefills:
+                captured.setdefault(rid_by_row[p.row], {})[layer] = pool.scale.para_vectors()[layer, p.row].clone()
 
-        pool.compute_para = spy
-        _, logits = run_capture(engine, prompts, which, max_tokens=4, join_after=join_after)
+        with patch.object(AdapterStep, "compute_para", spy):
+            _, logits = run_capture(engine, prompts, which, max_tokens=4, join_after=join_after)
         return captured, logits
+
+    compute = AdapterStep.compute_para
 
     alone, logits_alone = vectors_for({"a": p1}, refs({"a": "para"}, adapters))
     crowd, logits_crowd = vectors_for({"a": p1, "b": p2, "c": other}, refs({"a": "para", "b": "para", "c": "lora"}, adapters), {"c": 1})
@@ -82,3 +69,33 @@ def test_para_vectors_depend_on_the_prompt_and_not_on_neighbours(tmp_path):
         assert torch.allclose(alone["a"][layer], crowd["a"][layer], atol=1e-5)  # equal up to BLAS summation order
         assert not torch.allclose(crowd["a"][layer], crowd["b"][layer])
     assert (torch.stack(logits_alone["a"]) - torch.stack(logits_crowd["a"])).abs().max().item() <= 1e-5
+
+
+def test_para_rows_are_the_schedulers_and_a_request_waits_for_one(tmp_path):
+    """PARA vector rows are handed out by the scheduler like KV blocks: with one row, three PARA requests run one
+    after another (the others wait, nothing fails), each gives the logits it gives with a row to spare, and every
+    row is free at the end."""
+    from server.engine.para_rows import ParaRows
+
+    path = make_hf_model(tmp_path / "m", "llama")
+    cfg = ModelConfig.from_dir(path)
+    adapters = {"para": random_para(cfg, seed=1), "lora": random_lowrank(cfg, {"q_proj": 4}, seed=2)}
+    gen = torch.Generator().manual_seed(4)
+    prompts = {rid: torch.randint(3, 300, (n,), generator=gen).tolist() for rid, n in (("a", 7), ("b", 9), ("c", 5), ("d", 6))}
+    which = refs({"a": "para", "b": "para", "c": "lora", "d": "para"}, adapters)
+    _, roomy = run_capture(small_engine(path), prompts, which, max_tokens=3)
+    engine = small_engine(path)
+    engine.scheduler.para_rows = ParaRows(1)
+    in_flight = []
+    execute = engine.runner.execute
+
+    def count(batch):
+        in_flight.append(sum(s.request.para_row >= 0 for s in batch.seqs))
+        return execute(batch)
+
+    engine.runner.execute = count
+    _, tight = run_capture(engine, prompts, which, max_tokens=3)
+    assert max(in_flight) == 1  # never two PARA requests at once
+    for rid in prompts:
+        assert len(tight[rid]) == 3 and (torch.stack(tight[rid]) - torch.stack(roomy[rid])).abs().max().item() <= 1e-5
+    assert engine.scheduler.para_rows.num_free == 1

@@ -1,11 +1,16 @@
 """The CPU forward takes its fast paths (the golden tests check their values; this checks they are the ones
-running): oneDNN-prepacked projections, the planned attention and KV write, one CSR product per Sparse slot."""
+running): oneDNN-prepacked projections, the planned attention and KV write, one padded gather-bmm per LowRank op
+and one CSR product per Sparse slot, from stores that keep each adapter once (nothing written to the arena)."""
 import torch
 
 import kernels.attention as attention
 import kernels.sparse as sparse
 from server.model.config import ModelConfig
-from tests.helpers import make_hf_model, random_sparse, refs, run_capture, small_engine
+import server.model.padded_lowrank as padded_lowrank
+import server.model.sparse_store as sparse_store
+from server.model.padded_lowrank import PaddedLowRank
+from server.model.sparse_store import CsrSparse
+from tests.helpers import make_hf_model, random_lowrank, random_sparse, refs, run_capture, small_engine
 
 
 def test_cpu_forward_uses_prepacked_weights_the_attention_plan_and_csr_sparse(tmp_path, monkeypatch):
@@ -14,7 +19,9 @@ def test_cpu_forward_uses_prepacked_weights_the_attention_plan_and_csr_sparse(tm
     model = engine.runner.model
     assert all(w.is_mkldnn for lw in model.layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
     assert model.lm_head.is_mkldnn and not model.embed.is_mkldnn
-    calls = {"attention": 0, "write": 0, "reference": 0, "csr": 0}
+    pool = engine.runner.adapter_pool
+    assert isinstance(pool.lowrank, PaddedLowRank) and isinstance(pool.sparse, CsrSparse)
+    calls = {"attention": 0, "write": 0, "reference": 0, "csr": 0, "padded": 0}
 
     def counting(name, fn):
         def wrapped(*args, **kwargs):
@@ -25,12 +32,14 @@ def test_cpu_forward_uses_prepacked_weights_the_attention_plan_and_csr_sparse(tm
     monkeypatch.setattr(attention, "paged_attention_cpu", counting("attention", attention.paged_attention_cpu))
     monkeypatch.setattr(attention, "write_kv_cpu", counting("write", attention.write_kv_cpu))
     monkeypatch.setattr(attention, "paged_attention_ref", counting("reference", attention.paged_attention_ref))
-    import server.model.adapter_step as adapter_step
-    monkeypatch.setattr(adapter_step, "sparse_delta_csr", counting("csr", sparse.sparse_delta_csr))
+    monkeypatch.setattr(sparse_store, "sparse_delta_csr", counting("csr", sparse.sparse_delta_csr))
+    monkeypatch.setattr(padded_lowrank, "lowrank_delta_padded", counting("padded", padded_lowrank.lowrank_delta_padded))
     cfg = ModelConfig.from_dir(path)
-    adapters = {"sift": random_sparse(cfg, ["q_proj", "down_proj"], 0.05, seed=1)}
-    prompts = {"a": list(range(3, 12)), "b": list(range(20, 25))}
-    run_capture(engine, prompts, refs({"a": "sift", "b": None}, adapters), max_tokens=3)
+    adapters = {"sift": random_sparse(cfg, ["q_proj", "down_proj"], 0.05, seed=1),
+                "lora": random_lowrank(cfg, {"q_proj": 4, "down_proj": 4}, seed=2)}
+    prompts = {"a": list(range(3, 12)), "b": list(range(20, 25)), "c": list(range(30, 36))}
+    run_capture(engine, prompts, refs({"a": "sift", "b": None, "c": "lora"}, adapters), max_tokens=3)
     steps = 3  # one prefill step, then two decode steps
     assert calls["attention"] == calls["write"] == steps * cfg.num_layers and calls["reference"] == 0
-    assert calls["csr"] == steps * cfg.num_layers * 4  # q|k|v, o, gate|up, down of every layer
+    assert calls["csr"] == calls["padded"] == steps * cfg.num_layers * 4  # q|k|v, o, gate|up, down of every layer
+    assert len(pool.slots) == 2 and not pool.arena.any()  # both adapters resident, neither written twice

@@ -93,7 +93,7 @@ def assert_back_to_start(engine, num_para_rows: int) -> None:
     blocks = engine.scheduler.blocks
     assert blocks.num_free == blocks.num_blocks
     assert all(entry.pins == 0 for entry in engine.scheduler.adapters.resident.values())
-    assert len(engine.runner._free_para_rows) == num_para_rows
+    assert engine.scheduler.para_rows.num_free == num_para_rows
     assert not engine.requests and not engine.scheduler.running and not engine.scheduler.waiting
 
 
@@ -109,7 +109,7 @@ def test_a_fault_mid_decode_fails_only_the_faulty_adapters_requests(model, sampl
     expected = drive(small_engine(path), innocent)
 
     engine = small_engine(path)
-    num_para_rows = len(engine.runner._free_para_rows)
+    num_para_rows = engine.scheduler.para_rows.num_free
     pool = engine.runner.adapter_pool
 
     def fault_from_step_4(step):  # every request has its prompt in and a few tokens out by then
@@ -163,7 +163,7 @@ def test_a_para_adapter_with_an_unknown_activation_is_quarantined_with_its_waiti
     innocent = {rid: r for rid, r in requests.items() if not rid.startswith("bogus")}
     expected = drive(small_engine(path), innocent)
     engine = small_engine(path, max_num_seqs=4)  # bogus1 waits
-    num_para_rows = len(engine.runner._free_para_rows)
+    num_para_rows = engine.scheduler.para_rows.num_free
     got = drive(engine, requests)
     assert got["bogus0"].finish_reason == got["bogus1"].finish_reason == "error"
     assert got["bogus0"].error == got["bogus1"].error and "'para-bogus' version 1" in got["bogus0"].error
@@ -209,7 +209,7 @@ def test_a_failure_without_adapters_fails_the_step_once_and_the_engine_serves_on
     assert all(o.finish_reason == "error" for o in got.values())
     assert caplog.text.count("failed even without adapters") == 1
     assert not engine.quarantined
-    assert_back_to_start(engine, len(engine.runner._free_para_rows))
+    assert_back_to_start(engine, engine.scheduler.para_rows.num_free)
     again = drive(engine, {"next": ([5, 6, 7, 8], None, params), "next-b": ([9, 10], lora_b, params)})
     assert all(o.finish_reason == "length" for o in again.values())
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from adapters.artifact import load_adapter
-from server.upload import UploadError, parse_upload
+from server.api.upload import UploadError, parse_upload
 from tests.archives import (
     KV_DIM,
     LIMITS,

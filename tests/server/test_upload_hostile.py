@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from adapters.artifact import adapter_to_bytes
 from server.api.admin import AdminSettings
 from server.registry.embedded import start_embedded_redis
-from server.upload import UploadError, parse_upload
+from server.api.upload import UploadError, parse_upload
 from tests.admin_server import AdminServer, admin_app, serve
 from tests.helpers import assert_error
 from tests.archives import (

@@ -1,13 +1,11 @@
-"""Who may do what: the admin token of the /admin routes, the API keys that bind /v1 requests to tenants, and which
-adapters a tenant may use.
+"""Who may call which routes: the admin token of the /admin routes, and the API key -> tenant of the /v1 routes
+(the keys themselves, `MULTIPLEX_API_KEYS` and those created at run time, are kept by server/registry/api_keys.py;
+which adapters a tenant may then use, by server/registry/visibility.py).
 
 Environment (the server's settings, server/config.py, carry the same names):
 - `MULTIPLEX_ADMIN_TOKEN`: the bearer token of the /admin routes. Unset: `AdminAuth` reads it from its token file
   (`<data_dir>/admin-token` for the server), creating the file (mode 0600) with a random token the first time, so
   the admin API is never open and a restart keeps the token. The log names the file, never the token.
-- `MULTIPLEX_API_KEYS`: `key1:tenantA,key2:tenantB`. Keys can also be created at run time (`POST /admin/api-keys`);
-  those live in Redis: `mpx:apikey:{sha256(key)}` -> tenant, and `mpx:apikeys` (hash: sha256 -> JSON with the
-  tenant, the key's first characters and its creation time) to list and revoke them. Only digests are stored.
 - `MULTIPLEX_API_AUTH` (`TenantResolver.mode`): who may call /v1 without a key.
   - `auto` (default): everyone, as long as no API key has ever existed (local development). The first key, static
     or created at run time, records `mpx:apikeys:required` in Redis, and from then on every replica, now and after
@@ -16,51 +14,30 @@ Environment (the server's settings, server/config.py, carry the same names):
   - `required`: a key always, even before any exists (then nobody can call /v1 until a key is created).
   - `open`: an explicit choice: a request without a key (or with a key the server does not know, as the OpenAI
     clients send a placeholder) is served as the anonymous tenant None; a known key still selects its tenant.
-
-Visibility (`visible`): an adapter uploaded for a tenant is usable only with that tenant's key; public adapters,
-adapters without an owner and the base model are usable by all. Callers answer an invisible adapter with 404, as
-if it did not exist, so that ids do not leak between tenants.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
-import json
 import logging
 import os
-import re
 import secrets
 import stat
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import redis.asyncio as aioredis
 from fastapi import Request
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
 from server.config import API_AUTH_MODES
-from server.registry.store import AdapterRecord, RegistryUnavailableError
+from server.registry.api_keys import ApiKeyStore, hash_api_key
+from server.registry.store import RegistryUnavailableError
 
 log = logging.getLogger(__name__)
 
-TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-KEY_PREFIX_CHARS = 12  # how much of a key is kept to recognise it by ("mpx_" + 8 random characters)
 ADMIN_TOKEN_FILE = "admin-token"  # in the data directory
-
-
-def hash_api_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def check_tenant(tenant: str) -> str:
-    if not isinstance(tenant, str) or not TENANT_PATTERN.fullmatch(tenant):
-        raise ValueError(f"invalid tenant {tenant!r}: use 1-64 of A-Z a-z 0-9 . _ -")
-    return tenant
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -69,32 +46,8 @@ def bearer_token(authorization: str | None) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-def parse_api_keys(text: str | None) -> dict[str, str]:
-    """MULTIPLEX_API_KEYS ('key1:tenantA,key2:tenantB') -> {key: tenant}; ValueError names the bad entry by index
-    (never echoing a key)."""
-    keys: dict[str, str] = {}
-    for i, entry in enumerate(e.strip() for e in (text or "").split(",")):
-        if not entry:
-            continue
-        key, sep, tenant = entry.rpartition(":")
-        if not sep or not key or not TENANT_PATTERN.fullmatch(tenant):
-            raise ValueError(f"MULTIPLEX_API_KEYS entry {i + 1}: expected key:tenant, the tenant made of "
-                             "A-Z a-z 0-9 . _ -")
-        keys[key] = tenant
-    return keys
-
-
 def unauthorized(message: str) -> HTTPException:
     return HTTPException(401, detail=message, headers={"WWW-Authenticate": "Bearer"})
-
-
-def visible(entry: AdapterRecord | Mapping[str, Any], tenant: str | None) -> bool:
-    """May `tenant` (None: no key, open mode) use this adapter? `entry`: a registry record or its JSON form."""
-    if isinstance(entry, AdapterRecord):
-        owner, public = entry.tenant, entry.public
-    else:
-        owner, public = entry.get("tenant"), bool(entry.get("public"))
-    return public or owner is None or owner == tenant
 
 
 class AdminAuth:
@@ -159,84 +112,6 @@ def _read_token(path: Path) -> str:
         raise ValueError(f"{path} is empty: delete it to have a new admin token generated, or set "
                          "MULTIPLEX_ADMIN_TOKEN")
     return token
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    key_id: str  # sha256 of the key: what Redis stores
-    key_prefix: str
-    tenant: str
-    created: float
-    key: str | None = None  # the key itself: only in the answer that creates it
-
-    def to_json(self) -> dict[str, Any]:
-        out = {"key_id": self.key_id, "key_prefix": self.key_prefix, "tenant": self.tenant, "created": self.created}
-        return out | ({"key": self.key} if self.key else {})
-
-
-class ApiKeyStore:
-    """API keys in Redis, by digest."""
-
-    def __init__(self, client: aioredis.Redis, prefix: str = "mpx") -> None:
-        self.client, self.prefix, self.index_key = client, prefix, f"{prefix}:apikeys"
-        self.required_key = f"{prefix}:apikeys:required"  # set once any key has existed; never unset by the server
-
-    def key_of(self, key_id: str) -> str:
-        return f"{self.prefix}:apikey:{key_id}"
-
-    async def create(self, tenant: str) -> ApiKey:
-        return await self.add("mpx_" + secrets.token_urlsafe(32), tenant)
-
-    async def add(self, key: str, tenant: str) -> ApiKey:
-        check_tenant(tenant)
-        api_key = ApiKey(hash_api_key(key), key[:KEY_PREFIX_CHARS], tenant, time.time(), key)
-        info = json.dumps({"tenant": tenant, "key_prefix": api_key.key_prefix, "created": api_key.created})
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.key_of(api_key.key_id), tenant)
-            pipe.hset(self.index_key, api_key.key_id, info)
-            pipe.set(self.required_key, 1)
-            await pipe.execute()
-        return api_key
-
-    async def keys_required(self) -> bool:
-        """Has any API key existed? (Keys made before the marker existed count, and set it.)"""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.exists(self.required_key)
-            pipe.hlen(self.index_key)
-            marked, num_keys = await pipe.execute()
-        if num_keys and not marked:
-            await self.remember_keys_required()
-        return bool(marked or num_keys)
-
-    async def remember_keys_required(self) -> None:
-        await self.client.set(self.required_key, 1)
-
-    async def tenant_of(self, key_id: str) -> str | None:
-        tenant = await self.client.get(self.key_of(key_id))
-        return tenant.decode() if tenant is not None else None
-
-    async def count(self) -> int:
-        return int(await self.client.hlen(self.index_key))
-
-    async def list(self) -> list[ApiKey]:
-        raw = await self.client.hgetall(self.index_key)
-        keys = [ApiKey(k.decode(), **json.loads(v)) for k, v in raw.items()]
-        return sorted(keys, key=lambda k: k.created)
-
-    async def delete(self, ref: str) -> ApiKey:
-        """Revoke by key id (sha256), a unique prefix of it (>= 8 characters), or the key prefix shown at creation.
-        KeyError: no such key; ValueError: `ref` matches several."""
-        found = [k for k in await self.list()
-                 if k.key_id == ref or (len(ref) >= 8 and k.key_id.startswith(ref)) or k.key_prefix == ref]
-        if not found:
-            raise KeyError(ref)
-        if len(found) > 1:
-            raise ValueError(f"{ref!r} matches {len(found)} API keys; give more of the key id")
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(self.key_of(found[0].key_id))
-            pipe.hdel(self.index_key, found[0].key_id)
-            await pipe.execute()
-        return found[0]
 
 
 class TenantResolver:
