@@ -43,16 +43,12 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def adapters_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     """Random LoRA adapters for the tiny model (B non-zero, so each changes the output), saved as format-1 artifacts."""
-    from adapters.artifact import save_artifact
-    from server.model.config import ModelConfig
-    from server.model.tiny import ensure_tiny_checkpoint
-    from tests.helpers import random_lowrank
+    from tests.helpers import lora_artifact, tiny_config
 
-    cfg = ModelConfig.from_dir(ensure_tiny_checkpoint(data_dir / "models" / "tiny"))
+    cfg = tiny_config(data_dir / "models" / "tiny")
     directory = tmp_path_factory.mktemp("adapters")
     for seed, (adapter_id, (rank, targets)) in enumerate(ADAPTER_SPECS.items()):
-        deltas = random_lowrank(cfg, {proj: rank for proj in targets}, seed=seed)
-        save_artifact(directory / adapter_id, deltas, method="lora", spec=cfg.spec())
+        lora_artifact(directory / adapter_id, cfg, dict.fromkeys(targets, rank), seed=seed)
     return directory
 
 

@@ -1,37 +1,59 @@
 """Shared test helpers: tiny random HF checkpoints, engines over them, and logit capture."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import torch
 
-from server.engine.builder import EngineOptions, build_llm_engine
-from server.engine.engine import LLMEngine
-from server.engine.request import AdapterRef, Request, SamplingParams
-from server.model.tiny import byte_level_tokenizer
+if TYPE_CHECKING:  # imported where used, so that tests of adapters/ alone import nothing of the server
+    from server.engine.engine import LLMEngine
+    from server.engine.request import AdapterRef, SamplingParams
 
+# The tiny random models' shape (tests/server, tests/adapters, tests/e2e); head_dim stated, as Qwen2Config does not
+# derive it.
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+             pad_token_id=0)
+ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # arch -> transformers class prefix
+
+
+def small_config(arch: str = "llama", **overrides):
+    """A tiny transformers config (llama | mistral | qwen2): SMALL with `overrides`."""
+    import transformers
+
+    prefix = ARCHITECTURES[arch]
+    # a deep copy: transformers 5 writes rope_theta into the rope_scaling dict it is given
+    cfg = getattr(transformers, f"{prefix}Config")(**copy.deepcopy({**SMALL, **overrides}))
+    cfg.architectures = [f"{prefix}ForCausalLM"]
+    return cfg
+
+
+def small_model(arch: str = "llama", seed: int = 0, wide_init: bool = True, **overrides):
+    """A tiny random transformers model of small_config(arch, **overrides), in eval mode, drawn after
+    torch.manual_seed(seed): HF's init (its initializer_range), then with `wide_init` every weight drawn again, wider
+    (matrices N(0, 0.1), vectors + N(0, 0.1)), so that logits differ visibly between tokens."""
+    import transformers
+
+    cfg = small_config(arch, **overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cfg.architectures[0])(cfg)
+    if wide_init:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.1) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
 
 
 def make_hf_model(directory: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Save a tiny random transformers model (llama | mistral | qwen2) with the byte-level tokenizer."""
-    import transformers
+    """Save small_model(arch, seed, **overrides) with the byte-level tokenizer."""
+    from server.model.tiny import byte_level_tokenizer
 
-    cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[arch]
-    cfg = getattr(transformers, cls[0])(**{**SMALL, **overrides})
-    cfg.architectures = [cls[1]]
-    torch.manual_seed(seed)
-    model = getattr(transformers, cls[1])(cfg)
-    with torch.no_grad():
-        for p in model.parameters():  # wider than HF's init so that logits differ visibly between tokens
-            p.normal_(0.0, 0.1) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(directory, safe_serialization=True)
+    small_model(arch, seed, **overrides).save_pretrained(directory, safe_serialization=True)
     byte_level_tokenizer().save_pretrained(directory)
     return directory
 
@@ -43,6 +65,8 @@ def load_hf(directory: Path):
 
 
 def small_engine(directory: Path, **opts) -> LLMEngine:
+    from server.engine.builder import EngineOptions, build_llm_engine
+
     base = dict(device="cpu", dtype="fp32", max_num_seqs=16, block_size=4, num_kv_blocks=256,
                 max_num_batched_tokens=64, max_prefill_chunk=16)
     return build_llm_engine(str(directory), EngineOptions(**{**base, **opts}))
@@ -50,6 +74,8 @@ def small_engine(directory: Path, **opts) -> LLMEngine:
 
 def refs(which: dict[str, str | None], adapters: dict) -> dict[str, AdapterRef | None]:
     """Request id -> the AdapterRef of its adapter name in `adapters` (version 1), or None for the base model."""
+    from server.engine.request import AdapterRef
+
     return {rid: AdapterRef(name, 1, adapters[name]) if name else None for rid, name in which.items()}
 
 
@@ -58,6 +84,8 @@ def run_capture(engine: LLMEngine, prompts: dict[str, list[int]], adapters: dict
                 ) -> tuple[dict[str, list[int]], dict[str, list[torch.Tensor]]]:
     """Greedy-generate every prompt; requests in `join_after` are added after that many steps (mid-decode).
     -> (generated ids per request, the logits row that produced each generated token)."""
+    from server.engine.request import Request, SamplingParams
+
     logits_log: dict[str, list[torch.Tensor]] = {rid: [] for rid in prompts}
     execute = engine.runner.execute
 
@@ -189,6 +217,43 @@ def combine(*parts):
     return out
 
 
+def every_kind(cfg) -> dict:
+    """Adapter name -> AdapterDeltas, one of every delta kind and mix: LowRank of many ranks (LoRA, ALoRA, SORSA/PiSSA
+    at 2r), Sparse (SIFT), Scale (IA3), PARA and combinations."""
+    return {
+        "lora4": random_lowrank(cfg, {"q_proj": 4, "v_proj": 4}, seed=1),
+        "lora64": random_lowrank(cfg, dict.fromkeys(ALL, 64), seed=2),
+        "alora": combine(random_lowrank(cfg, {"q_proj": 3, "down_proj": 11}, seed=3, layers=[0]),
+                         random_lowrank(cfg, {"k_proj": 7, "gate_proj": 1, "o_proj": 5}, seed=4, layers=[1])),
+        "sorsa-2r": random_lowrank(cfg, dict.fromkeys(ALL, 16), seed=5),
+        "pissa-2r": random_lowrank(cfg, {"q_proj": 8, "k_proj": 8, "v_proj": 8, "o_proj": 8}, seed=6),
+        "sift": random_sparse(cfg, ["q_proj", "v_proj", "up_proj", "down_proj"], 0.05, seed=7),
+        "ia3": random_ia3(cfg, seed=8),
+        "para": random_para(cfg, seed=9),
+        "para-mean-lora": combine(random_para(cfg, seed=10, pool="mean", layers=[1]),
+                                  random_lowrank(cfg, {"o_proj": 2}, seed=11)),
+        "lora+sift+ia3": combine(random_lowrank(cfg, {"q_proj": 6, "up_proj": 6}, seed=12),
+                                 random_sparse(cfg, ["k_proj", "down_proj"], 0.03, seed=13), random_ia3(cfg, seed=14)),
+    }
+
+
+def tiny_config(directory: Path):
+    """The ModelConfig of the served tiny checkpoint (server/model/tiny.py), written at `directory` if not there."""
+    from server.model.config import ModelConfig
+    from server.model.tiny import ensure_tiny_checkpoint
+
+    return ModelConfig.from_dir(ensure_tiny_checkpoint(directory))
+
+
+def lora_artifact(directory: Path, cfg, targets: dict[str, int], seed: int, magnitude: float = 0.3) -> Path:
+    """random_lowrank(cfg, targets, seed, magnitude=magnitude) saved as a format-1 LoRA artifact for `cfg` (a
+    ModelConfig) at `directory`."""
+    from adapters.artifact import save_artifact
+
+    deltas = random_lowrank(cfg, targets, seed=seed, magnitude=magnitude)
+    return save_artifact(directory, deltas, method="lora", spec=cfg.spec())
+
+
 def reference_model(directory: Path, deltas, prompt_len: int):
     """The transformers model with `deltas` applied the reference way: LowRank/Sparse merged into the weights,
     IA3 vectors and PARA vectors (pooled from the first `prompt_len` positions) multiplied into activations."""
@@ -274,11 +339,11 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def make_chat_checkpoint(tiny_dir: Path, directory: Path) -> Path:
-    """A copy of the tiny checkpoint whose tokenizer has CHATML_TEMPLATE."""
+def make_chat_checkpoint(tiny_dir: Path, directory: Path, template: str = CHATML_TEMPLATE) -> Path:
+    """A copy of the tiny checkpoint whose tokenizer has `template` as its chat template."""
     shutil.copytree(tiny_dir, directory)
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config["chat_template"] = CHATML_TEMPLATE
+    config["chat_template"] = template
     config_path.write_text(json.dumps(config))
     return directory

@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from adapters.artifact import load_adapter, save_artifact
 from adapters.delta import (
@@ -28,7 +28,10 @@ from adapters.manifest import LoadedAdapter
 from adapters.peft_io import _exact_alpha, export_peft_lora
 from adapters.spec import backbone_spec, fingerprint, module_shapes
 from adapters.validate import validate
+from tests.helpers import small_model
 
+# tests/archives.py's SPEC as a transformers config dict: SMALL (tests/helpers.py) with a wider MLP and a smaller
+# vocabulary; the shape checks below state these numbers
 HF_CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -37,9 +40,7 @@ TOL = 1e-4  # max abs logit difference, fp32
 
 @pytest.fixture(scope="module")
 def base() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**{k: v for k, v in HF_CONFIG.items() if k != "model_type"}, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+    return small_model(seed=0, wide_init=False, **{k: v for k, v in HF_CONFIG.items() if k != "model_type"})
 
 
 @pytest.fixture(scope="module")

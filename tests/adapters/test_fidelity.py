@@ -25,11 +25,11 @@ import copy
 
 import pytest
 import torch
-import transformers
 
 from adapters.delta import AdapterDeltas, parse_module_name
 from adapters.methods.para import para_vectors, split_vectors
 from adapters.train import build_method
+from tests.helpers import small_model
 
 BF16 = torch.bfloat16
 REL = 1e-3  # the trained factors' change from their init, relative (0.1%)
@@ -51,12 +51,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def base_model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-        vocab_size=128, max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = small_model(seed=0, wide_init=False)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(BF16).float())  # bf16 values: the served backbone is exactly the trainer's

@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
 from adapters.data import Tokenized, collate
 from adapters.delta import AdapterDeltas, parse_module_name
@@ -25,8 +24,9 @@ from adapters.methods.sift import num_selected
 from adapters.peft_io import export_peft_lora
 from adapters.spec import backbone_spec
 from adapters.train import FitOptions, build_method, epoch_batches, evaluate, fit, lm_loss
+from tests.helpers import SMALL, small_model
 
-VOCAB = 128
+VOCAB = SMALL["vocab_size"]
 ATOL = 1e-4
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -52,12 +52,7 @@ LR = 1e-2
 
 @pytest.fixture(scope="module")
 def base_model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-        vocab_size=VOCAB, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return small_model(seed=0, wide_init=False)
 
 
 def random_examples(num: int, seed: int) -> list[Tokenized]:

@@ -29,6 +29,7 @@ from adapters.train import (
     resolve_options,
     train,
 )
+from tests.helpers import small_model
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +41,12 @@ def tokenizer():
 def model_dir(tmp_path_factory, tokenizer):
     """A local checkpoint: a tiny random Llama and the character tokenizer, as `save_pretrained` writes them."""
     path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-        vocab_size=len(tokenizer), max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+    model = small_model(
+        seed=0, wide_init=False, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
         initializer_range=0.1,  # the default 0.02 leaves the frozen head too weak to express a peaked distribution
     )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

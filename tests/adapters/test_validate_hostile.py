@@ -30,9 +30,8 @@ from adapters.manifest import LoadedAdapter
 from adapters.peft_io import export_peft_lora
 from adapters.peft_patterns import compile_pattern, layer_index
 from adapters.validate import validate
+from tests.archives import SPEC
 
-SPEC = {"architecture": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128}
 PARA_UP_ROWS = 64 + 32 + 128
 MODULES = [f"layers.{i}.{p}" for i in range(2) for p in PROJECTIONS]
 PEFT_KEYS = [f"{prefix}layers.{i}.{'self_attn' if p in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{p}"

@@ -172,16 +172,14 @@ def fleet(tmp_path_factory):
 
 
 def _upload_adapters(fleet: Fleet, work: Path, num: int) -> None:
-    from adapters.artifact import save_artifact
-    from server.model.config import ModelConfig
-    from server.model.tiny import ensure_tiny_checkpoint
-    from tests.helpers import random_lowrank
+    from tests.helpers import lora_artifact, tiny_config
 
-    cfg = ModelConfig.from_dir(ensure_tiny_checkpoint(work / "tiny"))
+    cfg = tiny_config(work / "tiny")
     with httpx.Client(base_url=fleet.url, timeout=60) as client:
         for i in range(num):
-            deltas = random_lowrank(cfg, {"q_proj": 4, "down_proj": 4}, seed=100 + i, magnitude=0.6)
-            archive = tar_dir(save_artifact(work / "artifacts" / f"a{i}", deltas, method="lora", spec=cfg.spec()))
+            directory = lora_artifact(work / "artifacts" / f"a{i}", cfg, {"q_proj": 4, "down_proj": 4}, seed=100 + i,
+                                      magnitude=0.6)
+            archive = tar_dir(directory)
             r = client.post("/admin/adapters", files={"file": ("a.tar.gz", archive)},
                             data={"adapter_id": f"a{i}", "public": "true"}, headers=ADMIN)  # any replica
             assert r.status_code == 201, r.text

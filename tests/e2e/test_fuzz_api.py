@@ -29,6 +29,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from tests.helpers import make_chat_checkpoint
 from tests.live_server import LiveServer, running_server
 
 NUM_EXAMPLES = int(os.environ.get("MULTIPLEX_FUZZ_EXAMPLES", "100"))
@@ -45,21 +46,13 @@ ERRORS: Counter[tuple[str, int, str]] = Counter()  # (operation, status, the err
 pytestmark = pytest.mark.slow
 
 
-def tiny_with_chat_template(data_dir: Path, directory: Path) -> Path:
-    """A copy of the embedded tiny checkpoint whose tokenizer has CHAT_TEMPLATE."""
-    from server.model.tiny import ensure_tiny_checkpoint
-
-    model_dir = shutil.copytree(ensure_tiny_checkpoint(data_dir / "models" / "tiny"), directory)
-    config_path = model_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
-    return model_dir
-
-
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, adapters_dir: Path) -> Iterator[LiveServer]:
+    from server.model.tiny import ensure_tiny_checkpoint
+
     root = tmp_path_factory.mktemp("fuzz")
-    model_dir = tiny_with_chat_template(data_dir, root / "tiny-chat")
+    tiny_dir = ensure_tiny_checkpoint(data_dir / "models" / "tiny")
+    model_dir = make_chat_checkpoint(tiny_dir, root / "tiny-chat", CHAT_TEMPLATE)
     shutil.copytree(adapters_dir / SEEDED_ADAPTER, root / "adapters" / SEEDED_ADAPTER)
     with running_server(model=str(model_dir), adapters=root / "adapters", data_dir=root / "data",
                         admin_token=ADMIN_TOKEN, api_keys=f"{API_KEY}:fuzz", max_model_len=96,

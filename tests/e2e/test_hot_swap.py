@@ -4,19 +4,13 @@ import threading
 import httpx
 import pytest
 
-from tests.helpers import tar_dir
+from tests.helpers import lora_artifact, tar_dir, tiny_config
 from tests.live_server import running_server
 
 
 def _make_adapter(tmp_path, name, seed, rank=4):
-    from adapters.artifact import save_artifact
-    from server.model.config import ModelConfig
-    from server.model.tiny import ensure_tiny_checkpoint
-    from tests.helpers import random_lowrank
-
-    cfg = ModelConfig.from_dir(ensure_tiny_checkpoint(tmp_path / "tinyck"))
-    deltas = random_lowrank(cfg, {"q_proj": rank, "down_proj": rank}, seed=seed, magnitude=1.0)
-    return tar_dir(save_artifact(tmp_path / name, deltas, method="lora", spec=cfg.spec()))
+    cfg = tiny_config(tmp_path / "tinyck")
+    return tar_dir(lora_artifact(tmp_path / name, cfg, {"q_proj": rank, "down_proj": rank}, seed=seed, magnitude=1.0))
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,12 @@ ADMIN = {"Authorization": "Bearer admin-secret"}
 
 def _adapter_bytes(data_dir, seed: int) -> tuple[dict, bytes]:
     """(manifest, blob) of a random LoRA for the tiny model: what the registry stores for an upload."""
-    from adapters.artifact import adapter_to_bytes, load_adapter, save_artifact
-    from server.model.config import ModelConfig
-    from server.model.tiny import ensure_tiny_checkpoint
-    from tests.helpers import random_lowrank
+    from adapters.artifact import adapter_to_bytes, load_adapter
+    from tests.helpers import lora_artifact, tiny_config
 
-    cfg = ModelConfig.from_dir(ensure_tiny_checkpoint(data_dir / "models" / "tiny"))
-    deltas = random_lowrank(cfg, {"q_proj": 4, "down_proj": 4}, seed=seed, magnitude=0.6)
-    directory = save_artifact(data_dir / "artifacts" / f"seed{seed}", deltas, method="lora", spec=cfg.spec())
+    cfg = tiny_config(data_dir / "models" / "tiny")
+    directory = lora_artifact(data_dir / "artifacts" / f"seed{seed}", cfg, {"q_proj": 4, "down_proj": 4}, seed=seed,
+                              magnitude=0.6)
     return adapter_to_bytes(load_adapter(directory, cfg.spec()))
 
 

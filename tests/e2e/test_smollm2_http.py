@@ -39,15 +39,13 @@ def _text_content(messages: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def smollm2_server(smollm2_dir: Path, tmp_path_factory) -> Iterator[LiveServer]:
-    from adapters.artifact import save_artifact
     from server.model.config import ModelConfig
-    from tests.helpers import random_lowrank
+    from tests.helpers import lora_artifact
 
     cfg = ModelConfig.from_dir(smollm2_dir)
     adapters = tmp_path_factory.mktemp("smollm2-adapters")
-    save_artifact(adapters / "pirate-lora", random_lowrank(cfg, dict.fromkeys(("q_proj", "v_proj", "up_proj", "down_proj"), 8),
-                                                           seed=3, magnitude=3.0),
-                  method="lora", spec=cfg.spec())
+    lora_artifact(adapters / "pirate-lora", cfg, dict.fromkeys(("q_proj", "v_proj", "up_proj", "down_proj"), 8), seed=3,
+                  magnitude=3.0)
     # the converted checkpoint of this run, but a data dir (so an embedded Redis) of its own: the tiny servers of
     # other tests must not see adapters made for this backbone
     with running_server(model=str(smollm2_dir), data_dir=tmp_path_factory.mktemp("smollm2-data"), adapters=adapters,

@@ -12,8 +12,7 @@ import torch
 from adapters.delta import AdapterDeltas
 from server.engine.cuda_graphs import DecodeGraphs, batch_sizes, eager_capture
 from server.model.config import ModelConfig
-from tests.helpers import make_hf_model, random_lowrank, reference_logits, reference_model, refs, run_capture, small_engine
-from tests.helpers import ALL, combine, random_ia3, random_para, random_sparse
+from tests.helpers import every_kind, make_hf_model, reference_logits, reference_model, refs, run_capture, small_engine
 
 
 def test_batch_sizes_cover_every_batch_and_end_at_the_maximum():
@@ -33,17 +32,7 @@ def graph_engine(path, capture=eager_capture, **opts):
 def model(tmp_path_factory):
     path = make_hf_model(tmp_path_factory.mktemp("m") / "m", "qwen2")
     cfg = ModelConfig.from_dir(path)
-    adapters = {
-        "lora4": random_lowrank(cfg, {"q_proj": 4, "v_proj": 4}, seed=1),
-        "sorsa-2r": random_lowrank(cfg, dict.fromkeys(ALL, 16), seed=5),
-        "sift": random_sparse(cfg, ["q_proj", "v_proj", "up_proj", "down_proj"], 0.05, seed=7),
-        "ia3": random_ia3(cfg, seed=8),
-        "para": random_para(cfg, seed=9),
-        "lora+sift+ia3": combine(random_lowrank(cfg, {"q_proj": 6, "up_proj": 6}, seed=12),
-                                 random_sparse(cfg, ["k_proj", "down_proj"], 0.03, seed=13), random_ia3(cfg, seed=14)),
-        "lora64": random_lowrank(cfg, dict.fromkeys(ALL, 64), seed=2),
-    }
-    return path, adapters
+    return path, every_kind(cfg)
 
 
 def prompts_for(plan, seed=0):

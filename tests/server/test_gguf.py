@@ -4,7 +4,6 @@ transformers logits equal the original's; errors name what is unsupported; conve
 the real SmolLM2 file converts and answers."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from server.model.config import ModelConfig
 from server.model.gguf_dequant import DEQUANTIZERS, dequantize
 from server.model.gguf_import import MARKER, ensure_gguf_checkpoint
 from server.model.tiny import _bytes_to_unicode
-from tests.helpers import load_hf
+from tests.helpers import SMALL, load_hf, small_model
 
 # ---- 1. dequantizers == gguf.quants.dequantize ------------------------------------------------------------------
 
@@ -84,9 +83,7 @@ def test_dequantize_rejects_wrong_sizes_and_types():
 
 # ---- 2. round trip: HF model -> GGUF (as llama.cpp writes it) -> ours -> transformers -----------------------------
 
-SMALL = dict(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
-             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+VOCAB_SIZE = 264  # byte_level_vocab()'s tokens
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -102,15 +99,15 @@ LLAMACPP_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm
 MIXED = {"token_embd": Q.Q8_0, "attn_q": Q.Q8_0, "attn_k": Q.Q4_0, "attn_v": Q.Q5_1, "attn_output": Q.BF16,
          "ffn_gate": Q.Q4_1, "ffn_up": Q.Q5_0, "ffn_down": Q.F16, "output": Q.Q8_0}
 
-CASES = {  # name: (HF class, config overrides, GGUF architecture, storage)
-    "llama-untied-llama3rope-f32": ("Llama", dict(tie_word_embeddings=False, rope_theta=500000.0,
+CASES = {  # name: (HF architecture, config overrides, GGUF architecture, storage)
+    "llama-untied-llama3rope-f32": ("llama", dict(tie_word_embeddings=False, rope_theta=500000.0,
                                                   rope_scaling=LLAMA3_ROPE, max_position_embeddings=16384),
                                     "llama", "f32"),
-    "llama-tied-mixed": ("Llama", dict(tie_word_embeddings=True), "llama", "mixed"),
-    "qwen2-bias-f32": ("Qwen2", dict(tie_word_embeddings=False), "qwen2", "f32"),
-    "qwen2-bias-tied-mixed": ("Qwen2", dict(tie_word_embeddings=True), "qwen2", "mixed"),
-    "mistral-as-llama-f32": ("Mistral", dict(sliding_window=None), "llama", "f32"),
-    "mistral-f32": ("Mistral", dict(sliding_window=None), "mistral", "f32"),
+    "llama-tied-mixed": ("llama", dict(tie_word_embeddings=True), "llama", "mixed"),
+    "qwen2-bias-f32": ("qwen2", dict(tie_word_embeddings=False), "qwen2", "f32"),
+    "qwen2-bias-tied-mixed": ("qwen2", dict(tie_word_embeddings=True), "qwen2", "mixed"),
+    "mistral-as-llama-f32": ("mistral", dict(sliding_window=None), "llama", "f32"),
+    "mistral-f32": ("mistral", dict(sliding_window=None), "mistral", "f32"),
 }
 
 
@@ -126,18 +123,9 @@ def byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def make_model(cls_prefix: str, seed: int, **overrides):
-    import transformers
-
-    # a deep copy: transformers 5 writes rope_theta into the rope_scaling dict it is given
-    cfg = getattr(transformers, f"{cls_prefix}Config")(**copy.deepcopy({**SMALL, **overrides}))
-    cfg.architectures = [f"{cls_prefix}ForCausalLM"]
-    torch.manual_seed(seed)
-    model = getattr(transformers, f"{cls_prefix}ForCausalLM")(cfg)
-    with torch.no_grad():  # wider than HF's init so logits differ visibly
-        for p in model.parameters():
-            p.normal_(0.0, 0.1) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+def make_model(arch: str, seed: int, **overrides):
+    """A tiny random model (tests/helpers.py) over byte_level_vocab(); rms_norm_eps stated: the GGUF carries it."""
+    return small_model(arch, seed, **{"vocab_size": VOCAB_SIZE, "rms_norm_eps": 1e-6, **overrides})
 
 
 def llamacpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -253,9 +241,9 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_round_trip_logits_equal_transformers(tmp_path, case):
-    cls_prefix, overrides, arch, storage = CASES[case]
-    model = make_model(cls_prefix, seed=len(case), **overrides)
-    ids = torch.randint(3, SMALL["vocab_size"], (1, 17), generator=torch.Generator().manual_seed(0))
+    hf_arch, overrides, arch, storage = CASES[case]
+    model = make_model(hf_arch, seed=len(case), **overrides)
+    ids = torch.randint(3, VOCAB_SIZE, (1, 17), generator=torch.Generator().manual_seed(0))
     original = logits(model, ids)
     write_gguf(tmp_path / "m.gguf", model, arch, storage)
 
@@ -282,7 +270,7 @@ def test_tokenizer_files_follow_the_gguf_metadata(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoTokenizer
 
-    write_gguf(tmp_path / "m.gguf", make_model("Llama", seed=1), "llama", "f32", add_bos=True)
+    write_gguf(tmp_path / "m.gguf", make_model("llama", seed=1), "llama", "f32", add_bos=True)
     out = ensure_gguf_checkpoint(tmp_path / "m.gguf", tmp_path / "converted")
     tok = AutoTokenizer.from_pretrained(out)
     tokens, _, merges = byte_level_vocab()
@@ -299,7 +287,7 @@ def test_tokenizer_files_follow_the_gguf_metadata(tmp_path):
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n"
 
-    write_gguf(tmp_path / "n.gguf", make_model("Llama", seed=1), "llama", "f32", add_bos=False)
+    write_gguf(tmp_path / "n.gguf", make_model("llama", seed=1), "llama", "f32", add_bos=False)
     tok = AutoTokenizer.from_pretrained(ensure_gguf_checkpoint(tmp_path / "n.gguf", tmp_path / "n"))
     assert tok.encode(text) == ref.encode(text).ids
 
@@ -322,7 +310,7 @@ def test_unsupported_architecture_is_named(tmp_path):
 def test_unsupported_tensor_type_is_named(tmp_path):
     rows, cols = SMALL["hidden_size"], SMALL["intermediate_size"]  # blk.1.ffn_down: (64, 96)
     iq4 = np.random.default_rng(0).integers(0, 256, (rows, cols // 32 * 18), dtype=np.uint8)
-    write_gguf(tmp_path / "m.gguf", make_model("Llama", seed=2), "llama", "f32",
+    write_gguf(tmp_path / "m.gguf", make_model("llama", seed=2), "llama", "f32",
                replace={"blk.1.ffn_down.weight": (iq4, Q.IQ4_NL)})
     with pytest.raises(ValueError, match=r"'blk.1.ffn_down.weight' has type IQ4_NL.*supported: .*Q4_K.*Q6_K"):
         ensure_gguf_checkpoint(tmp_path / "m.gguf", tmp_path / "out")
@@ -330,7 +318,7 @@ def test_unsupported_tensor_type_is_named(tmp_path):
 
 
 def test_interrupted_conversion_leaves_nothing_used_and_the_next_call_converts(tmp_path, monkeypatch):
-    model = make_model("Llama", seed=3)
+    model = make_model("llama", seed=3)
     write_gguf(tmp_path / "m.gguf", model, "llama", "f32")
     out = tmp_path / "out"
     real, calls = DEQUANTIZERS[Q.F32], []
@@ -359,7 +347,7 @@ def test_interrupted_conversion_leaves_nothing_used_and_the_next_call_converts(t
 
 
 def test_a_complete_directory_is_reused_without_reading_tensors_until_the_file_changes(tmp_path, monkeypatch):
-    write_gguf(tmp_path / "m.gguf", make_model("Qwen2", seed=4), "qwen2", "f32")
+    write_gguf(tmp_path / "m.gguf", make_model("qwen2", seed=4), "qwen2", "f32")
     out = ensure_gguf_checkpoint(tmp_path / "m.gguf", tmp_path / "out")
     written = (out / "model.safetensors").stat().st_mtime_ns
 
