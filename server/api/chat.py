@@ -24,8 +24,8 @@ from server.api.body import check_prompt_chars, parse_body
 from server.api.engine_port import EnginePort
 from server.api.errors import ApiError
 from server.api.generation import Choice, check_context, reported_logprob, resolve_adapter_id, respond, sampling_params
-from server.api.openapi import json_body
-from server.api.schemas import ChatCompletionRequest
+from server.api.openapi import json_body, response_doc
+from server.api.schemas import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
 from server.api.tenancy import request_tenant
 from server.engine.request import RequestOutput, TokenLogprob
 
@@ -88,7 +88,8 @@ def _chunk_choice(delta: dict[str, str], logprobs: dict[str, Any] | None, finish
     return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-@router.post("/v1/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
+@router.post("/v1/chat/completions", response_model=None, responses=response_doc(ChatCompletionResponse, ChatCompletionChunk),
+             openapi_extra=json_body(ChatCompletionRequest))
 async def create_chat_completion(request: Request) -> JSONResponse | StreamingResponse:
     state = request.app.state
     engine: EnginePort = state.engine

@@ -17,8 +17,8 @@ from server.api.body import RequestLimits, check_prompt_chars, parse_body
 from server.api.engine_port import EnginePort
 from server.api.errors import ApiError
 from server.api.generation import Choice, check_context, reported_logprob, resolve_adapter_id, respond, sampling_params
-from server.api.openapi import json_body
-from server.api.schemas import CompletionRequest
+from server.api.openapi import json_body, response_doc
+from server.api.schemas import CompletionRequest, CompletionResponse
 from server.api.tenancy import request_tenant
 from server.engine.errors import PromptTooLongError
 from server.engine.request import RequestOutput, SamplingParams, TokenLogprob
@@ -91,7 +91,8 @@ async def prompt_token_ids(prompt: str | list[int], engine: EnginePort, limits: 
     return prompt
 
 
-@router.post("/v1/completions", response_model=None, openapi_extra=json_body(CompletionRequest))
+@router.post("/v1/completions", response_model=None, responses=response_doc(CompletionResponse, CompletionResponse),
+             openapi_extra=json_body(CompletionRequest))
 async def create_completion(request: Request) -> JSONResponse | StreamingResponse:
     state = request.app.state
     engine: EnginePort = state.engine

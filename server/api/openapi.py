@@ -30,6 +30,14 @@ def json_body(schema: type[BaseModel]) -> dict[str, Any]:
     return _body("application/json", schema.model_json_schema(ref_template=REF_TEMPLATE))
 
 
+def response_doc(whole: type[BaseModel], chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """`responses` of a generation route: `whole` as JSON, or with `"stream": true` a text/event-stream of `chunk`s
+    (each `data:` line one chunk, then `data: [DONE]`). The routes build these bodies and tests validate them
+    against the same models (tests/e2e/test_api.py, test_chat.py)."""
+    return {200: {"model": whole, "description": f"the whole response ({whole.__name__}); with `stream`, server-sent "
+                                                 f"events, each a {chunk.__name__}, then `[DONE]`"}}
+
+
 def form_body(schema: dict[str, Any]) -> dict[str, Any]:
     """`openapi_extra` of a route that parses a multipart form itself; `schema`: a JSON schema of its fields."""
     return _body("multipart/form-data", schema)

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from server.api.schemas import CompletionResponse
 from tests.helpers import assert_error, parse_sse
 from tests.live_server import LiveServer, running_server
 
@@ -26,12 +27,17 @@ def stream(server: LiveServer, **body: Any) -> list[dict[str, Any]]:
     response = server.client.post("/v1/completions", json={**body, "stream": True})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
-    return parse_sse(response.text)
+    chunks = parse_sse(response.text)
+    for chunk in chunks:  # every chunk is what the OpenAPI document says (the route's response model)
+        CompletionResponse.model_validate(chunk)
+    return chunks
 
 
 def greedy(server: LiveServer, prompt: str = PROMPT, adapter_id: str | None = None, max_tokens: int = 8,
            **extra: Any) -> dict[str, Any]:
-    return server.complete(prompt=prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=0, **extra)
+    body = server.complete(prompt=prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=0, **extra)
+    CompletionResponse.model_validate(body)
+    return body
 
 
 # --- models, health, metrics ------------------------------------------------------------------------------------
