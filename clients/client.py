@@ -121,25 +121,27 @@ class Client(_ClientBase):
     def complete(self, prompt: str | list[int], *, adapter_id: str | None = None, max_tokens: int = 16,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None,
                  seed: int | None = None, logprobs: int | None = None, ignore_eos: bool = False,
-                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Completion:
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, model: str | None = None) -> Completion:
         """One completion of a text prompt or of token ids; `adapter_id` None is the base model; temperature 0 is
-        greedy."""
+        greedy. `model` sends OpenAI's `model` field (an adapter id or the base model's name) instead of, or beside,
+        `adapter_id`: how other OpenAI-compatible servers are told which LoRA to use."""
         body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=logprobs,
                                ignore_eos=ignore_eos, stream=False, presence_penalty=presence_penalty,
-                               frequency_penalty=frequency_penalty)
+                               frequency_penalty=frequency_penalty, model=model)
         return Completion.from_json(self._request("POST", COMPLETIONS_PATH, json=body,
                                                   headers=self._api_headers(adapter_id)))
 
     def stream(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
                top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None, seed: int | None = None,
                ignore_eos: bool = False, presence_penalty: float = 0.0,
-               frequency_penalty: float = 0.0) -> TextStream:
-        """The completion's text as it is generated: an iterator of deltas (see TextStream)."""
+               frequency_penalty: float = 0.0, model: str | None = None) -> TextStream:
+        """The completion's text as it is generated: an iterator of deltas (see TextStream); `model` as in
+        `complete`."""
         body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=None,
                                ignore_eos=ignore_eos, stream=True, presence_penalty=presence_penalty,
-                               frequency_penalty=frequency_penalty)
+                               frequency_penalty=frequency_penalty, model=model)
         state = StreamState()
         return TextStream(self._stream_deltas(COMPLETIONS_PATH, body, self._api_headers(adapter_id), state), state)
 
@@ -256,22 +258,22 @@ class AsyncClient(_ClientBase):
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                        stop: str | list[str] | None = None, seed: int | None = None, logprobs: int | None = None,
                        ignore_eos: bool = False, presence_penalty: float = 0.0,
-                       frequency_penalty: float = 0.0) -> Completion:
+                       frequency_penalty: float = 0.0, model: str | None = None) -> Completion:
         body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=logprobs,
                                ignore_eos=ignore_eos, stream=False, presence_penalty=presence_penalty,
-                               frequency_penalty=frequency_penalty)
+                               frequency_penalty=frequency_penalty, model=model)
         return Completion.from_json(await self._request("POST", COMPLETIONS_PATH, json=body,
                                                         headers=self._api_headers(adapter_id)))
 
     def stream(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
                top_p: float = 1.0, top_k: int = 0, stop: str | list[str] | None = None, seed: int | None = None,
                ignore_eos: bool = False, presence_penalty: float = 0.0,
-               frequency_penalty: float = 0.0) -> AsyncTextStream:
+               frequency_penalty: float = 0.0, model: str | None = None) -> AsyncTextStream:
         body = completion_body(prompt, adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=None,
                                ignore_eos=ignore_eos, stream=True, presence_penalty=presence_penalty,
-                               frequency_penalty=frequency_penalty)
+                               frequency_penalty=frequency_penalty, model=model)
         state = StreamState()
         return AsyncTextStream(self._stream_deltas(COMPLETIONS_PATH, body, self._api_headers(adapter_id), state),
                                state)

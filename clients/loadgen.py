@@ -11,14 +11,20 @@ stops issuing after `--num-requests` requests or `--duration` seconds, whichever
 Several `--rate` values make a sweep: one run per rate, one after the other, and a PNG of latency against load
 (`--plot`, default `<out>.png`; skipped with a message when matplotlib is not installed).
 
+How a request names its adapter: `--adapter-in adapter_id` (default) sends this server's `adapter_id` field (and
+the `X-Adapter-Id` header); `--adapter-in model` sends OpenAI's `model` field instead, which this server reads the
+same way and which other OpenAI-compatible servers (vLLM's `--lora-modules` names) need, so that one generator
+drives both (benchmarks/serving.py). Base-model requests name nothing either way.
+
 Definitions, per successful request (seconds): latency = last byte - send; TTFT = first non-empty text delta - send;
 TPOT = (latency - TTFT) / (output_tokens - 1), only for requests with at least 2 output tokens; output_tokens is the
 server's `usage.completion_tokens`.
 
 The JSON written by `--out`:
     version                      1
-    config                       url, adapter_ids, popularity, zipf_s, base_fraction, prompt_len, max_tokens
-                                 (distribution specs), temperature, ignore_eos, num_requests, duration_s, seed
+    config                       url, adapter_ids, adapter_in, popularity, zipf_s, base_fraction, prompt_len,
+                                 max_tokens (distribution specs), temperature, ignore_eos, num_requests, duration_s,
+                                 seed
     runs                         one object per rate, in the order given:
       rate                       requested arrival rate (requests/s)
       num_requests               requests issued
@@ -56,6 +62,7 @@ from clients.workload import Distribution, PlannedRequest, Workload
 logger = logging.getLogger(__name__)
 
 BASE = "<base>"  # requests_by_adapter key of the base model
+ADAPTER_FIELDS = ("adapter_id", "model")  # how a request names its adapter (--adapter-in)
 PERCENTILES = (50, 90, 99)
 
 
@@ -77,11 +84,12 @@ class RequestResult:
 
 
 async def send_one(client: AsyncClient, planned: PlannedRequest, start: float, temperature: float,
-                   ignore_eos: bool) -> RequestResult:
+                   ignore_eos: bool, adapter_in: str = "adapter_id") -> RequestResult:
     result = RequestResult(planned)
+    names = {"model": planned.adapter_id} if adapter_in == "model" else {"adapter_id": planned.adapter_id}
     sent = time.perf_counter()
-    stream = client.stream(planned.prompt, adapter_id=planned.adapter_id, max_tokens=planned.max_tokens,
-                           temperature=temperature, ignore_eos=ignore_eos)
+    stream = client.stream(planned.prompt, **names, max_tokens=planned.max_tokens, temperature=temperature,
+                           ignore_eos=ignore_eos)
     try:
         async for _ in stream:
             if result.ttft_s is None:
@@ -102,7 +110,7 @@ async def send_one(client: AsyncClient, planned: PlannedRequest, start: float, t
 
 
 async def run_rate(client: AsyncClient, planned: list[PlannedRequest], *, temperature: float, ignore_eos: bool,
-                   drain_timeout_s: float) -> tuple[list[RequestResult], float]:
+                   drain_timeout_s: float, adapter_in: str = "adapter_id") -> tuple[list[RequestResult], float]:
     """Send every planned request at its arrival time -> (results in plan order, first send to last answer)."""
     start = time.perf_counter()
     tasks: list[asyncio.Task[RequestResult]] = []
@@ -110,7 +118,7 @@ async def run_rate(client: AsyncClient, planned: list[PlannedRequest], *, temper
         delay = start + request.arrival_s - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(send_one(client, request, start, temperature, ignore_eos)))
+        tasks.append(asyncio.create_task(send_one(client, request, start, temperature, ignore_eos, adapter_in)))
     done, pending = await asyncio.wait(tasks, timeout=drain_timeout_s) if tasks else (set(), set())
     for task in pending:
         task.cancel()
@@ -160,13 +168,14 @@ def report(rate: float, results: list[RequestResult], duration_s: float) -> dict
 
 
 async def run_sweep(connection: dict[str, Any], workloads: list[Workload], *, num_requests: int,
-                    duration_s: float, temperature: float, ignore_eos: bool, drain_timeout_s: float) -> list[dict]:
+                    duration_s: float, temperature: float, ignore_eos: bool, drain_timeout_s: float,
+                    adapter_in: str = "adapter_id") -> list[dict]:
     runs = []
     async with AsyncClient(**connection) as client:
         for workload in workloads:
             planned = workload.plan(num_requests, duration_s)
             results, elapsed = await run_rate(client, planned, temperature=temperature, ignore_eos=ignore_eos,
-                                              drain_timeout_s=drain_timeout_s)
+                                              drain_timeout_s=drain_timeout_s, adapter_in=adapter_in)
             runs.append(report(workload.rate, results, elapsed))
     return runs
 
@@ -241,6 +250,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--adapters", help="adapter ids, most popular first: a,b,c")
     which.add_argument("--num-adapters", type=int, default=0, help="N adapters named by --adapter-pattern")
     parser.add_argument("--adapter-pattern", default="adapter-{i}", help="name of adapter i (0-based) [%(default)s]")
+    parser.add_argument("--adapter-in", choices=ADAPTER_FIELDS, default="adapter_id",
+                        help="the request field naming the adapter: adapter_id (this server's), or model (OpenAI's, "
+                             "as vLLM's --lora-modules names are selected) [%(default)s]")
     parser.add_argument("--popularity", choices=("zipf", "uniform"), default="zipf")
     parser.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent [%(default)s]")
     parser.add_argument("--base-fraction", type=float, default=0.0,
@@ -271,13 +283,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     runs = asyncio.run(run_sweep(client_kwargs(args), workloads, num_requests=args.num_requests,
                                  duration_s=args.duration, temperature=args.temperature, ignore_eos=args.ignore_eos,
-                                 drain_timeout_s=args.drain_timeout))
+                                 drain_timeout_s=args.drain_timeout, adapter_in=args.adapter_in))
     for one in runs:
         print(format_run(one))
-    config = {"url": args.url, "adapter_ids": list(adapter_ids), "popularity": args.popularity, "zipf_s": args.zipf_s,
-              "base_fraction": base_fraction, "prompt_len": str(prompt_len), "max_tokens": str(max_tokens),
-              "temperature": args.temperature, "ignore_eos": args.ignore_eos, "num_requests": args.num_requests,
-              "duration_s": args.duration, "seed": args.seed}
+    config = {"url": args.url, "adapter_ids": list(adapter_ids), "adapter_in": args.adapter_in,
+              "popularity": args.popularity, "zipf_s": args.zipf_s, "base_fraction": base_fraction,
+              "prompt_len": str(prompt_len), "max_tokens": str(max_tokens), "temperature": args.temperature,
+              "ignore_eos": args.ignore_eos, "num_requests": args.num_requests, "duration_s": args.duration,
+              "seed": args.seed}
     if args.out:
         args.out.write_text(json.dumps({"version": 1, "config": config, "runs": runs}, indent=2) + "\n")
         print(f"wrote {args.out}")

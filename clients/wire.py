@@ -198,9 +198,11 @@ def _sampling_fields(*, adapter_id: str | None, max_tokens: int | None, temperat
 def completion_body(prompt: str | list[int], *, adapter_id: str | None, max_tokens: int, temperature: float,
                     top_p: float, top_k: int, stop: str | list[str] | None, seed: int | None, logprobs: int | None,
                     ignore_eos: bool, stream: bool, presence_penalty: float = 0.0,
-                    frequency_penalty: float = 0.0) -> dict[str, Any]:
-    """The JSON body of POST /v1/completions; `prompt` is text or token ids."""
-    body = {"prompt": prompt, **_sampling_fields(
+                    frequency_penalty: float = 0.0, model: str | None = None) -> dict[str, Any]:
+    """The JSON body of POST /v1/completions; `prompt` is text or token ids. `model` is OpenAI's field: the base
+    model's name or an adapter id (the way other OpenAI servers, vLLM's among them, select a LoRA); `adapter_id`,
+    when both are given, wins on this server."""
+    body = {**({"model": model} if model is not None else {}), "prompt": prompt, **_sampling_fields(
         adapter_id=adapter_id, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
         seed=seed, ignore_eos=ignore_eos, stream=stream, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty)}

@@ -142,6 +142,10 @@ def test_request_body_and_headers() -> None:
     assert body["stop"] == ["x"] and body["stream_options"] == {"include_usage": True} and "logprobs" not in body
     assert request_headers("k", "a") == {"Authorization": "Bearer k", "X-Adapter-Id": "a"}
     assert request_headers(None, None) == {}
+    assert "model" not in body
+    by_model = completion_body("p", adapter_id=None, max_tokens=4, temperature=0, top_p=1, top_k=0, stop=None,
+                               seed=None, logprobs=None, ignore_eos=True, stream=True, model="a")
+    assert by_model["model"] == "a" and "adapter_id" not in by_model  # OpenAI's field, as vLLM selects a LoRA
 
 
 def test_clients_import_nothing_of_the_other_packages() -> None:
