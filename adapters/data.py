@@ -4,7 +4,7 @@ Tokenisation: prompt ids (with the tokenizer's own special tokens, e.g. BOS) the
 tokens) then EOS; labels are -100 on the prompt (loss on completion tokens and the EOS only). Batches are right
 padded and carry `prompt_mask` (B, T) bool, the prompt tokens, which PARA's generators pool over.
 
-Also: synthetic tasks (`TASKS`) used by the tests and `adapters.compare`, and a character-level tokenizer for them.
+Also: synthetic tasks (`TASKS`) used by the tests and `adapters.research.compare`, and a character-level tokenizer for them.
 `python -m adapters.data --task reverse --num 200 --out data.jsonl` writes one.
 """
 from __future__ import annotations

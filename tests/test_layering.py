@@ -93,6 +93,25 @@ def test_imports_flow_one_way():
     assert not bad, "imports against the layering:\n" + "\n".join(sorted(set(bad)))
 
 
+# The serving path runs no trainer code (the meaning of every delta, PARA's vectors included, is adapters.delta's),
+# and nothing in the adapters library depends on the research scripts.
+SERVING = ("server.api", "server.registry", "server.engine", "server.model")
+TRAINER = ("adapters.methods", "adapters.train", "adapters.research", "adapters.evaluate", "adapters.data")
+
+
+def test_serving_runs_no_trainer_code():
+    bad = [f"{m} -> {t}" for m, targets in _graph().items() if any(_within(m, p) for p in SERVING)
+           for t in targets if any(_within(t, p) for p in TRAINER)]
+    assert not bad, "the serving path imports trainer code:\n" + "\n".join(sorted(bad))
+
+
+def test_research_scripts_stand_apart():
+    bad = [f"{m} -> {t}" for m, targets in _graph().items()
+           if _within(m, "adapters") and not _within(m, "adapters.research")
+           for t in targets if _within(t, "adapters.research")]
+    assert not bad, "the adapters library imports a research script:\n" + "\n".join(sorted(bad))
+
+
 def test_http_stays_in_the_api():
     bad = []
     for module, path in _modules().items():

@@ -99,8 +99,7 @@ def check_run(run: dict, num_requests: int) -> None:
 def test_bounded_run_two_adapters_and_base(server_url: str, tmp_path: Path) -> None:
     with Client(server_url) as client:
         adapters = [m.id for m in client.models() if m.is_adapter][:2]
-    if len(adapters) < 2:
-        pytest.skip("the live server serves fewer than 2 adapters")
+    assert len(adapters) == 2, "the live server (tests/clients/conftest.py) seeds at least 2 adapters"
     out = tmp_path / "results.json"
     started = time.monotonic()
     code = loadgen.main(["--url", server_url, "--rate", "20", "--num-requests", "20", "--duration", "30",

@@ -1,6 +1,6 @@
 """Compare every training method on one small model and the synthetic tasks, with fixed hyper-parameters.
 
-    python -m adapters.compare --model PATH --out DIR [--quick] [--methods lora,sorsa] [--tasks upper,lookup]
+    python -m adapters.research.compare --model PATH --out DIR [--quick] [--methods lora,sorsa] [--tasks upper,lookup]
 
 For each (task, method): a fresh copy of the backbone, the method's fixed hyper-parameters (`HYPERPARAMS`, the
 same for every task; chosen once for small models, not tuned per task), the same seeded data and number of steps.
@@ -213,7 +213,7 @@ def plot_curves(results: list[RunResult], tasks: list[str], path: Path) -> Path 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m adapters.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m adapters.research.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="local HF checkpoint directory")
     p.add_argument("--out", required=True, help="directory for compare.json (and loss_curves.png)")
     p.add_argument("--quick", action="store_true", help=f"tasks {','.join(QUICK_TASKS)}, 60 steps, small data")

@@ -1,6 +1,6 @@
-"""Small-scale checks of two paper claims that `adapters.compare` does not test (see /work/shared/METHODS.md).
+"""Small-scale checks of two paper claims that `adapters.research.compare` does not test (see /work/shared/METHODS.md).
 
-    python -m adapters.claims --model PATH --out DIR [--steps 150] [--jobs 2] [--only sweep|sift]
+    python -m adapters.research.claims --model PATH --out DIR [--steps 150] [--jobs 2] [--only sweep|sift]
 
 1. sweep: SpecAdapt and LoRA on one task (default `upper`) over ranks {2, 8, 32} x learning rates {3e-3, 1e-2, 3e-2},
    the same data, steps and seed for both; per method, the mean, spread (max - min) and population std of the final
@@ -9,7 +9,7 @@
    (computed from the model's shapes), both at lr 1e-2, on the same tasks and steps ("SIFT matches LoRA at equal
    trainable parameters").
 
-Every run is `adapters.compare.run_one` (through its `_job`) with that run's rank/lr/options put in `HYPERPARAMS`
+Every run is `adapters.research.compare.run_one` (through its `_job`) with that run's rank/lr/options put in `HYPERPARAMS`
 for the run's duration. Writes `DIR/claims.json` and `DIR/claims.md`.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from unittest import mock
 
-from adapters import compare
+from adapters.research import compare
 from adapters.delta import PROJECTIONS
 from adapters.methods.base import decoder_layers, projection_parent
 from adapters.methods.sift import num_selected
@@ -109,7 +109,7 @@ def sift_table(rows: list[dict], tasks: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m adapters.claims", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m adapters.research.claims", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--only", choices=("sweep", "sift"), default=None, help="run one experiment (default: both)")
