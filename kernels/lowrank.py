@@ -387,6 +387,9 @@ def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factor
     sb = seg.slot_batch
     if sb is None:
         return
+    if sb.whole and y.dtype == torch.float32 and x.dtype == torch.float32:
+        _lowrank_whole(y, x, factors, sb.slots[0])
+        return
     # index_select rather than advanced indexing: the same gathers at a fraction of the dispatch cost
     num_slots, n = sb.gather.shape
 
@@ -404,6 +407,16 @@ def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factor
     else:
         for col, w, o in zip(factors.out_start, factors.out_width, outs):
             _add_rows(y[:, col : col + w], o, sb)
+
+
+def _lowrank_whole(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, slot: torch.Tensor) -> None:
+    """Every token of the step on one adapter (a lone request decoding, say): no gather and no scatter, one matmul
+    for the shrink and one in-place addmm per slice into y's columns (fp32)."""
+    s = int(slot)
+    h = x @ factors.a[s].t()  # (T, num_slices * R)
+    r = factors.rank
+    for i, (col, w) in enumerate(zip(factors.out_start, factors.out_width)):
+        y[:, col : col + w].addmm_(h[:, i * r : (i + 1) * r], factors.bt[i][s])
 
 
 def _add_rows(y: torch.Tensor, o: torch.Tensor, sb) -> None:

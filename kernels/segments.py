@@ -48,6 +48,7 @@ class SlotBatch:
     keep: torch.Tensor | None  # (N,) int64 positions in gather.view(-1) that are real tokens; None: all of them
     rows: torch.Tensor  # (N,) int64 token rows, in the same order
     slot_range: tuple[int, int] | None = None  # (lo, hi) when slots == arange(lo, hi)
+    whole: bool = False  # one slot, and every token of the step in it, in order (gather[0] == arange(T))
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,9 @@ class Segments:
             gather[i, : len(r)] = r
             is_real[i, : len(r)] = True
         keep = None if bool(is_real.all()) else is_real.view(-1).nonzero().squeeze(1).to(device)
+        whole = len(groups) == 1 and groups[0][1] == slice(0, self.num_tokens)
         return SlotBatch(slots=torch.tensor(slots, dtype=torch.long).to(device), gather=gather.to(device),
-                         keep=keep, rows=torch.cat(rows).long().to(device), slot_range=slot_range)
+                         keep=keep, rows=torch.cat(rows).long().to(device), slot_range=slot_range, whole=whole)
 
     def forget_host_views(self) -> None:
         """Drop slot_rows / slot_batch, read from the device tensors: call after writing new values into them."""

@@ -334,3 +334,20 @@ def test_padded_cpu_path_reads_a_slot_range_or_gathers(slots, uses_range):
     seg = make_segments(seg_lens, slots, "cpu")
     assert (seg.slot_batch.slot_range is not None) == uses_range
     _check_padded_against_reference(replace(case, num_slots=48), seg, gen)
+
+
+@pytest.mark.parametrize("seg_lens, slots, whole", [
+    ((1,), [2], True),  # a lone request decoding
+    ((9, 1, 1), [4, 4, 4], True),  # one adapter: a prefill and two decodes
+    ((3, 1), [4, -1], False),  # a base-model token too
+    ((1, 1), [4, 5], False),
+])
+def test_padded_cpu_path_one_adapter_for_the_whole_step(seg_lens, slots, whole):
+    """When every token of the step uses one adapter, the CPU path skips the gather and the scatter (one matmul and
+    an addmm per slice, also for slices that are not adjacent in y); same values as the reference."""
+    gen = torch.Generator().manual_seed(11)
+    seg = make_segments(list(seg_lens), slots, "cpu")
+    assert seg.slot_batch.whole == whole
+    for widths in ((64, 32, 32), (16, 24, 8, 20)):
+        case = Case("whole", tuple(seg_lens), "given", 8, 48, widths, slots=tuple(slots), ranks=(16, 7))
+        _check_padded_against_reference(case, seg, gen)
