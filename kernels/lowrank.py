@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kernels.segments import Segments
+from kernels.segments import Segments, SlotBatch
 
 from kernels.dispatch import tl, triton, use_triton
 
@@ -383,13 +383,18 @@ class PaddedFactors:
 def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factors: PaddedFactors) -> None:
     """Same semantics as lowrank_delta, from PaddedFactors: y[t, cols_i] += (x[t] @ A_s^T) @ (scale B_s)^T.
     Moves S * R * (d_in + sum w) factor values for the S distinct slots of the step, in few ops whatever S: one
-    gather of x, one bmm for the shrink, one per slice for the expand, one scatter-add of the slices into y."""
-    sb = seg.slot_batch
-    if sb is None:
+    gather of x, one bmm for the shrink, one per slice for the expand, one scatter-add of the slices into y.
+    Solo slots (Segments.slot_plan: a prefill's many tokens, or the step's only adapter) get their own matmuls."""
+    plan = seg.slot_plan
+    if plan is None:
         return
-    if sb.whole and y.dtype == torch.float32 and x.dtype == torch.float32:
-        _lowrank_whole(y, x, factors, sb.slots[0])
-        return
+    for slot, rows in plan.solo:
+        _lowrank_solo(y, x, factors, slot, rows)
+    if plan.padded is not None:
+        _lowrank_grid(y, x, factors, plan.padded)
+
+
+def _lowrank_grid(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, sb: SlotBatch) -> None:
     # index_select rather than advanced indexing: the same gathers at a fraction of the dispatch cost
     num_slots, n = sb.gather.shape
 
@@ -409,14 +414,22 @@ def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factor
             _add_rows(y[:, col : col + w], o, sb)
 
 
-def _lowrank_whole(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, slot: torch.Tensor) -> None:
-    """Every token of the step on one adapter (a lone request decoding, say): no gather and no scatter, one matmul
-    for the shrink and one in-place addmm per slice into y's columns (fp32)."""
-    s = int(slot)
-    h = x @ factors.a[s].t()  # (T, num_slices * R)
+def _lowrank_solo(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, slot: int, rows: slice | torch.Tensor) -> None:
+    """One slot's tokens on their own: one matmul for the shrink, one per slice for the expand, added into y in
+    place (an addmm into y's rows when they are contiguous and fp32; fp32 products, rounded once otherwise)."""
+    contiguous = isinstance(rows, slice)
+    xs = (x[rows] if contiguous else x.index_select(0, rows)).float()
+    h = xs @ factors.a[slot].t()  # (n, num_slices * R)
     r = factors.rank
     for i, (col, w) in enumerate(zip(factors.out_start, factors.out_width)):
-        y[:, col : col + w].addmm_(h[:, i * r : (i + 1) * r], factors.bt[i][s])
+        hi, bt = h[:, i * r : (i + 1) * r], factors.bt[i][slot]
+        if contiguous and y.dtype == torch.float32:
+            y[rows, col : col + w].addmm_(hi, bt)
+        elif contiguous:
+            ys = y[rows, col : col + w]
+            ys.copy_((ys.float() + hi @ bt).to(ys.dtype))
+        else:
+            y[:, col : col + w].index_add_(0, rows, (hi @ bt).to(y.dtype))
 
 
 def _add_rows(y: torch.Tensor, o: torch.Tensor, sb) -> None:

@@ -32,6 +32,7 @@ import torch
 
 # Row-tile sizes the kernels are compiled for; the smallest that holds the longest segment is used.
 TILE_SIZES = (16, 32, 64)
+SOLO_TOKENS = 8  # CPU gather-bmm path: a slot with more tokens than this gets its own matmuls (SlotPlan)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,17 @@ class SlotBatch:
     keep: torch.Tensor | None  # (N,) int64 positions in gather.view(-1) that are real tokens; None: all of them
     rows: torch.Tensor  # (N,) int64 token rows, in the same order
     slot_range: tuple[int, int] | None = None  # (lo, hi) when slots == arange(lo, hi)
-    whole: bool = False  # one slot, and every token of the step in it, in order (gather[0] == arange(T))
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """How the CPU gather-bmm path covers a step's adapter tokens: `solo` slots get their own matmuls over their
+    token rows (a slice when contiguous), the others share one padded grid (`padded`, None when there are none).
+    A slot is solo when it has more than SOLO_TOKENS tokens (a prefill: padding every other slot of the grid to its
+    length would multiply their work) or when it is the step's only slot (nothing to batch with)."""
+
+    solo: tuple[tuple[int, slice | torch.Tensor], ...]
+    padded: SlotBatch | None
 
 
 @dataclass(frozen=True)
@@ -87,12 +98,20 @@ class Segments:
         return out
 
     @cached_property
-    def slot_batch(self) -> SlotBatch | None:
-        """The adapter tokens as a padded (slot, token) grid, for gather-bmm paths (kernels.lowrank's padded CPU
-        path): one batched matmul per op whatever the number of adapters. None when no token has an adapter."""
+    def slot_plan(self) -> SlotPlan | None:
+        """The adapter tokens for gather-bmm paths (kernels.lowrank's padded CPU path): solo slots and one padded
+        grid for the rest (SlotPlan). None when no token has an adapter."""
         groups = sorted(self.slot_rows, key=lambda g: g[0])
         if not groups:
             return None
+        count = [(r.stop - r.start) if isinstance(r, slice) else r.numel() for _, r in groups]
+        solo = tuple(g for g, n in zip(groups, count) if n > SOLO_TOKENS or len(groups) == 1)
+        rest = [g for g, n in zip(groups, count) if not (n > SOLO_TOKENS or len(groups) == 1)]
+        return SlotPlan(solo, self._padded_grid(rest) if rest else None)
+
+    def _padded_grid(self, groups: list[tuple[int, slice | torch.Tensor]]) -> SlotBatch:
+        """The tokens of `groups` (slot, rows), by slot, as a padded (slot, token) grid: one batched matmul per op
+        whatever the number of adapters."""
         device = self.seg_slot.device
         slots = [s for s, _ in groups]
         rows = [torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for _, r in groups]
@@ -109,14 +128,13 @@ class Segments:
             gather[i, : len(r)] = r
             is_real[i, : len(r)] = True
         keep = None if bool(is_real.all()) else is_real.view(-1).nonzero().squeeze(1).to(device)
-        whole = len(groups) == 1 and groups[0][1] == slice(0, self.num_tokens)
         return SlotBatch(slots=torch.tensor(slots, dtype=torch.long).to(device), gather=gather.to(device),
-                         keep=keep, rows=torch.cat(rows).long().to(device), slot_range=slot_range, whole=whole)
+                         keep=keep, rows=torch.cat(rows).long().to(device), slot_range=slot_range)
 
     def forget_host_views(self) -> None:
-        """Drop slot_rows / slot_batch, read from the device tensors: call after writing new values into them."""
+        """Drop slot_rows / slot_plan, read from the device tensors: call after writing new values into them."""
         self.__dict__.pop("slot_rows", None)
-        self.__dict__.pop("slot_batch", None)
+        self.__dict__.pop("slot_plan", None)
 
     @property
     def num_segments(self) -> int:

@@ -64,3 +64,14 @@ def smollm2_dir(data_dir: Path) -> Path:
     from server.model.catalog import resolve_model_path
 
     return resolve_model_path("smollm2", data_dir)
+
+
+TORCH_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """A CPU engine sets torch's intra-op threads for its process (server/engine/cpu_threads.py): every test starts
+    with the suite's own count, whatever engines earlier tests built."""
+    torch.set_num_threads(TORCH_THREADS)
+    yield

@@ -10,6 +10,7 @@ import torch
 from kernels.dispatch import use_triton
 from server.engine.adapter_cache import AdapterCache
 from server.engine.block_manager import BlockManager
+from server.engine.cpu_threads import use_cpu_threads
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.engine import LLMEngine
 from server.engine.metrics import EngineMetrics
@@ -42,6 +43,7 @@ class EngineOptions:
     max_queue: int = 1024
     data_dir: str = ".multiplex"
     cuda_graphs: bool = True  # on CUDA with the Triton kernels: decode steps replayed from graphs
+    cpu_threads: int | None = None  # on a CPU: intra-op threads (None: cpu_threads.py's default, all cores but one)
 
 
 def build_engine_options(settings) -> EngineOptions:
@@ -56,7 +58,7 @@ def build_engine_options(settings) -> EngineOptions:
         max_adapter_slots=settings.max_adapter_slots or (64 if on_gpu else 16),
         # the engine bounds every request it holds; max_queue counts those waiting beyond the running batch
         max_queue=settings.max_num_seqs + settings.max_queue, data_dir=str(settings.data_dir),
-        cuda_graphs=settings.cuda_graphs,
+        cuda_graphs=settings.cuda_graphs, cpu_threads=settings.cpu_threads,
     )
 
 
@@ -64,6 +66,8 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if opts.device == "auto" else opts.device))
     dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cpu":
+        log.info("CPU forward on %d intra-op threads", use_cpu_threads(opts.cpu_threads))
     path = resolve_model_path(model, opts.data_dir)
     cfg = ModelConfig.from_dir(path)
     llama = LlamaModel(cfg, load_state_dict(path), device, dtype)

@@ -1,33 +1,29 @@
-"""How many intra-op threads a CPU forward step uses: all cores for a large step, one core fewer for a small one.
+"""How many intra-op threads the CPU forward uses: by default every core but one, which is left to the rest of the
+process (the event loop streaming tokens, tokenising prompts, talking to Redis) and to whatever else runs there.
 
-A decode step of a few requests is a chain of ~1500 small ops; with every core in each op's OpenMP team, an op
-waits at its barrier whenever another thread of the process (the event loop streaming the previous token, the
-Redis supervisor) or another process (a client on the same machine) holds one of the cores, and such steps got
-slower, not faster, with the last core added. Measured on the 2-core development machine (smollm2 fp32, one
-streamed request over HTTP): time per output token 28 ms with 2 threads, 21 ms with 1; with 16 concurrent
-requests 2 threads win (212 vs 162 tok/s). So a step of at most `small_step_tokens` tokens leaves one core to the
-rest of the process. `torch.set_num_threads` is called only when the count changes (it costs microseconds).
+A forward step is a chain of ~1500 ops; with every core in each op's OpenMP team, an op waits at its barrier
+whenever another thread or process holds one of the cores, and under load one always does. Measured on the
+2-core development machine, 2026-12-01, smollm2 fp32 with 8 rank-16 LoRAs, `python -m benchmarks.serving
+--systems multiplex --rates 2 --num-requests 60` (Poisson arrivals over HTTP, the load generator on the same
+machine): 2 threads gave TTFT p50 356 ms and time per output token p50 161 ms, 1 thread 145 ms and 44 ms. One
+streamed request alone: 28 ms per token with 2 threads, 21 ms with 1. Only 16 requests in lock-step (closed loop,
+no arrivals) ran faster with both cores (212 vs 162 tok/s). `MULTIPLEX_CPU_THREADS` overrides the choice.
 """
 from __future__ import annotations
 
 import torch
 
-SMALL_STEP_TOKENS = 4
-PROCESS_THREADS = torch.get_num_threads()  # before any step changed it: torch's default (or OMP_NUM_THREADS)
+
+PROCESS_THREADS = torch.get_num_threads()  # torch's own choice (or OMP_NUM_THREADS), before any engine changed it
 
 
-class CpuThreads:
-    def __init__(self, total: int | None = None, small_step_tokens: int = SMALL_STEP_TOKENS) -> None:
-        self.total = total or PROCESS_THREADS
-        self.small = max(1, self.total - 1)
-        self.small_step_tokens = small_step_tokens
-        self.current = torch.get_num_threads()
+def cpu_threads(setting: int | None = None) -> int:
+    """The intra-op thread count for `setting` (None or 0: all of torch's threads but one, at least one)."""
+    return setting or max(1, PROCESS_THREADS - 1)
 
-    def threads_for(self, num_tokens: int) -> int:
-        return self.small if num_tokens <= self.small_step_tokens else self.total
 
-    def set_for_step(self, num_tokens: int) -> None:
-        want = self.threads_for(num_tokens)
-        if want != self.current:
-            torch.set_num_threads(want)
-            self.current = want
+def use_cpu_threads(setting: int | None = None) -> int:
+    """Set torch's intra-op threads for a CPU engine (process-wide) and return the count."""
+    n = cpu_threads(setting)
+    torch.set_num_threads(n)
+    return n

@@ -17,7 +17,6 @@ import torch
 from kernels.attention import AttentionMeta
 from kernels.segments import make_segments
 from server.engine.block_manager import FREED
-from server.engine.cpu_threads import CpuThreads
 from server.engine.cuda_graphs import DecodeGraphs, GraphKey
 from server.engine.scheduler import ScheduledBatch
 from server.model.adapter_pool import AdapterPool
@@ -42,8 +41,6 @@ class ModelRunner:
         max_len = min(max_model_len or num_blocks * block_size, num_blocks * block_size)
         self.max_blocks_per_seq = -(-max_len // block_size)
         self.graphs = graphs
-        # on a CPU: one core fewer for small steps (cpu_threads.py); None elsewhere
-        self.cpu_threads = CpuThreads() if torch.device(model.device).type == "cpu" else None
 
     def build(self, batch: ScheduledBatch, *, pad_to: int | None = None, device=None) -> ForwardBatch:
         """The step's ForwardBatch on `device` (default: the model's). `pad_to`: a graph step, padded with
@@ -132,8 +129,6 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """-> (num seqs needing logits, V) fp32, in batch order."""
-        if self.cpu_threads is not None:
-            self.cpu_threads.set_for_step(batch.num_tokens)
         size = self.graphs.batch_size_for(batch) if self.graphs is not None and not self._injects_faults else None
         if size is not None:
             fb = self.build(batch, pad_to=size, device="cpu")  # host tensors, copied into the graph's inputs

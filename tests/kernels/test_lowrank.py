@@ -325,29 +325,33 @@ def test_padded_cpu_path_matches_reference(case: Case):
     ([3, 5, 3, -1, 4], True),  # adjacent slots, one repeated across requests: read as the range 3..5
     ([6, -1, 9, 6], True),  # a range with unused slots in it (7, 8): padding rows only
     ([0, 40, -1], False),  # far apart: gathered
-    ([12], True),
 ])
 def test_padded_cpu_path_reads_a_slot_range_or_gathers(slots, uses_range):
     gen = torch.Generator().manual_seed(7)
     case = next(c for c in CASES if len(c.widths) == 3)
     seg_lens = [(2 * k + 1) % 5 + 1 for k in range(len(slots))]
     seg = make_segments(seg_lens, slots, "cpu")
-    assert (seg.slot_batch.slot_range is not None) == uses_range
+    assert not seg.slot_plan.solo and (seg.slot_plan.padded.slot_range is not None) == uses_range
     _check_padded_against_reference(replace(case, num_slots=48), seg, gen)
 
 
-@pytest.mark.parametrize("seg_lens, slots, whole", [
-    ((1,), [2], True),  # a lone request decoding
-    ((9, 1, 1), [4, 4, 4], True),  # one adapter: a prefill and two decodes
-    ((3, 1), [4, -1], False),  # a base-model token too
-    ((1, 1), [4, 5], False),
+@pytest.mark.parametrize("seg_lens, slots, solo, padded", [
+    ((1,), [2], [2], None),  # a lone request decoding: its own matmuls, no gather or scatter
+    ((9, 1, 1), [4, 4, 4], [4], None),  # one adapter: a prefill and two decodes
+    ((3, 1), [4, -1], [4], None),  # a base-model token beside it
+    ((1, 1), [4, 5], [], [4, 5]),  # decodes of two adapters: one padded grid
+    ((12, 1, 1, 2), [4, 5, 6, 4], [4], [5, 6]),  # a prefill (12 tokens) alone; the decodes share the grid
+    ((1, 10, 1, 1), [3, 5, 3, 5], [5], [3]),  # a solo slot's rows are not contiguous (an index, not a slice)
 ])
-def test_padded_cpu_path_one_adapter_for_the_whole_step(seg_lens, slots, whole):
-    """When every token of the step uses one adapter, the CPU path skips the gather and the scatter (one matmul and
-    an addmm per slice, also for slices that are not adjacent in y); same values as the reference."""
+def test_padded_cpu_path_solo_slots_and_the_grid(seg_lens, slots, solo, padded):
+    """A slot with many tokens (a prefill), or the step's only slot, gets its own matmuls, so the padded grid of the
+    other slots is not padded to its length; same values as the reference, also for slices not adjacent in y."""
     gen = torch.Generator().manual_seed(11)
     seg = make_segments(list(seg_lens), slots, "cpu")
-    assert seg.slot_batch.whole == whole
+    plan = seg.slot_plan
+    assert [s for s, _ in plan.solo] == solo
+    assert (plan.padded.slots.tolist() if plan.padded is not None else None) == (
+        None if padded is None else list(range(min(padded), max(padded) + 1)))
     for widths in ((64, 32, 32), (16, 24, 8, 20)):
-        case = Case("whole", tuple(seg_lens), "given", 8, 48, widths, slots=tuple(slots), ranks=(16, 7))
+        case = Case("solo", tuple(seg_lens), "given", 8, 48, widths, slots=tuple(slots), ranks=(16, 7))
         _check_padded_against_reference(case, seg, gen)
