@@ -152,14 +152,22 @@ def code_version() -> str:
     return f"{head} + uncommitted changes to {len(changed)} files of server/, kernels/, adapters/" if changed else head
 
 
-def format_report(report: dict) -> str:
-    w, m = report["workload"], report["machine"]
-    lines = [
+def report_header(report: dict) -> list[str]:
+    """Where, when and how a benchmark report was measured: date, machine, load, command, code version."""
+    m = report["machine"]
+    return [
         f"date: {report['date']}",
         f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['platform']}",
         f"load average (1/5/15 min): before {_floats(report['load_before'])}, after {_floats(report['load_after'])}",
         f"command: {report['command']}",
         f"code: {report['code']}",
+    ]
+
+
+def format_report(report: dict) -> str:
+    w = report["workload"]
+    lines = [
+        *report_header(report),
         f"model: {w['model']} ({w['model_dir']}), fp32 on the CPU; {w['num_requests']} requests x ({w['prompt_len']} "
         f"prompt + {w['max_tokens']} generated tokens), {w['num_adapters']} rank-{w['rank']} LoRAs on all seven "
         f"projections; median of {w['rounds']} timed rounds after {w['warmup']} warm-up, interleaved across systems",

@@ -66,7 +66,7 @@ from typing import Any
 import httpx
 
 from benchmarks.multiplex_peer import _free_port
-from benchmarks.peers import code_version, machine
+from benchmarks.peers import code_version, machine, report_header
 from benchmarks.vllm_peer import vllm_env
 from benchmarks.workload import build_workload
 from clients.client import AsyncClient, Client
@@ -263,14 +263,10 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    cfg, m = report["config"], report["machine"]
+    cfg = report["config"]
     rows = report["systems"]
     lines = [
-        f"date: {report['date']}",
-        f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['platform']}",
-        f"load average (1/5/15 min): before {_floats(report['load_before'])}, after {_floats(report['load_after'])}",
-        f"command: {report['command']}",
-        f"code: {report['code']}",
+        *report_header(report),
         f"workload: {cfg['model']} fp32 on the CPU, {cfg['num_adapters']} rank-{cfg['rank']} LoRAs (all seven "
         f"projections, {cfg['popularity']} popularity), Poisson arrivals at {', '.join(f'{r:g}' for r in cfg['rates'])}"
         f" req/s, <= {cfg['num_requests']} requests or {cfg['duration_s']:g} s of arrivals per rate, prompts of "
