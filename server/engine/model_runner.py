@@ -110,9 +110,8 @@ class ModelRunner:
             for t in targets:
                 scale_rows[t] += [s.request.slot if info and t in info.scale_targets else -1] * s.num_tokens
             row = s.request.para_row if info and info.has_para else -1
-            if row >= 0:
-                if s.start == 0:  # the scheduler never splits a PARA prompt: all of it is in this step
-                    prefills.append(ParaPrefill(start, min(len(s.request.prompt_ids), s.num_tokens), row, s.request.slot))
+            if row >= 0 and s.start == 0:  # the scheduler never splits a PARA prompt: all of it is in this step
+                prefills.append(ParaPrefill(start, min(len(s.request.prompt_ids), s.num_tokens), row, s.request.slot))
             para_rows += [row] * s.num_tokens
         for t in targets:
             scale_rows[t] += [-1] * num_pad
