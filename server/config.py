@@ -90,10 +90,8 @@ class Settings(BaseSettings):
                                                                   "(default 64 on cuda, 16 on cpu); with "
                                                                   "adapter_pool_bytes, the device pool's bounds")
     host_cache_bytes: int = Field(2 << 30, ge=1, description="host memory for fetched adapters (LRU)")
-    cpu_threads: int | None = Field(None, ge=1, description="on a CPU, intra-op threads of every forward step "
-                                                            "(default: every core but one for decode steps, left to "
-                                                            "the event loop; every core for prefill steps of 64+ "
-                                                            "tokens)")
+    cpu_threads: int | None = Field(None, ge=1, description="on a CPU, intra-op threads of the forward (default: "
+                                                            "every core but one, left to the event loop)")
 
     @field_validator("model")
     @classmethod

@@ -10,6 +10,7 @@ import torch
 from kernels.dispatch import use_triton
 from server.engine.adapter_cache import AdapterCache
 from server.engine.block_manager import BlockManager
+from server.engine.cpu_threads import use_cpu_threads
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.engine import LLMEngine
 from server.engine.metrics import EngineMetrics
@@ -42,7 +43,7 @@ class EngineOptions:
     max_queue: int = 1024
     data_dir: str = ".multiplex"
     cuda_graphs: bool = True  # on CUDA with the Triton kernels: decode steps replayed from graphs
-    cpu_threads: int | None = None  # on a CPU: intra-op threads of every step (None: cpu_threads.py's policy)
+    cpu_threads: int | None = None  # on a CPU: intra-op threads (None: cpu_threads.py's default, all cores but one)
 
 
 def build_engine_options(settings) -> EngineOptions:
@@ -65,6 +66,8 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if opts.device == "auto" else opts.device))
     dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cpu":
+        log.info("CPU forward on %d intra-op threads", use_cpu_threads(opts.cpu_threads))
     path = resolve_model_path(model, opts.data_dir)
     cfg = ModelConfig.from_dir(path)
     llama = LlamaModel(cfg, load_state_dict(path), device, dtype)
@@ -87,8 +90,7 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     graphs = None
     if opts.cuda_graphs and device.type == "cuda" and use_triton(device):
         graphs = DecodeGraphs.for_device(device, opts.max_num_seqs)
-    runner = ModelRunner(llama, num_blocks, opts.block_size, pool, max_model_len=max_len, graphs=graphs,
-                         cpu_threads=opts.cpu_threads)
+    runner = ModelRunner(llama, num_blocks, opts.block_size, pool, max_model_len=max_len, graphs=graphs)
     runner.capture_decode_graphs()
     eos = cfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     log.info("model %s on %s/%s: %d layers, context %d, %d KV blocks of %d, CUDA graphs %s", path, device, dtype,

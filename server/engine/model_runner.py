@@ -17,7 +17,6 @@ import torch
 from kernels.attention import AttentionMeta
 from kernels.segments import make_segments
 from server.engine.block_manager import FREED
-from server.engine.cpu_threads import StepThreads
 from server.engine.cuda_graphs import DecodeGraphs, GraphKey
 from server.engine.scheduler import ScheduledBatch
 from server.model.adapter_pool import AdapterPool
@@ -30,10 +29,8 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, adapter_pool: AdapterPool | None, *,
-                 max_model_len: int | None = None, graphs: DecodeGraphs | None = None,
-                 cpu_threads: int | None = None) -> None:
-        """`graphs`: replay pure decode steps from CUDA graphs (None: every step eager). `cpu_threads`: on a CPU,
-        every step on that many threads (None: StepThreads' policy)."""
+                 max_model_len: int | None = None, graphs: DecodeGraphs | None = None) -> None:
+        """`graphs`: replay pure decode steps from CUDA graphs (None: every step eager)."""
         cfg = model.cfg
         self.model, self.block_size, self.adapter_pool = model, block_size, adapter_pool
         self.device = model.device
@@ -44,8 +41,6 @@ class ModelRunner:
         max_len = min(max_model_len or num_blocks * block_size, num_blocks * block_size)
         self.max_blocks_per_seq = -(-max_len // block_size)
         self.graphs = graphs
-        # on a CPU, intra-op threads per step (cpu_threads.py); None elsewhere
-        self.step_threads = StepThreads(cpu_threads) if torch.device(model.device).type == "cpu" else None
 
     def build(self, batch: ScheduledBatch, *, pad_to: int | None = None, device=None) -> ForwardBatch:
         """The step's ForwardBatch on `device` (default: the model's). `pad_to`: a graph step, padded with
@@ -133,8 +128,6 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """-> (num seqs needing logits, V) fp32, in batch order."""
-        if self.step_threads is not None:
-            self.step_threads.set_for_step(batch.num_tokens)
         size = self.graphs.batch_size_for(batch) if self.graphs is not None and not self._injects_faults else None
         if size is not None:
             fb = self.build(batch, pad_to=size, device="cpu")  # host tensors, copied into the graph's inputs
