@@ -6,7 +6,7 @@ joined with newlines; lines starting with `:` are comments (keep-alives); other 
 are ignored. Both streams send `data: {chunk json}` events and end with `data: [DONE]`; a completions chunk
 carries its text in `choices[0].text`, a chat chunk in `choices[0].delta.content`.
 
-This is the one SSE decoder of the repository: the clients, the benchmarks (benchmarks/soak.py) and the client tests
+This is the one SSE decoder of the repository: the clients, the benchmarks (benchmarks/soak/) and the client tests
 read the server's streams through `SSEDecoder` or `iter_events`/`aiter_events` over httpx's (a)iter_lines.
 """
 from __future__ import annotations

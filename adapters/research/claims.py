@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = projection_shapes(args.model)
     lora_n = lora_count(shapes, 8)
     rho = rho_for_count(shapes, lora_n)
-    print(f"LoRA rank 8 on all seven ({len(shapes)} matrices): {lora_n:,} params; "
-          f"SIFT rho {rho!r}: {sift_count(shapes, rho):,} params")
+    logging.getLogger(__name__).info("LoRA rank 8 on all seven (%d matrices): %s params; SIFT rho %r: %s params",
+                                     len(shapes), f"{lora_n:,}", rho, f"{sift_count(shapes, rho):,}")
 
     specs: list[tuple[str, str, dict]] = []
     if args.only in (None, "sift"):

@@ -216,7 +216,7 @@ def test_surrogate_pairs_are_text(fuzz_server: LiveServer) -> None:
 
 
 def test_stream_events_survive_unicode_line_splitting() -> None:
-    """Found by the soak (benchmarks/soak.py): the tiny model generated U+0085 once, JSON carried it raw, and
+    """Found by the soak (benchmarks/soak/): the tiny model generated U+0085 once, JSON carried it raw, and
     httpx's `aiter_lines` (str.splitlines rules, as our own client reads streams) cut the event in two."""
     from server.api.generation import sse
 

@@ -1,4 +1,4 @@
-"""A short soak (benchmarks/soak.py): `multiplex serve` as a subprocess, 8 clients of two tenants for 20 s over 12
+"""A short soak (benchmarks/soak/): `multiplex serve` as a subprocess, 8 clients of two tenants for 20 s over 12
 adapters churning through 4 device slots, replaces and delete/re-uploads every 3 s, the embedded Redis killed once.
 Every answer is the expected text of a version its adapter had meanwhile, or an error documented for its own
 adapter; none is lost; free KV blocks, pinned adapters and RSS are back at the end. (The 5-minute run:
