@@ -1,0 +1,69 @@
+"""Top-k/top-p without sorting the vocabulary (sampler.descending_candidates) against the whole row sorted."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.request import SamplingParams
+from server.engine.sampler import WIDE_ROW, _inverse_cdf, descending_candidates, make_generator, sample
+
+
+def sorted_reference(logits: torch.Tensor, params: list[SamplingParams], generators) -> list[int]:
+    """Every row's probabilities sorted whole, top-k and top-p on the sorted row, inverse-CDF with one uniform per
+    row from its generator: what the sampler did before it took candidates."""
+    vocab = logits.shape[1]
+    temps = torch.tensor([p.temperature for p in params])
+    probs = torch.softmax(logits / temps[:, None], dim=-1)
+    u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float64)
+    ranked, order = probs.sort(dim=-1, descending=True, stable=True)
+    ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+    top_ps = torch.tensor([p.top_p for p in params])
+    keep = torch.arange(vocab)[None, :] < ks[:, None]
+    keep &= ranked.cumsum(-1) - ranked < top_ps[:, None]
+    return order.gather(1, _inverse_cdf(ranked * keep, u)[:, None]).squeeze(1).tolist()
+
+
+def rows_of(kind: str, n: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
+    """Logit rows shaped like an LM's (peaked: a few likely tokens), flat ones (every token plausible: the rows
+    that fall back to a whole sort) and rows with ties."""
+    if kind == "peaked":
+        return torch.randn(n, vocab, generator=gen) * 6
+    if kind == "flat":
+        return torch.randn(n, vocab, generator=gen) * 0.5
+    if kind == "ties":
+        return torch.randint(0, 4, (n, vocab), generator=gen).float() * 3
+    return torch.cat([rows_of("peaked", n // 2, vocab, gen), rows_of("flat", n - n // 2, vocab, gen)])[
+        torch.randperm(n, generator=gen)]
+
+
+@pytest.mark.parametrize("vocab", [7, 320, 4096])
+@pytest.mark.parametrize("kind", ["peaked", "flat", "mixed", "ties"])
+def test_candidates_sample_what_the_whole_sorted_row_samples(kind, vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    n = 48
+    logits = rows_of(kind, n, vocab, gen)
+    choices = [(1.0, 0, 0.9), (0.7, 0, 0.95), (1.3, 5, 1.0), (0.8, 40, 0.9), (1.0, 0, 0.5), (2.0, 0, 0.999),
+               (1.0, 1, 1.0), (1.0, 0, 1e-6)]
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, seed=row)
+              for row, (t, k, p) in zip(range(n), choices * n)]
+    got = sample(logits, params, [make_generator(p) for p in params]).token_ids
+    assert got == sorted_reference(logits, params, [make_generator(p) for p in params])
+
+
+def test_candidates_hold_every_kept_token_and_flat_rows_take_the_whole_vocabulary():
+    gen = torch.Generator().manual_seed(0)
+    vocab = 4096
+    probs = torch.softmax(torch.cat([torch.randn(3, vocab, generator=gen) * 6,
+                                     torch.randn(1, vocab, generator=gen) * 0.1]), -1)
+    ks = torch.tensor([vocab, vocab, 3, vocab])
+    top_ps = torch.tensor([0.9, 0.99, 1.0, 0.9])
+    ranked, tokens = descending_candidates(probs, ks, top_ps)
+    assert ranked.shape[1] == vocab  # the flat row is sorted whole
+    full, order = probs.sort(dim=-1, descending=True, stable=True)
+    for row in range(4):
+        count = int((ranked[row] > 0).sum())
+        assert count < vocab * WIDE_ROW or row == 3
+        assert torch.equal(ranked[row, :count], full[row, :count])
+        assert torch.equal(tokens[row, :count], order[row, :count])
+        kept = int(((full[row].cumsum(-1) - full[row] < top_ps[row]) & (torch.arange(vocab) < ks[row])).sum())
+        assert kept <= count  # what top-k/top-p keep lies inside the candidates
