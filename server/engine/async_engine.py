@@ -120,17 +120,23 @@ class AsyncEngine:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
                 continue
+            produced = 0
+
+            def deliver(out: RequestOutput) -> None:  # as soon as the engine has it: the step may still be running
+                nonlocal produced
+                produced += len(out.token_ids)
+                self._deliver(out)
+
             try:
-                outputs = self.engine.step()
+                self.engine.step(deliver)
             except Exception:  # a bug outside the forward (the step isolates those): fail all in flight, keep serving
                 log.exception("engine step failed; failing the requests in flight")
-                outputs = [o for rid in list(self.engine.requests) if (o := self.engine.fail(rid, "internal error")) is not None]
-            produced = sum(len(o.token_ids) for o in outputs)
+                for rid in list(self.engine.requests):
+                    if (out := self.engine.fail(rid, "internal error")) is not None:
+                        deliver(out)
             if produced:
                 self._tokens_window.append((time.monotonic(), produced))
                 self._tokens_window = self._tokens_window[-512:]
-            for out in outputs:
-                self._deliver(out)
 
     def _drain_inbox(self) -> None:
         while True:

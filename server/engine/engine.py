@@ -1,5 +1,13 @@
 """The synchronous engine core: add requests, then `step()` = schedule, run, postprocess.
 
+A step's forward and sampling run on the engine's forward thread while the calling thread turns the previous
+step's tokens into text (detokenisation, stop strings, logprobs, outputs): that work overlaps the forward instead
+of following it (as SGLang's overlap scheduler and vLLM's async scheduling overlap output processing). What the
+next step's scheduling needs, a request's new token and whether it ended by EOS or length, is settled as soon as
+the forward returns; a stop string is found one step later, so a request that hits one has computed one more
+token, which is dropped (its text is already cut at the stop string). `step_times` keeps, per step, how long the
+model's forward took and how long the step took in all: the rest is host work not overlapped with the forward.
+
 Only the engine thread touches it (server/engine/async_engine.py feeds it through an inbox; the API side only
 reads `quarantined`). A step whose forward raises fails only the requests of the adapter versions that cause it
 (server/engine/isolation.py); such a version, like one whose load onto the device raises, is quarantined: its
@@ -9,6 +17,11 @@ requests, running or waiting, fail, its slot is freed, and new requests for it a
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -17,10 +30,38 @@ from server.engine.errors import ADAPTER_QUARANTINED, AdapterQuarantinedError, P
 from server.engine.isolation import StepRun, execute_isolating
 from server.engine.model_runner import ModelRunner
 from server.engine.request import AdapterRef, Request, RequestOutput, Status, TokenLogprob
-from server.engine.sampler import make_generator, sample
+from server.engine.sampler import SampleResult, make_generator, sample
 from server.engine.scheduler import ScheduledBatch, Scheduler
 
 log = logging.getLogger(__name__)
+
+Deliver = Callable[[RequestOutput], None]
+
+
+@dataclass
+class _NewToken:
+    """A token accepted at the end of a step; its text is made while the next step's forward runs."""
+
+    request: Request
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None
+    reason: str | None  # "stop" (EOS) or "length" when the token ended the request, settled on acceptance
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """One step: seconds in the model's forward (ModelRunner.forward_seconds) and the step's whole period, from
+    the end of the previous step's forward to the end of this one's (None for a step after an idle engine)."""
+
+    forward_s: float
+    period_s: float | None
+
+    @property
+    def host_s(self) -> float | None:
+        """Time the forward was not running: schedule, batch build, sampling, token bookkeeping, text work that
+        outlasted the forward."""
+        return None if self.period_s is None else max(0.0, self.period_s - self.forward_s)
 
 
 class LLMEngine:
@@ -32,6 +73,13 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_steps = 0
         self.quarantined: dict[str, str] = {}  # adapter key (id@version) -> why it is refused
+        self._forward = ThreadPoolExecutor(1, thread_name_prefix="multiplex-forward")
+        self._new_tokens: list[_NewToken] = []  # accepted, their text not made yet
+        self._stopped: list[Request] = []  # ended by a stop string while maybe in the forward in flight
+        self._last_forward_end: float | None = None
+        # False: the text work follows the forward within the step, as before it overlapped (for comparisons).
+        self.overlap_text = True
+        self.step_times: deque[StepTime] = deque(maxlen=256)
 
     def add_request(self, req: Request) -> None:
         if len(req.prompt_ids) >= self.max_model_len:
@@ -71,16 +119,51 @@ class LLMEngine:
         return self.scheduler.metrics.registry
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._new_tokens)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, deliver: Deliver | None = None) -> list[RequestOutput]:
+        """Schedule and run one step. Outputs go to `deliver` as soon as they are made (the previous step's text
+        during this step's forward), or, without it, are returned when the step ends."""
+        outputs: list[RequestOutput] = []
+        emit = deliver or outputs.append
         batch = self.scheduler.schedule()
-        outputs = [out for req, exc in batch.load_failures for out in self._quarantine(req.adapter, exc)]
+        for req, exc in batch.load_failures:
+            self._emit_all(emit, self._quarantine(req.adapter, exc))
         if not batch.seqs:
+            self._emit_text(emit)
+            self._finish_stopped()
+            self._last_forward_end = None  # the engine idles: the next step's period starts anew
             return outputs
-        run = execute_isolating(self.runner.execute, batch)
+        forward_before = self.runner.forward_seconds
+        running = self._forward.submit(self._run, batch)
+        self._emit_text(emit)  # the previous step's tokens, while this step's forward runs
+        run, result, forward_end = running.result()
+        self._finish_stopped()  # their KV blocks were in that forward: freed only now
+        period = None if self._last_forward_end is None else forward_end - self._last_forward_end
+        self.step_times.append(StepTime(self.runner.forward_seconds - forward_before, period))
+        self._last_forward_end = forward_end
         self.num_steps += 1
-        return outputs + self._fail_culprits(batch, run) + self._postprocess(run.batch, run.logits)
+        self._emit_all(emit, self._fail_culprits(batch, run))
+        self._accept(run.batch, result)
+        if not self.overlap_text:
+            self._emit_text(emit)
+            self._finish_stopped()
+        return outputs
+
+    def _run(self, batch: ScheduledBatch) -> tuple[StepRun, SampleResult | None, float]:
+        """On the forward thread: the step's forward (isolating faulty adapters) and the sampling of its tokens."""
+        run = execute_isolating(self.runner.execute, batch)
+        reqs = [s.request for s in run.batch.seqs if s.needs_logits]
+        result = None
+        if reqs:
+            result = sample(run.logits, [r.params for r in reqs], [r.generator for r in reqs],
+                            [r.output_ids for r in reqs])
+        return run, result, time.perf_counter()
+
+    @staticmethod
+    def _emit_all(emit: Deliver, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            emit(out)
 
     def _fail_culprits(self, batch: ScheduledBatch, run: StepRun) -> list[RequestOutput]:
         """Fail what made the step fail: the faulty adapter versions' requests, or, when the engine itself failed,
@@ -106,16 +189,15 @@ class LLMEngine:
         self.scheduler.adapters.discard(ref)
         return outputs
 
-    def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor | None) -> list[RequestOutput]:
-        sampled = [s for s in batch.seqs if s.needs_logits]
+    def _accept(self, batch: ScheduledBatch, result: SampleResult | None) -> None:
+        """What the next schedule needs: each request's cached tokens, its new token, and whether that token (EOS,
+        length) ended it. A request that ended meanwhile (stop string, abort, failure) drops its token."""
         for s in batch.seqs:
             s.request.num_computed_tokens = s.start + s.num_tokens
-        if not sampled:
-            return []
-        reqs = [s.request for s in sampled]
-        result = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], [r.output_ids for r in reqs])
-        outputs = []
-        for row, req in enumerate(reqs):
+        sampled = [s.request for s in batch.seqs if s.needs_logits]
+        for row, req in enumerate(sampled):
+            if self.requests.get(req.request_id) is not req or req.finish_reason is not None:
+                continue
             token = result.token_ids[row]
             req.output_ids.append(token)
             self.num_generated_tokens += 1
@@ -125,18 +207,35 @@ class LLMEngine:
                 reason = "stop"
             elif len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
                 reason = "length"
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+            self._new_tokens.append(_NewToken(req, token, result.logprobs[row], result.top[row], reason))
+
+    def _emit_text(self, emit: Deliver) -> None:
+        """The accepted tokens' text (stop strings cut), logprobs and outputs. Runs while a forward may be in flight:
+        it touches no scheduler state; a request it ends by a stop string is finished after that forward."""
+        new_tokens, self._new_tokens = self._new_tokens, []
+        for new in new_tokens:
+            req, token, reason = new.request, new.token, new.reason
+            if self.requests.get(req.request_id) is not req:
+                continue  # aborted or failed since
             text, hit_stop = update_text(req, self._decode, final=reason is not None)
             if hit_stop:
-                reason = "stop"
+                if reason is None:
+                    self._stopped.append(req)
+                reason = req.finish_reason = "stop"
+            eos = reason == "stop" and token in self.eos_token_ids
             logprobs = None
-            if req.params.logprobs is not None and not (reason == "stop" and token in self.eos_token_ids):
-                logprobs = [self._logprob(token, result.logprobs[row], result.top[row])]
-            token_ids = [] if (reason == "stop" and token in self.eos_token_ids) else [token]
+            if req.params.logprobs is not None and not eos:
+                logprobs = [self._logprob(token, new.logprob, new.top)]
             if reason is not None:
                 self.requests.pop(req.request_id, None)
-                self.scheduler.finish(req, reason)
-            outputs.append(self._output(req, text, token_ids, logprobs, finished=reason is not None))
-        return outputs
+            emit(self._output(req, text, [] if eos else [token], logprobs, finished=reason is not None))
+
+    def _finish_stopped(self) -> None:
+        for req in self._stopped:
+            self.scheduler.finish(req, "stop")
+        self._stopped = []
 
     def _logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
         decode = self.tokenizer.decode
@@ -150,6 +249,14 @@ class LLMEngine:
             num_output_tokens=len(req.output_ids), error=error, error_type=error_type,
         )
 
+    def _step_time_stats(self) -> dict:
+        """Mean milliseconds per step over the recent steps that followed another step (see StepTime)."""
+        busy = [t for t in self.step_times if t.period_s is not None]
+        if not busy:
+            return {"forward_ms_per_step": None, "host_ms_per_step": None}
+        return {"forward_ms_per_step": 1e3 * sum(t.forward_s for t in busy) / len(busy),
+                "host_ms_per_step": 1e3 * sum(t.host_s for t in busy) / len(busy)}
+
     def stats(self) -> dict:
         sched = self.scheduler
         return {
@@ -158,6 +265,7 @@ class LLMEngine:
             "num_free_kv_blocks": sched.blocks.num_free,
             "num_generated_tokens": self.num_generated_tokens,
             "num_steps": self.num_steps,
+            **self._step_time_stats(),
             "num_preemptions": sched.num_preemptions,
             "num_quarantined_adapters": len(self.quarantined),
             "num_waiting_adapter": sum(r.status is Status.WAITING_ADAPTER for r in sched.waiting),

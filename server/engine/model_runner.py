@@ -41,6 +41,9 @@ class ModelRunner:
         max_len = min(max_model_len or num_blocks * block_size, num_blocks * block_size)
         self.max_blocks_per_seq = -(-max_len // block_size)
         self.graphs = graphs
+        # Seconds spent in the model's forward (graph replays included), for the engine's step times. On a GPU
+        # it counts until the launches return, not until the device finishes.
+        self.forward_seconds = 0.0
 
     def build(self, batch: ScheduledBatch, *, pad_to: int | None = None, device=None) -> ForwardBatch:
         """The step's ForwardBatch on `device` (default: the model's). `pad_to`: a graph step, padded with
@@ -132,11 +135,19 @@ class ModelRunner:
         if size is not None:
             fb = self.build(batch, pad_to=size, device="cpu")  # host tensors, copied into the graph's inputs
             if not fb.para_prefills:  # a PARA prompt of one token is a prefill: its vectors are computed eagerly
+                t0 = time.perf_counter()
                 logits = self.graphs.run(self.graph_key(fb), fb, self.forward)
+                self.forward_seconds += time.perf_counter() - t0
                 if logits is not None:
                     return logits[: len(batch.seqs)]
-            return self.forward(fb.to(self.device))
-        return self.forward(self.build(batch))
+            return self._timed_forward(fb.to(self.device))
+        return self._timed_forward(self.build(batch))
+
+    def _timed_forward(self, fb: ForwardBatch) -> torch.Tensor:
+        t0 = time.perf_counter()
+        logits = self.forward(fb)
+        self.forward_seconds += time.perf_counter() - t0
+        return logits
 
     @property
     def _injects_faults(self) -> bool:

@@ -2,6 +2,8 @@
 static-buffer replays) and report every figure the README quotes from them."""
 import json
 
+import pytest
+
 from benchmarks.engine import main
 
 
@@ -23,5 +25,7 @@ def test_host_overhead_bench_reports_each_phase(tmp_path):
     main(["--mode", "host", "--batch", "4", "--gen-len", "3", "--prompt-len", "5", "--out", str(out)])
     (row,) = json.loads(out.read_text())
     assert row["requests"] == 4
-    for phase in ("schedule", "build", "build_graph_padded", "sample", "postprocess"):
+    for phase in ("schedule", "build", "build_graph_padded", "sample"):
         assert row[f"{phase}_ms"] > 0
+    assert row["forward_ms"] > 0 and row["host_not_overlapped_ms"] >= 0
+    assert row["step_ms"] == pytest.approx(row["forward_ms"] + row["host_not_overlapped_ms"], rel=1e-6)

@@ -144,3 +144,71 @@ def test_block_manager_free_list():
     assert not bm.can_grow(a, 17) and bm.can_grow(a, 16)
     bm.release(a)
     assert a == [] and bm.num_free == 4
+
+
+def test_text_of_the_previous_step_is_made_while_the_forward_runs(model_dir):
+    """Each forward after the first waits until the previous step's tokens have been decoded: if text work only
+    followed the forward, every such step would wait out its timeout."""
+    import threading
+
+    engine = small_engine(model_dir)
+    decoded, timeouts = threading.Event(), []
+    execute, decode = engine.runner.execute, engine._decode
+
+    def waiting_execute(batch):
+        if engine.num_steps > 0 and not decoded.wait(timeout=5):
+            timeouts.append(engine.num_steps)
+        decoded.clear()
+        return execute(batch)
+
+    def watched_decode(ids):
+        decoded.set()
+        return decode(ids)
+
+    engine.runner.execute, engine._decode = waiting_execute, watched_decode
+    prompt = list(range(3, 12))  # one prefill step that samples, then decode steps
+    engine.add_request(Request("a", prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
+    outs = []
+    while engine.has_work():
+        engine.step(outs.append)
+    assert timeouts == [] and engine.num_steps == 6
+    assert sum(len(o.token_ids) for o in outs) == 6 and outs[-1].finished
+
+
+def test_a_stop_string_found_a_step_late_drops_the_extra_token_and_frees_everything(model_dir):
+    engine = small_engine(model_dir)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompt = list(range(3, 20))
+    engine.add_request(Request("full", prompt, params))
+    full = []
+    while engine.has_work():
+        full += engine.step()
+    text = "".join(o.text for o in full)
+    stop = text[4:6]
+    assert stop and text.find(stop) == 4
+    engine.add_request(Request("cut", prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                             stop=(stop,))))
+    engine.add_request(Request("other", list(range(5, 15)), params))
+    outs = {"cut": [], "other": []}
+    while engine.has_work():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    cut = outs["cut"]
+    assert "".join(o.text for o in cut) == text[:4] and cut[-1].finish_reason == "stop"
+    assert [t for o in cut for t in o.token_ids] == [t for o in full for t in o.token_ids][: cut[-1].num_output_tokens]
+    assert sum(len(o.token_ids) for o in outs["other"]) == 12 and outs["other"][-1].finish_reason == "length"
+    assert engine.scheduler.blocks.num_free == engine.scheduler.blocks.num_blocks
+    assert not engine.requests and not engine.scheduler.running
+
+
+def test_step_times_split_forward_and_host_time(model_dir):
+    engine = small_engine(model_dir)
+    for i in range(4):
+        engine.add_request(Request(f"r{i}", list(range(3, 12)), SamplingParams(max_tokens=5, temperature=0,
+                                                                                ignore_eos=True)))
+    while engine.has_work():
+        engine.step()
+    times = list(engine.step_times)
+    assert len(times) == engine.num_steps and times[0].period_s is None
+    assert all(t.forward_s > 0 and t.period_s >= t.forward_s for t in times[1:])
+    assert engine.stats()["host_ms_per_step"] >= 0
