@@ -43,7 +43,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             index = torch.tensor(greedy, device=logits.device)
             token_ids[index] = chosen_from[index].argmax(dim=-1)
         index = torch.tensor(rows, device=logits.device)
-        token_ids[index] = _sample_rows(chosen_from[index], [params[r] for r in rows], [generators[r] for r in rows])
+        chosen = chosen_from if not greedy else chosen_from[index]  # every row sampled: no copy
+        token_ids[index] = _sample_rows(chosen, [params[r] for r in rows], [generators[r] for r in rows])
     ids = token_ids.tolist()
     want = [p.logprobs is not None for p in params]
     logprobs: list[float | None] = [None] * len(ids)
@@ -102,11 +103,33 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The first column whose cumulative probability exceeds u * the row's total. (n, V), (n,) -> (n,)"""
-    cdf = probs.double().cumsum(-1)  # float64 so that the last entries stay ordered
-    target = u[:, None] * cdf[:, -1:]
-    # A token of probability 0 (cut by top-k/top-p) has cdf equal to its predecessor's, so it is never chosen.
-    return torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[1] - 1).squeeze(1)
+    """The first column whose cumulative probability exceeds u * the row's total: (n, V), (n,) -> (n,). A large
+    vocabulary goes in two levels, blocks then the token inside the chosen block (an exact inverse CDF too, a
+    fraction of the work: a float64 cumsum of 64 x 49152 probabilities takes ~12 ms on a CPU)."""
+    n, vocab = probs.shape
+    if vocab <= 4 * CDF_BLOCK:
+        cdf = probs.double().cumsum(-1)  # float64 so that the last entries stay ordered
+        return _first_above(cdf, u[:, None] * cdf[:, -1:])[:, 0]
+    pad = -vocab % CDF_BLOCK
+    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).view(n, -1, CDF_BLOCK)
+    sums = blocks.sum(-1).double()  # (n, blocks); summed in float32: a float64 copy of the rows costs more
+    cdf = sums.cumsum(-1)
+    b = _first_above(cdf, u[:, None] * cdf[:, -1:])  # (n, 1): never an empty block
+    rest = (u[:, None] * cdf[:, -1:] - (cdf.gather(1, b) - sums.gather(1, b))).clamp_(min=0)  # mass into block b
+    inner = blocks.gather(1, b[:, :, None].expand(n, 1, CDF_BLOCK))[:, 0].double().cumsum(-1)  # (n, CDF_BLOCK)
+    return (b * CDF_BLOCK + _first_above(inner, rest))[:, 0]
+
+
+def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The first column of `cdf` (n, m) above `target` (n, 1) -> (n, 1), never one that adds no probability: such a
+    column's cdf equals its predecessor's, and a target at or past the total (rounding) gets the last column that
+    adds some."""
+    last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
+    return torch.minimum(torch.searchsorted(cdf, target, right=True), last)
+
+
+# The inverse CDF of a large vocabulary: blocks of this many tokens.
+CDF_BLOCK = 256
 
 
 # Candidates for top-k/top-p: the tokens at least this fraction as likely as the row's most likely one. A row
@@ -143,6 +166,9 @@ def _gather_descending(probs: torch.Tensor, cand: torch.Tensor) -> tuple[torch.T
     count = torch.bincount(rows, minlength=n)
     wide = count > vocab * WIDE_ROW
     any_wide = bool(wide.any())
+    if bool(wide.all()):  # every row flat: sorted whole
+        values, order = probs.sort(dim=-1, descending=True, stable=True)
+        return values * cand.gather(1, order), order, count
     width = vocab if any_wide else int(count.max())
     ranked = probs.new_zeros((n, width))
     tokens = torch.zeros((n, width), dtype=torch.int64, device=probs.device)
@@ -150,8 +176,7 @@ def _gather_descending(probs: torch.Tensor, cand: torch.Tensor) -> tuple[torch.T
         w = wide.nonzero().squeeze(1)
         values, order = probs[w].sort(dim=-1, descending=True, stable=True)
         ranked[w], tokens[w] = values * cand[w].gather(1, order), order  # a wide row's non-candidates count 0
-        narrow = ~wide[rows]
-        rows, cols = rows[narrow], cols[narrow]
+        rows, cols = rows[~wide[rows]], cols[~wide[rows]]
     values = probs[rows, cols]
     order = torch.argsort(values, descending=True, stable=True)
     order = order[torch.argsort(rows[order], stable=True)]  # by row, descending within a row

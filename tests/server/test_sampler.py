@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from server.engine.request import SamplingParams
-from server.engine.sampler import WIDE_ROW, _inverse_cdf, descending_candidates, make_generator, sample
+from server.engine.sampler import CDF_BLOCK, WIDE_ROW, _inverse_cdf, descending_candidates, make_generator, sample
 
 
 def sorted_reference(logits: torch.Tensor, params: list[SamplingParams], generators) -> list[int]:
@@ -20,7 +20,13 @@ def sorted_reference(logits: torch.Tensor, params: list[SamplingParams], generat
     top_ps = torch.tensor([p.top_p for p in params])
     keep = torch.arange(vocab)[None, :] < ks[:, None]
     keep &= ranked.cumsum(-1) - ranked < top_ps[:, None]
-    return order.gather(1, _inverse_cdf(ranked * keep, u)[:, None]).squeeze(1).tolist()
+    return order.gather(1, flat_inverse_cdf(ranked * keep, u)[:, None]).squeeze(1).tolist()
+
+
+def flat_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One float64 cumsum over the whole row."""
+    cdf = probs.double().cumsum(-1)
+    return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)[:, 0]
 
 
 def rows_of(kind: str, n: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
@@ -36,7 +42,7 @@ def rows_of(kind: str, n: int, vocab: int, gen: torch.Generator) -> torch.Tensor
         torch.randperm(n, generator=gen)]
 
 
-@pytest.mark.parametrize("vocab", [7, 320, 4096])
+@pytest.mark.parametrize("vocab", [7, 320, 4096, 5000])
 @pytest.mark.parametrize("kind", ["peaked", "flat", "mixed", "ties"])
 def test_candidates_sample_what_the_whole_sorted_row_samples(kind, vocab):
     gen = torch.Generator().manual_seed(vocab)
@@ -67,3 +73,17 @@ def test_candidates_hold_every_kept_token_and_flat_rows_take_the_whole_vocabular
         assert torch.equal(tokens[row, :count], order[row, :count])
         kept = int(((full[row].cumsum(-1) - full[row] < top_ps[row]) & (torch.arange(vocab) < ks[row])).sum())
         assert kept <= count  # what top-k/top-p keep lies inside the candidates
+
+
+@pytest.mark.parametrize("vocab", [4 * CDF_BLOCK + 1, 49152, 50000])
+def test_two_level_inverse_cdf_picks_what_one_cumsum_picks_and_never_a_zero_probability_token(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    probs = torch.softmax(torch.cat([torch.randn(32, vocab, generator=gen) * 6,
+                                     torch.randn(32, vocab, generator=gen) * 0.5]), -1)
+    probs[:8, : vocab // 2] = 0  # whole empty blocks
+    probs[8:16] *= torch.rand(8, vocab, generator=gen) > 0.9  # scattered zeros
+    u = torch.rand(64, dtype=torch.float64, generator=gen)
+    u[0], u[1] = 0.0, 1.0 - 1e-16  # the ends
+    got = _inverse_cdf(probs, u)
+    assert torch.equal(got, flat_inverse_cdf(probs, u))
+    assert (probs.gather(1, got[:, None]) > 0).all()
