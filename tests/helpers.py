@@ -49,6 +49,19 @@ def small_model(arch: str = "llama", seed: int = 0, wide_init: bool = True, **ov
     return model.eval()
 
 
+def char_llama_dir(path: Path, tokenizer) -> Path:
+    """A local checkpoint the trainer can load: a tiny random Llama for `tokenizer` (the trainer tests' character
+    tokenizer), as `save_pretrained` writes them."""
+    model = small_model(
+        seed=0, wide_init=False, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        initializer_range=0.1,  # the default 0.02 leaves the frozen head too weak to express a peaked distribution
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def make_hf_model(directory: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Save small_model(arch, seed, **overrides) with the byte-level tokenizer."""
     from server.model.tiny import byte_level_tokenizer

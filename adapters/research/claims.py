@@ -9,8 +9,9 @@
    (computed from the model's shapes), both at lr 1e-2, on the same tasks and steps ("SIFT matches LoRA at equal
    trainable parameters").
 
-Every run is `adapters.research.compare.run_one` (through its `_job`) with that run's rank/lr/options put in `HYPERPARAMS`
-for the run's duration. Writes `DIR/claims.json` and `DIR/claims.md`.
+Every run is `adapters.research.compare.run_one` (through its `_job`) with that run's rank/options put in `HYPERPARAMS`
+for the run's duration and its lr as the method's scale-1 lr (`Settings.lr`). Writes `DIR/claims.json` and
+`DIR/claims.md`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from unittest import mock
 
@@ -63,29 +64,31 @@ def rho_for_count(shapes, target: int) -> float:
     return (a + first_reaching(sift_count(shapes, a) + 1)) / 2
 
 
-def _job(model_path: str, task: str, method: str, hp: dict, s: compare.Settings) -> dict:
-    with mock.patch.dict(compare.HYPERPARAMS, {method: hp}):
-        r = compare._job(model_path, task, method, s)
+def _job(model_path: str, task: str, method: str, hp: dict, s: compare.Settings, seed: int) -> dict:
+    s = replace(s, lr={method: hp["lr"]})
+    with mock.patch.dict(compare.HYPERPARAMS, {method: {k: v for k, v in hp.items() if k != "lr"}}):
+        r = compare._job(model_path, compare.Run(task, method, seed, 1.0), s)
     return asdict(r) | {"rank": hp.get("rank"), "options": hp.get("options")}
 
 
 def _log(r: dict) -> dict:
-    logging.info("%s / %s rank %s lr %g %s: loss %.4f, acc %.3f, %d params, %.0f s", r["task"], r["method"], r["rank"],
-                 r["lr"], r["options"] or "", r["eval_loss"], r["accuracy"], r["num_trainable"], r["wall_s"])
+    logging.info("%s / %s rank %s lr %g %s: loss %.4f, exact match %.3f, %d params, %.0f s", r["task"], r["method"],
+                 r["rank"], r["lr"], r["options"] or "", r["eval_loss"], r["exact_match"], r["num_trainable"], r["wall_s"])
     return r
 
 
-def run_jobs(model_path: str, specs: list[tuple[str, str, dict]], s: compare.Settings, jobs: int) -> list[dict]:
+def run_jobs(model_path: str, specs: list[tuple[str, str, dict]], s: compare.Settings, seed: int,
+             jobs: int) -> list[dict]:
     if jobs <= 1:
-        return [_log(_job(model_path, t, m, hp, s)) for t, m, hp in specs]
+        return [_log(_job(model_path, t, m, hp, s, seed)) for t, m, hp in specs]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return [_log(r) for r in pool.map(_job, *zip(*[(model_path, t, m, hp, s) for t, m, hp in specs]))]
+        return [_log(r) for r in pool.map(_job, *zip(*[(model_path, t, m, hp, s, seed) for t, m, hp in specs]))]
 
 
 def sweep_tables(rows: list[dict]) -> str:
     lines = ["| method | metric | mean | spread (max-min) | std | min | max |", "| --- " * 7 + "|"]
     for m in ("lora", "specadapt"):
-        for key, name in (("eval_loss", "eval loss"), ("accuracy", "exact match")):
+        for key, name in (("eval_loss", "eval loss"), ("exact_match", "exact match")):
             v = [r[key] for r in rows if r["method"] == m]
             lines.append(f"| {m} | {name} | {statistics.mean(v):.3f} | {max(v) - min(v):.3f} | "
                          f"{statistics.pstdev(v):.3f} | {min(v):.3f} | {max(v):.3f} |")
@@ -93,7 +96,7 @@ def sweep_tables(rows: list[dict]) -> str:
     by = {(r["method"], r["rank"], r["lr"]): r for r in rows}
     for m in ("lora", "specadapt"):
         for rank in RANKS:
-            cells = " | ".join(f"{by[m, rank, lr]['eval_loss']:.3f} / {by[m, rank, lr]['accuracy']:.3f}" for lr in LRS)
+            cells = " | ".join(f"{by[m, rank, lr]['eval_loss']:.3f} / {by[m, rank, lr]['exact_match']:.3f}" for lr in LRS)
             lines.append(f"| {m} | {rank} | {cells} |")
     return "\n".join(lines)
 
@@ -103,7 +106,7 @@ def sift_table(rows: list[dict], tasks: list[str]) -> str:
     lines = [head, "| --- " * (2 + len(tasks)) + "|"]
     for m in ("lora", "sift"):
         mine = {r["task"]: r for r in rows if r["method"] == m}
-        cells = " | ".join(f"{mine[t]['eval_loss']:.3f} / {mine[t]['accuracy']:.3f}" for t in tasks)
+        cells = " | ".join(f"{mine[t]['eval_loss']:.3f} / {mine[t]['exact_match']:.3f}" for t in tasks)
         lines.append(f"| {m} | {mine[tasks[0]]['num_trainable']:,} | {cells} |")
     return "\n".join(lines)
 
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("adapters.train").setLevel(logging.WARNING)
     s = compare.Settings(steps=args.steps, batch_size=args.batch_size, num_train=args.num_train, num_eval=args.num_eval,
-                         num_decode=args.num_eval, eval_every=args.eval_every, max_new_tokens=12, seed=args.seed,
+                         num_decode=args.num_eval, eval_every=args.eval_every, max_new_tokens=12,
                          device="cpu", dtype="fp32", progress=False)
     sift_tasks = args.sift_tasks.split(",")
     shapes = projection_shapes(args.model)
@@ -137,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
 
     specs: list[tuple[str, str, dict]] = []
     if args.only in (None, "sift"):
-        specs += [(t, "lora", {"lr": 1e-2, "rank": 8}) for t in sift_tasks]
+        specs += [(t, "lora", {"lr": 1e-2, "rank": 8, "options": {"targets": PROJECTIONS}}) for t in sift_tasks]
         specs += [(t, "sift", {"lr": 1e-2, "options": {"rho": rho}}) for t in sift_tasks]
     if args.only in (None, "sweep"):
         specs += [(args.sweep_task, m, {**compare.HYPERPARAMS[m], "rank": r, "lr": lr})
                   for m in ("lora", "specadapt") for r in RANKS for lr in LRS]
     started = time.perf_counter()
-    rows = run_jobs(args.model, specs, s, args.jobs)
+    rows = run_jobs(args.model, specs, s, args.seed, args.jobs)
     n_sift = 2 * len(sift_tasks) if args.only in (None, "sift") else 0
     md = [f"Settings: {args.steps} steps, batch {args.batch_size}, {args.num_train} train / {args.num_eval} held-out "
           f"examples, seed {args.seed}, model {args.model}."]
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     wall = round(time.perf_counter() - started, 1)
     (out / "claims.md").write_text("\n".join(md) + "\n")
-    report = {"settings": asdict(s), "lora_rank8_params": lora_n, "sift_rho": rho, "total_wall_s": wall,
+    report = {"settings": asdict(s), "seed": args.seed, "lora_rank8_params": lora_n, "sift_rho": rho, "total_wall_s": wall,
               "results": rows, "markdown": "\n".join(md)}
     (out / "claims.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(md) + f"\n\nwall {wall} s; wrote {out / 'claims.json'} and {out / 'claims.md'}")

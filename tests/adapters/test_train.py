@@ -29,7 +29,7 @@ from adapters.train import (
     resolve_options,
     train,
 )
-from tests.helpers import small_model
+from tests.helpers import char_llama_dir
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +39,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    """A local checkpoint: a tiny random Llama and the character tokenizer, as `save_pretrained` writes them."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model = small_model(
-        seed=0, wide_init=False, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        initializer_range=0.1,  # the default 0.02 leaves the frozen head too weak to express a peaked distribution
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return char_llama_dir(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 @pytest.fixture(scope="module")
