@@ -3,6 +3,7 @@
     python -m benchmarks.engine                     # CPU: tiny and ~100M configs, 16 requests over 8 adapters
     python -m benchmarks.engine --mode decode-step  # GPU: one 7B-shaped decode step, batch 32, 0/1/8/32 adapters
     python -m benchmarks.engine --mode host --batch 64 --gen-len 500   # host time per step not overlapped
+    python -m benchmarks.engine --mode sampling --batch 64              # the sampler on smollm2's real logits
 
 Weights are random (no download); timings do not depend on their values. Ratios are measured in one run.
 """
@@ -275,6 +276,68 @@ def host_suite(args) -> list[dict]:
     return rows
 
 
+TOPICS = ("the history of Rome", "how to bake bread", "a poem about the sea", "why the sky is blue",
+          "python decorators", "the French revolution", "training for a marathon", "black holes")
+
+
+def sampling_suite(args) -> list[dict]:
+    """Sampling one token for each of `--batch` requests from a real model's next-token logits (chat prompts, a few
+    tokens into their answers), per sampling setting: the sampler (`server.engine.sampler.sample`) against the
+    plain way it is checked against (`reference_sample_rows`: one float64 cumsum over the whole row, sorted whole
+    for top-k/top-p), the same logits and seeds, in one process. `--host-model`: a model name or path the server
+    accepts (default smollm2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.engine.sampler import make_generator, reference_sample_rows, sample
+    from server.model.catalog import resolve_model_path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        name = "smollm2" if args.host_model == "tiny" else args.host_model
+        path = resolve_model_path(name, Path(tmp) if args.data_dir is None else args.data_dir)
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    logits = []
+    for i in range(args.batch):
+        ids = tok.apply_chat_template([{"role": "user", "content": f"Write a short paragraph about {TOPICS[i % 8]}."}],
+                                      add_generation_prompt=True, return_tensors="pt")
+        ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=1 + 3 * (i // 8) % 24, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        logits.append(out.logits[-1][0])
+    logits = torch.stack(logits)
+    rows = []
+    for temperature, top_p in ((0.8, 0.9), (1.0, 0.95), (1.0, 1.0), (0.0, 1.0)):
+        params = [SamplingParams(temperature=temperature, top_p=top_p, seed=i) for i in range(args.batch)]
+        sampled = [p.temperature > 0 for p in params]
+
+        def ours():
+            return sample(logits, params, [make_generator(p) for p in params]).token_ids
+
+        def reference():
+            if not any(sampled):
+                return logits.argmax(-1).tolist()
+            return reference_sample_rows(logits, params, [make_generator(p) for p in params]).tolist()
+
+        same = ours() == reference()
+        ms = {name: _time_cpu(fn) for name, fn in (("sampler", ours), ("reference", reference))}
+        rows.append(dict(model=name, requests=args.batch, vocab=logits.shape[1], temperature=temperature, top_p=top_p,
+                         torch_threads=torch.get_num_threads(), same_tokens=same,
+                         **{f"{k}_ms": v for k, v in ms.items()}))
+        print(f"{name}, {args.batch} rows of {logits.shape[1]}, temperature {temperature}, top_p {top_p}: sampler "
+              f"{ms['sampler']:.2f} ms, reference {ms['reference']:.2f} ms "
+              f"({ms['reference'] / ms['sampler']:.1f}x), same tokens: {same}", flush=True)
+    return rows
+
+
+def _time_cpu(fn, iters: int = 5) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
 def _decode_bytes(cfg: ModelConfig, batch: int, ctx: int, num_adapters: int, rank: int, dtype) -> int:
     """Bytes one decode step must read at least: every weight matrix (lm_head included), every sequence's KV
     cache, and the factors of each distinct adapter (rank r on all seven projections of every layer)."""
@@ -330,7 +393,7 @@ def _time(fn, device: torch.device, iters: int = 20) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["engine", "decode-step", "host"], default="engine")
+    ap.add_argument("--mode", choices=["engine", "decode-step", "host", "sampling"], default="engine")
     ap.add_argument("--configs", nargs="+", default=["tiny", "100m"], choices=list(CONFIGS))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--num-adapters", type=int, default=8)
@@ -340,7 +403,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", default="7b", choices=list(CONFIGS))
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--adapter-counts", type=int, nargs="+", default=[0, 1, 8, 32])
-    ap.add_argument("--host-model", default="tiny", help="host: 'tiny' or a model name/path the server accepts")
+    ap.add_argument("--host-model", default="tiny", help="host: 'tiny' or a model name/path the server accepts "
+                                                        "(sampling: that model, smollm2 for 'tiny')")
     ap.add_argument("--no-overlap", action="store_true", help="host: text work after the forward (the old order)")
     ap.add_argument("--data-dir", type=Path, default=None, help="host: where a named model is converted (default: temp)")
     ap.add_argument("--device", default=None, help="decode-step: cuda (default when available) or cpu (smoke run)")
@@ -349,7 +413,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.mode == "decode-step" and args.batch == 16:
         args.batch = 32
-    rows = {"engine": cpu_suite, "decode-step": decode_step_suite, "host": host_suite}[args.mode](args)
+    if args.mode == "sampling":
+        torch.set_num_threads(1)  # as the engine's CPU forward on this 2-core machine (server/engine/cpu_threads.py)
+    rows = {"engine": cpu_suite, "decode-step": decode_step_suite, "host": host_suite,
+            "sampling": sampling_suite}[args.mode](args)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 

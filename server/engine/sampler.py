@@ -186,3 +186,24 @@ def _gather_descending(probs: torch.Tensor, cand: torch.Tensor) -> tuple[torch.T
     ranked[rows, pos] = values
     tokens[rows, pos] = cols
     return ranked, tokens, count
+
+
+def reference_sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                          generators: list[torch.Generator | None]) -> torch.Tensor:
+    """What _sample_rows computes, the plain way: one float64 cumsum over the whole row, sorted whole first when
+    a row has top-k or top-p. The tests and `benchmarks.engine --mode sampling` compare against it."""
+    vocab = logits.shape[1]
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    probs = torch.softmax(logits / temps[:, None], dim=-1)
+    u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float64)
+    if all(p.top_k <= 0 and p.top_p >= 1.0 for p in params):
+        ranked, order = probs, torch.arange(vocab).expand(len(params), vocab)
+    else:
+        ranked, order = probs.sort(dim=-1, descending=True, stable=True)
+    ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+    top_ps = torch.tensor([p.top_p for p in params], dtype=probs.dtype)
+    keep = torch.arange(vocab)[None, :] < ks[:, None]
+    keep &= ranked.cumsum(-1) - ranked < top_ps[:, None]
+    cdf = (ranked * keep).double().cumsum(-1)
+    idx = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
+    return order.gather(1, idx).squeeze(1)

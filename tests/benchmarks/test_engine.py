@@ -29,3 +29,11 @@ def test_host_overhead_bench_reports_each_phase(tmp_path):
         assert row[f"{phase}_ms"] > 0
     assert row["forward_ms"] > 0 and row["host_not_overlapped_ms"] >= 0
     assert row["step_ms"] == pytest.approx(row["forward_ms"] + row["host_not_overlapped_ms"], rel=1e-6)
+
+
+def test_sampling_bench_compares_the_sampler_with_its_reference_on_real_logits(tmp_path, smollm2_dir):
+    out = tmp_path / "sampling.json"
+    main(["--mode", "sampling", "--batch", "3", "--host-model", str(smollm2_dir), "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["temperature"], r["top_p"]) for r in rows] == [(0.8, 0.9), (1.0, 0.95), (1.0, 1.0), (0.0, 1.0)]
+    assert all(r["same_tokens"] and r["sampler_ms"] > 0 and r["reference_ms"] > 0 and r["vocab"] == 49152 for r in rows)

@@ -5,22 +5,19 @@ import pytest
 import torch
 
 from server.engine.request import SamplingParams
-from server.engine.sampler import CDF_BLOCK, WIDE_ROW, _inverse_cdf, descending_candidates, make_generator, sample
+from server.engine.sampler import (
+    CDF_BLOCK,
+    WIDE_ROW,
+    _inverse_cdf,
+    descending_candidates,
+    make_generator,
+    reference_sample_rows,
+    sample,
+)
 
 
 def sorted_reference(logits: torch.Tensor, params: list[SamplingParams], generators) -> list[int]:
-    """Every row's probabilities sorted whole, top-k and top-p on the sorted row, inverse-CDF with one uniform per
-    row from its generator: what the sampler did before it took candidates."""
-    vocab = logits.shape[1]
-    temps = torch.tensor([p.temperature for p in params])
-    probs = torch.softmax(logits / temps[:, None], dim=-1)
-    u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float64)
-    ranked, order = probs.sort(dim=-1, descending=True, stable=True)
-    ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
-    top_ps = torch.tensor([p.top_p for p in params])
-    keep = torch.arange(vocab)[None, :] < ks[:, None]
-    keep &= ranked.cumsum(-1) - ranked < top_ps[:, None]
-    return order.gather(1, flat_inverse_cdf(ranked * keep, u)[:, None]).squeeze(1).tolist()
+    return reference_sample_rows(logits, params, generators).tolist()
 
 
 def flat_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
