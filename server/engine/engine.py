@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
@@ -136,9 +136,12 @@ class LLMEngine:
             return outputs
         forward_before = self.runner.forward_seconds
         running = self._forward.submit(self._run, batch)
-        self._emit_text(emit)  # the previous step's tokens, while this step's forward runs
+        try:
+            self._emit_text(emit)  # the previous step's tokens, while this step's forward runs
+        finally:
+            wait([running])  # whatever happens here, no forward is left in flight
+            self._finish_stopped()  # their KV blocks were in that forward: freed only once it is over
         run, result, forward_end = running.result()
-        self._finish_stopped()  # their KV blocks were in that forward: freed only now
         period = None if self._last_forward_end is None else forward_end - self._last_forward_end
         self.step_times.append(StepTime(self.runner.forward_seconds - forward_before, period))
         self._last_forward_end = forward_end
@@ -251,7 +254,7 @@ class LLMEngine:
 
     def _step_time_stats(self) -> dict:
         """Mean milliseconds per step over the recent steps that followed another step (see StepTime)."""
-        busy = [t for t in self.step_times if t.period_s is not None]
+        busy = [t for t in tuple(self.step_times) if t.period_s is not None]  # copied at once: the engine thread appends
         if not busy:
             return {"forward_ms_per_step": None, "host_ms_per_step": None}
         return {"forward_ms_per_step": 1e3 * sum(t.forward_s for t in busy) / len(busy),
