@@ -2,11 +2,12 @@
 
     python -m adapters.research.claims --model PATH --out DIR [--steps 150] [--jobs 2] [--only sweep|sift]
 
-1. sweep: SpecAdapt and LoRA on one task (default `upper`) over ranks {2, 8, 32} x learning rates {3e-3, 1e-2, 3e-2},
+1. sweep: SpecAdapt and LoRA on one task (default `upper`) over ranks {2, 8, 32} x learning rates (`--lrs`, default
+   {3e-3, 1e-2, 3e-2}, chosen for the tiny random backbone; a pretrained one wants smaller),
    the same data, steps and seed for both; per method, the mean, spread (max - min) and population std of the final
    held-out loss and exact-match accuracy across the 9 settings ("SpecAdapt varies less than LoRA").
 2. sift: SIFT with rho chosen so that its trainable parameter count equals LoRA's at rank 8 on all seven projections
-   (computed from the model's shapes), both at lr 1e-2, on the same tasks and steps ("SIFT matches LoRA at equal
+   (computed from the model's shapes), both at one lr (`--sift-lr`, default 1e-2), on the same tasks and steps ("SIFT matches LoRA at equal
    trainable parameters").
 
 Every run is `adapters.research.compare.run_one` (through its `_job`) with that run's rank/options put in `HYPERPARAMS`
@@ -85,28 +86,32 @@ def run_jobs(model_path: str, specs: list[tuple[str, str, dict]], s: compare.Set
         return [_log(r) for r in pool.map(_job, *zip(*[(model_path, t, m, hp, s, seed) for t, m, hp in specs]))]
 
 
-def sweep_tables(rows: list[dict]) -> str:
+def sweep_tables(rows: list[dict], lrs: tuple[float, ...] = LRS) -> str:
     lines = ["| method | metric | mean | spread (max-min) | std | min | max |", "| --- " * 7 + "|"]
     for m in ("lora", "specadapt"):
-        for key, name in (("eval_loss", "eval loss"), ("exact_match", "exact match")):
+        for key, name in (("eval_loss", "eval loss"), ("token_accuracy", "token accuracy"),
+                          ("exact_match", "exact match")):
             v = [r[key] for r in rows if r["method"] == m]
             lines.append(f"| {m} | {name} | {statistics.mean(v):.3f} | {max(v) - min(v):.3f} | "
                          f"{statistics.pstdev(v):.3f} | {min(v):.3f} | {max(v):.3f} |")
-    lines += ["", "| method | rank | " + " | ".join(f"lr {lr:g}: loss / EM" for lr in LRS) + " |", "| --- " * 5 + "|"]
+    lines += ["", "| method | rank | " + " | ".join(f"lr {lr:g}: loss / token acc / EM" for lr in lrs) + " |",
+              "| --- " * (2 + len(lrs)) + "|"]
     by = {(r["method"], r["rank"], r["lr"]): r for r in rows}
     for m in ("lora", "specadapt"):
         for rank in RANKS:
-            cells = " | ".join(f"{by[m, rank, lr]['eval_loss']:.3f} / {by[m, rank, lr]['exact_match']:.3f}" for lr in LRS)
+            cells = " | ".join(f"{by[m, rank, lr]['eval_loss']:.3f} / {by[m, rank, lr]['token_accuracy']:.3f} / "
+                               f"{by[m, rank, lr]['exact_match']:.3f}" for lr in lrs)
             lines.append(f"| {m} | {rank} | {cells} |")
     return "\n".join(lines)
 
 
 def sift_table(rows: list[dict], tasks: list[str]) -> str:
-    head = "| method | trainable params | " + " | ".join(f"{t}: loss / EM" for t in tasks) + " |"
+    head = "| method | trainable params | " + " | ".join(f"{t}: loss / token acc / EM" for t in tasks) + " |"
     lines = [head, "| --- " * (2 + len(tasks)) + "|"]
     for m in ("lora", "sift"):
         mine = {r["task"]: r for r in rows if r["method"] == m}
-        cells = " | ".join(f"{mine[t]['eval_loss']:.3f} / {mine[t]['exact_match']:.3f}" for t in tasks)
+        cells = " | ".join(f"{mine[t]['eval_loss']:.3f} / {mine[t]['token_accuracy']:.3f} / {mine[t]['exact_match']:.3f}"
+                           for t in tasks)
         lines.append(f"| {m} | {mine[tasks[0]]['num_trainable']:,} | {cells} |")
     return "\n".join(lines)
 
@@ -124,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-eval", type=int, default=64, help="held-out examples (all decoded for exact match)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LRS), help="sweep: comma-separated learning rates")
+    p.add_argument("--sift-lr", type=float, default=1e-2, help="sift: the lr of both SIFT and LoRA")
     p.add_argument("--jobs", type=int, default=1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -132,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                          num_decode=args.num_eval, eval_every=args.eval_every, max_new_tokens=12,
                          device="cpu", dtype="fp32", progress=False)
     sift_tasks = args.sift_tasks.split(",")
+    lrs = tuple(float(x) for x in args.lrs.split(","))
     shapes = projection_shapes(args.model)
     lora_n = lora_count(shapes, 8)
     rho = rho_for_count(shapes, lora_n)
@@ -140,22 +148,22 @@ def main(argv: list[str] | None = None) -> int:
 
     specs: list[tuple[str, str, dict]] = []
     if args.only in (None, "sift"):
-        specs += [(t, "lora", {"lr": 1e-2, "rank": 8, "options": {"targets": PROJECTIONS}}) for t in sift_tasks]
-        specs += [(t, "sift", {"lr": 1e-2, "options": {"rho": rho}}) for t in sift_tasks]
+        specs += [(t, "lora", {"lr": args.sift_lr, "rank": 8, "options": {"targets": PROJECTIONS}}) for t in sift_tasks]
+        specs += [(t, "sift", {"lr": args.sift_lr, "options": {"rho": rho}}) for t in sift_tasks]
     if args.only in (None, "sweep"):
         specs += [(args.sweep_task, m, {**compare.HYPERPARAMS[m], "rank": r, "lr": lr})
-                  for m in ("lora", "specadapt") for r in RANKS for lr in LRS]
+                  for m in ("lora", "specadapt") for r in RANKS for lr in lrs]
     started = time.perf_counter()
     rows = run_jobs(args.model, specs, s, args.seed, args.jobs)
     n_sift = 2 * len(sift_tasks) if args.only in (None, "sift") else 0
     md = [f"Settings: {args.steps} steps, batch {args.batch_size}, {args.num_train} train / {args.num_eval} held-out "
           f"examples, seed {args.seed}, model {args.model}."]
     if n_sift:
-        md += ["", f"## SIFT (rho {rho:.6f}) vs LoRA rank 8, lr 1e-2, equal trainable parameters", "",
+        md += ["", f"## SIFT (rho {rho:.6f}) vs LoRA rank 8, lr {args.sift_lr:g}, equal trainable parameters", "",
                sift_table(rows[:n_sift], sift_tasks)]
     if len(rows) > n_sift:
-        md += ["", f"## LoRA vs SpecAdapt on `{args.sweep_task}`, ranks {RANKS} x lrs {LRS} (std: population)", "",
-               sweep_tables(rows[n_sift:])]
+        md += ["", f"## LoRA vs SpecAdapt on `{args.sweep_task}`, ranks {RANKS} x lrs {lrs} (std: population)", "",
+               sweep_tables(rows[n_sift:], lrs)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     wall = round(time.perf_counter() - started, 1)
