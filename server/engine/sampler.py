@@ -136,6 +136,7 @@ CDF_BLOCK = 256
 # with more than WIDE_ROW of its vocabulary among them (a flat distribution) is sorted whole instead.
 CANDIDATE_FLOOR = 1e-4
 WIDE_ROW = 1 / 16
+SORT_WHOLE = 2048  # vocabularies up to this size are sorted whole
 
 
 def descending_candidates(probs: torch.Tensor, ks: torch.Tensor, top_ps: torch.Tensor,
@@ -147,6 +148,8 @@ def descending_candidates(probs: torch.Tensor, ks: torch.Tensor, top_ps: torch.T
     whose candidates cannot hold what it keeps (their mass, summed in order, below its top_p and fewer than its
     top_k) takes every token, so the result is exact for any distribution."""
     vocab = probs.shape[1]
+    if vocab <= SORT_WHOLE:  # a small vocabulary: sorting it costs less than finding candidates
+        return probs.sort(dim=-1, descending=True, stable=True)
     cand = probs >= probs.amax(-1, keepdim=True) * floor
     ranked, tokens, count = _gather_descending(probs, cand)
     tail = ranked.cumsum(-1).gather(1, (count - 1)[:, None])[:, 0]  # the candidates' mass, summed in order
