@@ -11,21 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.data import IGNORE_INDEX, build_char_tokenizer
+from adapters.data import IGNORE_INDEX
 from adapters.methods import get_method
 from adapters.research import claims, compare
 from adapters.train import build_method
-from tests.helpers import char_llama_dir, small_model
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    return char_llama_dir(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+from tests.helpers import small_model
 
 
 # -- the metric -----------------------------------------------------------------------------------------------

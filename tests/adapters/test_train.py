@@ -9,7 +9,6 @@ import transformers
 
 from adapters.data import (
     IGNORE_INDEX,
-    build_char_tokenizer,
     collate,
     load_jsonl,
     make_task,
@@ -29,17 +28,6 @@ from adapters.train import (
     resolve_options,
     train,
 )
-from tests.helpers import char_llama_dir
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    return char_llama_dir(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 @pytest.fixture(scope="module")
