@@ -7,6 +7,9 @@ next step's scheduling needs, a request's new token and whether it ended by EOS 
 the forward returns; a stop string is found one step later, so a request that hits one has computed one more
 token, which is dropped (its text is already cut at the stop string). `step_times` keeps, per step, how long the
 model's forward took and how long the step took in all: the rest is host work not overlapped with the forward.
+The overlap is on for a GPU only (`overlap_output`): on a CPU the forward's thread needs the GIL between its ops, and
+text work beside it slowed streaming under load (`python -m benchmarks.serving --systems multiplex --rates 2
+--temperature 1.0`, 2026-12-01 22:37-22:41 UTC, interleaved: TPOT p50 134 and 142 ms with it, 109 and 116 without).
 
 Only the engine thread touches it (server/engine/async_engine.py feeds it through an inbox; the API side only
 reads `quarantined`). A step whose forward raises fails only the requests of the adapter versions that cause it
@@ -65,7 +68,10 @@ class StepTime:
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, *, max_model_len: int, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, *, max_model_len: int,
+                 eos_token_ids: tuple[int, ...], overlap_output: bool = True) -> None:
+        """overlap_output: make the previous step's text while the forward runs (see the module docstring); off, the
+        text work follows the forward within the step. The builder turns it on for a GPU only."""
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
         self._decode = make_decoder(tokenizer)
         self.max_model_len, self.eos_token_ids = max_model_len, set(eos_token_ids)
@@ -77,8 +83,7 @@ class LLMEngine:
         self._new_tokens: list[_NewToken] = []  # accepted, their text not made yet
         self._stopped: list[Request] = []  # ended by a stop string while maybe in the forward in flight
         self._last_forward_end: float | None = None
-        # False: the text work follows the forward within the step, as before it overlapped (for comparisons).
-        self.overlap_text = True
+        self.overlap_text = overlap_output
         self.step_times: deque[StepTime] = deque(maxlen=256)
 
     def add_request(self, req: Request) -> None:
@@ -137,7 +142,8 @@ class LLMEngine:
         forward_before = self.runner.forward_seconds
         running = self._forward.submit(self._run, batch)
         try:
-            self._emit_text(emit)  # the previous step's tokens, while this step's forward runs
+            if self.overlap_text:
+                self._emit_text(emit)  # the previous step's tokens, while this step's forward runs
         finally:
             wait([running])  # whatever happens here, no forward is left in flight
             self._finish_stopped()  # their KV blocks were in that forward: freed only once it is over

@@ -152,6 +152,7 @@ def test_text_of_the_previous_step_is_made_while_the_forward_runs(model_dir):
     import threading
 
     engine = small_engine(model_dir)
+    engine.overlap_text = True  # the builder turns it on for a GPU only
     decoded, timeouts = threading.Event(), []
     execute, decode = engine.runner.execute, engine._decode
 
@@ -175,8 +176,10 @@ def test_text_of_the_previous_step_is_made_while_the_forward_runs(model_dir):
     assert sum(len(o.token_ids) for o in outs) == 6 and outs[-1].finished
 
 
-def test_a_stop_string_found_a_step_late_drops_the_extra_token_and_frees_everything(model_dir):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_stop_string_found_a_step_late_drops_the_extra_token_and_frees_everything(model_dir, overlap):
     engine = small_engine(model_dir)
+    engine.overlap_text = overlap
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     prompt = list(range(3, 20))
     engine.add_request(Request("full", prompt, params))
@@ -203,6 +206,7 @@ def test_a_stop_string_found_a_step_late_drops_the_extra_token_and_frees_everyth
 
 def test_step_times_split_forward_and_host_time(model_dir):
     engine = small_engine(model_dir)
+    assert engine.overlap_text is False  # a CPU engine: the text work follows the forward
     for i in range(4):
         engine.add_request(Request(f"r{i}", list(range(3, 12)), SamplingParams(max_tokens=5, temperature=0,
                                                                                 ignore_eos=True)))
