@@ -13,7 +13,7 @@ from torch import nn
 
 from adapters.data import IGNORE_INDEX
 from adapters.methods import get_method
-from adapters.research import claims, compare
+from adapters.research import claims, compare, metrics
 from adapters.train import build_method
 from tests.helpers import small_model
 
@@ -24,7 +24,7 @@ def test_token_hits_counts_only_labelled_next_tokens():
     for t, token in enumerate([3, 0, 2, 9]):  # predictions at positions 0..3 (the last predicts past the end)
         logits[0, t, token] = 1.0
     labels = torch.tensor([[IGNORE_INDEX, 3, 1, 2]])  # position t predicts labels[t + 1]: 3 (hit), 1 (miss), 2 (hit)
-    assert compare.token_hits(logits, labels) == (2, 3)
+    assert metrics.token_hits(logits, labels) == (2, 3)
 
 
 class NextIdPlusOne(nn.Module):
@@ -40,7 +40,7 @@ def test_heldout_metrics_on_a_hand_computed_case():
     batch = {"input_ids": torch.tensor([[5, 6, 7, 9], [2, 3, 0, 0]]),
              "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
              "labels": torch.tensor([[IGNORE_INDEX, 6, 7, 9], [IGNORE_INDEX, 3, IGNORE_INDEX, IGNORE_INDEX]])}
-    loss, acc = compare.heldout_metrics(NextIdPlusOne(), None, [batch])
+    loss, acc = metrics.heldout_metrics(NextIdPlusOne(), None, [batch])
     assert acc == pytest.approx(3 / 4)  # 6 and 7 follow, 9 does not (8 predicted); 3 follows 2
     z = math.exp(10.0) + NextIdPlusOne.vocab - 1
     hit, miss = -math.log(math.exp(10.0) / z), -math.log(1.0 / z)
@@ -52,8 +52,8 @@ def test_batched_greedy_decoding_matches_one_prompt_at_a_time(tokenizer):
                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     method = build_method("para", model)  # PARA pools over the prompt: the padding must not reach it
     prompts = ["upper: ab =", "upper: abcdef =", "key xq? ->"]
-    together = compare.greedy_completions(model, method, tokenizer, prompts, 5, "cpu")
-    alone = [compare.greedy_completions(model, method, tokenizer, [p], 5, "cpu")[0] for p in prompts]
+    together = metrics.greedy_completions(model, method, tokenizer, prompts, 5, "cpu")
+    alone = [metrics.greedy_completions(model, method, tokenizer, [p], 5, "cpu")[0] for p in prompts]
     assert together == alone
 
 
