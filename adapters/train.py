@@ -255,7 +255,7 @@ def fit(
         return evaluate(model, method, [score_batch])
 
     ctx = StepContext(step=0, lr=opts.lr, peak_lr=opts.lr, max_steps=max_steps, steps_per_epoch=steps_per_epoch,
-                      optimizer=optimizer, score_loss=score_loss)
+                      optimizer=optimizer, score_batch=score_batch, score_loss=score_loss)
     result = FitResult(steps=0, train_losses=[], eval_losses=[], tokens=0, wall_s=0.0)
     if eval_batches:
         result.eval_losses.append((0, evaluate(model, method, eval_batches)))

@@ -6,7 +6,7 @@ Each rank (slot) is its own pair of parameters, its row of A and its column of B
 state, Adam's moments and step count alike.
 
 Schedule: after K1 optimizer steps, then every K2 steps, for N_A rounds:
-  1. score every live rank on one fixed batch of TRAINING data (`StepContext.score_loss`; the paper's validation
+  1. score every live rank on one fixed batch of TRAINING data (`StepContext.score_batch`; the paper's validation
      batch, taken from the training split so that the held-out split, on which the reported eval loss is
      measured, is never used to make training decisions):
          IS(r) = CE(network with rank r gated off) - CE(network with only rank r on, every other rank off)
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.delta import AdapterDeltas, LowRank
+from adapters.delta import AdapterDeltas, LowRank, parse_module_name
+from adapters.methods.alora_scoring import SuffixScorer, onednn_projections
 from adapters.methods.base import Method, MethodConfig, StepContext, TrainingDefaults, param_group_of
 
 logger = logging.getLogger(__name__)
@@ -141,35 +142,59 @@ class ALoRA(Method):
         if self.round_steps is None:
             self.round_steps = self.schedule(ctx.max_steps, ctx.steps_per_epoch)
         if ctx.step in self.round_steps:
-            if ctx.score_loss is None:
-                raise ValueError("ALoRA needs a scoring-loss callable (a fixed training batch) in the step context")
-            self.run_round(ctx.score_loss, ctx.optimizer)
+            if ctx.score_batch is None and ctx.score_loss is None:
+                raise ValueError("ALoRA needs a scoring batch (a fixed training batch) in the step context")
+            self.run_round(ctx.score_loss, ctx.optimizer, score_batch=ctx.score_batch)
 
     # -- one round ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def importance_scores(self, score_loss) -> dict[tuple[str, int], float]:
-        """IS(r) = CE(r off) - CE(only r on) for every live rank in the network."""
+    def importance_scores(self, score_loss=None, score_batch: dict[str, torch.Tensor] | None = None
+                          ) -> dict[tuple[str, int], float]:
+        """IS(r) = CE(r off) - CE(only r on) for every live rank in the network. With `score_batch`, by
+        SuffixScorer (alora_scoring.py: from the rank's layer on, the same numbers within a few ulps); else by
+        `score_loss()`, a whole forward per evaluation (the plain way, kept as the reference)."""
         saved = {name: m.gate.clone() for name, m in self.modules.items()}
         live = [(name, i) for name, m in self.modules.items() for i in m.live()]
-        off: dict[tuple[str, int], float] = {}
-        for name, i in live:
-            self.modules[name].gate[i] = 0.0
-            off[(name, i)] = score_loss()
-            self.modules[name].gate[i] = 1.0
-        for m in self.modules.values():
-            m.gate.zero_()
-        scores = {}
-        for name, i in live:
-            self.modules[name].gate[i] = 1.0
-            scores[(name, i)] = off[(name, i)] - score_loss()
-            self.modules[name].gate[i] = 0.0
+        if score_batch is not None:
+            scorer = SuffixScorer(self.model, score_batch, self.forward_kwargs(score_batch))
+            layer_of = {name: parse_module_name(name)[0] for name in self.modules}
+            frozen = [m.base for m in self.modules.values()] + [self.model.get_output_embeddings()]
+            with onednn_projections(frozen):
+                inputs = scorer.layer_inputs()
+                losses_off = {}
+                for name, i in live:
+                    self.modules[name].gate[i] = 0.0
+                    losses_off[(name, i)] = scorer.loss_from(layer_of[name], inputs)
+                    self.modules[name].gate[i] = 1.0
+                for m in self.modules.values():
+                    m.gate.zero_()
+                inputs = scorer.layer_inputs()
+                scores = {}
+                for name, i in live:
+                    self.modules[name].gate[i] = 1.0
+                    scores[(name, i)] = losses_off[(name, i)] - scorer.loss_from(layer_of[name], inputs)
+                    self.modules[name].gate[i] = 0.0
+        else:
+            off: dict[tuple[str, int], float] = {}
+            for name, i in live:
+                self.modules[name].gate[i] = 0.0
+                off[(name, i)] = score_loss()
+                self.modules[name].gate[i] = 1.0
+            for m in self.modules.values():
+                m.gate.zero_()
+            scores = {}
+            for name, i in live:
+                self.modules[name].gate[i] = 1.0
+                scores[(name, i)] = off[(name, i)] - score_loss()
+                self.modules[name].gate[i] = 0.0
         for name, m in self.modules.items():
             m.gate.copy_(saved[name])
         return scores
 
     @torch.no_grad()
-    def run_round(self, score_loss, optimizer: torch.optim.Optimizer | None) -> dict:
-        scores = self.importance_scores(score_loss)
+    def run_round(self, score_loss, optimizer: torch.optim.Optimizer | None,
+                  score_batch: dict[str, torch.Tensor] | None = None) -> dict:
+        scores = self.importance_scores(score_loss, score_batch)
         n = min(self.n_prune, max(0, len(scores) - 1))
         pruned = sorted(scores, key=lambda key: scores[key])[:n]
         mean_is = {}

@@ -91,8 +91,9 @@ class StepContext:
     max_steps: int
     steps_per_epoch: int
     optimizer: torch.optim.Optimizer
-    # CE on one fixed batch of TRAINING data, no grad (ALoRA's importance scores; never the held-out split, which
-    # is what the reported eval loss is measured on)
+    # One fixed batch of TRAINING data for decisions made during training (ALoRA's importance scores; never the
+    # held-out split, which is what the reported eval loss is measured on), and its CE as the model is now, no grad
+    score_batch: dict[str, torch.Tensor] | None = None
     score_loss: Callable[[], float] | None = None
 
 

@@ -368,32 +368,18 @@ def test_alora_regrown_rank_takes_a_fresh_adam_step(base_model, data):
         assert float(moved.median()) >= 0.99, f"{name}#{slot}: {moved.median():.3f} lr"
 
 
-def test_alora_scores_ranks_on_a_training_batch(base_model, data, monkeypatch):
-    """The importance scores' CE is taken on training examples only: the held-out split is what the reported eval
+def test_alora_scores_ranks_on_a_training_batch(base_model, data):
+    """The importance scores are taken on training examples only: the held-out split is what the reported eval
     loss measures, so it must not steer training."""
-    import adapters.train as train_module
-
-    scored: list[tuple[int, ...]] = []  # the token rows every scoring forward saw
-    scoring = {"on": False}
-    real_lm_loss = train_module.lm_loss
-
-    def spy(model, method, batch, reduction="mean"):
-        if scoring["on"]:
-            rows = zip(batch["input_ids"], batch["attention_mask"])
-            scored.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in rows)
-        return real_lm_loss(model, method, batch, reduction)
-
-    monkeypatch.setattr(train_module, "lm_loss", spy)
     model = copy.deepcopy(base_model)
     method = build_method("alora", model, rank=2, targets=("q_proj",), options={"k1": 1, "k2": 1, "rounds": 1})
+    scored: list[tuple[int, ...]] = []  # the token rows of every batch a round scored on
     real_scores = method.importance_scores
 
-    def scores(score_loss):
-        scoring["on"] = True
-        try:
-            return real_scores(score_loss)
-        finally:
-            scoring["on"] = False
+    def scores(score_loss=None, score_batch=None):
+        rows = zip(score_batch["input_ids"], score_batch["attention_mask"])
+        scored.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in rows)
+        return real_scores(score_loss, score_batch)
 
     method.importance_scores = scores
     fit(model, method, data["train"], data["eval"], 0, opts())
@@ -401,6 +387,34 @@ def test_alora_scores_ranks_on_a_training_batch(base_model, data, monkeypatch):
     train_rows = {tuple(t.input_ids) for t in data["train"]}
     eval_rows = {tuple(t.input_ids) for t in data["eval"]}
     assert all(r in train_rows for r in scored) and not any(r in eval_rows for r in scored)
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("o_proj", "gate_proj", "down_proj")])
+def test_alora_suffix_scores_equal_whole_forward_scores(base_model, data, targets):
+    """SuffixScorer (re-running only the layers from the rank's on, the head at the counted positions, oneDNN
+    projections) gives the scores of two whole forwards per rank, within fp32 rounding, after some training (so
+    that every rank matters) and with some ranks gated off."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(base_model).train()
+    method = build_method("alora", model, rank=3, targets=targets)
+    optimizer = torch.optim.AdamW(method.param_groups(0.0), lr=1e-2)
+    batches = epoch_batches(data["train"], 4, 0, 0, "cpu")
+    for _ in range(5):
+        optimizer.zero_grad(set_to_none=True)
+        lm_loss(model, method, next(batches)).backward()
+        optimizer.step()
+    first = next(iter(method.modules.values()))
+    first.gate[1] = 0.0  # a dead slot is neither scored nor switched on
+    model.eval()
+    score_batch = collate(data["train"][:4], 0)
+    plain = method.importance_scores(lambda: evaluate(model, method, [score_batch]))
+    fast = method.importance_scores(score_batch=score_batch)
+    assert plain.keys() == fast.keys() and len(plain) == 3 * len(method.modules) - 1
+    spread = max(abs(v) for v in plain.values())
+    assert spread > 1e-4  # the ranks matter: the comparison is not of zeros
+    for key in plain:
+        assert abs(plain[key] - fast[key]) <= 1e-5 * spread + 1e-6, (key, plain[key], fast[key])
+    assert float(first.gate[1]) == 0.0 and all(float(g) == 1.0 for g in first.gate[[0, 2]])
 
 
 # -- SIFT -----------------------------------------------------------------------------------------------------
