@@ -230,6 +230,7 @@ def host_suite(args) -> list[dict]:
         engine = build_llm_engine(str(path), EngineOptions(device="cpu", dtype="fp32", max_num_seqs=args.batch,
                                                             max_num_batched_tokens=8192, max_prefill_chunk=4096))
         engine.overlap_text = not args.no_overlap
+        engine.lookahead = args.lookahead
         refs = [AdapterRef(f"a{i}", 1, random_adapter(cfg, args.rank, seed=i)) for i in range(8)]
         params = SamplingParams(max_tokens=args.gen_len + 100, temperature=0.8, top_p=0.9, ignore_eos=True)
         for i in range(args.batch):
@@ -238,8 +239,10 @@ def host_suite(args) -> list[dict]:
             engine.step()
         iters = 20
         engine.step_times.clear()
+        ahead_before = engine.num_lookahead_steps
         for _ in range(iters):
             engine.step()
+        ahead_steps = engine.num_lookahead_steps - ahead_before
         busy = [t for t in engine.step_times if t.period_s is not None]
         loop = {"forward_ms": 1e3 * sum(t.forward_s for t in busy) / len(busy),
                 "host_not_overlapped_ms": 1e3 * sum(t.host_s for t in busy) / len(busy),
@@ -266,11 +269,11 @@ def host_suite(args) -> list[dict]:
             for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t5 - t4)):
                 parts[k] += dt
         row = dict(requests=args.batch, generated_tokens=args.gen_len, vocab=cfg.vocab_size, model=args.host_model,
-                   overlap_text=engine.overlap_text, device="cpu", torch_threads=torch.get_num_threads(), **loop,
+                   overlap_text=engine.overlap_text, lookahead=engine.lookahead, lookahead_steps=ahead_steps, device="cpu", torch_threads=torch.get_num_threads(), **loop,
                    **{f"{k}_ms": v / iters * 1e3 for k, v in parts.items()})
         rows.append(row)
         print(f"{args.host_model} (vocabulary {cfg.vocab_size}), {args.batch} requests after {args.gen_len} tokens, "
-              f"{torch.get_num_threads()} torch threads, text work {'overlapped' if engine.overlap_text else 'after the forward'}: step {loop['step_ms']:.2f} ms = forward "
+              f"{torch.get_num_threads()} torch threads, text work {'overlapped' if engine.overlap_text else 'after the forward'}, lookahead {'on' if engine.lookahead else 'off'} ({ahead_steps} of {iters} steps built ahead): step {loop['step_ms']:.2f} ms = forward "
               f"{loop['forward_ms']:.2f} ms + host not overlapped {loop['host_not_overlapped_ms']:.2f} ms; apart: " +
               ", ".join(f"{k} {v / iters * 1e3:.2f} ms" for k, v in parts.items()), flush=True)
     return rows
@@ -406,6 +409,8 @@ def main(argv=None) -> None:
     ap.add_argument("--host-model", default="tiny", help="host: 'tiny' or a model name/path the server accepts "
                                                         "(sampling: that model, smollm2 for 'tiny')")
     ap.add_argument("--no-overlap", action="store_true", help="host: text work after the forward (the old order)")
+    ap.add_argument("--lookahead", action="store_true",
+                    help="host: build the next decode step while the forward runs (on a GPU by default)")
     ap.add_argument("--data-dir", type=Path, default=None, help="host: where a named model is converted (default: temp)")
     ap.add_argument("--device", default=None, help="decode-step: cuda (default when available) or cpu (smoke run)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")

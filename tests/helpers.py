@@ -100,16 +100,16 @@ def run_capture(engine: LLMEngine, prompts: dict[str, list[int]], adapters: dict
     from server.engine.request import Request, SamplingParams
 
     logits_log: dict[str, list[torch.Tensor]] = {rid: [] for rid in prompts}
-    execute = engine.runner.execute
+    run = engine.runner.run  # every forward goes through it (scheduled or built ahead)
 
-    def capture(batch):
-        logits = execute(batch)
-        rows = [s.request.request_id for s in batch.seqs if s.needs_logits]
+    def capture(step):
+        logits = run(step)
+        rows = [s.request.request_id for s in step.batch.seqs if s.needs_logits]
         for rid, row in zip(rows, logits):
             logits_log[rid].append(row.clone())
         return logits
 
-    engine.runner.execute = capture
+    engine.runner.run = capture
     join_after = join_after or {}
     params = params or SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     pending = {rid: p for rid, p in prompts.items()}
@@ -122,7 +122,7 @@ def run_capture(engine: LLMEngine, prompts: dict[str, list[int]], adapters: dict
             generated[out.request_id] += out.token_ids
         step += 1
         assert step < 10_000
-    engine.runner.execute = execute
+    engine.runner.run = run
     return generated, logits_log
 
 

@@ -96,4 +96,4 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     log.info("model %s on %s/%s: %d layers, context %d, %d KV blocks of %d, CUDA graphs %s", path, device, dtype,
              cfg.num_layers, max_len, num_blocks, opts.block_size, "on" if graphs else "off")
     return LLMEngine(runner, scheduler, tokenizer, max_model_len=max_len, eos_token_ids=eos,
-                     overlap_output=device.type == "cuda")
+                     overlap_output=device.type == "cuda", lookahead=device.type == "cuda")

@@ -11,6 +11,14 @@ The overlap is on for a GPU only (`overlap_output`): on a CPU the forward's thre
 text work beside it slowed streaming under load (`python -m benchmarks.serving --systems multiplex --rates 2
 --temperature 1.0`, 2026-12-01 22:37-22:41 UTC, interleaved: TPOT p50 134 and 142 ms with it, 109 and 116 without).
 
+Lookahead (`lookahead`, also for a GPU only by default): during the forward the calling thread also schedules and
+builds the next step, as it will be if every request goes on decoding (Scheduler.predict_decode_step: its KV
+blocks taken, its inputs built with the decode tokens left blank, the way vLLM's async scheduling fills them from
+the sampled tokens). When the forward is over and its tokens accepted, `Scheduler.confirm` checks that nothing
+changed what the next step would be (a request ended, arrived or was aborted): then that step runs at once with its
+tokens filled in (PreparedStep.fill), else it is dropped and the next step is scheduled as usual. Either way the
+steps are those `schedule()` makes, so the tokens are the same with it or without it.
+
 Only the engine thread touches it (server/engine/async_engine.py feeds it through an inbox; the API side only
 reads `quarantined`). A step whose forward raises fails only the requests of the adapter versions that cause it
 (server/engine/isolation.py); such a version, like one whose load onto the device raises, is quarantined: its
@@ -26,12 +34,11 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 
 from server.engine.detokenizer import make_decoder, update_text
 from server.engine.errors import ADAPTER_QUARANTINED, AdapterQuarantinedError, PromptTooLongError
 from server.engine.isolation import StepRun, execute_isolating
-from server.engine.model_runner import ModelRunner
+from server.engine.model_runner import ModelRunner, PreparedStep
 from server.engine.request import AdapterRef, Request, RequestOutput, Status, TokenLogprob
 from server.engine.sampler import SampleResult, make_generator, sample
 from server.engine.scheduler import ScheduledBatch, Scheduler
@@ -69,9 +76,10 @@ class StepTime:
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, *, max_model_len: int,
-                 eos_token_ids: tuple[int, ...], overlap_output: bool = True) -> None:
+                 eos_token_ids: tuple[int, ...], overlap_output: bool = True, lookahead: bool = True) -> None:
         """overlap_output: make the previous step's text while the forward runs (see the module docstring); off, the
-        text work follows the forward within the step. The builder turns it on for a GPU only."""
+        text work follows the forward within the step. lookahead: build the next decode step's inputs while the
+        forward runs (module docstring). The builder turns both on for a GPU only."""
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
         self._decode = make_decoder(tokenizer)
         self.max_model_len, self.eos_token_ids = max_model_len, set(eos_token_ids)
@@ -84,6 +92,9 @@ class LLMEngine:
         self._stopped: list[Request] = []  # ended by a stop string while maybe in the forward in flight
         self._last_forward_end: float | None = None
         self.overlap_text = overlap_output
+        self.lookahead = lookahead
+        self._ahead: PreparedStep | None = None  # the next step, built during the last forward
+        self.num_lookahead_steps = 0  # steps run from a lookahead (not scheduled after the previous forward)
         self.step_times: deque[StepTime] = deque(maxlen=256)
 
     def add_request(self, req: Request) -> None:
@@ -131,19 +142,27 @@ class LLMEngine:
         during this step's forward), or, without it, are returned when the step ends."""
         outputs: list[RequestOutput] = []
         emit = deliver or outputs.append
-        batch = self.scheduler.schedule()
-        for req, exc in batch.load_failures:
-            self._emit_all(emit, self._quarantine(req.adapter, exc))
-        if not batch.seqs:
-            self._emit_text(emit)
-            self._finish_stopped()
-            self._last_forward_end = None  # the engine idles: the next step's period starts anew
-            return outputs
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and self.scheduler.confirm(ahead.batch):
+            batch, prepared = ahead.batch, ahead  # built during the previous forward
+            prepared.fill()
+            self.num_lookahead_steps += 1
+        else:
+            batch, prepared = self.scheduler.schedule(), None
+            for req, exc in batch.load_failures:
+                self._emit_all(emit, self._quarantine(req.adapter, exc))
+            if not batch.seqs:
+                self._emit_text(emit)
+                self._finish_stopped()
+                self._last_forward_end = None  # the engine idles: the next step's period starts anew
+                return outputs
         forward_before = self.runner.forward_seconds
-        running = self._forward.submit(self._run, batch)
+        running = self._forward.submit(self._run, batch, prepared)
         try:
             if self.overlap_text:
                 self._emit_text(emit)  # the previous step's tokens, while this step's forward runs
+            if self.lookahead:
+                self._ahead = self._prepare_next(batch)  # the next step's inputs, while this step's forward runs
         finally:
             wait([running])  # whatever happens here, no forward is left in flight
             self._finish_stopped()  # their KV blocks were in that forward: freed only once it is over
@@ -159,9 +178,25 @@ class LLMEngine:
             self._finish_stopped()
         return outputs
 
-    def _run(self, batch: ScheduledBatch) -> tuple[StepRun, SampleResult | None, float]:
-        """On the forward thread: the step's forward (isolating faulty adapters) and the sampling of its tokens."""
-        run = execute_isolating(self.runner.execute, batch)
+    def _prepare_next(self, batch: ScheduledBatch) -> PreparedStep | None:
+        """The step after `batch` if every request goes on decoding (Scheduler.predict_decode_step), its inputs
+        built now but for the tokens `batch` is sampling; None when the scheduler cannot predict it. Never fails
+        the running step: a lookahead that raises is dropped (and logged), and the next step is scheduled anew."""
+        try:
+            predicted = self.scheduler.predict_decode_step(batch, self.max_model_len)
+            return None if predicted is None else self.runner.prepare(predicted, lookahead=True)
+        except Exception:  # noqa: BLE001 - a bug here must cost the lookahead, not the requests
+            log.exception("lookahead failed; the next step is scheduled anew")
+            return None
+
+    def _run(self, batch: ScheduledBatch, prepared: PreparedStep | None = None
+             ) -> tuple[StepRun, SampleResult | None, float]:
+        """On the forward thread: the step's forward (isolating faulty adapters) and the sampling of its tokens.
+        `prepared`: the step's inputs built ahead (a sub-batch of an isolating retry is built anew)."""
+        def execute(b: ScheduledBatch):
+            return self.runner.run(prepared) if prepared is not None and b is batch else self.runner.execute(b)
+
+        run = execute_isolating(execute, batch)
         reqs = [s.request for s in run.batch.seqs if s.needs_logits]
         result = None
         if reqs:
@@ -274,6 +309,7 @@ class LLMEngine:
             "num_free_kv_blocks": sched.blocks.num_free,
             "num_generated_tokens": self.num_generated_tokens,
             "num_steps": self.num_steps,
+            "num_lookahead_steps": self.num_lookahead_steps,
             **self._step_time_stats(),
             "num_preemptions": sched.num_preemptions,
             "num_quarantined_adapters": len(self.quarantined),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from kernels.attention import AttentionMeta
 from kernels.segments import make_segments
 from server.engine.block_manager import FREED
 from server.engine.cuda_graphs import DecodeGraphs, GraphKey
+from server.engine.request import Request
 from server.engine.scheduler import ScheduledBatch
 from server.model.adapter_pool import AdapterPool
 from server.model.forward_batch import AdapterKinds, ForwardBatch, KVCache, ParaPrefill
@@ -25,6 +26,26 @@ from server.model.llama import LlamaModel
 
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedStep:
+    """A step's inputs, built before its forward (by the engine's lookahead while the previous forward ran)."""
+
+    batch: ScheduledBatch
+    inputs: ForwardBatch  # host tensors when `graph` (a graph replay copies them in), else on the device
+    graph: bool
+    pending: list[tuple[int, Request, int]]  # (token row, request, position) of input ids not known yet
+
+    def fill(self) -> None:
+        """Write the pending rows' input ids, now known (their requests' tokens at those positions)."""
+        if not self.pending:
+            return
+        rows = torch.tensor([row for row, _, _ in self.pending], dtype=torch.int64)
+        tokens = [req.token_ids(pos, pos + 1)[0] for _, req, pos in self.pending]
+        ids = self.inputs.input_ids
+        ids.index_copy_(0, rows.to(ids.device), torch.tensor(tokens, dtype=torch.int64).to(ids.device))
+        self.pending = []
 
 
 class ModelRunner:
@@ -45,10 +66,13 @@ class ModelRunner:
         # it counts until the launches return, not until the device finishes.
         self.forward_seconds = 0.0
 
-    def build(self, batch: ScheduledBatch, *, pad_to: int | None = None, device=None) -> ForwardBatch:
+    def build(self, batch: ScheduledBatch, *, pad_to: int | None = None, device=None,
+              pending: list[tuple[int, Request, int]] | None = None) -> ForwardBatch:
         """The step's ForwardBatch on `device` (default: the model's). `pad_to`: a graph step, padded with
         padding rows to that many requests, its shapes fixed by the batch size alone (block tables as wide as the
-        longest context, attention sized for it)."""
+        longest context, attention sized for it). `pending`: a step built before its last tokens are known (the
+        engine's lookahead): their input ids are 0, and (token row, request, position) of each is appended to
+        `pending`."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -60,7 +84,13 @@ class ModelRunner:
         for b, s in enumerate(batch.seqs):
             req = s.request
             end = s.start + s.num_tokens
-            input_ids += req.token_ids(s.start, end)
+            ids = req.token_ids(s.start, end)
+            if len(ids) < s.num_tokens:
+                if pending is None:
+                    raise ValueError(f"request {req.request_id}: tokens {s.start}..{end} are not known yet")
+                pending += [(len(input_ids) + i, req, s.start + i) for i in range(len(ids), s.num_tokens)]
+                ids = ids + [0] * (s.num_tokens - len(ids))
+            input_ids += ids
             positions += range(s.start, end)
             slot_mapping += [req.block_ids[p // bs] * bs + p % bs for p in range(s.start, end)]
             q_start.append(q_start[-1] + s.num_tokens)
@@ -128,20 +158,35 @@ class ModelRunner:
             para_prefills=tuple(prefills),
         )
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """-> (num seqs needing logits, V) fp32, in batch order."""
+        return self.run(self.prepare(batch))
+
+    def prepare(self, batch: ScheduledBatch, *, lookahead: bool = False) -> PreparedStep:
+        """The step's inputs: host tensors for a CUDA graph's replay, else the ForwardBatch on the device.
+        `lookahead`: built before the tokens of its decode rows are known; PreparedStep.fill gives them."""
+        pending: list[tuple[int, Request, int]] | None = [] if lookahead else None
         size = self.graphs.batch_size_for(batch) if self.graphs is not None and not self._injects_faults else None
         if size is not None:
-            fb = self.build(batch, pad_to=size, device="cpu")  # host tensors, copied into the graph's inputs
+            fb = self.build(batch, pad_to=size, device="cpu", pending=pending)  # copied into the graph's inputs
+            return PreparedStep(batch, fb, graph=True, pending=pending or [])
+        return PreparedStep(batch, self.build(batch, pending=pending), graph=False, pending=pending or [])
+
+    @torch.inference_mode()
+    def run(self, step: PreparedStep) -> torch.Tensor:
+        """The forward of a prepared step (filled, when it was built ahead) -> (seqs needing logits, V) fp32."""
+        if step.pending:
+            raise ValueError("the step's lookahead tokens were not filled in")
+        fb = step.inputs
+        if step.graph:
             if not fb.para_prefills:  # a PARA prompt of one token is a prefill: its vectors are computed eagerly
                 t0 = time.perf_counter()
                 logits = self.graphs.run(self.graph_key(fb), fb, self.forward)
                 self.forward_seconds += time.perf_counter() - t0
                 if logits is not None:
-                    return logits[: len(batch.seqs)]
+                    return logits[: len(step.batch.seqs)]
             return self._timed_forward(fb.to(self.device))
-        return self._timed_forward(self.build(batch))
+        return self._timed_forward(fb)
 
     def _timed_forward(self, fb: ForwardBatch) -> torch.Tensor:
         t0 = time.perf_counter()

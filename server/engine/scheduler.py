@@ -11,6 +11,11 @@ Plain Python over `Request`s; never sees a tensor. Policy, in order:
    it also takes a row of the PARA vector buffer (para_rows.py), held until it finishes or is preempted.
    A request whose adapter fails to load (the load raises, as opposed to waiting for room) leaves the queue in
    `load_failures`: the engine quarantines that adapter version and fails its requests.
+
+Lookahead (the engine's, while a step's forward runs): `predict_decode_step` makes the next step as `schedule()`
+will make it if every request of this step goes on decoding (no arrival admitted, nobody preempted); its KV blocks
+are taken at once. `confirm` tells, before the next step, whether that is still what `schedule()` would make:
+then the engine runs the prediction (whose inputs it built during the forward) instead of scheduling anew.
 """
 from __future__ import annotations
 
@@ -131,6 +136,42 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return batch
+
+    def predict_decode_step(self, batch: ScheduledBatch, max_model_len: int) -> ScheduledBatch | None:
+        """The step after `batch`, which is running, as schedule() will make it if no request of `batch` ends by
+        EOS, a stop string or an abort: one decode token for every running request that `batch` leaves at the end
+        of its known tokens, less those its token ends by length. None when schedule() could make anything else
+        (a request not in `batch`, a prefill still going on, an arrival it could admit, a sliding window, not
+        enough KV blocks). Takes the predicted steps' KV blocks (a request's own, whatever happens next)."""
+        if self.sliding_window or [s.request for s in batch.seqs] != self.running:
+            return None
+        if not all(s.needs_logits for s in batch.seqs):
+            return None
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None
+        seqs = []
+        for s in batch.seqs:
+            req = s.request
+            start = s.start + s.num_tokens  # its token at `start` is the one `batch` samples
+            if len(req.output_ids) + 1 >= req.params.max_tokens or start + 1 >= max_model_len:
+                continue  # that token ends it (length): schedule() will not see it
+            seqs.append(ScheduledSeq(req, start, 1, needs_logits=True))
+        if not seqs or len(seqs) > self.max_num_batched_tokens:
+            return None
+        for q in seqs:
+            if not self.blocks.can_grow(q.request.block_ids, q.start + 1):
+                return None  # schedule() would preempt someone
+            self.blocks.grow(q.request.block_ids, q.start + 1)
+        return ScheduledBatch(seqs)
+
+    def confirm(self, predicted: ScheduledBatch) -> bool:
+        """Whether schedule() would now make exactly `predicted` (see predict_decode_step)."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return False
+        if [s.request for s in predicted.seqs] != self.running:
+            return False
+        return all(s.request.num_computed_tokens == s.start and s.request.num_tokens == s.start + 1
+                   and s.request.status is Status.RUNNING for s in predicted.seqs)
 
     def _remaining(self, req: Request) -> int:
         """Tokens not yet in the cache: the rest of the prompt (and of earlier outputs after a preemption), or 1."""

@@ -87,13 +87,13 @@ def test_para_rows_are_the_schedulers_and_a_request_waits_for_one(tmp_path):
     engine = small_engine(path)
     engine.scheduler.para_rows = ParaRows(1)
     in_flight = []
-    execute = engine.runner.execute
+    run = engine.runner.run
 
-    def count(batch):
-        in_flight.append(sum(s.request.para_row >= 0 for s in batch.seqs))
-        return execute(batch)
+    def count(step):
+        in_flight.append(sum(s.request.para_row >= 0 for s in step.batch.seqs))
+        return run(step)
 
-    engine.runner.execute = count
+    engine.runner.run = count
     _, tight = run_capture(engine, prompts, which, max_tokens=3)
     assert max(in_flight) == 1  # never two PARA requests at once
     for rid in prompts:

@@ -176,10 +176,10 @@ def test_text_of_the_previous_step_is_made_while_the_forward_runs(model_dir):
     assert sum(len(o.token_ids) for o in outs) == 6 and outs[-1].finished
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_a_stop_string_found_a_step_late_drops_the_extra_token_and_frees_everything(model_dir, overlap):
+@pytest.mark.parametrize("overlap,lookahead", [(True, False), (False, False), (True, True), (False, True)])
+def test_a_stop_string_found_a_step_late_drops_the_extra_token_and_frees_everything(model_dir, overlap, lookahead):
     engine = small_engine(model_dir)
-    engine.overlap_text = overlap
+    engine.overlap_text, engine.lookahead = overlap, lookahead
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     prompt = list(range(3, 20))
     engine.add_request(Request("full", prompt, params))
