@@ -39,7 +39,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m "not slow"
 
-# On a GPU machine: native GPU tests, kernel and decode-step benchmarks into out/gpu (see .ci/gpu-check).
+# On a GPU machine: native GPU tests, kernel, decode-step and host-time benchmarks into out/gpu (see .ci/gpu-check).
 gpu-check:
 	bash .ci/gpu-check
 

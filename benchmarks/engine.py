@@ -227,8 +227,10 @@ def host_suite(args) -> list[dict]:
         else:
             path = resolve_model_path(args.host_model, Path(tmp) if args.data_dir is None else args.data_dir)
         cfg = ModelConfig.from_dir(path)
-        engine = build_llm_engine(str(path), EngineOptions(device="cpu", dtype="fp32", max_num_seqs=args.batch,
-                                                            max_num_batched_tokens=8192, max_prefill_chunk=4096))
+        device = args.device or "cpu"
+        engine = build_llm_engine(str(path), EngineOptions(device=device, dtype="fp32" if device == "cpu" else "auto",
+                                                            max_num_seqs=args.batch, max_num_batched_tokens=8192,
+                                                            max_prefill_chunk=4096))
         engine.overlap_text = not args.no_overlap
         engine.lookahead = args.lookahead
         refs = [AdapterRef(f"a{i}", 1, random_adapter(cfg, args.rank, seed=i)) for i in range(8)]
@@ -269,7 +271,7 @@ def host_suite(args) -> list[dict]:
             for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t5 - t4)):
                 parts[k] += dt
         row = dict(requests=args.batch, generated_tokens=args.gen_len, vocab=cfg.vocab_size, model=args.host_model,
-                   overlap_text=engine.overlap_text, lookahead=engine.lookahead, lookahead_steps=ahead_steps, device="cpu", torch_threads=torch.get_num_threads(), **loop,
+                   overlap_text=engine.overlap_text, lookahead=engine.lookahead, lookahead_steps=ahead_steps, device=device, torch_threads=torch.get_num_threads(), **loop,
                    **{f"{k}_ms": v / iters * 1e3 for k, v in parts.items()})
         rows.append(row)
         print(f"{args.host_model} (vocabulary {cfg.vocab_size}), {args.batch} requests after {args.gen_len} tokens, "
@@ -412,7 +414,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lookahead", action="store_true",
                     help="host: build the next decode step while the forward runs (on a GPU by default)")
     ap.add_argument("--data-dir", type=Path, default=None, help="host: where a named model is converted (default: temp)")
-    ap.add_argument("--device", default=None, help="decode-step: cuda (default when available) or cpu (smoke run)")
+    ap.add_argument("--device", default=None,
+                    help="decode-step: cuda (default when available) or cpu (smoke run); host: cpu (default) or cuda")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -20,11 +20,14 @@ def test_decode_step_bench_reports_eager_graph_and_engine_step_per_adapter_count
     assert 1.0 < rows[1]["bytes_floor_vs_base"] < rows[2]["bytes_floor_vs_base"]  # more distinct adapters, more bytes
 
 
-def test_host_overhead_bench_reports_each_phase(tmp_path):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_host_overhead_bench_reports_each_phase(tmp_path, lookahead):
     out = tmp_path / "host.json"
-    main(["--mode", "host", "--batch", "4", "--gen-len", "3", "--prompt-len", "5", "--out", str(out)])
+    main(["--mode", "host", "--batch", "4", "--gen-len", "3", "--prompt-len", "5", "--out", str(out)]
+         + ["--lookahead"] * lookahead)
     (row,) = json.loads(out.read_text())
-    assert row["requests"] == 4
+    assert row["requests"] == 4 and row["lookahead"] is lookahead
+    assert row["lookahead_steps"] == (20 if lookahead else 0)  # every timed step is a decode step of all four
     for phase in ("schedule", "build", "build_graph_padded", "sample"):
         assert row[f"{phase}_ms"] > 0
     assert row["forward_ms"] > 0 and row["host_not_overlapped_ms"] >= 0
