@@ -162,11 +162,16 @@ class ModelRunner:
         """-> (num seqs needing logits, V) fp32, in batch order."""
         return self.run(self.prepare(batch))
 
-    def prepare(self, batch: ScheduledBatch, *, lookahead: bool = False) -> PreparedStep:
+    def prepare(self, batch: ScheduledBatch, *, lookahead: bool = False) -> PreparedStep | None:
         """The step's inputs: host tensors for a CUDA graph's replay, else the ForwardBatch on the device.
-        `lookahead`: built before the tokens of its decode rows are known; PreparedStep.fill gives them."""
+        `lookahead`: built (on the engine thread) while another step's forward runs, before the tokens of its
+        decode rows are known (PreparedStep.fill gives them); None when that is not safe: with CUDA graphs on, a
+        step that is no graph step would be built with device copies while the running forward may be capturing
+        a graph, which no other thread's CUDA work may disturb."""
         pending: list[tuple[int, Request, int]] | None = [] if lookahead else None
         size = self.graphs.batch_size_for(batch) if self.graphs is not None and not self._injects_faults else None
+        if lookahead and size is None and self.graphs is not None and self.graphs.enabled:
+            return None
         if size is not None:
             fb = self.build(batch, pad_to=size, device="cpu", pending=pending)  # copied into the graph's inputs
             return PreparedStep(batch, fb, graph=True, pending=pending or [])

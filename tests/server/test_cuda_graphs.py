@@ -11,6 +11,7 @@ import torch
 
 from adapters.delta import AdapterDeltas
 from server.engine.cuda_graphs import DecodeGraphs, batch_sizes, eager_capture
+from server.engine.request import Request, SamplingParams
 from server.model.config import ModelConfig
 from tests.helpers import every_kind, make_hf_model, reference_logits, reference_model, refs, run_capture, small_engine
 
@@ -40,7 +41,8 @@ def prompts_for(plan, seed=0):
     return {rid: torch.randint(3, 300, (n,), generator=gen).tolist() for rid, _, n in plan}
 
 
-def test_graph_steps_equal_eager_steps_and_references_with_every_kind(model):
+@pytest.mark.parametrize("lookahead", [False, True])  # on a GPU both are on: decode steps built during the forward
+def test_graph_steps_equal_eager_steps_and_references_with_every_kind(model, lookahead):
     path, adapters = model
     # 7 requests (padded to 8) of every kind, two joining mid-decode (steps with prefill run eagerly), then
     # requests finishing at different lengths shrink the batch through 4, 2 and 1.
@@ -50,7 +52,9 @@ def test_graph_steps_equal_eager_steps_and_references_with_every_kind(model):
     join = {"late-pa": 4, "late-l4": 7}
     eager_tokens, eager_logits = run_capture(small_engine(path), prompts, refs(which, adapters), 12, join)
     engine = graph_engine(path)
+    engine.lookahead = lookahead
     tokens, logits = run_capture(engine, prompts, refs(which, adapters), 12, join)
+    assert (engine.num_lookahead_steps > 0) is lookahead
     graphs = engine.runner.graphs
     assert graphs.enabled and graphs.num_replays >= 12 and graphs.num_captures <= len(graphs.graphs) + 4
     sizes = {k.batch_size for k in graphs.graphs}
@@ -64,6 +68,17 @@ def test_graph_steps_equal_eager_steps_and_references_with_every_kind(model):
         deltas = adapters[which[rid]] if which[rid] else AdapterDeltas()
         ref = reference_logits(reference_model(path, deltas, len(prompt)), prompt, tokens[rid])
         assert (ours - ref).abs().max().item() <= 1e-4, rid
+
+
+def test_with_graphs_on_only_graph_steps_are_built_ahead(model):
+    """A lookahead step that would not replay a graph is not built: its device copies could overlap a capture."""
+    path, _ = model
+    engine = graph_engine(path)
+    engine.add_request(Request("p", list(range(3, 12)), SamplingParams(max_tokens=3, temperature=0)))
+    prefill = engine.scheduler.schedule()
+    assert engine.runner.graphs.batch_size_for(prefill) is None
+    assert engine.runner.prepare(prefill, lookahead=True) is None
+    assert engine.runner.prepare(prefill) is not None  # scheduled after the forward: built as usual
 
 
 def test_a_replay_sees_the_new_batch_not_the_captured_one(model):
@@ -140,12 +155,14 @@ def test_cuda_graph_engine_equals_eager_engine_on_gpu(model):
             ("pa", "para", 11), ("co", "lora+sift+ia3", 10), ("l64", "lora64", 5)]
     prompts, which = prompts_for(plan), {rid: a for rid, a, _ in plan}
     opts = dict(device="cuda", dtype="fp32")
-    eager_tokens, eager_logits = run_capture(small_engine(path, cuda_graphs=False, **opts), prompts,
-                                             refs(which, adapters), 12, {"l64": 3})
+    plain = small_engine(path, cuda_graphs=False, **opts)
+    plain.overlap_text = plain.lookahead = False  # the reference: every step scheduled, run, then postprocessed
+    eager_tokens, eager_logits = run_capture(plain, prompts, refs(which, adapters), 12, {"l64": 3})
     engine = small_engine(path, **opts)
-    assert engine.runner.graphs is not None
+    assert engine.runner.graphs is not None and engine.overlap_text and engine.lookahead  # a GPU's defaults
     tokens, logits = run_capture(engine, prompts, refs(which, adapters), 12, {"l64": 3})
     assert engine.runner.graphs.enabled and engine.runner.graphs.num_replays > 0
+    assert engine.num_lookahead_steps > 0
     assert tokens == eager_tokens
     for rid in prompts:
         diff = (torch.stack(logits[rid]) - torch.stack(eager_logits[rid])).abs().max().item()
