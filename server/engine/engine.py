@@ -34,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
-
 from server.engine.detokenizer import make_decoder, update_text
 from server.engine.errors import ADAPTER_QUARANTINED, AdapterQuarantinedError, PromptTooLongError
 from server.engine.isolation import StepRun, execute_isolating

@@ -143,7 +143,7 @@ class Scheduler:
         of its known tokens, less those its token ends by length. None when schedule() could make anything else
         (a request not in `batch`, a prefill still going on, an arrival it could admit, a sliding window, not
         enough KV blocks). Takes the predicted steps' KV blocks (a request's own, whatever happens next)."""
-        if self.sliding_window or [s.request for s in batch.seqs] != self.running:
+        if self.sliding_window or not self._is_running(batch):
             return None
         if not all(s.needs_logits for s in batch.seqs):
             return None
@@ -168,10 +168,14 @@ class Scheduler:
         """Whether schedule() would now make exactly `predicted` (see predict_decode_step)."""
         if self.waiting and len(self.running) < self.max_num_seqs:
             return False
-        if [s.request for s in predicted.seqs] != self.running:
+        if not self._is_running(predicted):
             return False
         return all(s.request.num_computed_tokens == s.start and s.request.num_tokens == s.start + 1
                    and s.request.status is Status.RUNNING for s in predicted.seqs)
+
+    def _is_running(self, batch: ScheduledBatch) -> bool:
+        """Whether `batch` has one seq for every running request, in the running order (by identity)."""
+        return len(batch.seqs) == len(self.running) and all(s.request is r for s, r in zip(batch.seqs, self.running))
 
     def _remaining(self, req: Request) -> int:
         """Tokens not yet in the cache: the rest of the prompt (and of earlier outputs after a preemption), or 1."""
