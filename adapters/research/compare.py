@@ -21,8 +21,9 @@ curves included, and the cells), DIR/compare.md (the table) and DIR/loss_curves.
 mean held-out loss over seeds per method, one panel per task, at the authors' lr and, when several scales ran, at
 each method's best scale (lowest mean final held-out loss: chosen on the held-out split, so optimistic).
 
-ALoRA at the authors' settings (N_A 8 rounds, r 8 on all seven projections) scores every live rank with two forward
-passes of its score batch per round: 26,880 forwards per run on SmolLM2-135M's 30 layers, hours on one CPU core
+ALoRA at the authors' settings (N_A 8 rounds, r 8 on all seven projections) scores every live rank with two passes
+of its score batch per round: 26,880 per run on SmolLM2-135M's 30 layers, each from the rank's layer on
+(adapters/methods/alora_scoring.py; about a third of a whole forward on average), about an hour on one CPU core
 (the script logs the count when ALoRA is asked for).
 
 On a randomly initialised backbone (such as the server's `tiny`), the singular directions that PiSSA, SORSA and
@@ -432,8 +433,8 @@ def warn_alora_cost(model_path: str, methods: list[str]) -> None:
     cfg = method_config_of("alora")
     layers = AutoConfig.from_pretrained(model_path, local_files_only=True).num_hidden_layers
     forwards = cfg.rounds * 2 * cfg.rank * len(cfg.targets) * layers
-    logger.warning("alora: %d rounds x 2 x %d live ranks = %d forward passes of its score batch per run, on top of "
-                   "training", cfg.rounds, cfg.rank * len(cfg.targets) * layers, forwards)
+    logger.warning("alora: %d rounds x 2 x %d live ranks = %d passes of its score batch per run (each from the rank's "
+                   "layer on), on top of training", cfg.rounds, cfg.rank * len(cfg.targets) * layers, forwards)
 
 
 def method_config_of(name: str):

@@ -13,7 +13,7 @@ from torch import nn
 
 from adapters.data import IGNORE_INDEX
 from adapters.methods import get_method
-from adapters.research import claims, compare, metrics
+from adapters.research import claims, compare, merge, metrics
 from adapters.train import build_method
 from tests.helpers import small_model
 
@@ -107,6 +107,29 @@ def test_compare_aggregates_seeds_and_lr_scales(model_dir, tmp_path, capsys):
     assert report["hyperparams"]["lora"]["authors_lr"] == get_method("lora").defaults.lr
     pytest.importorskip("matplotlib")
     assert (out / "loss_curves.png").stat().st_size > 0
+
+
+def test_merge_pools_the_runs_of_several_comparisons(model_dir, tmp_path):
+    """Seed 0 in one run, seeds 0 and 1 in another: the merge has each run once (the repeated seed 0 skipped),
+    cells over both seeds equal to aggregating the runs directly; different settings are refused."""
+    common = ["--model", str(model_dir), "--tasks", "upper", "--methods", "ia3", "--steps", "2", "--batch-size", "4",
+              "--num-train", "8", "--num-eval", "4", "--num-decode", "2", "--max-new-tokens", "2", "--eval-every", "1",
+              "--no-progress"]
+    assert compare.main(common + ["--out", str(tmp_path / "a"), "--seeds", "0"]) == 0
+    assert compare.main(common + ["--out", str(tmp_path / "b"), "--seeds", "0,1"]) == 0
+    assert merge.main(["--out", str(tmp_path / "m"), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    merged = json.loads((tmp_path / "m" / "compare.json").read_text())
+    assert sorted((r["method"], r["seed"]) for r in merged["runs"]) == [("base", 0), ("base", 1), ("ia3", 0), ("ia3", 1)]
+    assert len(merged["skipped"]) == 2  # seed 0's base and ia3 runs of the second input
+    b = json.loads((tmp_path / "b" / "compare.json").read_text())
+    a = json.loads((tmp_path / "a" / "compare.json").read_text())
+    ia3 = next(c for c in merged["cells"] if c["method"] == "ia3")
+    losses = [next(r for r in a["runs"] if r["method"] == "ia3")["eval_loss"],
+              next(r for r in b["runs"] if r["method"] == "ia3" and r["seed"] == 1)["eval_loss"]]
+    assert ia3["seeds"] == [0, 1] and ia3["eval_loss_mean"] == pytest.approx(statistics.fmean(losses))
+    assert compare.main(common + ["--steps", "3", "--out", str(tmp_path / "c"), "--seeds", "2"]) == 0
+    with pytest.raises(SystemExit, match="steps"):
+        merge.main(["--out", str(tmp_path / "n"), str(tmp_path / "a"), str(tmp_path / "c")])
 
 
 def test_claims_still_run_on_compare(model_dir, tmp_path):
