@@ -478,13 +478,21 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for r in results],
         "table": table,
     }
+    write_outputs(out, report, results, tasks, methods)
+    return 0
+
+
+def write_outputs(out: Path, report: dict, results: list[RunResult], tasks: list[str], methods: list[str],
+                  note: str = "") -> None:
+    """DIR/compare.json (the report), compare.md (a line on the settings, then the table), loss_curves.png."""
+    s = report["settings"]
     (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "compare.md").write_text(f"Model {args.model}; {settings.steps} steps, batch {settings.batch_size}, "
-                                    f"{settings.num_train} train / {settings.num_eval} held-out examples, seeds "
-                                    f"{seeds}; mean ± sample std over seeds.\n\n{table}\n")
+    seeds = sorted({r.seed for r in results})
+    (out / "compare.md").write_text(f"Model {report['model']}; {s['steps']} steps, batch {s['batch_size']}, "
+                                    f"{s['num_train']} train / {s['num_eval']} held-out examples, seeds {seeds}; "
+                                    f"mean ± sample std over seeds.{note}\n\n{report['table']}\n")
     png = plot_curves(results, tasks, methods, out / "loss_curves.png")
     print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}" + (f" and {png}" if png else ""))
-    return 0
 
 
 if __name__ == "__main__":

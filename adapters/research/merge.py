@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from adapters.research.compare import BASE, RunResult, aggregate, best_scales, format_table, plot_curves
+from adapters.research.compare import BASE, RunResult, aggregate, best_scales, format_table, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     tasks = list(dict.fromkeys(r.task for r in runs))
     methods = list(dict.fromkeys(r.method for r in runs if r.method != BASE))
-    settings = reports[0]["settings"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "merged_from": [{"dir": d, "model": r["model"], "grid": r["grid"], "total_wall_s": r["total_wall_s"]}
                         for d, r in zip(args.inputs, reports)],
-        "model": reports[0]["model"], "settings": settings,
+        "model": reports[0]["model"], "settings": reports[0]["settings"],
         "hyperparams": {m: h for r in reports for m, h in r["hyperparams"].items()},
         "cells": cells,
         "best_lr_scale": [{"task": t, "method": m, "lr_scale": x} for (t, m), x in best_scales(cells).items()],
         "runs": [vars(r) for r in runs], "skipped": skipped, "table": table,
     }
-    (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
-    seeds = sorted({r.seed for r in runs})
-    (out / "compare.md").write_text(
-        f"Model {reports[0]['model']}; {settings['steps']} steps, batch {settings['batch_size']}, "
-        f"{settings['num_train']} train / {settings['num_eval']} held-out examples, seeds {seeds}; mean ± sample std "
-        f"over seeds. Merged from {', '.join(args.inputs)}.\n\n{table}\n")
-    png = plot_curves(runs, tasks, methods, out / "loss_curves.png")
-    print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}" + (f" and {png}" if png else ""))
+    write_outputs(out, report, runs, tasks, methods, note=f" Merged from {', '.join(args.inputs)}.")
     return 0
 
 
