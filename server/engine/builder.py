@@ -44,6 +44,7 @@ class EngineOptions:
     data_dir: str = ".multiplex"
     cuda_graphs: bool = True  # on CUDA with the Triton kernels: decode steps replayed from graphs
     cpu_threads: int | None = None  # on a CPU: intra-op threads (None: cpu_threads.py's default, all cores but one)
+    lookahead: bool | None = None  # the next decode step built during the forward (None: on a GPU only)
 
 
 def build_engine_options(settings) -> EngineOptions:
@@ -58,7 +59,7 @@ def build_engine_options(settings) -> EngineOptions:
         max_adapter_slots=settings.max_adapter_slots or (64 if on_gpu else 16),
         # the engine bounds every request it holds; max_queue counts those waiting beyond the running batch
         max_queue=settings.max_num_seqs + settings.max_queue, data_dir=str(settings.data_dir),
-        cuda_graphs=settings.cuda_graphs, cpu_threads=settings.cpu_threads,
+        cuda_graphs=settings.cuda_graphs, cpu_threads=settings.cpu_threads, lookahead=settings.lookahead,
     )
 
 
@@ -96,4 +97,5 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     log.info("model %s on %s/%s: %d layers, context %d, %d KV blocks of %d, CUDA graphs %s", path, device, dtype,
              cfg.num_layers, max_len, num_blocks, opts.block_size, "on" if graphs else "off")
     return LLMEngine(runner, scheduler, tokenizer, max_model_len=max_len, eos_token_ids=eos,
-                     overlap_output=device.type == "cuda", lookahead=device.type == "cuda")
+                     overlap_output=device.type == "cuda",
+                     lookahead=device.type == "cuda" if opts.lookahead is None else opts.lookahead)

@@ -149,3 +149,18 @@ def test_the_scheduler_predicts_only_what_schedule_would_make(model_dir):
     assert [s.request.request_id for s in mixed.seqs] == ["r1", "r2"]
     partial = ScheduledBatch(mixed.seqs[:1])  # not every running request: schedule() would make more
     assert sched.predict_decode_step(partial, engine.max_model_len) is None
+
+
+def test_the_lookahead_setting_reaches_the_engine(model_dir, monkeypatch):
+    """MULTIPLEX_LOOKAHEAD (`--lookahead`): unset, on a GPU only; set, as asked on any device."""
+    from server.config import load_settings
+    from server.engine.builder import build_engine_options
+
+    for env, expected in ((None, False), ("true", True), ("false", False)):
+        if env is None:
+            monkeypatch.delenv("MULTIPLEX_LOOKAHEAD", raising=False)
+        else:
+            monkeypatch.setenv("MULTIPLEX_LOOKAHEAD", env)
+        opts = build_engine_options(load_settings(device="cpu"))
+        engine = small_engine(model_dir, lookahead=opts.lookahead)
+        assert engine.lookahead is expected
