@@ -13,7 +13,9 @@ projections). Gating a rank of layer l changes nothing before layer l, so `Suffi
     it: on this repository's AMD CPU about 2.3x MKL's speed, which F.linear uses for fp32.
 The prefix layers see the same inputs and gates as in a whole forward, so only the head's row subset and oneDNN's
 summation order differ from the plain way: a few ulps of the CE (tests/adapters/test_alora_scoring.py compares
-the two). Measured on SmolLM2-135M, score batch 8 x 13 tokens, one core: 0.57 s a whole forward (the plain way).
+the two). Measured on SmolLM2-135M, score batch 8 x 13 tokens, one core (2026-12-01): a whole forward the plain way
+0.46-0.57 s; from layer 0 0.24 s, from layer 15 0.14 s, from layer 29 0.05 s, so about 0.14 s a rank on average; a
+run at the authors' settings (8 rounds over 1,680 ranks) took 67 min instead of about 3 hours.
 """
 from __future__ import annotations
 
