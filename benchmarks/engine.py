@@ -271,11 +271,15 @@ def host_suite(args) -> list[dict]:
             for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t5 - t4)):
                 parts[k] += dt
         row = dict(requests=args.batch, generated_tokens=args.gen_len, vocab=cfg.vocab_size, model=args.host_model,
-                   overlap_text=engine.overlap_text, lookahead=engine.lookahead, lookahead_steps=ahead_steps, device=device, torch_threads=torch.get_num_threads(), **loop,
+                   overlap_text=engine.overlap_text, lookahead=engine.lookahead, lookahead_steps=ahead_steps,
+                   device=device, torch_threads=torch.get_num_threads(), **loop,
                    **{f"{k}_ms": v / iters * 1e3 for k, v in parts.items()})
         rows.append(row)
         print(f"{args.host_model} (vocabulary {cfg.vocab_size}), {args.batch} requests after {args.gen_len} tokens, "
-              f"{torch.get_num_threads()} torch threads, text work {'overlapped' if engine.overlap_text else 'after the forward'}, lookahead {'on' if engine.lookahead else 'off'} ({ahead_steps} of {iters} steps built ahead): step {loop['step_ms']:.2f} ms = forward "
+              f"{torch.get_num_threads()} torch threads, text work "
+              f"{'overlapped' if engine.overlap_text else 'after the forward'}, lookahead "
+              f"{'on' if engine.lookahead else 'off'} ({ahead_steps} of {iters} steps built ahead): step "
+              f"{loop['step_ms']:.2f} ms = forward "
               f"{loop['forward_ms']:.2f} ms + host not overlapped {loop['host_not_overlapped_ms']:.2f} ms; apart: " +
               ", ".join(f"{k} {v / iters * 1e3:.2f} ms" for k, v in parts.items()), flush=True)
     return rows

@@ -23,6 +23,7 @@ absent). PEFT export: `rank_pattern` = live ranks, `alpha_pattern` = s * r_m (so
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.delta import AdapterDeltas, LowRank, parse_module_name
-from adapters.methods.alora_scoring import SuffixScorer, onednn_projections
+from adapters.methods.alora_scoring import SuffixScorer, WholeForwardScorer, onednn_projections
 from adapters.methods.base import Method, MethodConfig, StepContext, TrainingDefaults, param_group_of
 
 logger = logging.getLogger(__name__)
@@ -155,37 +156,28 @@ class ALoRA(Method):
         `score_loss()`, a whole forward per evaluation (the plain way, kept as the reference)."""
         saved = {name: m.gate.clone() for name, m in self.modules.items()}
         live = [(name, i) for name, m in self.modules.items() for i in m.live()]
+        speedup = contextlib.nullcontext()
         if score_batch is not None:
             scorer = SuffixScorer(self.model, score_batch, self.forward_kwargs(score_batch))
-            layer_of = {name: parse_module_name(name)[0] for name in self.modules}
-            frozen = [m.base for m in self.modules.values()] + [self.model.get_output_embeddings()]
-            with onednn_projections(frozen):
-                inputs = scorer.layer_inputs()
-                losses_off = {}
-                for name, i in live:
-                    self.modules[name].gate[i] = 0.0
-                    losses_off[(name, i)] = scorer.loss_from(layer_of[name], inputs)
-                    self.modules[name].gate[i] = 1.0
-                for m in self.modules.values():
-                    m.gate.zero_()
-                inputs = scorer.layer_inputs()
-                scores = {}
-                for name, i in live:
-                    self.modules[name].gate[i] = 1.0
-                    scores[(name, i)] = losses_off[(name, i)] - scorer.loss_from(layer_of[name], inputs)
-                    self.modules[name].gate[i] = 0.0
+            speedup = onednn_projections([m.base for m in self.modules.values()]
+                                         + [self.model.get_output_embeddings()])
         else:
+            scorer = WholeForwardScorer(score_loss)
+        layer_of = {name: parse_module_name(name)[0] for name in self.modules}
+        with speedup:
+            scorer.start_pass()  # every live rank on
             off: dict[tuple[str, int], float] = {}
             for name, i in live:
                 self.modules[name].gate[i] = 0.0
-                off[(name, i)] = score_loss()
+                off[(name, i)] = scorer.loss_from(layer_of[name])
                 self.modules[name].gate[i] = 1.0
             for m in self.modules.values():
                 m.gate.zero_()
+            scorer.start_pass()  # every rank off
             scores = {}
             for name, i in live:
                 self.modules[name].gate[i] = 1.0
-                scores[(name, i)] = off[(name, i)] - score_loss()
+                scores[(name, i)] = off[(name, i)] - scorer.loss_from(layer_of[name])
                 self.modules[name].gate[i] = 0.0
         for name, m in self.modules.items():
             m.gate.copy_(saved[name])

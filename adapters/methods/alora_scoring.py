@@ -20,7 +20,7 @@ run at the authors' settings (8 rounds over 1,680 ranks) took 67 min instead of 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +45,12 @@ class SuffixScorer:
         self.keep[:, :-1] = labels != IGNORE_INDEX  # positions whose logits the loss counts
         self.targets = labels[labels != IGNORE_INDEX]
         self.count = max(int(self.targets.numel()), 1)
+        self.inputs: list[tuple[torch.Tensor, tuple, dict]] = []  # start_pass's
 
     @torch.no_grad()
-    def layer_inputs(self) -> list[tuple[torch.Tensor, tuple, dict]]:
-        """One whole forward as the gates are now; each decoder layer's (hidden states, other args, kwargs)."""
+    def start_pass(self) -> None:
+        """One whole forward as the gates are now, keeping each decoder layer's input (hidden states, other args,
+        kwargs): loss_from re-runs from those until the next start_pass."""
         inputs: list[tuple[torch.Tensor, tuple, dict]] = []
 
         def keep_input(module, args, kwargs):
@@ -63,12 +65,13 @@ class SuffixScorer:
                 h.remove()
         if len(inputs) != len(self.layers):
             raise RuntimeError(f"captured {len(inputs)} decoder-layer inputs, expected {len(self.layers)}")
-        return inputs
+        self.inputs = inputs
 
     @torch.no_grad()
-    def loss_from(self, layer: int, inputs: list[tuple[torch.Tensor, tuple, dict]]) -> float:
-        """Token-mean CE with layers `layer`.. re-run (as the gates are now) from inputs[layer]."""
-        hidden, args, kwargs = inputs[layer]
+    def loss_from(self, layer: int) -> float:
+        """Token-mean CE with layers `layer`.. re-run (as the gates are now) from the pass's input of `layer`: the
+        whole network's CE when no gate before `layer` changed since start_pass."""
+        hidden, args, kwargs = self.inputs[layer]
         for decoder_layer in self.layers[layer:]:
             out = decoder_layer(hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
@@ -76,10 +79,24 @@ class SuffixScorer:
         return float(F.cross_entropy(logits, self.targets, reduction="sum")) / self.count
 
 
+class WholeForwardScorer:
+    """SuffixScorer's interface the plain way: every loss a whole forward (`score_loss()`); the reference."""
+
+    def __init__(self, score_loss: Callable[[], float]):
+        self.score_loss = score_loss
+
+    def start_pass(self) -> None:
+        pass
+
+    def loss_from(self, layer: int) -> float:
+        return self.score_loss()
+
+
 @contextlib.contextmanager
 def onednn_projections(linears: list[nn.Linear]) -> Iterator[None]:
     """Within the block, each frozen fp32 CPU nn.Linear in `linears` multiplies through oneDNN on a weight
-    reordered once (no autograd: scoring only). A no-op where PyTorch has no oneDNN linear."""
+    reordered once (no autograd: scoring only). A no-op where PyTorch has no oneDNN linear. The serving path does the
+    same in kernels/linear.py (prepack), which the trainer may not import (README, Layout)."""
     ops = getattr(torch.ops, "mkldnn", None)
     usable = (ops is not None and torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight"))
     patched = []

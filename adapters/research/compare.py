@@ -478,13 +478,14 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for r in results],
         "table": table,
     }
-    write_outputs(out, report, results, tasks, methods)
+    print(write_outputs(out, report, results, tasks, methods))
     return 0
 
 
 def write_outputs(out: Path, report: dict, results: list[RunResult], tasks: list[str], methods: list[str],
-                  note: str = "") -> None:
-    """DIR/compare.json (the report), compare.md (a line on the settings, then the table), loss_curves.png."""
+                  note: str = "") -> str:
+    """DIR/compare.json (the report), compare.md (a line on the settings, then the table), loss_curves.png.
+    -> a line naming what was written."""
     s = report["settings"]
     (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
     seeds = sorted({r.seed for r in results})
@@ -492,7 +493,7 @@ def write_outputs(out: Path, report: dict, results: list[RunResult], tasks: list
                                     f"{s['num_train']} train / {s['num_eval']} held-out examples, seeds {seeds}; "
                                     f"mean ± sample std over seeds.{note}\n\n{report['table']}\n")
     png = plot_curves(results, tasks, methods, out / "loss_curves.png")
-    print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}" + (f" and {png}" if png else ""))
+    return f"wrote {out / 'compare.json'}, {out / 'compare.md'}" + (f" and {png}" if png else "")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         "best_lr_scale": [{"task": t, "method": m, "lr_scale": x} for (t, m), x in best_scales(cells).items()],
         "runs": [vars(r) for r in runs], "skipped": skipped, "table": table,
     }
-    write_outputs(out, report, runs, tasks, methods, note=f" Merged from {', '.join(args.inputs)}.")
+    print(write_outputs(out, report, runs, tasks, methods, note=f" Merged from {', '.join(args.inputs)}."))
     return 0
 
 

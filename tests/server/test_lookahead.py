@@ -72,8 +72,9 @@ def _generate(engine, requests, abort_after: dict[str, int] | None = None):
 
 
 def test_lookahead_is_dropped_when_a_request_ends_or_is_aborted(model_dir):
-    """EOS, a stop string, an abort and different max_tokens end requests at different steps, and seeded sampling
-    draws from each request's generator: the same tokens and endings with the lookahead as without it."""
+    """EOS, an abort and different max_tokens end requests at different steps (stop strings: test_engine.py), and
+    seeded sampling draws from each request's generator: the same tokens and endings with the lookahead as without
+    it."""
     full = _generate(_engine(model_dir, False), [Request("p", list(range(3, 14)), SamplingParams(
         max_tokens=12, temperature=0, ignore_eos=True))])
     eos = full["p"][0][5]  # the 6th greedy token of "p", taken as its EOS below: it ends "p" early
