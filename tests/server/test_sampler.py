@@ -10,6 +10,7 @@ from server.engine.sampler import (
     WIDE_ROW,
     _inverse_cdf,
     descending_candidates,
+    greedy_tokens,
     make_generator,
     reference_sample_rows,
     sample,
@@ -84,3 +85,20 @@ def test_two_level_inverse_cdf_picks_what_one_cumsum_picks_and_never_a_zero_prob
     got = _inverse_cdf(probs, u)
     assert torch.equal(got, flat_inverse_cdf(probs, u))
     assert (probs.gather(1, got[:, None]) > 0).all()
+
+
+@pytest.mark.parametrize("vocab", [4 * CDF_BLOCK + 1, 49152, 50000])
+def test_greedy_picks_the_first_maximum_as_argmax_does(vocab):
+    """Ties (the first one wins), a NaN (counted as the maximum, the first NaN wins), a row of -inf, a maximum in
+    the padded last block, penalties' partial rows: the two-level argmax picks what torch.argmax picks."""
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(12, vocab, generator=gen) * 4
+    logits[0, [5, vocab // 2, vocab - 1]] = 100.0  # a three-way tie
+    logits[1, [vocab // 3, 17]] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, -1] = 1e9  # in the last, maybe padded, block
+    logits[4] = torch.randint(0, 3, (vocab,), generator=gen).float()  # ties everywhere
+    logits[5, : CDF_BLOCK * 2] = float("-inf")
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    params = [SamplingParams(temperature=0.0)] * 12
+    assert sample(logits, params, [None] * 12).token_ids == logits.argmax(-1).tolist()
