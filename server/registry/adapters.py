@@ -19,6 +19,7 @@ from collections import OrderedDict
 from adapters.artifact import adapter_from_bytes
 from adapters.delta import AdapterDeltas
 from adapters.errors import ArtifactError
+from adapters.spec import fingerprint
 from server.engine.errors import InvalidAdapterError, UnknownAdapterError
 from server.engine.request import AdapterRef
 from server.registry.store import AdapterRecord, RegistryUnavailableError, is_redis_outage, outage_is_unavailable
@@ -161,13 +162,17 @@ class RegistryAdapters:
         """`fits(deltas)`: whether the device pool can ever hold it; `prepare(deltas)`: the pool's host-side image
         of it, made in the fetch thread so that the engine thread only copies it to the device."""
         self.registry, self.spec, self.host, self.fits, self.prepare = registry, spec, host, fits, prepare
+        self.fingerprint = fingerprint(spec)
         self.records = RecordCache(record_ttl_s)
         self.known: dict[str, object] = {}  # adapter id -> the last record read: serves while Redis is away
         self._reads: dict[tuple[str, int], asyncio.Task] = {}  # (id, cache generation) -> the read in progress
         self.num_subscriptions = 0  # to the registry's events, since start
 
     async def list(self, tenant: str | None = None) -> list[str]:
-        return sorted(r.adapter_id for r in await self._call(self.registry.list()) if visible(r, tenant))
+        """The adapters `tenant` may use on this backbone: a registry shared with replicas of another backbone holds
+        theirs too, which this replica cannot serve."""
+        return sorted(r.adapter_id for r in await self._call(self.registry.list())
+                      if visible(r, tenant) and self._for_this_backbone(r))
 
     async def resolve(self, adapter_id: str, tenant: str | None = None) -> AdapterRef:
         try:
@@ -179,6 +184,10 @@ class RegistryAdapters:
             log.warning("registry unavailable: serving adapter %s from the host cache", adapter_id)
         if record is None or not visible(record, tenant):  # checked per request, on whichever record
             raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
+        if not self._for_this_backbone(record):  # refused from the record, before its weights are fetched
+            raise InvalidAdapterError(f"adapter {adapter_id!r} version {record.version} was made for another "
+                                      f"backbone ({str(record.manifest['base']['fingerprint'])[:80]}); this server's is "
+                                      f"{self.fingerprint}")
         key = f"{adapter_id}@{record.version}"
 
         async def fetch() -> tuple[AdapterDeltas, object]:
@@ -229,6 +238,12 @@ class RegistryAdapters:
             raise InvalidAdapterError(f"adapter {record.adapter_id!r} version {record.version} cannot be served by "
                                       f"this server's backbone: {exc}") from None
         return deltas, (self.prepare(deltas) if self.prepare else None)
+
+    def _for_this_backbone(self, record: AdapterRecord) -> bool:
+        """False when the record's manifest names another backbone's fingerprint (one naming none may still fit:
+        `_parse` checks its shapes)."""
+        base = record.manifest.get("base")
+        return not isinstance(base, dict) or base.get("fingerprint") in (None, self.fingerprint)
 
     def forget(self, adapter_id: str) -> None:
         """The adapter was replaced or deleted: the next request reads its record again."""

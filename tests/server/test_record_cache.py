@@ -182,3 +182,36 @@ def test_without_events_every_request_reads_redis(url, adapter):
             await replica.close()
 
     asyncio.run(scenario())
+
+
+def test_another_backbones_adapter_is_not_listed_and_refused_without_fetching_its_weights(url, adapter, tmp_path):
+    """One Redis shared by replicas of two backbones (same module shapes, another vocabulary: another
+    fingerprint). Each lists only the adapters made for its own backbone; asked for the other's, it refuses it by
+    name from the record (422), its weights never read."""
+    from server.engine.errors import InvalidAdapterError
+
+    other_spec = SPEC | {"vocab_size": 256}
+    directory = save_artifact(tmp_path / "b", lora_deltas(seed=2), method="lora", spec=other_spec)
+    theirs = adapter_to_bytes(load_adapter(directory, other_spec))
+
+    async def scenario():
+        async with replicas(url, 1) as (ours,):
+            other = Replica(url)
+            other.source = RegistryAdapters(other.registry, other_spec, HostTier(1 << 30))
+            try:
+                await ours.registry.put("ours", *adapter, public=True)
+                await other.registry.put("theirs", *theirs, public=True)
+                assert await ours.source.list() == ["ours"]
+                assert await other.source.list() == ["theirs"]
+                blob_reads = []
+                read_blob = ours.registry.read_blob
+                ours.registry.read_blob = lambda record: blob_reads.append(record.adapter_id) or read_blob(record)
+                with pytest.raises(InvalidAdapterError, match="'theirs' version 1 was made for another backbone"):
+                    await ours.source.resolve("theirs")
+                assert blob_reads == []
+                assert (await ours.source.resolve("ours")).version == 1 and blob_reads == ["ours"]
+                assert (await other.source.resolve("theirs")).version == 1
+            finally:
+                await other.close()
+
+    asyncio.run(scenario())
