@@ -27,7 +27,7 @@ class MultiplexPeer:
         self.workload = workload
         port = _free_port()
         command = [sys.executable, "-m", "server", "serve", "--model", workload.model_dir,
-                   "--adapters", workload.adapters_root, "--device", "cpu", "--dtype", "float32",
+                   "--adapters", workload.adapters_root, "--device", "cpu", "--dtype", workload.dtype,
                    "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(work_dir / "multiplex-data"),
                    "--max-num-seqs", str(workload.num_requests), "--log-level", "WARNING"]
         if cpu_threads:

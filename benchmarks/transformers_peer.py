@@ -19,9 +19,10 @@ class TransformersPeer:
 
         self.workload = workload
         self.system = f"transformers {version('transformers')} generate / PEFT {version('peft')} adapter_names"
-        self.base = AutoModelForCausalLM.from_pretrained(workload.model_dir, dtype=torch.float32).eval()
+        dtype = getattr(torch, workload.dtype)
+        self.base = AutoModelForCausalLM.from_pretrained(workload.model_dir, dtype=dtype).eval()
         first, *others = workload.distinct_adapter_ids()
-        model = AutoModelForCausalLM.from_pretrained(workload.model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(workload.model_dir, dtype=dtype)
         self.mixed = PeftModel.from_pretrained(model, workload.adapter_dir(first), adapter_name=first)
         for adapter_id in others:
             self.mixed.load_adapter(workload.adapter_dir(adapter_id), adapter_name=adapter_id)

@@ -26,6 +26,7 @@ class Workload:
     rank: int
     warmup: int  # untimed rounds of each mode first
     rounds: int  # timed rounds of each mode; a system's figure is the median
+    dtype: str = "float32"  # every system's serving dtype: float32 or bfloat16
     # A round: every request submitted at once, until the last has generated its tokens; a mode: "base" (no
     # adapter) or "mixed" (adapter_ids).
 
@@ -50,7 +51,8 @@ class Workload:
 
 
 def build_workload(model_dir: Path, out_dir: Path, *, num_requests: int, prompt_len: int, max_tokens: int,
-                   num_adapters: int, rank: int, warmup: int, rounds: int, seed: int = 0) -> Workload:
+                   num_adapters: int, rank: int, warmup: int, rounds: int, seed: int = 0,
+                   dtype: str = "float32") -> Workload:
     """Write `num_adapters` random rank-`rank` LoRAs on all seven projections under out_dir/adapters (made with PEFT,
     as a user would) and draw the prompts; request i uses adapter i % num_adapters in the mixed rounds."""
     import torch
@@ -78,7 +80,7 @@ def build_workload(model_dir: Path, out_dir: Path, *, num_requests: int, prompt_
     prompts = torch.randint(low, high, (num_requests, prompt_len), generator=gen).tolist()
     return Workload(model_dir=str(model_dir), adapters_root=str(root),
                     adapter_ids=[adapter_ids[i % num_adapters] for i in range(num_requests)], prompts=prompts,
-                    max_tokens=max_tokens, rank=rank, warmup=warmup, rounds=rounds)
+                    max_tokens=max_tokens, rank=rank, warmup=warmup, rounds=rounds, dtype=dtype)
 
 
 def tokens_per_s(workload: Workload, round_seconds: list[float]) -> float:

@@ -1,5 +1,5 @@
 """`python -m benchmarks.peers` end to end on the tiny model: our server as a subprocess over real HTTP and
-transformers/PEFT in-process, one short round each; vLLM (not installed in this environment) is skipped, saying so."""
+transformers/PEFT in-process, one short round each, in bf16; vLLM (not installed in this environment) is skipped, saying so."""
 import json
 import re
 
@@ -9,7 +9,8 @@ from benchmarks.peers import main
 def test_peers_benchmark_prints_a_table_with_numbers_and_skips_vllm(tmp_path, capsys):
     out = tmp_path / "peers.json"
     rc = main(["--model", "tiny", "--data-dir", str(tmp_path / "data"), "--requests", "2", "--max-tokens", "4",
-               "--prompt-len", "16", "--num-adapters", "2", "--warmup", "1", "--rounds", "1", "--out", str(out)])
+               "--prompt-len", "16", "--num-adapters", "2", "--warmup", "1", "--rounds", "1", "--dtype", "bfloat16",
+               "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
 
@@ -30,3 +31,4 @@ def test_peers_benchmark_prints_a_table_with_numbers_and_skips_vllm(tmp_path, ca
         assert len(row["base_s"]) == len(row["mixed_s"]) == 1
         assert row["base_tok_s"] > 0 and row["mixed_tok_s"] > 0
     assert "server serve" in ours["command"] and "skipped" in vllm
+    assert "--dtype bfloat16" in ours["command"] and ", bfloat16 on the CPU;" in printed  # every system in bf16
