@@ -316,7 +316,7 @@ def sampling_suite(args) -> list[dict]:
         logits.append(out.logits[-1][0])
     logits = torch.stack(logits)
     rows = []
-    for temperature, top_p in ((0.8, 0.9), (1.0, 0.95), (1.0, 1.0), (0.0, 1.0)):
+    for temperature, top_p in ((0.8, 0.9), (1.0, 0.95), (1.5, 0.95), (1.0, 1.0), (0.0, 1.0)):  # 1.5: flatter rows
         params = [SamplingParams(temperature=temperature, top_p=top_p, seed=i) for i in range(args.batch)]
         sampled = [p.temperature > 0 for p in params]
 

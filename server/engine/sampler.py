@@ -118,10 +118,12 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators:
         return _inverse_cdf(probs, u)
     ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
     top_ps = torch.tensor([p.top_p for p in params], device=dev, dtype=probs.dtype)
-    ranked, tokens = descending_candidates(probs, ks, top_ps)  # (n, K): enough of each row's head, in order
-    keep = torch.arange(ranked.shape[1], device=dev)[None, :] < ks[:, None]  # top-k: the k most likely
-    keep &= ranked.cumsum(-1) - ranked < top_ps[:, None]  # top-p: the smallest prefix reaching top_p (>= 1 token)
-    return tokens.gather(1, _inverse_cdf(ranked * keep, u)[:, None]).squeeze(1)
+    out = torch.empty(n, dtype=torch.int64, device=dev)
+    for rows, ranked, tokens in candidate_groups(probs, ks, top_ps):  # each row's head, in order
+        keep = torch.arange(ranked.shape[1], device=dev)[None, :] < ks[rows, None]  # top-k: the k most likely
+        keep &= ranked.cumsum(-1) - ranked < top_ps[rows, None]  # top-p: the smallest prefix reaching top_p (>= 1)
+        out[rows] = tokens.gather(1, _inverse_cdf(ranked * keep, u[rows])[:, None]).squeeze(1)
+    return out
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -160,27 +162,48 @@ WIDE_ROW = 1 / 16
 SORT_WHOLE = 2048  # vocabularies up to this size are sorted whole
 
 
-def descending_candidates(probs: torch.Tensor, ks: torch.Tensor, top_ps: torch.Tensor,
-                          floor: float = CANDIDATE_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's most likely tokens in descending order, as many as its top-k and top-p can keep: (probs, token
-    ids), both (n, K), rows zero-padded on the right. What top-k/top-p keep from them is what they would keep from
-    the whole sorted row (same order, same float32 prefix sums), without sorting the vocabulary: on a CPU a sort of
-    64 x 49152 probabilities takes ~230 ms. The candidates are the tokens >= `floor` x the row's maximum; a row
-    whose candidates cannot hold what it keeps (their mass, summed in order, below its top_p and fewer than its
-    top_k) takes every token, so the result is exact for any distribution."""
+def candidate_groups(probs: torch.Tensor, ks: torch.Tensor, top_ps: torch.Tensor, floor: float = CANDIDATE_FLOOR
+                     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each row's most likely tokens in descending order, as many as its top-k and top-p can keep, in groups of
+    rows: [(row indices (m,), probs (m, K), token ids (m, K))], rows zero-padded on the right. What top-k/top-p keep
+    from them is what they would keep from the whole sorted row (same order, same float32 prefix sums), without
+    sorting the vocabulary: on a CPU a sort of 64 x 49152 probabilities takes ~230 ms. The candidates are the tokens
+    >= `floor` x the row's maximum, sorted as one short list for the rows that have few; a flat row (more than
+    WIDE_ROW of its vocabulary among them) is sorted whole, in a group of its own width, so that one flat row does
+    not widen every other row's matrix to the vocabulary; a row whose candidates cannot hold what it keeps (their
+    mass, summed in order, below its top_p and fewer than its top_k) takes every token, so the result is exact for
+    any distribution."""
     n, vocab = probs.shape
     if vocab <= SORT_WHOLE:  # a small vocabulary: sorting it costs less than finding candidates
-        return probs.sort(dim=-1, descending=True, stable=True)
+        ranked, tokens = probs.sort(dim=-1, descending=True, stable=True)
+        return [(torch.arange(n, device=probs.device), ranked, tokens)]
     floors, rows, cols = _candidates(probs, floor)
     count = torch.bincount(rows, minlength=n)
-    whole = count > vocab * WIDE_ROW  # a flat row: sorted whole
-    ranked, tokens = _gather_descending(probs, rows, cols, count, floors, whole)
-    tail = ranked.cumsum(-1).gather(1, (count - 1).clamp(min=0)[:, None])[:, 0]  # the candidates' mass, in order
-    short = ~((tail >= top_ps) | (count >= ks) | (count == vocab))
-    if bool(short.any()):  # every token of such a row: sorted whole, nothing left out
-        ranked, tokens = _gather_descending(probs, rows, cols, count, floors.masked_fill(short[:, None], 0.0),
-                                            whole | short)
-    return ranked, tokens
+    flat = count > vocab * WIDE_ROW
+    groups = []
+    narrow = (~flat).nonzero().squeeze(1)
+    if narrow.numel():
+        ranked, tokens = _sorted_candidates(probs, rows, cols, count, narrow, flat)
+        short = _short(ranked, count[narrow], ks[narrow], top_ps[narrow], vocab)
+        if bool(short.any()):
+            flat[narrow[short]] = True
+            narrow, ranked, tokens = narrow[~short], ranked[~short], tokens[~short]
+        groups.append((narrow, ranked, tokens))
+    whole = flat.nonzero().squeeze(1)
+    if whole.numel():
+        values, order = probs[whole].sort(dim=-1, descending=True, stable=True)
+        ranked = values * (values >= floors[whole])  # the tokens below the floor count 0 ...
+        short = _short(ranked, count[whole], ks[whole], top_ps[whole], vocab)
+        groups.append((whole, torch.where(short[:, None], values, ranked), order))  # ... unless it falls short
+    return groups
+
+
+def _short(ranked: torch.Tensor, count: torch.Tensor, ks: torch.Tensor, top_ps: torch.Tensor, vocab: int
+           ) -> torch.Tensor:
+    """Rows whose `count` candidates (first in `ranked`) cannot hold what top-k/top-p keep: their mass, summed in
+    order, below top_p, and fewer than k of them."""
+    tail = ranked.cumsum(-1).gather(1, (count - 1).clamp(min=0)[:, None])[:, 0]
+    return ~((tail >= top_ps) | (count >= ks) | (count == vocab))
 
 
 def _candidates(probs: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,32 +218,24 @@ def _candidates(probs: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.
     return floors, block_rows[inside], block_ids[inside] * CDF_BLOCK + cols
 
 
-def _gather_descending(probs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, count: torch.Tensor,
-                       floors: torch.Tensor, whole: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The candidates (rows, cols: row-major; `count` per row) sorted by descending probability into an (n, K)
-    matrix, K the largest count: sorted as one flat list, except the `whole` rows, sorted whole with the tokens
-    below the row's floor counting 0."""
-    n, vocab = probs.shape
-    if bool(whole.all()):
-        values, order = probs.sort(dim=-1, descending=True, stable=True)
-        return values * (values >= floors), order
-    any_whole = bool(whole.any())
-    width = vocab if any_whole else int(count.max())
-    ranked = probs.new_zeros((n, width))
-    tokens = torch.zeros((n, width), dtype=torch.int64, device=probs.device)
-    if any_whole:
-        w = whole.nonzero().squeeze(1)
-        values, order = probs[w].sort(dim=-1, descending=True, stable=True)
-        ranked[w], tokens[w] = values * (values >= floors[w]), order
-        rows, cols = rows[~whole[rows]], cols[~whole[rows]]
+def _sorted_candidates(probs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, count: torch.Tensor,
+                       group: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates (rows, cols: row-major; `count` per row) of the rows in `group` (none of them `flat`), sorted
+    by descending probability as one flat list into a (len(group), K) matrix, K the largest count."""
+    keep = ~flat[rows]
+    rows, cols = rows[keep], cols[keep]
     values = probs[rows, cols]
     order = torch.argsort(values, descending=True, stable=True)
     order = order[torch.argsort(rows[order], stable=True)]  # by row, descending within a row
     rows, cols, values = rows[order], cols[order], values[order]
-    narrow_count = torch.where(whole, 0, count)
-    pos = torch.arange(rows.numel(), device=probs.device) - (narrow_count.cumsum(0) - narrow_count)[rows]
-    ranked[rows, pos] = values
-    tokens[rows, pos] = cols
+    at = torch.full_like(count, -1)
+    at[group] = torch.arange(group.numel(), device=probs.device)  # row -> its index in the group
+    sizes = count[group]
+    pos = torch.arange(rows.numel(), device=probs.device) - (sizes.cumsum(0) - sizes)[at[rows]]
+    ranked = probs.new_zeros((group.numel(), int(sizes.max())))
+    tokens = torch.zeros(ranked.shape, dtype=torch.int64, device=probs.device)
+    ranked[at[rows], pos] = values
+    tokens[at[rows], pos] = cols
     return ranked, tokens
 
 

@@ -1,4 +1,4 @@
-"""Top-k/top-p without sorting the vocabulary (sampler.descending_candidates) against the whole row sorted."""
+"""Top-k/top-p without sorting the vocabulary (sampler.candidate_groups) against the whole row sorted."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from server.engine.sampler import (
     CDF_BLOCK,
     WIDE_ROW,
     _inverse_cdf,
-    descending_candidates,
+    candidate_groups,
     greedy_tokens,
     make_generator,
     reference_sample_rows,
@@ -55,22 +55,27 @@ def test_candidates_sample_what_the_whole_sorted_row_samples(kind, vocab):
 
 
 def test_candidates_hold_every_kept_token_and_flat_rows_take_the_whole_vocabulary():
+    """Peaked rows share one narrow matrix; the flat row, and a row whose candidates fall short of its top_p, are
+    sorted whole in a group of their own (so they do not widen the narrow rows' matrix)."""
     gen = torch.Generator().manual_seed(0)
     vocab = 4096
     probs = torch.softmax(torch.cat([torch.randn(3, vocab, generator=gen) * 6,
-                                     torch.randn(1, vocab, generator=gen) * 0.1]), -1)
-    ks = torch.tensor([vocab, vocab, 3, vocab])
-    top_ps = torch.tensor([0.9, 0.99, 1.0, 0.9])
-    ranked, tokens = descending_candidates(probs, ks, top_ps)
-    assert ranked.shape[1] == vocab  # the flat row is sorted whole
+                                     torch.randn(1, vocab, generator=gen) * 0.1,
+                                     torch.randn(1, vocab, generator=gen) * 6]), -1)
+    ks = torch.tensor([vocab, vocab, 3, vocab, vocab])
+    top_ps = torch.tensor([0.9, 0.99, 1.0, 0.9, 1.0 - 1e-7])  # the last keeps more than its candidates' mass
+    groups = candidate_groups(probs, ks, top_ps)
+    assert [g[0].tolist() for g in groups] == [[0, 1, 2], [3, 4]]
+    assert groups[0][1].shape[1] < vocab * WIDE_ROW and groups[1][1].shape[1] == vocab
     full, order = probs.sort(dim=-1, descending=True, stable=True)
-    for row in range(4):
-        count = int((ranked[row] > 0).sum())
-        assert count < vocab * WIDE_ROW or row == 3
-        assert torch.equal(ranked[row, :count], full[row, :count])
-        assert torch.equal(tokens[row, :count], order[row, :count])
-        kept = int(((full[row].cumsum(-1) - full[row] < top_ps[row]) & (torch.arange(vocab) < ks[row])).sum())
-        assert kept <= count  # what top-k/top-p keep lies inside the candidates
+    for rows, ranked, tokens in groups:
+        for i, row in enumerate(rows.tolist()):
+            count = int((ranked[i] > 0).sum())
+            assert torch.equal(ranked[i, :count], full[row, :count])
+            assert torch.equal(tokens[i, :count], order[row, :count])
+            kept = int(((full[row].cumsum(-1) - full[row] < top_ps[row]) & (torch.arange(vocab) < ks[row])).sum())
+            assert kept <= count  # what top-k/top-p keep lies inside the candidates
+    assert int((groups[1][1][1] > 0).sum()) == vocab  # the short row: every token
 
 
 @pytest.mark.parametrize("vocab", [4 * CDF_BLOCK + 1, 49152, 50000])
