@@ -11,21 +11,25 @@ from tests.kernels.conftest import TOLERANCES
 @pytest.mark.parametrize("d_out, d_in", [(960, 576), (11, 2049), (1376, 7)])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_linear_equals_f_linear(num_tokens, d_out, d_in, with_bias, with_residual):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_equals_f_linear(num_tokens, d_out, d_in, with_bias, with_residual, dtype):
     gen = torch.Generator().manual_seed(num_tokens + d_in)
-    w = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
-    x = torch.randn(num_tokens, d_in + 5, generator=gen)[:, 2 : 2 + d_in]  # strided rows, as slices are
-    bias = torch.randn(d_out, generator=gen) if with_bias else None
-    residual = torch.randn(num_tokens, d_out, generator=gen) if with_residual else None
+    w = (torch.randn(d_out, d_in, generator=gen) / d_in**0.5).to(dtype)
+    x = torch.randn(num_tokens, d_in + 5, generator=gen)[:, 2 : 2 + d_in].to(dtype)  # strided rows, as slices are
+    bias = torch.randn(d_out, generator=gen).to(dtype) if with_bias else None
+    residual = torch.randn(num_tokens, d_out, generator=gen).to(dtype) if with_residual else None
     ref = F.linear(x, w, bias) + (residual if residual is not None else 0)
     out = linear(x, prepack(w), bias, residual)
-    assert out.shape == ref.shape and out.is_contiguous()
-    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float32])
+    assert out.shape == ref.shape and out.is_contiguous() and out.dtype == dtype
+    torch.testing.assert_close(out, ref, **TOLERANCES[dtype])
 
 
-def test_prepack_takes_onednn_on_a_cpu_in_fp32_and_nothing_else():
+def test_prepack_takes_onednn_on_a_cpu_in_fp32_and_bf16_and_nothing_else():
     w = torch.randn(8, 4)
     assert prepack(w).is_mkldnn == can_prepack(w)
     assert can_prepack(w) == torch.backends.mkldnn.is_available()  # the CPU machines this runs on have it
-    half = w.to(torch.bfloat16)
+    bf16 = w.to(torch.bfloat16)
+    assert can_prepack(bf16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()  # this CPU has AVX512-BF16
+    assert prepack(bf16).is_mkldnn == can_prepack(bf16)
+    half = w.to(torch.float16)
     assert prepack(half) is half
