@@ -5,11 +5,11 @@
 
 Workload (defaults): 16 requests of 64 random token ids, each generating exactly 32 tokens (greedy, EOS ignored);
 8 random rank-16 PEFT LoRAs on all seven projections, request i on adapter i % 8 in the mixed rounds; fp32 on the
-CPU (`--dtype bfloat16`: bf16 for every system). A round sends every request at once and lasts until the last has its tokens; "base" rounds use no adapter,
-"mixed" rounds the 8 adapters in one batch; tok/s = generated tokens of a round / the median round's seconds.
-All systems are started first; then each round runs on every system in turn (base, then mixed, the order of the
-systems rotating), a warm-up round and 3 timed ones, so that the others' load on a shared machine falls on every
-system alike.
+CPU (`--dtype bfloat16`: bf16 for every system). A round sends every request at once and lasts until the last has
+its tokens; "base" rounds use no adapter, "mixed" rounds the 8 adapters in one batch; tok/s = generated tokens of a
+round / the median round's seconds. All systems are started first; then each round runs on every system in turn
+(base, then mixed, the order of the systems rotating), a warm-up round and 3 timed ones, so that the others' load on
+a shared machine falls on every system alike.
 
 - multiplex: `python -m server serve` in a subprocess, the requests sent at once over HTTP (multiplex_peer.py);
 - transformers / PEFT: batched `generate` in this process, `adapter_names=` for the mixed batch (transformers_peer.py);

@@ -8,10 +8,11 @@ On a CPU (fp32, or bf16 where the CPU has bf16 instructions; PyTorch built with 
 into oneDNN's blocked layout and each call is one oneDNN matmul, the residual add fused into it. F.linear goes to
 MKL's sgemm instead, much slower on AMD CPUs: on this repository's 2-core AMD EPYC, one thread, a (16 x 576) @
 (576 x 3072) product takes 245 us with oneDNN and 665 us with MKL, and oneDNN is 2.3-2.7x faster for every batch
-from 4 to 1024 tokens. In bf16, prepacked, the same product takes 147 us where F.linear takes 221 us at 16 tokens (fp32 prepacked: 277 us; 2026-12-02, same machine); at 1024 tokens both
-take ~8 ms, half of fp32's. Elsewhere (CUDA, fp16, no oneDNN) prepack() returns W itself and the call is
-F.linear / torch.addmm. Results differ from F.linear's only in the order of the fp32 sums (a few ulps), and in bf16
-by the fused residual add, rounded once instead of twice (1 ulp of bf16).
+from 4 to 1024 tokens. In bf16, prepacked, the same product takes 147 us where F.linear takes 221 us at 16
+tokens (fp32 prepacked: 277 us; 2026-12-02, same machine); at 1024 tokens both take ~8 ms, half of fp32's.
+Elsewhere (CUDA, fp16, no oneDNN) prepack() returns W itself and the call is F.linear / torch.addmm. Results
+differ from F.linear's only in the order of the fp32 sums (a few ulps), and in bf16 by the fused residual add,
+rounded once instead of twice (1 ulp of bf16).
 """
 from __future__ import annotations
 

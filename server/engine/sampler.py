@@ -151,7 +151,8 @@ def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.minimum(torch.searchsorted(cdf, target, right=True), last)
 
 
-# The inverse CDF of a large vocabulary: blocks of this many tokens.
+# Blocks of this many tokens: a large vocabulary's inverse CDF, greedy's argmax and the top-k/top-p candidates'
+# search go block by block.
 CDF_BLOCK = 256
 
 

@@ -185,9 +185,9 @@ class RegistryAdapters:
         if record is None or not visible(record, tenant):  # checked per request, on whichever record
             raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
         if not self._for_this_backbone(record):  # refused from the record, before its weights are fetched
+            theirs = str(record.manifest["base"]["fingerprint"])[:80]
             raise InvalidAdapterError(f"adapter {adapter_id!r} version {record.version} was made for another "
-                                      f"backbone ({str(record.manifest['base']['fingerprint'])[:80]}); this server's is "
-                                      f"{self.fingerprint}")
+                                      f"backbone ({theirs}); this server's is {self.fingerprint}")
         key = f"{adapter_id}@{record.version}"
 
         async def fetch() -> tuple[AdapterDeltas, object]:
