@@ -38,5 +38,6 @@ def test_sampling_bench_compares_the_sampler_with_its_reference_on_real_logits(t
     out = tmp_path / "sampling.json"
     main(["--mode", "sampling", "--batch", "3", "--host-model", str(smollm2_dir), "--out", str(out)])
     rows = json.loads(out.read_text())
-    assert [(r["temperature"], r["top_p"]) for r in rows] == [(0.8, 0.9), (1.0, 0.95), (1.0, 1.0), (0.0, 1.0)]
+    assert [(r["temperature"], r["top_p"]) for r in rows] == [(0.8, 0.9), (1.0, 0.95), (1.5, 0.95), (1.0, 1.0),
+                                                              (0.0, 1.0)]
     assert all(r["same_tokens"] and r["sampler_ms"] > 0 and r["reference_ms"] > 0 and r["vocab"] == 49152 for r in rows)
