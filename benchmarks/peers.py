@@ -169,7 +169,7 @@ def format_report(report: dict) -> str:
     w = report["workload"]
     lines = [
         *report_header(report),
-        f"model: {w['model']} ({w['model_dir']}), {w.get('dtype', 'float32')} on the CPU; "
+        f"model: {w['model']} ({w['model_dir']}), {w['dtype']} on the CPU; "
         f"{w['num_requests']} requests x ({w['prompt_len']} "
         f"prompt + {w['max_tokens']} generated tokens), {w['num_adapters']} rank-{w['rank']} LoRAs on all seven "
         f"projections; median of {w['rounds']} timed rounds after {w['warmup']} warm-up, interleaved across systems",

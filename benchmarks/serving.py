@@ -268,7 +268,7 @@ def format_report(report: dict[str, Any]) -> str:
     rows = report["systems"]
     lines = [
         *report_header(report),
-        f"workload: {cfg['model']} {cfg.get('dtype', 'float32')} on the CPU, {cfg['num_adapters']} rank-{cfg['rank']} "
+        f"workload: {cfg['model']} {cfg['dtype']} on the CPU, {cfg['num_adapters']} rank-{cfg['rank']} "
         f"LoRAs (all seven "
         f"projections, {cfg['popularity']} popularity), Poisson arrivals at {', '.join(f'{r:g}' for r in cfg['rates'])}"
         f" req/s, <= {cfg['num_requests']} requests or {cfg['duration_s']:g} s of arrivals per rate, prompts of "

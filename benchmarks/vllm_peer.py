@@ -98,7 +98,7 @@ def build(workload: dict):
 
     distinct = sorted(set(workload["adapter_ids"]))
     prompt_len = max(len(p) for p in workload["prompts"])
-    llm = LLM(model=workload["model_dir"], dtype=workload.get("dtype", "float32"), seed=0, enable_lora=True,
+    llm = LLM(model=workload["model_dir"], dtype=workload["dtype"], seed=0, enable_lora=True,
               max_loras=len(distinct),
               max_lora_rank=workload["rank"], max_num_seqs=len(workload["prompts"]),
               max_model_len=prompt_len + workload["max_tokens"] + 16, enable_prefix_caching=False)
