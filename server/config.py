@@ -93,7 +93,7 @@ class Settings(BaseSettings):
                                                                   "adapter_pool_bytes, the device pool's bounds")
     host_cache_bytes: int = Field(2 << 30, ge=1, description="host memory for fetched adapters (LRU)")
     cpu_threads: int | None = Field(None, ge=1, description="on a CPU, intra-op threads of the forward (default: "
-                                                            "every core but one, left to the event loop)")
+                                                            "every core up to 4 cores, else all but one)")
 
     @field_validator("model")
     @classmethod

@@ -67,8 +67,9 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if opts.device == "auto" else opts.device))
     dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if device.type == "cpu":
-        log.info("CPU forward on %d intra-op threads", use_cpu_threads(opts.cpu_threads))
+    forward_threads = use_cpu_threads(opts.cpu_threads) if device.type == "cpu" else None
+    if forward_threads is not None:
+        log.info("CPU forward on %d intra-op threads", forward_threads)
     path = resolve_model_path(model, opts.data_dir)
     cfg = ModelConfig.from_dir(path)
     llama = LlamaModel(cfg, load_state_dict(path), device, dtype)
@@ -98,4 +99,5 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
              cfg.num_layers, max_len, num_blocks, opts.block_size, "on" if graphs else "off")
     return LLMEngine(runner, scheduler, tokenizer, max_model_len=max_len, eos_token_ids=eos,
                      overlap_output=device.type == "cuda",
-                     lookahead=device.type == "cuda" if opts.lookahead is None else opts.lookahead)
+                     lookahead=device.type == "cuda" if opts.lookahead is None else opts.lookahead,
+                     forward_threads=forward_threads)

@@ -1,33 +1,78 @@
-"""How many intra-op threads the CPU forward uses: by default every core but one, which is left to the rest of the
-process (the event loop streaming tokens, tokenising prompts, talking to Redis) and to whatever else runs there.
+"""How many intra-op threads the CPU forward uses, and which thread uses them.
 
-A forward step is a chain of ~1500 ops; with every core in each op's OpenMP team, an op waits at its barrier
-whenever another thread or process holds one of the cores, and under load one always does. Measured on the
-2-core development machine, 2026-12-01, smollm2 fp32 with 8 rank-16 LoRAs, `python -m benchmarks.serving
---systems multiplex --rates 2 --num-requests 60` (Poisson arrivals over HTTP, the load generator on the same
-machine): 2 threads gave TTFT p50 356 ms and time per output token p50 161 ms, 1 thread 145 ms and 44 ms. One
-streamed request alone: 28 ms per token with 2 threads, 21 ms with 1. Closed-loop batch work is another matter:
-`python -m benchmarks.peers --peers multiplex` (16 concurrent requests of 64 + 32 tokens; base / 8 adapters
-tok/s) gave 190 / 156 with 1 thread and 215 / 108 with 2. Tried and not kept: every core for prefill steps of 64+
-tokens, one fewer for the others: 234 / 181 tok/s in that closed loop, but under arrivals it lost the latency won
-above (the full sweep of `benchmarks.serving`, 19:32 UTC: TPOT p50 at 4 req/s 248 ms against 148 ms with 1
-thread, 1.15x vLLM-CPU's instead of 0.85x). `MULTIPLEX_CPU_THREADS` overrides the choice.
+Which: only the forward's thread (`LLMEngine`'s executor runs `enter_forward_thread`); every other thread of the
+process computes on one. OpenMP (libgomp, which torch's CPU ops, oneDNN and MKL run on) gives every thread that
+starts a parallel region a team of its own, and once the process holds more of those threads than it has cores,
+every team stops spinning between regions and sleeps on a futex instead (libgomp's throttled spin count), so each
+of the forward's ~1500 small ops pays a wake-up. One other thread that had run a parallel op (the model load on
+the main thread, an adapter parsed in an executor thread) was enough. Measured 2026-12-02 on the 2-core development
+machine, smollm2 fp32, the forward of a 1024-token prefill with 2 threads: 0.76-0.78 s on a thread alone, 1.2-1.4 s
+on the same thread once another thread had used a team of its own (1 thread: 1.40 s); copies and indexing ran 5-18x
+slower. So the process-wide count is one (`use_cpu_threads`), and only the forward's thread raises its own OpenMP
+and MKL counts (both thread-local settings) to the forward's.
+
+How many: every core on a machine of up to 4 cores, every core but one above that (left to the event loop, the
+tokenizer and Redis, as vLLM's CPU backend reserves a core for its scheduler). On the 2-core development machine,
+once only the forward's thread had a team (2026-12-02, smollm2 fp32, 8 rank-16 LoRAs, `python -m benchmarks.serving
+--systems multiplex --rates 1,2,4 --num-requests 40`, two runs each, interleaved), 2 threads against 1 gave TPOT p50
+39-52 / 46-73 / 80-143 ms against 51-56 / 90-98 / 185-204 ms at 1 / 2 / 4 req/s, TTFT p50 143-203 / 150-224 /
+214-397 ms against 197-202 / 250-258 / 510-563 ms; one of the 2-thread runs had a TTFT p99 of 7.2 s at 1 req/s
+(the others 0.2-0.5 s). Above 4 cores the choice is not measured. `MULTIPLEX_CPU_THREADS` overrides it.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
+
 import torch
 
+log = logging.getLogger(__name__)
 
 PROCESS_THREADS = torch.get_num_threads()  # torch's own choice (or OMP_NUM_THREADS), before any engine changed it
+_OPENMP_LIBRARIES = ("libgomp", "libiomp5", "libomp")
+
+
+SMALL_MACHINE_CORES = 4  # up to this many, the forward takes every core
 
 
 def cpu_threads(setting: int | None = None) -> int:
-    """The intra-op thread count for `setting` (None or 0: all of torch's threads but one, at least one)."""
-    return setting or max(1, PROCESS_THREADS - 1)
+    """The forward's intra-op thread count for `setting` (None or 0: all of torch's threads on a machine of up to 4,
+    else all but one)."""
+    return setting or (PROCESS_THREADS if PROCESS_THREADS <= SMALL_MACHINE_CORES else PROCESS_THREADS - 1)
 
 
 def use_cpu_threads(setting: int | None = None) -> int:
-    """Set torch's intra-op threads for a CPU engine (process-wide) and return the count."""
-    n = cpu_threads(setting)
-    torch.set_num_threads(n)
-    return n
+    """Set every thread of the process to one intra-op thread (process-wide) and return the count the forward's
+    thread takes with `enter_forward_thread`."""
+    torch.set_num_threads(1)
+    return cpu_threads(setting)
+
+
+def enter_forward_thread(threads: int) -> None:
+    """In the forward's thread, once: its own OpenMP and MKL thread counts to `threads`, the rest of the process
+    left at one. Where the OpenMP runtime cannot be found, the count is set process-wide instead (and logged)."""
+    torch.get_num_threads()  # torch's per-thread initialisation first: it sets this thread's count to the process's
+    openmp = _loaded_library(_OPENMP_LIBRARIES)
+    if openmp is None or not hasattr(openmp, "omp_set_num_threads"):
+        log.warning("no OpenMP runtime found among the loaded libraries; %d intra-op threads set process-wide", threads)
+        torch.set_num_threads(threads)
+        return
+    openmp.omp_set_num_threads(threads)
+    torch_cpu = _loaded_library(("libtorch_cpu",))
+    if torch_cpu is not None and hasattr(torch_cpu, "MKL_Set_Num_Threads_Local"):
+        torch_cpu.MKL_Set_Num_Threads_Local(threads)  # MKL (batched matmuls) keeps its own count
+
+
+def _loaded_library(prefixes: tuple[str, ...]) -> ctypes.CDLL | None:
+    """The shared library already mapped into this process whose file name starts with one of `prefixes` (the copy
+    torch loaded, not another one on the library path)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        if os.path.basename(path).startswith(prefixes):
+            return ctypes.CDLL(path)
+    return None

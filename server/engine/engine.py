@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
+from server.engine.cpu_threads import enter_forward_thread
 from server.engine.detokenizer import make_decoder, update_text
 from server.engine.errors import ADAPTER_QUARANTINED, AdapterQuarantinedError, PromptTooLongError
 from server.engine.isolation import StepRun, execute_isolating
@@ -75,8 +76,10 @@ class StepTime:
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer, *, max_model_len: int,
-                 eos_token_ids: tuple[int, ...], overlap_output: bool = True, lookahead: bool = True) -> None:
-        """overlap_output: make the previous step's text while the forward runs (see the module docstring); off, the
+                 eos_token_ids: tuple[int, ...], overlap_output: bool = True, lookahead: bool = True,
+                 forward_threads: int | None = None) -> None:
+        """forward_threads: on a CPU, the intra-op threads of the forward's thread, the only thread of the process
+        that computes on more than one (server/engine/cpu_threads.py); None leaves threads as they are. overlap_output: make the previous step's text while the forward runs (see the module docstring); off, the
         text work follows the forward within the step. lookahead: build the next decode step's inputs while the
         forward runs (module docstring). The builder turns both on for a GPU only."""
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
@@ -86,7 +89,9 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_steps = 0
         self.quarantined: dict[str, str] = {}  # adapter key (id@version) -> why it is refused
-        self._forward = ThreadPoolExecutor(1, thread_name_prefix="multiplex-forward")
+        self._forward = ThreadPoolExecutor(1, thread_name_prefix="multiplex-forward",
+                                           initializer=None if forward_threads is None else enter_forward_thread,
+                                           initargs=() if forward_threads is None else (forward_threads,))
         self._new_tokens: list[_NewToken] = []  # accepted, their text not made yet
         self._stopped: list[Request] = []  # ended by a stop string while maybe in the forward in flight
         self._last_forward_end: float | None = None

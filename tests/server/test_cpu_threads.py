@@ -1,18 +1,44 @@
-"""A CPU engine leaves one core to the rest of the process (server/engine/cpu_threads.py)."""
+"""A CPU engine's forward takes every core on a small machine (all but one on a larger one), and only its forward's thread computes on more than one
+(server/engine/cpu_threads.py): a second OpenMP team anywhere in the process slows every op of the forward."""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
-from server.engine.cpu_threads import PROCESS_THREADS, cpu_threads
+from server.engine.cpu_threads import PROCESS_THREADS, _loaded_library, cpu_threads
 from tests.helpers import make_hf_model, small_engine
 
 
-def test_default_is_every_core_but_one_and_a_setting_overrides_it():
-    assert cpu_threads() == max(1, PROCESS_THREADS - 1)
+def test_default_is_every_core_on_a_small_machine_else_all_but_one_and_a_setting_overrides_it():
+    assert cpu_threads() == (PROCESS_THREADS if PROCESS_THREADS <= 4 else PROCESS_THREADS - 1)
     assert cpu_threads(3) == 3
 
 
-def test_a_cpu_engine_sets_its_threads(tmp_path):
+def _in_new_thread(fn):
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def _mkl_threads() -> int | None:
+    torch_cpu = _loaded_library(("libtorch_cpu",))
+    return torch_cpu.MKL_Get_Max_Threads() if torch_cpu is not None and hasattr(torch_cpu, "MKL_Get_Max_Threads") \
+        else None
+
+
+def test_only_the_forward_thread_computes_on_more_than_one_thread(tmp_path):
     path = make_hf_model(tmp_path / "m", "llama")
-    small_engine(path)
-    assert torch.get_num_threads() == cpu_threads()
-    small_engine(path, cpu_threads=2)
-    assert torch.get_num_threads() == 2
+    engine = small_engine(path, cpu_threads=3)
+    forward = engine._forward.submit(lambda: (torch.get_num_threads(), _mkl_threads())).result()
+    assert forward[0] == 3
+    assert forward[1] in (None, 3)
+    assert torch.get_num_threads() == 1  # this thread, which built the engine
+    assert _in_new_thread(torch.get_num_threads) == 1  # any other: an executor parsing an adapter, the event loop
+    assert ThreadPoolExecutor(1).submit(torch.get_num_threads).result() == 1
+    assert _in_new_thread(lambda: (torch.get_num_threads(), _mkl_threads())[1]) in (None, 1)  # after torch's own init
+
+    default = small_engine(path)
+    assert default._forward.submit(torch.get_num_threads).result() == cpu_threads()
+    assert engine._forward.submit(torch.get_num_threads).result() == 3  # per engine: the first keeps its own
