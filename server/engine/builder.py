@@ -43,7 +43,7 @@ class EngineOptions:
     max_queue: int = 1024
     data_dir: str = ".multiplex"
     cuda_graphs: bool = True  # on CUDA with the Triton kernels: decode steps replayed from graphs
-    cpu_threads: int | None = None  # on a CPU: intra-op threads (None: cpu_threads.py's default, all cores but one)
+    cpu_threads: int | None = None  # on a CPU: the forward thread's intra-op threads (None: cpu_threads.py's default)
     lookahead: bool | None = None  # the next decode step built during the forward (None: on a GPU only)
 
 
