@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from adapters.delta import PROJECTIONS, AdapterDeltas, LowRank
+from server.engine.cpu_threads import cpu_threads
 from server.engine.builder import EngineOptions, build_llm_engine
 from server.engine.request import AdapterRef, Request, SamplingParams
 from server.engine.scheduler import ScheduledBatch, ScheduledSeq
@@ -78,7 +79,9 @@ def bench_engine(path: Path, adapters: dict[str, AdapterDeltas], assign: list[st
         return len(assign) * gen_len / (time.perf_counter() - t0)
 
     run()  # warm-up
-    return max(run() for _ in range(2))
+    best = max(run() for _ in range(2))
+    engine.close()  # its forward thread's OpenMP team would throttle the next one's (server/engine/cpu_threads.py)
+    return best
 
 
 def bench_peft(path: Path, adapters: dict[str, AdapterDeltas], assign: list[str | None], prompt_len: int, gen_len: int) -> float:
@@ -86,6 +89,7 @@ def bench_peft(path: Path, adapters: dict[str, AdapterDeltas], assign: list[str 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(cpu_threads())  # the threads our engine's forward has
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     rank = next(iter(adapters.values())).lowrank["layers.0.q_proj"].rank
     targets = list(PROJECTIONS)
@@ -135,7 +139,7 @@ def cpu_suite(args) -> list[dict]:
             row = dict(config=name, batch=args.batch, adapters=args.num_adapters, rank=args.rank, prompt_len=args.prompt_len,
                        gen_len=args.gen_len, base_tok_s=base, mixed_tok_s=mixed, peft_mixed_tok_s=peft,
                        adapter_overhead=base / mixed - 1.0, speedup_vs_peft=mixed / peft, device="cpu",
-                       threads=torch.get_num_threads())
+                       threads=cpu_threads())
             rows.append(row)
             print(f"{name:>5}: base {base:8.1f} tok/s | {args.num_adapters} adapters {mixed:8.1f} tok/s "
                   f"(overhead {100 * row['adapter_overhead']:5.1f}%) | PEFT mixed {peft:8.1f} tok/s "
@@ -262,7 +266,9 @@ def host_suite(args) -> list[dict]:
             logits = runner.forward(fb)
             reqs = [q.request for q in batch.seqs]
             t4 = time.perf_counter()
-            result = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], [r.output_ids for r in reqs])
+            result = engine._forward.submit(  # on the forward's thread, where the engine samples (and its threads)
+                sample, logits, [r.params for r in reqs], [r.generator for r in reqs], [r.output_ids for r in reqs]
+            ).result()
             t5 = time.perf_counter()
             for q in batch.seqs:
                 q.request.num_computed_tokens = q.start + q.num_tokens
@@ -272,11 +278,11 @@ def host_suite(args) -> list[dict]:
                 parts[k] += dt
         row = dict(requests=args.batch, generated_tokens=args.gen_len, vocab=cfg.vocab_size, model=args.host_model,
                    overlap_text=engine.overlap_text, lookahead=engine.lookahead, lookahead_steps=ahead_steps,
-                   device=device, torch_threads=torch.get_num_threads(), **loop,
+                   device=device, torch_threads=engine._forward.submit(torch.get_num_threads).result(), **loop,
                    **{f"{k}_ms": v / iters * 1e3 for k, v in parts.items()})
         rows.append(row)
         print(f"{args.host_model} (vocabulary {cfg.vocab_size}), {args.batch} requests after {args.gen_len} tokens, "
-              f"{torch.get_num_threads()} torch threads, text work "
+              f"{row['torch_threads']} torch threads in the forward's thread, text work "
               f"{'overlapped' if engine.overlap_text else 'after the forward'}, lookahead "
               f"{'on' if engine.lookahead else 'off'} ({ahead_steps} of {iters} steps built ahead): step "
               f"{loop['step_ms']:.2f} ms = forward "
@@ -426,7 +432,7 @@ def main(argv=None) -> None:
     if args.mode == "decode-step" and args.batch == 16:
         args.batch = 32
     if args.mode == "sampling":
-        torch.set_num_threads(1)  # as the engine's CPU forward on this 2-core machine (server/engine/cpu_threads.py)
+        torch.set_num_threads(cpu_threads())  # as the engine's forward thread, which samples (server/engine/cpu_threads.py)
     rows = {"engine": cpu_suite, "decode-step": decode_step_suite, "host": host_suite,
             "sampling": sampling_suite}[args.mode](args)
     if args.out:

@@ -101,6 +101,10 @@ class LLMEngine:
         self.num_lookahead_steps = 0  # steps run from a lookahead (not scheduled after the previous forward)
         self.step_times: deque[StepTime] = deque(maxlen=256)
 
+    def close(self) -> None:
+        """End the forward's thread (and with it its OpenMP team, server/engine/cpu_threads.py); no step after this."""
+        self._forward.shutdown(wait=True)
+
     def add_request(self, req: Request) -> None:
         if len(req.prompt_ids) >= self.max_model_len:
             raise PromptTooLongError(
