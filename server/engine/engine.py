@@ -79,7 +79,8 @@ class LLMEngine:
                  eos_token_ids: tuple[int, ...], overlap_output: bool = True, lookahead: bool = True,
                  forward_threads: int | None = None) -> None:
         """forward_threads: on a CPU, the intra-op threads of the forward's thread, the only thread of the process
-        that computes on more than one (server/engine/cpu_threads.py); None leaves threads as they are. overlap_output: make the previous step's text while the forward runs (see the module docstring); off, the
+        that computes on more than one (server/engine/cpu_threads.py); None leaves threads as they are.
+        overlap_output: make the previous step's text while the forward runs (see the module docstring); off, the
         text work follows the forward within the step. lookahead: build the next decode step's inputs while the
         forward runs (module docstring). The builder turns both on for a GPU only."""
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
