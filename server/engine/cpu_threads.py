@@ -49,17 +49,20 @@ def use_cpu_threads(setting: int | None = None) -> int:
 
 def enter_forward_thread(threads: int) -> None:
     """In the forward's thread, once: its own OpenMP and MKL thread counts to `threads`, the rest of the process
-    left at one. Where the OpenMP runtime cannot be found, the count is set process-wide instead (and logged)."""
+    left at one. Where the OpenMP runtime cannot be found or called, the count is set process-wide instead (and
+    logged): never raises, since a failing executor initializer would fail every step."""
     torch.get_num_threads()  # torch's per-thread initialisation first: it sets this thread's count to the process's
-    openmp = _loaded_library(_OPENMP_LIBRARIES)
-    if openmp is None or not hasattr(openmp, "omp_set_num_threads"):
-        log.warning("no OpenMP runtime found among the loaded libraries; %d intra-op threads set process-wide", threads)
+    try:
+        openmp = _loaded_library(_OPENMP_LIBRARIES)
+        if openmp is None or not hasattr(openmp, "omp_set_num_threads"):
+            raise OSError("no OpenMP runtime among the loaded libraries")
+        openmp.omp_set_num_threads(threads)
+        torch_cpu = _loaded_library(("libtorch_cpu",))
+        if torch_cpu is not None and hasattr(torch_cpu, "MKL_Set_Num_Threads_Local"):
+            torch_cpu.MKL_Set_Num_Threads_Local(threads)  # MKL (batched matmuls) keeps its own count
+    except OSError as exc:
+        log.warning("%s; %d intra-op threads set process-wide instead", exc, threads)
         torch.set_num_threads(threads)
-        return
-    openmp.omp_set_num_threads(threads)
-    torch_cpu = _loaded_library(("libtorch_cpu",))
-    if torch_cpu is not None and hasattr(torch_cpu, "MKL_Set_Num_Threads_Local"):
-        torch_cpu.MKL_Set_Num_Threads_Local(threads)  # MKL (batched matmuls) keeps its own count
 
 
 def _loaded_library(prefixes: tuple[str, ...]) -> ctypes.CDLL | None:

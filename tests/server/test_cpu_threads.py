@@ -42,3 +42,15 @@ def test_only_the_forward_thread_computes_on_more_than_one_thread(tmp_path):
     default = small_engine(path)
     assert default._forward.submit(torch.get_num_threads).result() == cpu_threads()
     assert engine._forward.submit(torch.get_num_threads).result() == 3  # per engine: the first keeps its own
+
+
+def test_without_an_openmp_runtime_the_count_is_set_process_wide(monkeypatch):
+    import server.engine.cpu_threads as ct
+
+    monkeypatch.setattr(ct, "_loaded_library", lambda prefixes: None)
+    before = torch.get_num_threads()
+    try:
+        assert ThreadPoolExecutor(1, initializer=ct.enter_forward_thread, initargs=(2,)).submit(
+            torch.get_num_threads).result() == 2
+    finally:
+        torch.set_num_threads(before)
