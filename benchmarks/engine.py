@@ -266,9 +266,8 @@ def host_suite(args) -> list[dict]:
             logits = runner.forward(fb)
             reqs = [q.request for q in batch.seqs]
             t4 = time.perf_counter()
-            result = engine._forward.submit(  # on the forward's thread, where the engine samples (and its threads)
-                sample, logits, [r.params for r in reqs], [r.generator for r in reqs], [r.output_ids for r in reqs]
-            ).result()
+            result = engine.on_forward_thread(  # where the engine samples (and with its threads)
+                sample, logits, [r.params for r in reqs], [r.generator for r in reqs], [r.output_ids for r in reqs])
             t5 = time.perf_counter()
             for q in batch.seqs:
                 q.request.num_computed_tokens = q.start + q.num_tokens
@@ -278,7 +277,7 @@ def host_suite(args) -> list[dict]:
                 parts[k] += dt
         row = dict(requests=args.batch, generated_tokens=args.gen_len, vocab=cfg.vocab_size, model=args.host_model,
                    overlap_text=engine.overlap_text, lookahead=engine.lookahead, lookahead_steps=ahead_steps,
-                   device=device, torch_threads=engine._forward.submit(torch.get_num_threads).result(), **loop,
+                   device=device, torch_threads=engine.on_forward_thread(torch.get_num_threads), **loop,
                    **{f"{k}_ms": v / iters * 1e3 for k, v in parts.items()})
         rows.append(row)
         print(f"{args.host_model} (vocabulary {cfg.vocab_size}), {args.batch} requests after {args.gen_len} tokens, "

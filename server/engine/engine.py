@@ -102,6 +102,10 @@ class LLMEngine:
         self.num_lookahead_steps = 0  # steps run from a lookahead (not scheduled after the previous forward)
         self.step_times: deque[StepTime] = deque(maxlen=256)
 
+    def on_forward_thread(self, fn, *args):
+        """fn(*args) on the forward's thread (its threads and OpenMP team), between steps; -> its result."""
+        return self._forward.submit(fn, *args).result()
+
     def close(self) -> None:
         """End the forward's thread (and with it its OpenMP team, server/engine/cpu_threads.py); no step after this."""
         self._forward.shutdown(wait=True)

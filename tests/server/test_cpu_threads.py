@@ -31,7 +31,7 @@ def _mkl_threads() -> int | None:
 def test_only_the_forward_thread_computes_on_more_than_one_thread(tmp_path):
     path = make_hf_model(tmp_path / "m", "llama")
     engine = small_engine(path, cpu_threads=3)
-    forward = engine._forward.submit(lambda: (torch.get_num_threads(), _mkl_threads())).result()
+    forward = engine.on_forward_thread(lambda: (torch.get_num_threads(), _mkl_threads()))
     assert forward[0] == 3
     assert forward[1] in (None, 3)
     assert torch.get_num_threads() == 1  # this thread, which built the engine
@@ -40,8 +40,8 @@ def test_only_the_forward_thread_computes_on_more_than_one_thread(tmp_path):
     assert _in_new_thread(lambda: (torch.get_num_threads(), _mkl_threads())[1]) in (None, 1)  # after torch's own init
 
     default = small_engine(path)
-    assert default._forward.submit(torch.get_num_threads).result() == cpu_threads()
-    assert engine._forward.submit(torch.get_num_threads).result() == 3  # per engine: the first keeps its own
+    assert default.on_forward_thread(torch.get_num_threads) == cpu_threads()
+    assert engine.on_forward_thread(torch.get_num_threads) == 3  # per engine: the first keeps its own
 
 
 def test_without_an_openmp_runtime_the_count_is_set_process_wide(monkeypatch):
