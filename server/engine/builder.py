@@ -14,6 +14,7 @@ from server.engine.cpu_threads import use_cpu_threads
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.engine import LLMEngine
 from server.engine.metrics import EngineMetrics
+from server.engine.onednn_caches import bound_onednn_caches
 from server.engine.model_runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.model.adapter_pool import AdapterPool
@@ -69,7 +70,8 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     forward_threads = use_cpu_threads(opts.cpu_threads) if device.type == "cpu" else None
     if forward_threads is not None:
-        log.info("CPU forward on %d intra-op threads", forward_threads)
+        caches = bound_onednn_caches()  # before the model load's prepacking, the process's first oneDNN call
+        log.info("CPU forward on %d intra-op threads; oneDNN caches %s", forward_threads, caches)
     path = resolve_model_path(model, opts.data_dir)
     cfg = ModelConfig.from_dir(path)
     llama = LlamaModel(cfg, load_state_dict(path), device, dtype)
