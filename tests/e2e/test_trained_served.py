@@ -35,20 +35,25 @@ def _examples(num, seed):
     return out
 
 
+def _train(base, name: str, kwargs: dict, train, evals, lr: float, out):
+    """A copy of `base` trained 4 steps by method `name`, exported to `out` -> (model, method, the served deltas)."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(base)
+    method = build_method(name, model, **kwargs)
+    fit(model, method, train, evals, 0, FitOptions(lr=lr, max_steps=4, batch_size=4, progress=False, eval_every=100))
+    spec = backbone_spec(base.config)
+    save_artifact(out, method.export(), method=name, spec=spec)
+    return model, method, load_adapter(out, spec).deltas
+
+
 def test_every_trained_method_is_served_exactly(tmp_path):
     torch.set_num_threads(1)  # tiny models: one thread is far faster on a busy 2-core machine
     path = make_hf_model(tmp_path / "base", "llama")
     base = load_hf(path)
-    spec = backbone_spec(base.config)
     train, evals = _examples(16, 1), _examples(4, 2)
     trained, adapters = {}, {}
     for case, name, kwargs in METHODS:
-        torch.manual_seed(0)
-        model = copy.deepcopy(base)
-        method = build_method(name, model, **kwargs)
-        fit(model, method, train, evals, 0, FitOptions(lr=2e-2, max_steps=4, batch_size=4, progress=False, eval_every=100))
-        save_artifact(tmp_path / case, method.export(), method=name, spec=spec)
-        adapters[case] = load_adapter(tmp_path / case, spec).deltas
+        model, method, adapters[case] = _train(base, name, kwargs, train, evals, 2e-2, tmp_path / case)
         trained[case] = (model, method)
 
     engine = small_engine(path, max_prefill_chunk=8)
@@ -107,7 +112,6 @@ def test_every_method_trained_on_smollm2_is_served_with_the_trainers_logits(tmp_
     """Each method trained a few steps on smollm2 (fp32), then all of them served in one mixed batch on smollm2: each
     request gets its trained model's greedy tokens and logits (<= 1e-4). One trained model is held at a time."""
     base = load_hf(smollm2_dir)
-    spec = backbone_spec(base.config)
     train, evals = _examples(8, 1), _examples(2, 2)
     gen = torch.Generator().manual_seed(5)
     num_tokens = 4
@@ -115,12 +119,7 @@ def test_every_method_trained_on_smollm2_is_served_with_the_trainers_logits(tmp_
     for case, name, kwargs in METHODS:
         kwargs = {**kwargs, **SMOLLM2_CHEAPER.get(name, {})}
         prompts[case] = torch.randint(4, 300, (int(torch.randint(3, 12, (1,), generator=gen)),), generator=gen).tolist()
-        torch.manual_seed(0)
-        model = copy.deepcopy(base)
-        method = build_method(name, model, **kwargs)
-        fit(model, method, train, evals, 0, FitOptions(lr=1e-3, max_steps=4, batch_size=4, progress=False, eval_every=100))
-        save_artifact(tmp_path / case, method.export(), method=name, spec=spec)
-        adapters[case] = load_adapter(tmp_path / case, spec).deltas
+        model, method, adapters[case] = _train(base, name, kwargs, train, evals, 1e-3, tmp_path / case)
         expected[case] = _trainer_greedy(model, method, prompts[case], num_tokens)
         del model, method
     with torch.no_grad():
