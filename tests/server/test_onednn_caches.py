@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+import torch
 
 from kernels.linear import can_prepack
 from server.engine.onednn_caches import VARIABLES
@@ -15,11 +17,13 @@ from server.engine.onednn_caches import VARIABLES
 # a 512 -> 2048 projection at 256 token counts, twice over, and print how much the process grew (MiB).
 PROBE = textwrap.dedent("""
     import sys
+    from pathlib import Path
+
     import torch
     from kernels.linear import linear, prepack
     if sys.argv[1] == "engine":
         from tests.helpers import make_hf_model, small_engine
-        small_engine(make_hf_model(__import__("pathlib").Path(sys.argv[2]), "llama"))
+        small_engine(make_hf_model(Path(sys.argv[2]), "llama"))
     torch.set_num_threads(1)
 
     def rss_mib():
@@ -39,12 +43,12 @@ PROBE = textwrap.dedent("""
 def _growth_mib(tmp_path, mode: str) -> float:
     env = {k: v for k, v in os.environ.items() if k not in VARIABLES}
     out = subprocess.run([sys.executable, "-c", PROBE, mode, str(tmp_path / mode)], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+                         text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert out.returncode == 0, out.stderr[-3000:]
     return float(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not can_prepack(__import__("torch").randn(2, 2)), reason="no oneDNN matmuls on this CPU build")
+@pytest.mark.skipif(not can_prepack(torch.randn(2, 2)), reason="no oneDNN matmuls on this CPU build")
 def test_a_cpu_engine_bounds_the_memory_onednn_keeps_per_shape(tmp_path):
     unbounded = _growth_mib(tmp_path, "plain")  # 256 outputs of 8 KiB per token: ~256 MiB if every one is kept
     bounded = _growth_mib(tmp_path, "engine")  # 16 of them at most: 32 MiB
