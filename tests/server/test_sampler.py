@@ -8,6 +8,7 @@ from server.engine.request import SamplingParams
 from server.engine.sampler import (
     CDF_BLOCK,
     WIDE_ROW,
+    Uniforms,
     _inverse_cdf,
     candidate_groups,
     greedy_tokens,
@@ -88,8 +89,12 @@ def test_two_level_inverse_cdf_picks_what_one_cumsum_picks_and_never_a_zero_prob
     u = torch.rand(64, dtype=torch.float64, generator=gen)
     u[0], u[1] = 0.0, 1.0 - 1e-16  # the ends
     got = _inverse_cdf(probs, u)
-    assert torch.equal(got, flat_inverse_cdf(probs, u))
+    assert torch.equal(got[2:], flat_inverse_cdf(probs, u)[2:])
     assert (probs.gather(1, got[:, None]) > 0).all()
+    # The ends: u = 0 takes the first token with any probability; u just under 1 a token of the last 1e-9 of the
+    # mass (which one rests on the float32 block sums' rounding, which varies with the CPU's vector width).
+    assert got[0] == (probs[0] > 0).nonzero()[0, 0]
+    assert probs[1, : got[1]].double().sum() >= (1 - 1e-9) * probs[1].double().sum()
 
 
 @pytest.mark.parametrize("vocab", [4 * CDF_BLOCK + 1, 49152, 50000])
@@ -107,3 +112,14 @@ def test_greedy_picks_the_first_maximum_as_argmax_does(vocab):
     assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
     params = [SamplingParams(temperature=0.0)] * 12
     assert sample(logits, params, [None] * 12).token_ids == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 7, 12345])
+def test_uniforms_draw_what_one_torch_rand_per_draw_gives(seed):
+    """Drawn a batch at a time, a request's uniforms are the draws of its seeded generator, one `torch.rand` per
+    draw, across batch boundaries: seeded outputs stay what they were."""
+    stream = make_generator(SamplingParams(temperature=1.0, seed=seed))
+    gen = torch.Generator().manual_seed(seed)
+    assert [stream.next() for _ in range(3 * Uniforms.BATCH + 5)] == [
+        float(torch.rand((), generator=gen)) for _ in range(3 * Uniforms.BATCH + 5)]
+    assert make_generator(SamplingParams(temperature=0)) is None
