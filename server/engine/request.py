@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 import time
 from dataclasses import dataclass, field
 
 from adapters.delta import AdapterDeltas
-
-if TYPE_CHECKING:
-    from server.engine.sampler import Uniforms
+from server.engine.uniforms import Uniforms
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ class Request:
     slot: int = -1  # adapter slot on the device while running; -1 = base model
     whole_prefill: bool = False  # PARA adapters: the prompt is prefilled in one step
     para_row: int = -1  # PARA adapters: its row of the PARA vector buffer while running (the scheduler's)
-    generator: Uniforms | None = None  # its sampler's draws (server/engine/sampler.py)
+    generator: Uniforms | None = None  # its sampler's draws (None when greedy)
     finish_reason: str | None = None
     # detokenisation state (server/engine/detokenizer.py)
     text: str = ""  # the output's text so far (cut at a stop string)

@@ -266,7 +266,12 @@ def test_a_killed_replica_loses_only_its_in_flight_requests(fleet):
     for w in workers:
         w.start()
     try:
-        time.sleep(3.0)
+        # traffic first: the kill comes once a few requests were answered, or after 3 s, whichever is later (a slow,
+        # shared machine may answer none in 3 s; the deadline only bounds a broken run)
+        warm = time.monotonic() + 3.0
+        while time.monotonic() < warm + 60.0 and (
+                time.monotonic() < warm or sum(r[3] == 200 for r in list(results)) < len(workers)):
+            time.sleep(0.1)
         fleet.replicas[victim].kill()
         fleet.replicas[victim].wait()
         killed_at = time.monotonic()

@@ -8,7 +8,6 @@ from server.engine.request import SamplingParams
 from server.engine.sampler import (
     CDF_BLOCK,
     WIDE_ROW,
-    Uniforms,
     _inverse_cdf,
     candidate_groups,
     greedy_tokens,
@@ -16,6 +15,7 @@ from server.engine.sampler import (
     reference_sample_rows,
     sample,
 )
+from server.engine.uniforms import Uniforms
 
 
 def sorted_reference(logits: torch.Tensor, params: list[SamplingParams], generators) -> list[int]:

@@ -48,10 +48,17 @@ def test_logits_match_transformers_prefill_and_decode(smollm2_dir, hf_smollm2):
                           max_prefill_chunk=32)
     prompts = {f"p{i}": _chat_ids(tokenizer, text) for i, text in enumerate(PROMPTS)}
     generated, logits = run_capture(engine, prompts, {}, max_tokens=6, join_after={"p3": 2})
+    exact = load_hf(smollm2_dir).double()  # the same model in float64: what fp32 rounding is measured against
     for rid, prompt in prompts.items():
         ref = reference_logits(hf_smollm2, prompt, generated[rid])
+        with torch.no_grad():
+            truth = exact(torch.tensor([prompt + generated[rid]])).logits[0, len(prompt) - 1 : -1]
         ours = torch.stack(logits[rid])
-        assert (ours - ref).abs().max().item() <= 1e-4, rid
+        # Two fp32 forwards differ by the sum of their roundings (ours - transformers reached 1.3e-4 on logits of
+        # magnitude ~32 on an AVX2 CPU, under 1e-4 on an AVX-512 one): ours is held to float64's logits instead,
+        # within 1e-4 of them or, where larger, 3x transformers' own fp32 error (measured 1.1-1.8x of it here).
+        ours_err = (ours.double() - truth).abs().max().item()
+        assert ours_err <= max(1e-4, 3 * (ref.double() - truth).abs().max().item()), (rid, ours_err)
         assert generated[rid] == ref.argmax(-1).tolist(), rid  # greedy decode follows transformers' own argmax
 
 
