@@ -5,10 +5,10 @@ import torch
 
 
 class Uniforms:
-    """A request's random source: uniform draws in [0, 1) from its own torch.Generator on the host whatever the
-    device (one draw per sampled token, see _sample_rows), so that a seed gives the same stream on every device and
-    costs no kernel launch. The draws are those of one `torch.rand((), generator=...)` each, in the same order,
-    taken BATCH at a time (a torch call per draw cost ~7 us here: half a millisecond a step at 64 requests)."""
+    """Uniform draws in [0, 1) from the request's own torch.Generator, on the host whatever the device (one draw per
+    sampled token, server/engine/sampler.py), so that a seed gives the same stream on every device and costs no
+    kernel launch. The draws are those of one `torch.rand((), generator=...)` each, in the same order, taken BATCH
+    at a time (a torch call per draw cost ~7 us: half a millisecond a step at 64 requests)."""
 
     BATCH = 64
 
