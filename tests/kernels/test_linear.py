@@ -1,9 +1,11 @@
-"""kernels.linear: the prepacked projection against F.linear (its reference), odd sizes, with bias and residual."""
+"""kernels.linear: the prepacked projection against F.linear (its reference), odd sizes, with bias and residual;
+which form prepack() picks (kernels/cpu_matmul.py's own tests sweep that kernel)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.linear import can_prepack, linear, prepack
+from kernels import cpu_matmul
+from kernels.linear import can_prepack, linear, prepack, uses_avx2_kernel
 from tests.kernels.conftest import TOLERANCES
 
 
@@ -24,9 +26,14 @@ def test_linear_equals_f_linear(num_tokens, d_out, d_in, with_bias, with_residua
     torch.testing.assert_close(out, ref, **TOLERANCES[dtype])
 
 
-def test_prepack_takes_onednn_on_a_cpu_in_fp32_and_bf16_and_nothing_else():
+def test_prepack_takes_the_avx2_kernel_or_onednn_on_a_cpu_in_fp32_onednn_in_bf16_and_nothing_else():
     w = torch.randn(8, 4)
-    assert prepack(w).is_mkldnn == can_prepack(w)
+    avx2 = torch.backends.cpu.get_cpu_capability() == "AVX2" and cpu_matmul.available()
+    assert uses_avx2_kernel() == avx2  # MULTIPLEX_CPU_MATMUL unset: auto
+    if avx2:
+        assert isinstance(prepack(w), cpu_matmul.PackedWeight)
+    else:
+        assert prepack(w).is_mkldnn == can_prepack(w)
     assert can_prepack(w) == torch.backends.mkldnn.is_available()  # the CPU machines this runs on have it
     bf16 = w.to(torch.bfloat16)
     assert can_prepack(bf16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()  # this CPU has AVX512-BF16

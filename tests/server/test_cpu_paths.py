@@ -1,9 +1,11 @@
 """The CPU forward takes its fast paths (the golden tests check their values; this checks they are the ones
-running): oneDNN-prepacked projections, the planned attention and KV write, one padded gather-bmm per LowRank op
+running): prepacked projections (our AVX2 kernel's panels on an AVX2 CPU, else oneDNN's layout), the planned attention and KV write, one padded gather-bmm per LowRank op
 and one CSR product per Sparse slot, from stores that keep each adapter once (nothing written to the arena)."""
 import torch
 
 import kernels.attention as attention
+from kernels import cpu_matmul
+from kernels.linear import uses_avx2_kernel
 import kernels.sparse as sparse
 from server.model.config import ModelConfig
 import server.model.padded_lowrank as padded_lowrank
@@ -17,8 +19,10 @@ def test_cpu_forward_uses_prepacked_weights_the_attention_plan_and_csr_sparse(tm
     path = make_hf_model(tmp_path / "m", "llama")
     engine = small_engine(path)
     model = engine.runner.model
-    assert all(w.is_mkldnn for lw in model.layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
-    assert model.lm_head.is_mkldnn and not model.embed.is_mkldnn
+    def prepacked(w):
+        return isinstance(w, cpu_matmul.PackedWeight) if uses_avx2_kernel() else w.is_mkldnn
+    assert all(prepacked(w) for lw in model.layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
+    assert prepacked(model.lm_head) and not model.embed.is_mkldnn
     pool = engine.runner.adapter_pool
     assert isinstance(pool.lowrank, PaddedLowRank) and isinstance(pool.sparse, CsrSparse)
     calls = {"attention": 0, "write": 0, "reference": 0, "csr": 0, "padded": 0}

@@ -1,0 +1,77 @@
+"""Engine-only: the fp32 projections of a CPU decode step, oneDNN (prepacked) against our AVX2 kernel
+(kernels/cpu_matmul.py), on the weights of `--layers` smollm2 layers (q|k|v 960 x 576, o 576 x 576, gate|up 3072 x
+576, down 576 x 1536: 24 MB a layer, more than the CPU's caches hold at 8 layers, so the weights stream from memory as
+in a real step), for each token count.
+
+    python -m benchmarks.cpu_matmul [--tokens 1 4 16 64 512] [--layers 8] [--out FILE.json]
+
+Each figure is the median of 15 passes over all the weights, the better of 3 rounds that alternate the two (this
+machine is noisy); outputs are compared with F.linear.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from kernels import cpu_matmul
+
+SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # smollm2's q|k|v, o, gate|up, down: (d_out, d_in)
+
+
+def _median_pass_s(fn, xs) -> float:
+    times = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        fn(xs)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 512])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--out", help="write the rows as JSON here")
+    argv = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(argv)
+    if not cpu_matmul.available():
+        raise SystemExit("the AVX2 kernel cannot run on this machine (needs x86-64 with AVX2 and FMA, and cc)")
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(d_out, d_in, generator=gen) / d_in**0.5 for _ in range(args.layers) for d_out, d_in in SHAPES]
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
+    panels = [cpu_matmul.pack(w) for w in weights]
+    weight_bytes = sum(w.numel() * 4 for w in weights)
+    ways = {"onednn": lambda xs: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for x, w in zip(xs, onednn)],
+            "avx2": lambda xs: [cpu_matmul.matmul(x, w) for x, w in zip(xs, panels)]}
+    rows = []
+    for tokens in args.tokens:
+        xs = [torch.randn(tokens, w.shape[1], generator=gen) for w in weights]
+        err = max((cpu_matmul.matmul(x, p) - x @ w.t()).abs().max().item() for x, p, w in zip(xs, panels, weights))
+        best = dict.fromkeys(ways, float("inf"))
+        for _ in range(3):
+            for name, fn in ways.items():
+                best[name] = min(best[name], _median_pass_s(fn, xs))
+        row = dict(tokens=tokens, onednn_ms=1e3 * best["onednn"], avx2_ms=1e3 * best["avx2"],
+                   speedup=best["onednn"] / best["avx2"], avx2_weight_gb_s=weight_bytes / best["avx2"] / 1e9,
+                   avx2_gflop_s=2 * tokens * weight_bytes / 4 / best["avx2"] / 1e9, max_abs_err=err)
+        rows.append(row)
+        print(f"{tokens:5d} tokens: oneDNN {row['onednn_ms']:7.2f} ms, AVX2 kernel {row['avx2_ms']:7.2f} ms "
+              f"({row['speedup']:.2f}x; weights at {row['avx2_weight_gb_s']:.1f} GB/s, "
+              f"{row['avx2_gflop_s']:.0f} GFLOP/s; max |diff| vs F.linear {err:.1e})", flush=True)
+    if args.out:
+        meta = dict(when=datetime.now(timezone.utc).isoformat(timespec="seconds"), cpu=platform.processor() or platform.machine(),
+                    torch_threads=torch.get_num_threads(), layers=args.layers, weight_mb=weight_bytes / 1e6,
+                    command=" ".join(["python -m benchmarks.cpu_matmul", *argv]))
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

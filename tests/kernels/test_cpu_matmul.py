@@ -1,0 +1,64 @@
+"""kernels.cpu_matmul (our AVX2 fp32 projection) against its reference, F.linear: token counts around the 6-row
+blocks, output widths around the 16-column panels, odd and long inner sizes, bias, residual, strided rows, one and
+two threads; and the on-demand build (cached by the source's hash; no compiler: an OSError, not a crash)."""
+import pytest
+import torch
+
+from kernels import cpu_matmul
+from tests.kernels.conftest import TOLERANCES
+
+pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 5, 6, 7, 16, 33, 130])
+@pytest.mark.parametrize("d_out, d_in", [(16, 64), (17, 1), (40, 577), (1376, 7), (11, 2049), (960, 576)])
+@pytest.mark.parametrize("with_bias, with_residual", [(False, False), (True, False), (False, True), (True, True)])
+def test_matmul_equals_its_reference(num_tokens, d_out, d_in, with_bias, with_residual):
+    gen = torch.Generator().manual_seed(num_tokens * 7 + d_out + d_in)
+    w = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
+    x = torch.randn(num_tokens, d_in + 5, generator=gen)[:, 2 : 2 + d_in]  # rows strided, as column slices are
+    bias = torch.randn(d_out, generator=gen) if with_bias else None
+    residual = torch.randn(num_tokens, d_out + 3, generator=gen)[:, :d_out] if with_residual else None
+    out = cpu_matmul.matmul(x, cpu_matmul.pack(w), bias, residual)
+    assert out.shape == (num_tokens, d_out) and out.is_contiguous() and out.dtype == torch.float32
+    torch.testing.assert_close(out, cpu_matmul.reference(x, w, bias, residual), **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_is_the_same_on_any_number_of_threads(threads):
+    """Each output is one in-order sum whichever thread computes its panel: the same bits on 1 or 2 threads."""
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(200, 96, generator=gen), torch.randn(9, 96, generator=gen)
+    packed, before = cpu_matmul.pack(w), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_matmul.matmul(x, packed)
+        torch.set_num_threads(threads)
+        assert torch.equal(cpu_matmul.matmul(x, packed), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_pack_lays_out_panels_of_16_columns_zero_past_the_end():
+    w = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)
+    packed = cpu_matmul.pack(w)
+    assert packed.panels.shape == (2, 3, 16) and packed.out_features == 20 and packed.in_features == 3
+    assert torch.equal(packed.panels[1, 2, :4], w[16:20, 2]) and not packed.panels[1, :, 4:].any()
+
+
+def test_a_wrong_inner_size_is_refused():
+    with pytest.raises(ValueError, match="x has 5 features, the weight 4"):
+        cpu_matmul.matmul(torch.randn(2, 5), cpu_matmul.pack(torch.randn(3, 4)))
+
+
+def test_the_build_is_cached_by_the_source_hash_and_a_missing_compiler_is_an_oserror(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTIPLEX_CACHE_DIR", str(tmp_path / "cache"))
+    built = cpu_matmul._build()
+    assert built.parent == tmp_path / "cache" and built.exists()
+    stamp = built.stat().st_mtime_ns
+    assert cpu_matmul._build() == built and built.stat().st_mtime_ns == stamp  # not built again
+    monkeypatch.setenv("MULTIPLEX_CACHE_DIR", str(tmp_path / "other"))
+    monkeypatch.setenv("CC", "/bin/false")
+    with pytest.raises(OSError, match="failed"):
+        cpu_matmul._build()
+    assert not any((tmp_path / "other").iterdir())  # nothing half-built left behind
