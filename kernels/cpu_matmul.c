@@ -8,6 +8,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #define PANEL 16
 
@@ -33,22 +34,25 @@ static inline void store_row(__m256 lo, __m256 hi, float *out, const float *bias
 /* One block of ROWS rows of x (ROWS <= 6) against one panel; accumulators are named so they stay in registers. */
 #define ROW_FMA(R, i) if (R > i) { a = _mm256_broadcast_ss(x + i * ldx + k); \
     c##i##0 = _mm256_fmadd_ps(a, b0, c##i##0); c##i##1 = _mm256_fmadd_ps(a, b1, c##i##1); }
-#define ROW_STORE(R, i) if (R > i) store_row(c##i##0, c##i##1, out + i * ldo, bias, res ? res + i * ldr : 0, cols);
+#define ROW_STORE(R, i) if (R > i) { int64_t r = orows ? orows[i] : i;                                      \
+    store_row(c##i##0, c##i##1, out + r * ldo, bias, res ? res + r * ldr : 0, cols); }
+/* Output row i of the block is row orows[i] of out (and res), or row i when orows is NULL. */
 #define DEFINE_BLOCK(ROWS)                                                                                          \
-static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, float *out, int64_t ldo,          \
-                        const float *bias, const float *res, int64_t ldr, int cols) {                             \
+static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, int64_t ldp, float *out,          \
+                        int64_t ldo, const int64_t *orows, const float *bias, const float *res, int64_t ldr,      \
+                        int cols) {                                                                               \
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,                     \
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, a;                                  \
     for (int k = 0; k < K; k++) {                                                                                 \
-        __m256 b0 = _mm256_loadu_ps(panel + (int64_t)k * PANEL), b1 = _mm256_loadu_ps(panel + (int64_t)k * PANEL + 8); \
+        __m256 b0 = _mm256_loadu_ps(panel + k * ldp), b1 = _mm256_loadu_ps(panel + k * ldp + 8);                   \
         ROW_FMA(ROWS, 0) ROW_FMA(ROWS, 1) ROW_FMA(ROWS, 2) ROW_FMA(ROWS, 3) ROW_FMA(ROWS, 4) ROW_FMA(ROWS, 5)                                   \
     }                                                                                                             \
     ROW_STORE(ROWS, 0) ROW_STORE(ROWS, 1) ROW_STORE(ROWS, 2) ROW_STORE(ROWS, 3) ROW_STORE(ROWS, 4) ROW_STORE(ROWS, 5)                           \
 }
 DEFINE_BLOCK(1) DEFINE_BLOCK(2) DEFINE_BLOCK(3) DEFINE_BLOCK(4) DEFINE_BLOCK(5) DEFINE_BLOCK(6)
 
-typedef void (*block_fn)(int, const float *, int64_t, const float *, float *, int64_t, const float *, const float *,
-                         int64_t, int);
+typedef void (*block_fn)(int, const float *, int64_t, const float *, int64_t, float *, int64_t, const int64_t *,
+                         const float *, const float *, int64_t, int);
 static const block_fn BLOCKS[7] = {0, block1, block2, block3, block4, block5, block6};
 
 /* x (M, K) rows ldx apart; panels (ceil(N / 16), K, 16); out (M, N) rows ldo apart; bias (N,) or NULL; res (M, N)
@@ -62,8 +66,93 @@ void multiplex_cpu_matmul(int M, int N, int K, const float *x, int64_t ldx, cons
         const float *panel = panels + (int64_t)p * K * PANEL;
         for (int m = 0; m < M; m += 6) {
             int rows = M - m < 6 ? M - m : 6;
-            BLOCKS[rows](K, x + m * ldx, ldx, panel, out + m * ldo + n0, ldo, bias ? bias + n0 : 0,
+            BLOCKS[rows](K, x + m * ldx, ldx, panel, PANEL, out + m * ldo + n0, ldo, 0, bias ? bias + n0 : 0,
                          res ? res + m * ldr + n0 : 0, ldr, cols);
+        }
+    }
+}
+
+/* ---- LoRA deltas of many adapters in one step (kernels/lowrank.py's padded grid):
+ * y[t, out_start[i] : out_start[i] + widths[i]] += (x[t] @ A_s[i R : (i + 1) R]^T) @ Bt_i,s for each token t of
+ * slot s. Group g holds slot slots[g] and the token rows rows[offsets[g] : offsets[g + 1]]. A: (J = num_slices R,
+ * d_in) per slot, slot_stride_a apart; Bt_i: (R, widths[i]) per slot, slot_stride_bt[i] apart (scale folded in).
+ * Phase 1 (shrink): h[offsets[g] + t, j] = x[rows[.]] . A_s[j], dot products streaming each row of A once.
+ * Phase 2 (expand): the panel blocks above with Bt_i read in place (panel row stride widths[i]), added into y's rows. */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* h[t * ldh] = x_t . arow for TOKENS (<= 4) tokens whose rows are xr[0..TOKENS) */
+#define DOT_FMA(T, t) if (T > t) { d##t##0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(xr[t] + k), d##t##0); \
+    d##t##1 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(xr[t] + k + 8), d##t##1); }
+#define DOT_END(T, t) if (T > t) { float v = hsum(_mm256_add_ps(d##t##0, d##t##1));                       \
+    for (int kk = k; kk < K; kk++) v += arow[kk] * xr[t][kk];                                              \
+    h[t * ldh] = v; }
+#define DEFINE_DOTS(TOKENS)                                                                                  \
+static void dots##TOKENS(int K, const float *arow, const float *const *xr, float *h, int64_t ldh) {         \
+    __m256 d00 = _mm256_setzero_ps(), d01 = d00, d10 = d00, d11 = d00, d20 = d00, d21 = d00, d30 = d00, d31 = d00; \
+    int k = 0;                                                                                               \
+    for (; k + 16 <= K; k += 16) {                                                                           \
+        __m256 a0 = _mm256_loadu_ps(arow + k), a1 = _mm256_loadu_ps(arow + k + 8);                           \
+        DOT_FMA(TOKENS, 0) DOT_FMA(TOKENS, 1) DOT_FMA(TOKENS, 2) DOT_FMA(TOKENS, 3)                          \
+    }                                                                                                        \
+    DOT_END(TOKENS, 0) DOT_END(TOKENS, 1) DOT_END(TOKENS, 2) DOT_END(TOKENS, 3)                              \
+}
+DEFINE_DOTS(1) DEFINE_DOTS(2) DEFINE_DOTS(3) DEFINE_DOTS(4)
+typedef void (*dots_fn)(int, const float *, const float *const *, float *, int64_t);
+static const dots_fn DOTS[5] = {0, dots1, dots2, dots3, dots4};
+
+#define MAX_SLICES 4
+#define ROWS_PER_ITEM 8  /* rows of A per phase-1 work item */
+
+void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets, const int64_t *rows,
+                            const float *x, int64_t ldx, int d_in, const float *a, int64_t slot_stride_a, int R,
+                            int num_slices, const int64_t *bt, const int64_t *slot_stride_bt, const int64_t *widths,
+                            const int64_t *out_start, float *y, int64_t ldy, float *h, int threads) {
+    int J = num_slices * R, a_items = (J + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
+    int64_t first_panel[MAX_SLICES + 1];  /* phase-2 work items: (group, slice, panel), slices' panels in a row */
+    first_panel[0] = 0;
+    for (int i = 0; i < num_slices; i++) first_panel[i + 1] = first_panel[i] + (widths[i] + PANEL - 1) / PANEL;
+    int64_t panels_per_group = first_panel[num_slices];
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t item = 0; item < (int64_t)S * a_items; item++) {
+            int g = item / a_items, j0 = (item % a_items) * ROWS_PER_ITEM;
+            int64_t t0 = offsets[g], n = offsets[g + 1] - t0;
+            const float *as = a + slots[g] * slot_stride_a;
+            for (int64_t t = 0; t < n; t += 4) {
+                int tn = n - t < 4 ? n - t : 4;
+                const float *xr[4];
+                for (int u = 0; u < tn; u++) xr[u] = x + rows[t0 + t + u] * ldx;
+                for (int j = j0; j < j0 + ROWS_PER_ITEM && j < J; j++)
+                    DOTS[tn](d_in, as + (int64_t)j * d_in, xr, h + (t0 + t) * J + j, J);
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t item = 0; item < (int64_t)S * panels_per_group; item++) {
+            int g = item / panels_per_group, q = item % panels_per_group, i = 0;
+            while (q >= first_panel[i + 1]) i++;
+            int64_t t0 = offsets[g], n = offsets[g + 1] - t0, c0 = (q - first_panel[i]) * PANEL;
+            int cols = widths[i] - c0 < PANEL ? widths[i] - c0 : PANEL;
+            const float *panel = (const float *)(intptr_t)bt[i] + slots[g] * slot_stride_bt[i] + c0;
+            int64_t ldp = widths[i];
+            float tail[cols < PANEL ? R * PANEL : 1];  /* a partial panel, zero-padded: never read past Bt's end */
+            if (cols < PANEL) {
+                memset(tail, 0, sizeof(float) * R * PANEL);
+                for (int r = 0; r < R; r++) memcpy(tail + r * PANEL, panel + r * ldp, sizeof(float) * cols);
+                panel = tail;
+                ldp = PANEL;
+            }
+            float *out = y + out_start[i] + c0;
+            for (int64_t t = 0; t < n; t += 6) {
+                int tn = n - t < 6 ? n - t : 6;
+                BLOCKS[tn](R, h + (t0 + t) * J + i * R, J, panel, ldp, out, ldy, rows + t0 + t, 0, out, ldy, cols);
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
-"""fp32 projections on an AVX2 CPU: y = x @ W^T (+ bias) (+ residual) by our own kernel (kernels/cpu_matmul.c).
+"""fp32 projections on an AVX2 CPU: y = x @ W^T (+ bias) (+ residual) by our own kernel (kernels/cpu_matmul.c),
+and the padded LoRA grid of many adapters in one step (`lowrank_grid`, for kernels/lowrank.py).
 
 Semantics (the reference is `reference`, F.linear):
     matmul(x, pack(W), bias, residual) == F.linear(x, W, bias) + residual
@@ -10,7 +11,12 @@ GFLOP/s and 5.6 GB/s of weights at 16 rows, where the machine reads 18 GB/s; thi
 columns that each thread streams once and multiplies 6 rows at a time in registers. 32 smollm2-shaped weights
 (127 MB), both threads, 2026-12-02: 1 row 12.8 -> 7.4 ms, 16 rows 24.2 -> 17.6 ms, 64 rows 54.6 -> 39.2 ms, 512 rows
 260 -> 249 ms (oneDNN -> this; `python -m benchmarks.cpu_matmul`). With AVX-512 oneDNN uses the wider registers and
-this kernel does not, so it is chosen on AVX2 CPUs only (`MULTIPLEX_CPU_MATMUL`).
+this kernel does not, so it is chosen on AVX2 CPUs only (`enabled()`, `MULTIPLEX_CPU_MATMUL=auto|avx2|onednn`, read
+once at import: `auto` is avx2 on a CPU whose widest vectors are AVX2 when the kernel builds, else oneDNN).
+
+`lowrank_grid` computes what kernels/lowrank.py's padded gather-bmm does (its reference) without gathering x or the
+factors: each slot's rows of A are dotted with its tokens (read once), then its Bt panels are multiplied in place and
+added into y's rows. It serves a decode step's LoRA deltas of many adapters.
 
 The C source is compiled on first use with the system's C compiler (`cc -O3 -mavx2 -mfma -fopenmp`, about 2 s) into
 a cache directory, named by the source's hash; without a compiler (or on another architecture) `available()` is
@@ -37,7 +43,14 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+CHOICES = ("auto", "avx2", "onednn")
+CHOICE = os.environ.get("MULTIPLEX_CPU_MATMUL", "auto")
+if CHOICE not in CHOICES:
+    raise ValueError(f"MULTIPLEX_CPU_MATMUL={CHOICE!r}: expected one of {', '.join(CHOICES)}")
+_enabled: bool | None = None  # decided at the first call: it may compile the kernel
+
 PANEL = 16  # output columns per packed panel (two AVX2 registers); kernels/cpu_matmul.c's PANEL
+MAX_SLICES = 4  # most output slices lowrank_grid takes (q|k|v: 3); kernels/cpu_matmul.c's MAX_SLICES
 SOURCE = Path(__file__).with_suffix(".c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
@@ -93,6 +106,47 @@ def matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
     return out
 
 
+def enabled() -> bool:
+    """Whether fp32 CPU work goes to these kernels (MULTIPLEX_CPU_MATMUL and this CPU; see the module docstring)."""
+    global _enabled
+    if _enabled is None:
+        if CHOICE == "onednn":
+            _enabled = False
+        elif CHOICE == "avx2":
+            if not available():
+                raise RuntimeError("MULTIPLEX_CPU_MATMUL=avx2, but the AVX2 kernel cannot run here (see the log)")
+            _enabled = True
+        else:
+            _enabled = torch.backends.cpu.get_cpu_capability() == "AVX2" and available()
+    return _enabled
+
+
+def lowrank_grid(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: tuple[torch.Tensor, ...],
+                 out_start: tuple[int, ...], slots: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> None:
+    """y[t, out_start[i] : +w_i] += (x[t] @ a[s, i R : (i + 1) R]^T) @ bt[i][s] for every token row t of slot s, in
+    place. Group g: slot slots[g], token rows rows[offsets[g] : offsets[g + 1]]. a: (num_slots, num_slices R, d_in),
+    bt[i]: (num_slots, R, w_i), fp32 contiguous; x, y fp32 with rows of unit stride. Needs available()."""
+    lib = _library()
+    if x.stride(-1) != 1 or y.stride(-1) != 1:
+        raise ValueError("lowrank_grid needs x and y with rows of unit stride")
+    num_slices, rank = len(bt), bt[0].shape[1]
+    if num_slices > MAX_SLICES:
+        raise ValueError(f"lowrank_grid takes at most {MAX_SLICES} slices, got {num_slices}")
+    if not (a.is_contiguous() and all(b.is_contiguous() for b in bt)) or a.shape[1] != num_slices * rank:
+        raise ValueError("lowrank_grid needs contiguous factors, a with num_slices * R rows")
+    slots, offsets, rows = (t.to(torch.int64).contiguous() for t in (slots, offsets, rows))
+    h = torch.empty(rows.numel(), num_slices * rank, dtype=torch.float32)  # the shrink's outputs, group order
+
+    def int64s(values):
+        return (ctypes.c_int64 * len(values))(*values)
+
+    lib.multiplex_lowrank_grid(slots.numel(), slots.data_ptr(), offsets.data_ptr(), rows.data_ptr(), x.data_ptr(),
+                               x.stride(0), x.shape[1], a.data_ptr(), a.stride(0), rank, num_slices,
+                               int64s([b.data_ptr() for b in bt]), int64s([b.stride(0) for b in bt]),
+                               int64s([b.shape[2] for b in bt]), int64s(list(out_start)), y.data_ptr(), y.stride(0),
+                               h.data_ptr(), torch.get_num_threads())
+
+
 def available() -> bool:
     """Whether this machine runs the kernel: x86-64 with AVX2 and FMA, and the source compiles (once)."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not _cpu_has_avx2_fma():
@@ -127,6 +181,11 @@ def _library() -> ctypes.CDLL:
             fn.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                            ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
             fn.restype = None
+            grid = lib.multiplex_lowrank_grid
+            grid.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
+                             + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+            grid.restype = None
             _LIB = lib
         return _LIB
 

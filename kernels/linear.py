@@ -11,26 +11,17 @@ MKL's sgemm instead, much slower on AMD CPUs: on this repository's 2-core AMD EP
 from 4 to 1024 tokens. In bf16, prepacked, the same product takes 147 us where F.linear takes 221 us at 16
 tokens (fp32 prepacked: 277 us; 2026-12-02, same machine); at 1024 tokens both take ~8 ms, half of fp32's.
 On a CPU whose widest vectors are AVX2 (no AVX-512), fp32 weights are packed for our own kernel instead
-(kernels/cpu_matmul.py: 1.3-1.7x oneDNN's speed there from 1 to 64 tokens, 1.04x at 512).
-`MULTIPLEX_CPU_MATMUL=auto|avx2|onednn`, read once at import, picks: `auto` is avx2 on such a CPU when the kernel
-builds, else oneDNN. Elsewhere (CUDA, fp16, no oneDNN) prepack() returns W itself and the call is F.linear /
+(kernels/cpu_matmul.py: 1.4-1.6x oneDNN's speed there from 1 to 64 tokens, on par at 512-2048;
+`MULTIPLEX_CPU_MATMUL` picks, see there). Elsewhere (CUDA, fp16, no oneDNN) prepack() returns W itself and the call is F.linear /
 torch.addmm. Results differ from F.linear's only in the order of the fp32 sums (a few ulps), and in bf16 by the
 fused residual add, rounded once instead of twice (1 ulp of bf16).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from kernels import cpu_matmul
-
-CPU_MATMUL_CHOICES = ("auto", "avx2", "onednn")
-CPU_MATMUL = os.environ.get("MULTIPLEX_CPU_MATMUL", "auto")
-if CPU_MATMUL not in CPU_MATMUL_CHOICES:
-    raise ValueError(f"MULTIPLEX_CPU_MATMUL={CPU_MATMUL!r}: expected one of {', '.join(CPU_MATMUL_CHOICES)}")
-_use_avx2: bool | None = None  # decided at the first fp32 CPU weight: it may compile the kernel
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
@@ -45,25 +36,10 @@ def _cpu_has_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def uses_avx2_kernel() -> bool:
-    """Whether fp32 CPU weights go to kernels/cpu_matmul.py (MULTIPLEX_CPU_MATMUL and this CPU; see the docstring)."""
-    global _use_avx2
-    if _use_avx2 is None:
-        if CPU_MATMUL == "onednn":
-            _use_avx2 = False
-        elif CPU_MATMUL == "avx2":
-            if not cpu_matmul.available():
-                raise RuntimeError("MULTIPLEX_CPU_MATMUL=avx2, but the AVX2 kernel cannot run here (see the log)")
-            _use_avx2 = True
-        else:
-            _use_avx2 = torch.backends.cpu.get_cpu_capability() == "AVX2" and cpu_matmul.available()
-    return _use_avx2
-
-
 def prepack(weight: torch.Tensor) -> torch.Tensor | cpu_matmul.PackedWeight:
     """W (d_out, d_in) -> the form linear() multiplies fastest: on a CPU our AVX2 kernel's panels or a oneDNN
     tensor, else W itself."""
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 and uses_avx2_kernel():
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 and cpu_matmul.enabled():
         return cpu_matmul.pack(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()) if can_prepack(weight) else weight
 

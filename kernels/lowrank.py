@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from kernels import cpu_matmul
 from kernels.segments import Segments, SlotBatch
 
 from kernels.dispatch import tl, triton, use_triton
@@ -395,6 +396,16 @@ def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factor
 
 
 def _lowrank_grid(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, sb: SlotBatch) -> None:
+    if (sb.offsets is not None and x.dtype == y.dtype == torch.float32 and y.device.type == "cpu"
+            and x.stride(-1) == 1 and y.stride(-1) == 1 and len(factors.bt) <= cpu_matmul.MAX_SLICES
+            and cpu_matmul.enabled()):
+        # the same sums without the gathers, the padded products or the scatter (kernels/cpu_matmul.py)
+        cpu_matmul.lowrank_grid(y, x, factors.a, factors.bt, factors.out_start, sb.slots, sb.offsets, sb.rows)
+        return
+    _lowrank_grid_torch(y, x, factors, sb)
+
+
+def _lowrank_grid_torch(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, sb: SlotBatch) -> None:
     # index_select rather than advanced indexing: the same gathers at a fraction of the dispatch cost
     num_slots, n = sb.gather.shape
 

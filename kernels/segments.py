@@ -49,6 +49,7 @@ class SlotBatch:
     keep: torch.Tensor | None  # (N,) int64 positions in gather.view(-1) that are real tokens; None: all of them
     rows: torch.Tensor  # (N,) int64 token rows, in the same order
     slot_range: tuple[int, int] | None = None  # (lo, hi) when slots == arange(lo, hi)
+    offsets: torch.Tensor | None = None  # (S+1,) int64: slot slots[i]'s tokens are rows[offsets[i] : offsets[i+1]]
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,10 @@ class Segments:
             gather[i, : len(r)] = r
             is_real[i, : len(r)] = True
         keep = None if bool(is_real.all()) else is_real.view(-1).nonzero().squeeze(1).to(device)
+        offsets = torch.tensor([0] + [len(r) for r in rows], dtype=torch.long).cumsum(0)
         return SlotBatch(slots=torch.tensor(slots, dtype=torch.long).to(device), gather=gather.to(device),
-                         keep=keep, rows=torch.cat(rows).long().to(device), slot_range=slot_range)
+                         keep=keep, rows=torch.cat(rows).long().to(device), slot_range=slot_range,
+                         offsets=offsets.to(device))
 
     def forget_host_views(self) -> None:
         """Drop slot_rows / slot_plan, read from the device tensors: call after writing new values into them."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu_matmul
-from kernels.linear import can_prepack, linear, prepack, uses_avx2_kernel
+from kernels.linear import can_prepack, linear, prepack
 from tests.kernels.conftest import TOLERANCES
 
 
@@ -29,7 +29,7 @@ def test_linear_equals_f_linear(num_tokens, d_out, d_in, with_bias, with_residua
 def test_prepack_takes_the_avx2_kernel_or_onednn_on_a_cpu_in_fp32_onednn_in_bf16_and_nothing_else():
     w = torch.randn(8, 4)
     avx2 = torch.backends.cpu.get_cpu_capability() == "AVX2" and cpu_matmul.available()
-    assert uses_avx2_kernel() == avx2  # MULTIPLEX_CPU_MATMUL unset: auto
+    assert cpu_matmul.enabled() == avx2  # MULTIPLEX_CPU_MATMUL unset: auto
     if avx2:
         assert isinstance(prepack(w), cpu_matmul.PackedWeight)
     else:

@@ -15,6 +15,7 @@ _HAS_CUDA = torch.cuda.is_available()
 
 import triton.language as tl  # noqa: E402
 
+from kernels import cpu_matmul  # noqa: E402
 import kernels.dispatch as dispatch  # noqa: E402
 import kernels.lowrank as lowrank  # noqa: E402
 from kernels.segments import make_segments, max_tiles  # noqa: E402
@@ -284,6 +285,15 @@ def test_launcher_checks_inputs():
         call(y, x, seg, arena, five)
 
 
+@pytest.fixture(params=["torch", "avx2"])
+def grid_path(request, monkeypatch):
+    """The padded CPU path's grid both ways: torch's gather-bmm, and kernels/cpu_matmul.c's (where it runs)."""
+    if request.param == "avx2" and not cpu_matmul.available():
+        pytest.skip("the AVX2 kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+    monkeypatch.setattr(cpu_matmul, "_enabled", request.param == "avx2")
+    return request.param
+
+
 def _padded_from_table(arena: torch.Tensor, table: LowRankTable, d_in: int) -> "lowrank.PaddedFactors":
     """The same factors in the CPU padded layout (scale folded into B^T, zero past each rank)."""
     num_slices, num_slots = table.rank.shape
@@ -311,7 +321,7 @@ def _check_padded_against_reference(case: Case, seg, gen: torch.Generator) -> tu
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in CASES])
-def test_padded_cpu_path_matches_reference(case: Case):
+def test_padded_cpu_path_matches_reference(case: Case, grid_path):
     """The CPU path (one gather-bmm per op for all adapters) against the reference, same sweep."""
     gen = torch.Generator().manual_seed(case.seed)
     slots = _slots(case, gen)
@@ -326,7 +336,7 @@ def test_padded_cpu_path_matches_reference(case: Case):
     ([6, -1, 9, 6], True),  # a range with unused slots in it (7, 8): padding rows only
     ([0, 40, -1], False),  # far apart: gathered
 ])
-def test_padded_cpu_path_reads_a_slot_range_or_gathers(slots, uses_range):
+def test_padded_cpu_path_reads_a_slot_range_or_gathers(slots, uses_range, grid_path):
     gen = torch.Generator().manual_seed(7)
     case = next(c for c in CASES if len(c.widths) == 3)
     seg_lens = [(2 * k + 1) % 5 + 1 for k in range(len(slots))]
@@ -343,7 +353,7 @@ def test_padded_cpu_path_reads_a_slot_range_or_gathers(slots, uses_range):
     ((12, 1, 1, 2), [4, 5, 6, 4], [4], [5, 6]),  # a prefill (12 tokens) alone; the decodes share the grid
     ((1, 10, 1, 1), [3, 5, 3, 5], [5], [3]),  # a solo slot's rows are not contiguous (an index, not a slice)
 ])
-def test_padded_cpu_path_solo_slots_and_the_grid(seg_lens, slots, solo, padded):
+def test_padded_cpu_path_solo_slots_and_the_grid(seg_lens, slots, solo, padded, grid_path):
     """A slot with many tokens (a prefill), or the step's only slot, gets its own matmuls, so the padded grid of the
     other slots is not padded to its length; same values as the reference, also for slices not adjacent in y."""
     gen = torch.Generator().manual_seed(11)
@@ -355,3 +365,18 @@ def test_padded_cpu_path_solo_slots_and_the_grid(seg_lens, slots, solo, padded):
     for widths in ((64, 32, 32), (16, 24, 8, 20)):
         case = Case("solo", tuple(seg_lens), "given", 8, 48, widths, slots=tuple(slots), ranks=(16, 7))
         _check_padded_against_reference(case, seg, gen)
+
+
+def test_the_avx2_grid_is_what_serves_the_padded_grid_where_it_runs(monkeypatch):
+    """Not a silent fallback: with the kernel enabled, a step of several adapters' decodes calls it once per op."""
+    if not cpu_matmul.available():
+        pytest.skip("the AVX2 kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+    monkeypatch.setattr(cpu_matmul, "_enabled", True)
+    calls = []
+    monkeypatch.setattr(cpu_matmul, "lowrank_grid", lambda *args: calls.append(args))
+    case = Case("grid", (1, 1, 1), "given", 3, 48, (64, 32, 32), slots=(0, 1, 2))
+    seg = make_segments(list(case.seg_lens), list(case.slots), "cpu")
+    gen = torch.Generator().manual_seed(0)
+    arena, table = _make_table(case, torch.float32, "cpu", gen)
+    lowrank.lowrank_delta_padded(torch.zeros(3, 128), torch.randn(3, 48), seg, _padded_from_table(arena, table, 48))
+    assert len(calls) == 1

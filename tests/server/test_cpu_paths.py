@@ -5,7 +5,6 @@ import torch
 
 import kernels.attention as attention
 from kernels import cpu_matmul
-from kernels.linear import uses_avx2_kernel
 import kernels.sparse as sparse
 from server.model.config import ModelConfig
 import server.model.padded_lowrank as padded_lowrank
@@ -20,7 +19,7 @@ def test_cpu_forward_uses_prepacked_weights_the_attention_plan_and_csr_sparse(tm
     engine = small_engine(path)
     model = engine.runner.model
     def prepacked(w):
-        return isinstance(w, cpu_matmul.PackedWeight) if uses_avx2_kernel() else w.is_mkldnn
+        return isinstance(w, cpu_matmul.PackedWeight) if cpu_matmul.enabled() else w.is_mkldnn
     assert all(prepacked(w) for lw in model.layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
     assert prepacked(model.lm_head) and not model.embed.is_mkldnn
     pool = engine.runner.adapter_pool
