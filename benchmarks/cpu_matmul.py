@@ -1,12 +1,15 @@
 """Engine-only: the fp32 projections of a CPU decode step, oneDNN (prepacked) against our AVX2 kernel
 (kernels/cpu_matmul.py), on the weights of `--layers` smollm2 layers (q|k|v 960 x 576, o 576 x 576, gate|up 3072 x
-576, down 576 x 1536: 24 MB a layer, more than the CPU's caches hold at 8 layers, so the weights stream from memory as
-in a real step), for each token count.
+576, down 576 x 1536: 14 MB a layer, more than the CPU's caches hold at 8 layers, so the weights stream from memory
+as in a real step), for each token count. `--grid`: instead, the LoRA deltas of a decode step (kernels/lowrank.py's
+padded grid) over all 30 layers' four projection groups, 8 rank-16 adapters on 16 slots, one token per request in
+turn across the adapters, torch's gather-bmm against our kernel.
 
     python -m benchmarks.cpu_matmul [--tokens 1 4 16 64 512] [--layers 8] [--out FILE.json]
+    python -m benchmarks.cpu_matmul --grid [--tokens 16 32]
 
 Each figure is the median of 15 passes over all the weights, the better of 3 rounds that alternate the two (this
-machine is noisy); outputs are compared with F.linear.
+machine is noisy); outputs are compared with F.linear (the grid: with the gather-bmm).
 """
 from __future__ import annotations
 
@@ -19,9 +22,41 @@ from datetime import datetime, timezone
 
 import torch
 
-from kernels import cpu_matmul
+from kernels import cpu_matmul, lowrank
+from kernels.segments import make_segments
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # smollm2's q|k|v, o, gate|up, down: (d_out, d_in)
+GROUPS = ((576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (576,)))  # (d_in, slice widths)
+
+
+def grid_ways(tokens: int, gen: torch.Generator, rank: int = 16, layers: int = 30, adapters: int = 8):
+    """The padded LoRA factors of a smollm2 step and its inputs -> (weight bytes, {way: fn}, max |diff|)."""
+    ops = []
+    for _ in range(layers):
+        for d_in, widths in GROUPS:
+            a = torch.randn(16, len(widths) * rank, d_in, generator=gen) * 0.01
+            bt = tuple(torch.randn(16, rank, w, generator=gen) * 0.01 for w in widths)
+            starts = tuple(sum(widths[:i]) for i in range(len(widths)))
+            ops.append((lowrank.PaddedFactors(a, bt, starts, widths), torch.randn(tokens, d_in, generator=gen),
+                        torch.zeros(tokens, sum(widths))))
+    seg = make_segments([1] * tokens, [i % adapters for i in range(tokens)], "cpu")
+    weight_bytes = sum(4 * adapters * (f.a[0].numel() + sum(b[0].numel() for b in f.bt)) for f, _, _ in ops)
+
+    def way(kernel: bool):
+        def run(_):
+            cpu_matmul._enabled = kernel  # the dispatch kernels/lowrank.py reads
+            for f, x, y in ops:
+                lowrank.lowrank_delta_padded(y, x, seg, f)
+        return run
+
+    f, x, _ = ops[0]
+    outs = []
+    for kernel in (False, True):
+        y = torch.zeros(tokens, sum(f.out_width))
+        cpu_matmul._enabled = kernel
+        lowrank.lowrank_delta_padded(y, x, seg, f)
+        outs.append(y)
+    return weight_bytes, {"gather-bmm": way(False), "avx2": way(True)}, (outs[0] - outs[1]).abs().max().item()
 
 
 def _median_pass_s(fn, xs) -> float:
@@ -37,12 +72,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 512])
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--grid", action="store_true", help="the LoRA grid of a decode step instead of the projections")
     ap.add_argument("--out", help="write the rows as JSON here")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     if not cpu_matmul.available():
         raise SystemExit("the AVX2 kernel cannot run on this machine (needs x86-64 with AVX2 and FMA, and cc)")
     gen = torch.Generator().manual_seed(0)
+    if args.grid:
+        return grid_main(args, argv, gen)
     weights = [torch.randn(d_out, d_in, generator=gen) / d_in**0.5 for _ in range(args.layers) for d_out, d_in in SHAPES]
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
     panels = [cpu_matmul.pack(w) for w in weights]
@@ -70,6 +108,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     command=" ".join(["python -m benchmarks.cpu_matmul", *argv]))
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    return rows
+
+
+
+def grid_main(args, argv: list[str], gen: torch.Generator) -> list[dict]:
+    rows = []
+    for tokens in args.tokens:
+        weight_bytes, ways, err = grid_ways(tokens, gen)
+        best = dict.fromkeys(ways, float("inf"))
+        for _ in range(3):
+            for name, fn in ways.items():
+                best[name] = min(best[name], _median_pass_s(fn, None))
+        row = dict(tokens=tokens, gather_bmm_ms=1e3 * best["gather-bmm"], avx2_ms=1e3 * best["avx2"],
+                   speedup=best["gather-bmm"] / best["avx2"], avx2_factor_gb_s=weight_bytes / best["avx2"] / 1e9,
+                   max_abs_err=err)
+        rows.append(row)
+        print(f"{tokens:5d} tokens over 8 adapters, 120 ops: gather-bmm {row['gather_bmm_ms']:7.2f} ms, AVX2 kernel "
+              f"{row['avx2_ms']:7.2f} ms ({row['speedup']:.2f}x; factors at {row['avx2_factor_gb_s']:.1f} GB/s; "
+              f"max |diff| {err:.1e})", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=dict(when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                     command=" ".join(["python -m benchmarks.cpu_matmul", *argv])), rows=rows), f, indent=1)
     return rows
 
 

@@ -108,16 +108,20 @@ static const dots_fn DOTS[5] = {0, dots1, dots2, dots3, dots4};
 
 #define MAX_SLICES 4
 #define ROWS_PER_ITEM 8  /* rows of A per phase-1 work item */
+#define PANELS_PER_ITEM 4  /* Bt panels per phase-2 work item */
 
 void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets, const int64_t *rows,
                             const float *x, int64_t ldx, int d_in, const float *a, int64_t slot_stride_a, int R,
                             int num_slices, const int64_t *bt, const int64_t *slot_stride_bt, const int64_t *widths,
                             const int64_t *out_start, float *y, int64_t ldy, float *h, int threads) {
     int J = num_slices * R, a_items = (J + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
-    int64_t first_panel[MAX_SLICES + 1];  /* phase-2 work items: (group, slice, panel), slices' panels in a row */
-    first_panel[0] = 0;
-    for (int i = 0; i < num_slices; i++) first_panel[i + 1] = first_panel[i] + (widths[i] + PANEL - 1) / PANEL;
-    int64_t panels_per_group = first_panel[num_slices];
+    int64_t first_chunk[MAX_SLICES + 1];  /* phase-2 work items: (group, slice, chunk of panels), slices in a row */
+    first_chunk[0] = 0;
+    for (int i = 0; i < num_slices; i++) {
+        int64_t panels = (widths[i] + PANEL - 1) / PANEL;
+        first_chunk[i + 1] = first_chunk[i] + (panels + PANELS_PER_ITEM - 1) / PANELS_PER_ITEM;
+    }
+    int64_t chunks_per_group = first_chunk[num_slices];
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
@@ -134,24 +138,30 @@ void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets,
             }
         }
         #pragma omp for schedule(static)
-        for (int64_t item = 0; item < (int64_t)S * panels_per_group; item++) {
-            int g = item / panels_per_group, q = item % panels_per_group, i = 0;
-            while (q >= first_panel[i + 1]) i++;
-            int64_t t0 = offsets[g], n = offsets[g + 1] - t0, c0 = (q - first_panel[i]) * PANEL;
-            int cols = widths[i] - c0 < PANEL ? widths[i] - c0 : PANEL;
-            const float *panel = (const float *)(intptr_t)bt[i] + slots[g] * slot_stride_bt[i] + c0;
-            int64_t ldp = widths[i];
-            float tail[cols < PANEL ? R * PANEL : 1];  /* a partial panel, zero-padded: never read past Bt's end */
-            if (cols < PANEL) {
-                memset(tail, 0, sizeof(float) * R * PANEL);
-                for (int r = 0; r < R; r++) memcpy(tail + r * PANEL, panel + r * ldp, sizeof(float) * cols);
-                panel = tail;
-                ldp = PANEL;
-            }
-            float *out = y + out_start[i] + c0;
-            for (int64_t t = 0; t < n; t += 6) {
-                int tn = n - t < 6 ? n - t : 6;
-                BLOCKS[tn](R, h + (t0 + t) * J + i * R, J, panel, ldp, out, ldy, rows + t0 + t, 0, out, ldy, cols);
+        for (int64_t item = 0; item < (int64_t)S * chunks_per_group; item++) {
+            int g = item / chunks_per_group, q = item % chunks_per_group, i = 0;
+            while (q >= first_chunk[i + 1]) i++;
+            int64_t t0 = offsets[g], n = offsets[g + 1] - t0;
+            if (n == 0) continue;
+            const float *bts = (const float *)(intptr_t)bt[i] + slots[g] * slot_stride_bt[i];
+            int64_t c_end = (q - first_chunk[i] + 1) * PANELS_PER_ITEM * PANEL;
+            if (c_end > widths[i]) c_end = widths[i];
+            for (int64_t c0 = (q - first_chunk[i]) * PANELS_PER_ITEM * PANEL; c0 < c_end; c0 += PANEL) {
+                int cols = c_end - c0 < PANEL ? c_end - c0 : PANEL;
+                const float *panel = bts + c0;
+                int64_t ldp = widths[i];
+                float tail[cols < PANEL ? R * PANEL : 1];  /* a partial panel, zero-padded: never read past Bt */
+                if (cols < PANEL) {
+                    memset(tail, 0, sizeof(float) * R * PANEL);
+                    for (int r = 0; r < R; r++) memcpy(tail + r * PANEL, panel + r * ldp, sizeof(float) * cols);
+                    panel = tail;
+                    ldp = PANEL;
+                }
+                float *out = y + out_start[i] + c0;
+                for (int64_t t = 0; t < n; t += 6) {
+                    int tn = n - t < 6 ? n - t : 6;
+                    BLOCKS[tn](R, h + (t0 + t) * J + i * R, J, panel, ldp, out, ldy, rows + t0 + t, 0, out, ldy, cols);
+                }
             }
         }
     }

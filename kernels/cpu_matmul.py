@@ -9,8 +9,8 @@ Why: a CPU decode step multiplies a few rows (one per running request) by every 
 memory each step. On a 2-core AVX2 EPYC (no AVX-512), oneDNN's prepacked matmul (kernels/linear.py) reached 44
 GFLOP/s and 5.6 GB/s of weights at 16 rows, where the machine reads 18 GB/s; this kernel packs W into panels of 16
 columns that each thread streams once and multiplies 6 rows at a time in registers. 32 smollm2-shaped weights
-(127 MB), both threads, 2026-12-02: 1 row 12.8 -> 7.4 ms, 16 rows 24.2 -> 17.6 ms, 64 rows 54.6 -> 39.2 ms, 512 rows
-260 -> 249 ms (oneDNN -> this; `python -m benchmarks.cpu_matmul`). With AVX-512 oneDNN uses the wider registers and
+(113 MB), both threads, 2026-12-02 14:57 UTC: 1 row 10.7 -> 6.5 ms, 16 rows 22.4 -> 15.7 ms, 64 rows 57.9 -> 39.7
+ms, 512 rows 274 -> 250 ms, 2048 rows on par (oneDNN -> this; `python -m benchmarks.cpu_matmul`). With AVX-512 oneDNN uses the wider registers and
 this kernel does not, so it is chosen on AVX2 CPUs only (`enabled()`, `MULTIPLEX_CPU_MATMUL=auto|avx2|onednn`, read
 once at import: `auto` is avx2 on a CPU whose widest vectors are AVX2 when the kernel builds, else oneDNN).
 

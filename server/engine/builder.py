@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu_matmul
 from kernels.dispatch import use_triton
 from server.engine.adapter_cache import AdapterCache
 from server.engine.block_manager import BlockManager
@@ -71,7 +72,8 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     forward_threads = use_cpu_threads(opts.cpu_threads) if device.type == "cpu" else None
     if forward_threads is not None:
         caches = bound_onednn_caches()  # before the model load's prepacking, the process's first oneDNN call
-        log.info("CPU forward on %d intra-op threads; oneDNN caches %s", forward_threads, caches)
+        log.info("CPU forward on %d intra-op threads; fp32 projections by %s; oneDNN caches %s", forward_threads,
+                 "our AVX2 kernel (kernels/cpu_matmul.c)" if cpu_matmul.enabled() else "oneDNN", caches)
     path = resolve_model_path(model, opts.data_dir)
     cfg = ModelConfig.from_dir(path)
     llama = LlamaModel(cfg, load_state_dict(path), device, dtype)
