@@ -59,6 +59,24 @@ def grid_ways(tokens: int, gen: torch.Generator, rank: int = 16, layers: int = 3
     return weight_bytes, {"gather-bmm": way(False), "avx2": way(True)}, (outs[0] - outs[1]).abs().max().item()
 
 
+def _best_of_rounds(ways: dict, arg) -> dict[str, float]:
+    """Each way's median pass, the best of 3 rounds that alternate the ways."""
+    best = dict.fromkeys(ways, float("inf"))
+    for _ in range(3):
+        for name, fn in ways.items():
+            best[name] = min(best[name], _median_pass_s(fn, arg))
+    return best
+
+
+def _write(path: str | None, argv: list[str], rows: list[dict], **meta) -> None:
+    if path:
+        meta = dict(when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    cpu=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads(),
+                    command=" ".join(["python -m benchmarks.cpu_matmul", *argv]), **meta)
+        with open(path, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
 def _median_pass_s(fn, xs) -> float:
     times = []
     for _ in range(15):
@@ -91,10 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for tokens in args.tokens:
         xs = [torch.randn(tokens, w.shape[1], generator=gen) for w in weights]
         err = max((cpu_matmul.matmul(x, p) - x @ w.t()).abs().max().item() for x, p, w in zip(xs, panels, weights))
-        best = dict.fromkeys(ways, float("inf"))
-        for _ in range(3):
-            for name, fn in ways.items():
-                best[name] = min(best[name], _median_pass_s(fn, xs))
+        best = _best_of_rounds(ways, xs)
         row = dict(tokens=tokens, onednn_ms=1e3 * best["onednn"], avx2_ms=1e3 * best["avx2"],
                    speedup=best["onednn"] / best["avx2"], avx2_weight_gb_s=weight_bytes / best["avx2"] / 1e9,
                    avx2_gflop_s=2 * tokens * weight_bytes / 4 / best["avx2"] / 1e9, max_abs_err=err)
@@ -102,24 +117,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{tokens:5d} tokens: oneDNN {row['onednn_ms']:7.2f} ms, AVX2 kernel {row['avx2_ms']:7.2f} ms "
               f"({row['speedup']:.2f}x; weights at {row['avx2_weight_gb_s']:.1f} GB/s, "
               f"{row['avx2_gflop_s']:.0f} GFLOP/s; max |diff| vs F.linear {err:.1e})", flush=True)
-    if args.out:
-        meta = dict(when=datetime.now(timezone.utc).isoformat(timespec="seconds"), cpu=platform.processor() or platform.machine(),
-                    torch_threads=torch.get_num_threads(), layers=args.layers, weight_mb=weight_bytes / 1e6,
-                    command=" ".join(["python -m benchmarks.cpu_matmul", *argv]))
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    _write(args.out, argv, rows, layers=args.layers, weight_mb=weight_bytes / 1e6)
     return rows
-
 
 
 def grid_main(args, argv: list[str], gen: torch.Generator) -> list[dict]:
     rows = []
     for tokens in args.tokens:
         weight_bytes, ways, err = grid_ways(tokens, gen)
-        best = dict.fromkeys(ways, float("inf"))
-        for _ in range(3):
-            for name, fn in ways.items():
-                best[name] = min(best[name], _median_pass_s(fn, None))
+        best = _best_of_rounds(ways, None)
         row = dict(tokens=tokens, gather_bmm_ms=1e3 * best["gather-bmm"], avx2_ms=1e3 * best["avx2"],
                    speedup=best["gather-bmm"] / best["avx2"], avx2_factor_gb_s=weight_bytes / best["avx2"] / 1e9,
                    max_abs_err=err)
@@ -127,10 +133,7 @@ def grid_main(args, argv: list[str], gen: torch.Generator) -> list[dict]:
         print(f"{tokens:5d} tokens over 8 adapters, 120 ops: gather-bmm {row['gather_bmm_ms']:7.2f} ms, AVX2 kernel "
               f"{row['avx2_ms']:7.2f} ms ({row['speedup']:.2f}x; factors at {row['avx2_factor_gb_s']:.1f} GB/s; "
               f"max |diff| {err:.1e})", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=dict(when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                     command=" ".join(["python -m benchmarks.cpu_matmul", *argv])), rows=rows), f, indent=1)
+    _write(args.out, argv, rows, grid=True)
     return rows
 
 
