@@ -22,7 +22,8 @@ from server.model.rope import RotaryEmbedding
 
 @dataclass
 class LayerWeights:
-    """One layer's weights; the matrices as kernels.linear.prepack made them (oneDNN's layout on a CPU)."""
+    """One layer's weights; the matrices as kernels.linear.prepack made them (on a CPU oneDNN's layout, or our AVX2
+    kernel's panels: kernels.cpu_matmul.PackedWeight, which the annotations below include)."""
 
     input_norm: torch.Tensor  # (H,)
     qkv: torch.Tensor  # (q + 2kv, H)
@@ -53,7 +54,7 @@ class LlamaModel:
         self.embed = w("model.embed_tokens.weight")  # (V, H)
         self.norm = w("model.norm.weight")
         head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in state else w("lm_head.weight")
-        self.lm_head = prepack(head)  # (V, H); tied: on a CPU a second copy, in oneDNN's layout
+        self.lm_head = prepack(head)  # (V, H); tied: on a CPU a second copy, in the layout prepack chose
         self.layers: list[LayerWeights] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."

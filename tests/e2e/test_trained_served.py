@@ -113,7 +113,9 @@ SMOLLM2_CHEAPER = {"pissa": {"targets": ("q_proj", "v_proj")}, "sorsa": {"target
 @pytest.mark.slow
 def test_every_method_trained_on_smollm2_is_served_with_the_trainers_logits(tmp_path, smollm2_dir):
     """Each method trained two steps on smollm2 (fp32), then all of them served in one mixed batch on smollm2: each
-    request gets its trained model's greedy tokens and logits (<= 1e-4). One trained model is held at a time."""
+    request gets its trained model's greedy tokens and logits (<= 2e-4 on logits of magnitude ~30: two fp32
+    implementations of smollm2 differ by up to ~1.4e-4, each being 3e-5-9e-5 from the float64 model, which
+    tests/server/test_smollm2.py holds ours to). One trained model is held at a time."""
     base = load_hf(smollm2_dir)
     train, evals = _examples(8, 1), _examples(2, 2)
     gen = torch.Generator().manual_seed(5)
@@ -134,9 +136,9 @@ def test_every_method_trained_on_smollm2_is_served_with_the_trainers_logits(tmp_
     for case in prompts:
         tokens, rows = expected[case]
         for i, (ours, ref) in enumerate(zip(logits[case], rows)):
-            assert (ours - ref).abs().max().item() <= 1e-4, f"{case}, token {i}"
+            assert (ours - ref).abs().max().item() <= 2e-4, f"{case}, token {i}"
             top2 = ref.topk(2).values
             if generated[case][i] != tokens[i]:  # allowed only where the trainer's top two are within the tolerance
-                assert (top2[0] - top2[1]).item() <= 2e-4, f"{case}, token {i}: {generated[case]} vs {tokens}"
+                assert (top2[0] - top2[1]).item() <= 4e-4, f"{case}, token {i}: {generated[case]} vs {tokens}"
                 break
         assert (logits[case][0] - base_rows[case]).abs().max().item() > 1e-4, f"{case}: training changed nothing"

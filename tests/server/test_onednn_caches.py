@@ -1,6 +1,7 @@
 """A CPU engine bounds oneDNN's caches of compiled matmuls (server/engine/onednn_caches.py): with the defaults, a
 projection called at many token counts keeps a buffer the size of its output for each, and the process grows by
-gigabytes over a serving day."""
+gigabytes over a serving day. The probe forces oneDNN (MULTIPLEX_CPU_MATMUL=onednn): on an AVX2 CPU the
+projections run our own kernel, which caches nothing per shape (checked too)."""
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels import cpu_matmul
 from kernels.linear import can_prepack
 from server.engine.onednn_caches import VARIABLES
 
@@ -40,8 +42,8 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _growth_mib(tmp_path, mode: str) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in VARIABLES}
+def _growth_mib(tmp_path, mode: str, matmul: str = "onednn") -> float:
+    env = {k: v for k, v in os.environ.items() if k not in VARIABLES} | {"MULTIPLEX_CPU_MATMUL": matmul}
     out = subprocess.run([sys.executable, "-c", PROBE, mode, str(tmp_path / mode)], env=env, capture_output=True,
                          text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert out.returncode == 0, out.stderr[-3000:]
@@ -54,6 +56,12 @@ def test_a_cpu_engine_bounds_the_memory_onednn_keeps_per_shape(tmp_path):
     bounded = _growth_mib(tmp_path, "engine")  # 16 of them at most: 32 MiB
     assert unbounded > 180, f"the probe no longer shows oneDNN's per-shape memory ({unbounded:.0f} MiB)"
     assert bounded < 100, f"grew {bounded:.0f} MiB with the engine's bounds (without: {unbounded:.0f} MiB)"
+
+
+@pytest.mark.skipif(not cpu_matmul.available(), reason="needs the AVX2 kernel (x86-64, AVX2 and FMA, a C compiler)")
+def test_our_avx2_kernel_keeps_nothing_per_shape(tmp_path):
+    """Where projections run our AVX2 kernel (kernels/cpu_matmul.py), the same probe does not grow at all."""
+    assert _growth_mib(tmp_path, "plain", matmul="avx2") < 20
 
 
 def test_a_users_own_setting_wins(monkeypatch):
