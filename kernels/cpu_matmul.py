@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -203,15 +204,18 @@ def _build() -> Path:
     target = cache_dir() / f"cpu_matmul-{digest}.so"
     if target.exists():
         return target
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
+    if not compiler:
         raise OSError("no C compiler (cc or gcc) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: processes may race
         built = Path(tmp) / target.name
-        run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        try:
+            run = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        except OSError as exc:  # CC names no program
+            raise OSError(f"{' '.join(compiler)} failed: {exc}") from exc
         if run.returncode != 0:
-            raise OSError(f"{compiler} failed: {run.stderr.strip()[-500:]}")
+            raise OSError(f"{' '.join(compiler)} failed: {run.stderr.strip()[-500:]}")
         os.replace(built, target)
     log.info("built the AVX2 matmul kernel into %s", target)
     return target

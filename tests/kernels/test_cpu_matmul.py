@@ -58,7 +58,8 @@ def test_the_build_is_cached_by_the_source_hash_and_a_missing_compiler_is_an_ose
     stamp = built.stat().st_mtime_ns
     assert cpu_matmul._build() == built and built.stat().st_mtime_ns == stamp  # not built again
     monkeypatch.setenv("MULTIPLEX_CACHE_DIR", str(tmp_path / "other"))
-    monkeypatch.setenv("CC", "/bin/false")
-    with pytest.raises(OSError, match="failed"):
-        cpu_matmul._build()
+    for cc in ("/bin/false", "/no/such/compiler", "env /bin/false"):  # fails; names nothing; a command with arguments
+        monkeypatch.setenv("CC", cc)
+        with pytest.raises(OSError, match="failed"):
+            cpu_matmul._build()
     assert not any((tmp_path / "other").iterdir())  # nothing half-built left behind
