@@ -30,7 +30,6 @@ import ctypes
 import hashlib
 import logging
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -149,8 +148,9 @@ def lowrank_grid(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: tuple[to
 
 
 def available() -> bool:
-    """Whether this machine runs the kernel: x86-64 with AVX2 and FMA, and the source compiles (once)."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not _cpu_has_avx2_fma():
+    """Whether this machine runs the kernel: PyTorch's own CPU check finds AVX2 and FMA (its "AVX2" and "AVX512"
+    capabilities require both; an x86-64 CPU), and the source compiles (once)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
     try:
         _library()
@@ -158,14 +158,6 @@ def available() -> bool:
         log.warning("the AVX2 matmul kernel is unavailable (%s); CPU projections use oneDNN", exc)
         return False
     return True
-
-
-def _cpu_has_avx2_fma() -> bool:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return {"avx2", "fma"} <= set(flags.split(":", 1)[1].split())
 
 
 _LOCK = threading.Lock()
