@@ -11,7 +11,7 @@ MKL's sgemm instead, much slower on AMD CPUs: on this repository's 2-core AMD EP
 from 4 to 1024 tokens. In bf16, prepacked, the same product takes 147 us where F.linear takes 221 us at 16
 tokens (fp32 prepacked: 277 us; 2026-12-02, same machine); at 1024 tokens both take ~8 ms, half of fp32's.
 On a CPU whose widest vectors are AVX2 (no AVX-512), fp32 weights are packed for our own kernel instead
-(kernels/cpu_matmul.py: 1.4-1.6x oneDNN's speed there from 1 to 64 tokens, on par at 512-2048;
+(kernels/cpu_matmul.py: 1.4-1.6x oneDNN's speed there from 1 to 16 tokens, 1.1-1.5x at 64, on par at 512-2048;
 `MULTIPLEX_CPU_MATMUL` picks, see there). Elsewhere (CUDA, fp16, no oneDNN) prepack() returns W itself and the call is F.linear /
 torch.addmm. Results differ from F.linear's only in the order of the fp32 sums (a few ulps), and in bf16 by the
 fused residual add, rounded once instead of twice (1 ulp of bf16).
