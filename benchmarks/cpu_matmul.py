@@ -1,5 +1,5 @@
-"""Engine-only: the fp32 projections of a CPU decode step, oneDNN (prepacked) against our AVX2 kernel
-(kernels/cpu_matmul.py), on the weights of `--layers` smollm2 layers (q|k|v 960 x 576, o 576 x 576, gate|up 3072 x
+"""Engine-only: the fp32 projections of a CPU decode step, oneDNN (prepacked) against our kernel
+(kernels/cpu_matmul.py, the form this CPU builds or `--variant`), on the weights of `--layers` smollm2 layers (q|k|v 960 x 576, o 576 x 576, gate|up 3072 x
 576, down 576 x 1536: 14 MB a layer, more than the CPU's caches hold at 8 layers, so the weights stream from memory
 as in a real step), for each token count. `--grid`: instead, the LoRA deltas of a decode step (kernels/lowrank.py's
 padded grid) over all 30 layers' four projection groups, 8 rank-16 adapters on 16 slots, one token per request in
@@ -56,7 +56,7 @@ def grid_ways(tokens: int, gen: torch.Generator, rank: int = 16, layers: int = 3
         cpu_matmul._enabled = kernel
         lowrank.lowrank_delta_padded(y, x, seg, f)
         outs.append(y)
-    return weight_bytes, {"gather-bmm": way(False), "avx2": way(True)}, (outs[0] - outs[1]).abs().max().item()
+    return weight_bytes, {"gather-bmm": way(False), "ours": way(True)}, (outs[0] - outs[1]).abs().max().item()
 
 
 def _best_of_rounds(ways: dict, arg) -> dict[str, float]:
@@ -91,11 +91,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 512])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--grid", action="store_true", help="the LoRA grid of a decode step instead of the projections")
+    ap.add_argument("--variant", choices=sorted(cpu_matmul.VARIANTS), help="our kernel's form (default: this CPU's)")
     ap.add_argument("--out", help="write the rows as JSON here")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     if not cpu_matmul.available():
-        raise SystemExit("the AVX2 kernel cannot run on this machine (needs x86-64 with AVX2 and FMA, and cc)")
+        raise SystemExit("our kernel cannot run on this machine (needs x86-64 with AVX2 and FMA, and cc)")
+    if args.variant:
+        if args.variant == "avx512" and cpu_matmul.VARIANT != "avx512":
+            raise SystemExit("the AVX-512 form needs an AVX-512 CPU")
+        cpu_matmul.VARIANT = args.variant
     gen = torch.Generator().manual_seed(0)
     if args.grid:
         return grid_main(args, argv, gen)
@@ -104,20 +109,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     panels = [cpu_matmul.pack(w) for w in weights]
     weight_bytes = sum(w.numel() * 4 for w in weights)
     ways = {"onednn": lambda xs: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for x, w in zip(xs, onednn)],
-            "avx2": lambda xs: [cpu_matmul.matmul(x, w) for x, w in zip(xs, panels)]}
+            "ours": lambda xs: [cpu_matmul.matmul(x, w) for x, w in zip(xs, panels)]}
     rows = []
     for tokens in args.tokens:
         xs = [torch.randn(tokens, w.shape[1], generator=gen) for w in weights]
         err = max((cpu_matmul.matmul(x, p) - x @ w.t()).abs().max().item() for x, p, w in zip(xs, panels, weights))
         best = _best_of_rounds(ways, xs)
-        row = dict(tokens=tokens, onednn_ms=1e3 * best["onednn"], avx2_ms=1e3 * best["avx2"],
-                   speedup=best["onednn"] / best["avx2"], avx2_weight_gb_s=weight_bytes / best["avx2"] / 1e9,
-                   avx2_gflop_s=2 * tokens * weight_bytes / 4 / best["avx2"] / 1e9, max_abs_err=err)
+        row = dict(tokens=tokens, onednn_ms=1e3 * best["onednn"], ours_ms=1e3 * best["ours"],
+                   speedup=best["onednn"] / best["ours"], ours_weight_gb_s=weight_bytes / best["ours"] / 1e9,
+                   ours_gflop_s=2 * tokens * weight_bytes / 4 / best["ours"] / 1e9, max_abs_err=err)
         rows.append(row)
-        print(f"{tokens:5d} tokens: oneDNN {row['onednn_ms']:7.2f} ms, AVX2 kernel {row['avx2_ms']:7.2f} ms "
-              f"({row['speedup']:.2f}x; weights at {row['avx2_weight_gb_s']:.1f} GB/s, "
-              f"{row['avx2_gflop_s']:.0f} GFLOP/s; max |diff| vs F.linear {err:.1e})", flush=True)
-    _write(args.out, argv, rows, layers=args.layers, weight_mb=weight_bytes / 1e6)
+        print(f"{tokens:5d} tokens: oneDNN {row['onednn_ms']:7.2f} ms, ours ({cpu_matmul.VARIANT}) "
+              f"{row['ours_ms']:7.2f} ms ({row['speedup']:.2f}x; weights at {row['ours_weight_gb_s']:.1f} GB/s, "
+              f"{row['ours_gflop_s']:.0f} GFLOP/s; max |diff| vs F.linear {err:.1e})", flush=True)
+    _write(args.out, argv, rows, layers=args.layers, weight_mb=weight_bytes / 1e6, variant=cpu_matmul.VARIANT)
     return rows
 
 
@@ -126,14 +131,14 @@ def grid_main(args, argv: list[str], gen: torch.Generator) -> list[dict]:
     for tokens in args.tokens:
         weight_bytes, ways, err = grid_ways(tokens, gen)
         best = _best_of_rounds(ways, None)
-        row = dict(tokens=tokens, gather_bmm_ms=1e3 * best["gather-bmm"], avx2_ms=1e3 * best["avx2"],
-                   speedup=best["gather-bmm"] / best["avx2"], avx2_factor_gb_s=weight_bytes / best["avx2"] / 1e9,
+        row = dict(tokens=tokens, gather_bmm_ms=1e3 * best["gather-bmm"], ours_ms=1e3 * best["ours"],
+                   speedup=best["gather-bmm"] / best["ours"], ours_factor_gb_s=weight_bytes / best["ours"] / 1e9,
                    max_abs_err=err)
         rows.append(row)
-        print(f"{tokens:5d} tokens over 8 adapters, 120 ops: gather-bmm {row['gather_bmm_ms']:7.2f} ms, AVX2 kernel "
-              f"{row['avx2_ms']:7.2f} ms ({row['speedup']:.2f}x; factors at {row['avx2_factor_gb_s']:.1f} GB/s; "
+        print(f"{tokens:5d} tokens over 8 adapters, 120 ops: gather-bmm {row['gather_bmm_ms']:7.2f} ms, ours "
+              f"{row['ours_ms']:7.2f} ms ({row['speedup']:.2f}x; factors at {row['ours_factor_gb_s']:.1f} GB/s; "
               f"max |diff| {err:.1e})", flush=True)
-    _write(args.out, argv, rows, grid=True)
+    _write(args.out, argv, rows, grid=True, variant=cpu_matmul.VARIANT)
     return rows
 
 

@@ -1,10 +1,13 @@
-/* out = x @ W^T (+ bias) (+ residual) in fp32 with AVX2 and FMA, for the few-token products of a CPU decode step.
+/* out = x @ W^T (+ bias) (+ residual) in fp32 with AVX2 and FMA (or AVX-512), for the few-token products of a CPU
+ * decode step.
  *
  * W is packed once into panels of 16 output columns, k-major: panels[p][k][j] = W[16 p + j][k] (zero past N), so a
  * panel streams from memory once per call and then from cache. Each thread takes whole panels (OpenMP, static) and
- * computes 6 rows of x against one panel at a time: 12 accumulators of 8 floats, the x values broadcast. The sums
- * run over k in order, one FMA each (fp32 throughout); bias, then residual, are added after the sum.
- * Built on demand by kernels/cpu_matmul.py (gcc -O3 -mavx2 -mfma -fopenmp); its reference is F.linear there.
+ * computes a block of rows of x against one panel at a time, the x values broadcast: with AVX2, 6 rows in 12
+ * accumulators of 8 floats; with AVX-512 (built with -mavx512f), up to 16 rows in 16 accumulators of 16 floats, and
+ * from 24 rows on 12 rows against two panels (24 accumulators). The sums run over k in order, one FMA each (fp32
+ * throughout; the same bits in both forms); bias, then residual, are added after the sum.
+ * Built on demand by kernels/cpu_matmul.py (gcc -O3 -mavx2 -mfma [-mavx512f] -fopenmp); its reference is F.linear.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -12,6 +15,68 @@
 
 #define PANEL 16
 
+#ifdef __AVX512F__
+/* AVX-512: a panel is one register; a block is up to 16 rows of x against one panel, 16 accumulators. */
+#define BLOCK_ROWS 16
+static inline void store_row(__m512 v, float *out, const float *bias, const float *res, int cols) {
+    __mmask16 m = cols == PANEL ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias));
+    if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res));
+    _mm512_mask_storeu_ps(out, m, v);
+}
+#define ROW_FMA(R, i) if (R > i) c##i = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), b, c##i);
+#define ROW_STORE(R, i) if (R > i) { int64_t r = orows ? orows[i] : i;                                      \
+    store_row(c##i, out + r * ldo, bias, res ? res + r * ldr : 0, cols); }
+#define DEFINE_BLOCK(ROWS)                                                                                          \
+static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, int64_t ldp, float *out,          \
+                        int64_t ldo, const int64_t *orows, const float *bias, const float *res, int64_t ldr,      \
+                        int cols) {                                                                               \
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0,     \
+           c9 = c0, c10 = c0, c11 = c0, c12 = c0, c13 = c0, c14 = c0, c15 = c0;                                                                           \
+    for (int k = 0; k < K; k++) {                                                                                 \
+        __m512 b = _mm512_loadu_ps(panel + k * ldp);                                                              \
+        ROW_FMA(ROWS, 0) ROW_FMA(ROWS, 1) ROW_FMA(ROWS, 2) ROW_FMA(ROWS, 3) ROW_FMA(ROWS, 4) ROW_FMA(ROWS, 5)     \
+        ROW_FMA(ROWS, 6) ROW_FMA(ROWS, 7) ROW_FMA(ROWS, 8) ROW_FMA(ROWS, 9) ROW_FMA(ROWS, 10) ROW_FMA(ROWS, 11)   \
+        ROW_FMA(ROWS, 12) ROW_FMA(ROWS, 13) ROW_FMA(ROWS, 14) ROW_FMA(ROWS, 15)                                   \
+    }                                                                                                             \
+    ROW_STORE(ROWS, 0) ROW_STORE(ROWS, 1) ROW_STORE(ROWS, 2) ROW_STORE(ROWS, 3) ROW_STORE(ROWS, 4)                \
+    ROW_STORE(ROWS, 5) ROW_STORE(ROWS, 6) ROW_STORE(ROWS, 7) ROW_STORE(ROWS, 8) ROW_STORE(ROWS, 9)                \
+    ROW_STORE(ROWS, 10) ROW_STORE(ROWS, 11) ROW_STORE(ROWS, 12) ROW_STORE(ROWS, 13) ROW_STORE(ROWS, 14)           \
+    ROW_STORE(ROWS, 15)                                                                                           \
+}
+DEFINE_BLOCK(1) DEFINE_BLOCK(2) DEFINE_BLOCK(3) DEFINE_BLOCK(4) DEFINE_BLOCK(5) DEFINE_BLOCK(6)
+DEFINE_BLOCK(7) DEFINE_BLOCK(8) DEFINE_BLOCK(9) DEFINE_BLOCK(10) DEFINE_BLOCK(11) DEFINE_BLOCK(12)
+DEFINE_BLOCK(13) DEFINE_BLOCK(14) DEFINE_BLOCK(15) DEFINE_BLOCK(16)
+
+/* Large row counts: a block of up to 12 rows against two panels (24 accumulators), half the loads per FMA. */
+#define PAIR_ROWS 12
+#define PAIR_FMA(R, i) if (R > i) { __m512 a = _mm512_set1_ps(x[i * ldx + k]);                          \
+    c##i##0 = _mm512_fmadd_ps(a, b0, c##i##0); c##i##1 = _mm512_fmadd_ps(a, b1, c##i##1); }
+#define PAIR_STORE(R, i) if (R > i) { int64_t r = orows ? orows[i] : i;                                    \
+    store_row(c##i##0, out + r * ldo, bias, res ? res + r * ldr : 0, PANEL);                               \
+    store_row(c##i##1, out + r * ldo + PANEL, bias ? bias + PANEL : 0, res ? res + r * ldr + PANEL : 0, cols - PANEL); }
+#define DEFINE_PAIR(ROWS)                                                                                           \
+static void pair##ROWS(int K, const float *x, int64_t ldx, const float *panel, int64_t ldp, float *out,           \
+                       int64_t ldo, const int64_t *orows, const float *bias, const float *res, int64_t ldr,       \
+                       int cols) {                                                                                \
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,          \
+           c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00,     \
+           c80 = c00, c81 = c00, c90 = c00, c91 = c00, c100 = c00, c101 = c00, c110 = c00, c111 = c00;            \
+    const float *panel1 = panel + (int64_t)K * PANEL;                                                             \
+    for (int k = 0; k < K; k++) {                                                                                 \
+        __m512 b0 = _mm512_loadu_ps(panel + k * ldp), b1 = _mm512_loadu_ps(panel1 + k * ldp);                     \
+        PAIR_FMA(ROWS, 0) PAIR_FMA(ROWS, 1) PAIR_FMA(ROWS, 2) PAIR_FMA(ROWS, 3) PAIR_FMA(ROWS, 4)               \
+        PAIR_FMA(ROWS, 5) PAIR_FMA(ROWS, 6) PAIR_FMA(ROWS, 7) PAIR_FMA(ROWS, 8) PAIR_FMA(ROWS, 9)               \
+        PAIR_FMA(ROWS, 10) PAIR_FMA(ROWS, 11)                                                                    \
+    }                                                                                                             \
+    PAIR_STORE(ROWS, 0) PAIR_STORE(ROWS, 1) PAIR_STORE(ROWS, 2) PAIR_STORE(ROWS, 3) PAIR_STORE(ROWS, 4)           \
+    PAIR_STORE(ROWS, 5) PAIR_STORE(ROWS, 6) PAIR_STORE(ROWS, 7) PAIR_STORE(ROWS, 8) PAIR_STORE(ROWS, 9)           \
+    PAIR_STORE(ROWS, 10) PAIR_STORE(ROWS, 11)                                                                     \
+}
+DEFINE_PAIR(12)
+#else
+/* AVX2: a panel is two registers; a block is up to 6 rows of x against one panel, 12 accumulators. */
+#define BLOCK_ROWS 6
 static inline void store_row(__m256 lo, __m256 hi, float *out, const float *bias, const float *res, int cols) {
     if (cols == PANEL) {  /* a whole panel: in registers */
         if (bias) { lo = _mm256_add_ps(lo, _mm256_loadu_ps(bias)); hi = _mm256_add_ps(hi, _mm256_loadu_ps(bias + 8)); }
@@ -31,7 +96,7 @@ static inline void store_row(__m256 lo, __m256 hi, float *out, const float *bias
     }
 }
 
-/* One block of ROWS rows of x (ROWS <= 6) against one panel; accumulators are named so they stay in registers. */
+/* One block of ROWS rows of x against one panel; accumulators are named so they stay in registers. */
 #define ROW_FMA(R, i) if (R > i) { a = _mm256_broadcast_ss(x + i * ldx + k); \
     c##i##0 = _mm256_fmadd_ps(a, b0, c##i##0); c##i##1 = _mm256_fmadd_ps(a, b1, c##i##1); }
 #define ROW_STORE(R, i) if (R > i) { int64_t r = orows ? orows[i] : i;                                      \
@@ -50,22 +115,59 @@ static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, 
     ROW_STORE(ROWS, 0) ROW_STORE(ROWS, 1) ROW_STORE(ROWS, 2) ROW_STORE(ROWS, 3) ROW_STORE(ROWS, 4) ROW_STORE(ROWS, 5)                           \
 }
 DEFINE_BLOCK(1) DEFINE_BLOCK(2) DEFINE_BLOCK(3) DEFINE_BLOCK(4) DEFINE_BLOCK(5) DEFINE_BLOCK(6)
+#endif
+
 
 typedef void (*block_fn)(int, const float *, int64_t, const float *, int64_t, float *, int64_t, const int64_t *,
                          const float *, const float *, int64_t, int);
-static const block_fn BLOCKS[7] = {0, block1, block2, block3, block4, block5, block6};
+#if BLOCK_ROWS == 16
+static const block_fn BLOCKS[BLOCK_ROWS + 1] = {0, block1, block2, block3, block4, block5, block6, block7, block8,
+                                                block9, block10, block11, block12, block13, block14, block15, block16};
+#else
+static const block_fn BLOCKS[BLOCK_ROWS + 1] = {0, block1, block2, block3, block4, block5, block6};
+#endif
+
+/* Rows per block for M rows: as few blocks as BLOCK_ROWS allows, of even sizes (16 rows on AVX2: 6, 5, 5). */
+static inline int block_rows(int64_t M) {
+    int64_t blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    return blocks ? (int)((M + blocks - 1) / blocks) : 1;
+}
 
 /* x (M, K) rows ldx apart; panels (ceil(N / 16), K, 16); out (M, N) rows ldo apart; bias (N,) or NULL; res (M, N)
  * rows ldr apart or NULL; threads: the OpenMP team's size. */
 void multiplex_cpu_matmul(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
                           int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads) {
     int num_panels = (N + PANEL - 1) / PANEL;
+#ifdef PAIR_ROWS
+    if (M >= 2 * PAIR_ROWS && num_panels >= 2) {  /* many rows: two panels at a time, 12 rows per block */
+        int pairs = num_panels / 2;
+        #pragma omp parallel for schedule(static) num_threads(threads)
+        for (int q = 0; q < (num_panels + 1) / 2; q++) {
+            int n0 = 2 * q * PANEL, cols = N - n0 < 2 * PANEL ? N - n0 : 2 * PANEL;
+            const float *panel = panels + (int64_t)2 * q * K * PANEL;
+            int m = 0;
+            if (q < pairs)
+                for (; m + PAIR_ROWS <= M; m += PAIR_ROWS)
+                    pair12(K, x + m * ldx, ldx, panel, PANEL, out + m * ldo + n0, ldo, 0, bias ? bias + n0 : 0,
+                           res ? res + m * ldr + n0 : 0, ldr, cols);
+            for (int pp = 0; pp < 2 && n0 + pp * PANEL < N; pp++) {  /* the rows left, or an odd last panel */
+                int n1 = n0 + pp * PANEL, cols1 = N - n1 < PANEL ? N - n1 : PANEL;
+                for (int mm = m, step = block_rows(M - m); mm < M; mm += step) {
+                    int rows = M - mm < step ? M - mm : step;
+                    BLOCKS[rows](K, x + mm * ldx, ldx, panel + (int64_t)pp * K * PANEL, PANEL, out + mm * ldo + n1,
+                                 ldo, 0, bias ? bias + n1 : 0, res ? res + mm * ldr + n1 : 0, ldr, cols1);
+                }
+            }
+        }
+        return;
+    }
+#endif
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int p = 0; p < num_panels; p++) {
         int n0 = p * PANEL, cols = N - n0 < PANEL ? N - n0 : PANEL;
         const float *panel = panels + (int64_t)p * K * PANEL;
-        for (int m = 0; m < M; m += 6) {
-            int rows = M - m < 6 ? M - m : 6;
+        for (int m = 0, step = block_rows(M); m < M; m += step) {
+            int rows = M - m < step ? M - m : step;
             BLOCKS[rows](K, x + m * ldx, ldx, panel, PANEL, out + m * ldo + n0, ldo, 0, bias ? bias + n0 : 0,
                          res ? res + m * ldr + n0 : 0, ldr, cols);
         }
@@ -158,8 +260,8 @@ void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets,
                     ldp = PANEL;
                 }
                 float *out = y + out_start[i] + c0;
-                for (int64_t t = 0; t < n; t += 6) {
-                    int tn = n - t < 6 ? n - t : 6;
+                for (int64_t t = 0, step = block_rows(n); t < n; t += step) {
+                    int tn = n - t < step ? n - t : step;
                     BLOCKS[tn](R, h + (t0 + t) * J + i * R, J, panel, ldp, out, ldy, rows + t0 + t, 0, out, ldy, cols);
                 }
             }

@@ -1,5 +1,5 @@
-"""fp32 projections on an AVX2 CPU: y = x @ W^T (+ bias) (+ residual) by our own kernel (kernels/cpu_matmul.c),
-and the padded LoRA grid of many adapters in one step (`lowrank_grid`, for kernels/lowrank.py).
+"""fp32 projections on an x86-64 CPU: y = x @ W^T (+ bias) (+ residual) by our own kernel (kernels/cpu_matmul.c),
+with AVX2 or AVX-512, and the padded LoRA grid of many adapters in one step (`lowrank_grid`, for kernels/lowrank.py).
 
 Semantics (the reference is `reference`, F.linear):
     matmul(x, pack(W), bias, residual) == F.linear(x, W, bias) + residual
@@ -8,18 +8,21 @@ Semantics (the reference is `reference`, F.linear):
 Why: a CPU decode step multiplies a few rows (one per running request) by every weight of the model, read from
 memory each step. On a 2-core AVX2 EPYC (no AVX-512), oneDNN's prepacked matmul (kernels/linear.py) reached 44
 GFLOP/s and 5.6 GB/s of weights at 16 rows, where the machine reads 18 GB/s; this kernel packs W into panels of 16
-columns that each thread streams once and multiplies 6 rows at a time in registers. 32 smollm2-shaped weights
-(113 MB), both threads, 2026-12-02 14:57 UTC: 1 row 10.7 -> 6.5 ms, 16 rows 22.4 -> 15.7 ms, 64 rows 57.9 -> 39.7
-ms, 512 rows 274 -> 250 ms, 2048 rows on par (oneDNN -> this; `python -m benchmarks.cpu_matmul`). With AVX-512 oneDNN uses the wider registers and
-this kernel does not, so it is chosen on AVX2 CPUs only (`enabled()`, `MULTIPLEX_CPU_MATMUL=auto|avx2|onednn`, read
-once at import: `auto` is avx2 on a CPU whose widest vectors are AVX2 when the kernel builds, else oneDNN).
+columns that each thread streams once and multiplies a block of rows at a time in registers. 32 smollm2-shaped
+weights (113 MB), both threads, 2026-12-02 14:57 UTC: 1 row 10.7 -> 6.5 ms, 16 rows 22.4 -> 15.7 ms, 64 rows 57.9 ->
+39.7 ms, 512 rows 274 -> 250 ms, 2048 rows on par (oneDNN -> this; `python -m benchmarks.cpu_matmul`). The source has
+two forms of its row blocks, chosen at build time: AVX2 (6 rows against a panel held in two registers) and AVX-512
+(up to 16 rows against a one-register panel; 12 rows against two panels from 24 rows up), built where PyTorch finds
+AVX-512 (`VARIANT`). On a 2-core AVX-512 Xeon (2026-12-02 19:55 UTC): 1.2x oneDNN at 1 and 16 rows, 1.0-1.2x at
+32-64, 0.94x at 512. `enabled()` decides (`MULTIPLEX_CPU_MATMUL=auto|ours|onednn`, read once at import: `auto` is
+ours wherever the kernel builds, else oneDNN; `avx2`, its earlier name, means `ours`).
 
 `lowrank_grid` computes what kernels/lowrank.py's padded gather-bmm does (its reference) without gathering x or the
 factors: each slot's rows of A are dotted with its tokens (read once), then its Bt panels are multiplied in place and
 added into y's rows. It serves a decode step's LoRA deltas of many adapters.
 
-The C source is compiled on first use with the system's C compiler (`cc -O3 -mavx2 -mfma -fopenmp`, about 2 s) into
-a cache directory, named by the source's hash; without a compiler (or on another architecture) `available()` is
+The C source is compiled on first use with the system's C compiler (`cc -O3 -mavx2 -mfma [-mavx512f] -fopenmp`, about
+2 s) into a cache directory, named by the source's and flags' hash; without a compiler (or on another architecture) `available()` is
 False and kernels/linear.py keeps oneDNN. The call releases the GIL and runs on the calling thread's OpenMP team
 (PyTorch's libgomp, shared by soname) with `torch.get_num_threads()` threads. Results differ from F.linear's only in
 the order of the fp32 sums (each output is one in-order FMA chain over k; bias and residual added after).
@@ -43,8 +46,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-CHOICES = ("auto", "avx2", "onednn")
-CHOICE = os.environ.get("MULTIPLEX_CPU_MATMUL", "auto")
+CHOICES = ("auto", "ours", "onednn")
+CHOICE = os.environ.get("MULTIPLEX_CPU_MATMUL", "auto").replace("avx2", "ours")  # avx2: the choice's earlier name
 if CHOICE not in CHOICES:
     raise ValueError(f"MULTIPLEX_CPU_MATMUL={CHOICE!r}: expected one of {', '.join(CHOICES)}")
 _enabled: bool | None = None  # decided at the first call: it may compile the kernel
@@ -53,6 +56,8 @@ PANEL = 16  # output columns per packed panel (two AVX2 registers); kernels/cpu_
 MAX_SLICES = 4  # most output slices lowrank_grid takes (q|k|v: 3); kernels/cpu_matmul.c's MAX_SLICES
 SOURCE = Path(__file__).with_suffix(".c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+VARIANTS = {"avx2": FLAGS, "avx512": FLAGS + ("-mavx512f",)}  # the source's row blocks: AVX2 or AVX-512 registers
+VARIANT = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"  # the one this CPU runs
 
 
 @dataclass(frozen=True)
@@ -112,12 +117,12 @@ def enabled() -> bool:
     if _enabled is None:
         if CHOICE == "onednn":
             _enabled = False
-        elif CHOICE == "avx2":
+        elif CHOICE == "ours":
             if not available():
-                raise RuntimeError("MULTIPLEX_CPU_MATMUL=avx2, but the AVX2 kernel cannot run here (see the log)")
+                raise RuntimeError("MULTIPLEX_CPU_MATMUL=ours, but our CPU kernel cannot run here (see the log)")
             _enabled = True
         else:
-            _enabled = torch.backends.cpu.get_cpu_capability() == "AVX2" and available()
+            _enabled = available()
     return _enabled
 
 
@@ -155,20 +160,19 @@ def available() -> bool:
     try:
         _library()
     except OSError as exc:
-        log.warning("the AVX2 matmul kernel is unavailable (%s); CPU projections use oneDNN", exc)
+        log.warning("our CPU matmul kernel is unavailable (%s); CPU projections use oneDNN", exc)
         return False
     return True
 
 
 _LOCK = threading.Lock()
-_LIB: ctypes.CDLL | None = None
+_LIBS: dict[str, ctypes.CDLL] = {}
 
 
 def _library() -> ctypes.CDLL:
-    """The compiled kernel, built into the cache directory on first use; OSError if it cannot be built."""
-    global _LIB
+    """The compiled kernel of VARIANT, built into the cache directory on first use; OSError if it cannot be built."""
     with _LOCK:
-        if _LIB is None:
+        if VARIANT not in _LIBS:
             lib = ctypes.CDLL(str(_build()))
             fn = lib.multiplex_cpu_matmul
             fn.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -179,8 +183,8 @@ def _library() -> ctypes.CDLL:
                              ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
                              + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
             grid.restype = None
-            _LIB = lib
-        return _LIB
+            _LIBS[VARIANT] = lib
+        return _LIBS[VARIANT]
 
 
 def cache_dir() -> Path:
@@ -191,9 +195,9 @@ def cache_dir() -> Path:
 
 
 def _build() -> Path:
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_matmul-{digest}.so"
+    source, flags = SOURCE.read_bytes(), VARIANTS[VARIANT]
+    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_matmul-{VARIANT}-{digest}.so"
     if target.exists():
         return target
     compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
@@ -203,11 +207,11 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: processes may race
         built = Path(tmp) / target.name
         try:
-            run = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            run = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
         except OSError as exc:  # CC names no program
             raise OSError(f"{' '.join(compiler)} failed: {exc}") from exc
         if run.returncode != 0:
             raise OSError(f"{' '.join(compiler)} failed: {run.stderr.strip()[-500:]}")
         os.replace(built, target)
-    log.info("built the AVX2 matmul kernel into %s", target)
+    log.info("built the %s matmul kernel into %s", VARIANT, target)
     return target

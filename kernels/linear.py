@@ -10,9 +10,10 @@ MKL's sgemm instead, much slower on AMD CPUs: on this repository's 2-core AMD EP
 (576 x 3072) product takes 245 us with oneDNN and 665 us with MKL, and oneDNN is 2.3-2.7x faster for every batch
 from 4 to 1024 tokens. In bf16, prepacked, the same product takes 147 us where F.linear takes 221 us at 16
 tokens (fp32 prepacked: 277 us; 2026-12-02, same machine); at 1024 tokens both take ~8 ms, half of fp32's.
-On a CPU whose widest vectors are AVX2 (no AVX-512), fp32 weights are packed for our own kernel instead
-(kernels/cpu_matmul.py: 1.4-1.6x oneDNN's speed there from 1 to 16 tokens, 1.1-1.5x at 64, on par at 512-2048;
-`MULTIPLEX_CPU_MATMUL` picks, see there). Elsewhere (CUDA, fp16, no oneDNN) prepack() returns W itself and the call is F.linear /
+Where our own kernel builds (x86-64 with AVX2 and a C compiler), fp32 weights are packed for it instead
+(kernels/cpu_matmul.py: on an AVX2 EPYC 1.4-1.6x oneDNN's speed from 1 to 16 tokens, 1.1-1.5x at 64, on par at
+512-2048; on an AVX-512 Xeon 1.2x at 1 and 16 tokens, 1.0-1.2x at 32-64, 0.94x at 512; `MULTIPLEX_CPU_MATMUL` picks,
+see there). Elsewhere (CUDA, fp16, no oneDNN) prepack() returns W itself and the call is F.linear /
 torch.addmm. Results differ from F.linear's only in the order of the fp32 sums (a few ulps), and in bf16 by the
 fused residual add, rounded once instead of twice (1 ulp of bf16).
 """
@@ -37,7 +38,7 @@ def _cpu_has_bf16() -> bool:
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | cpu_matmul.PackedWeight:
-    """W (d_out, d_in) -> the form linear() multiplies fastest: on a CPU our AVX2 kernel's panels or a oneDNN
+    """W (d_out, d_in) -> the form linear() multiplies fastest: on a CPU our kernel's panels or a oneDNN
     tensor, else W itself."""
     if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 and cpu_matmul.enabled():
         return cpu_matmul.pack(weight)

@@ -73,7 +73,7 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     if forward_threads is not None:
         caches = bound_onednn_caches()  # before the model load's prepacking, the process's first oneDNN call
         log.info("CPU forward on %d intra-op threads; fp32 projections by %s; oneDNN caches %s", forward_threads,
-                 "our AVX2 kernel (kernels/cpu_matmul.c)" if cpu_matmul.enabled() else "oneDNN", caches)
+                 f"our {cpu_matmul.VARIANT} kernel (kernels/cpu_matmul.c)" if cpu_matmul.enabled() else "oneDNN", caches)
     path = resolve_model_path(model, opts.data_dir)
     cfg = ModelConfig.from_dir(path)
     llama = LlamaModel(cfg, load_state_dict(path), device, dtype)

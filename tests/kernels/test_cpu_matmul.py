@@ -1,6 +1,7 @@
-"""kernels.cpu_matmul (our AVX2 fp32 projection) against its reference, F.linear: token counts around the 6-row
-blocks, output widths around the 16-column panels, odd and long inner sizes, bias, residual, strided rows, one and
-two threads; and the on-demand build (cached by the source's hash; no compiler: an OSError, not a crash)."""
+"""kernels.cpu_matmul (our fp32 projection) against its reference, F.linear, in each form this CPU runs (AVX2; AVX-512
+too where PyTorch finds it): token counts around the 6-, 12- and 16-row blocks, output widths around the 16-column
+panels and their pairs, odd and long inner sizes, bias, residual, strided rows, one and two threads, both forms'
+outputs bit for bit; and the on-demand build (cached by the source's hash; no compiler: an OSError, not a crash)."""
 import pytest
 import torch
 
@@ -8,9 +9,16 @@ from kernels import cpu_matmul
 from tests.kernels.conftest import TOLERANCES
 
 pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+FORMS = ["avx2", "avx512"] if cpu_matmul.VARIANT == "avx512" else ["avx2"]  # an AVX-512 CPU runs both
 
 
-@pytest.mark.parametrize("num_tokens", [0, 1, 5, 6, 7, 16, 33, 130])
+@pytest.fixture(params=FORMS, autouse=True)
+def form(request, monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "VARIANT", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 5, 6, 7, 12, 16, 17, 24, 33, 130])
 @pytest.mark.parametrize("d_out, d_in", [(16, 64), (17, 1), (40, 577), (1376, 7), (11, 2049), (960, 576)])
 @pytest.mark.parametrize("with_bias, with_residual", [(False, False), (True, False), (False, True), (True, True)])
 def test_matmul_equals_its_reference(num_tokens, d_out, d_in, with_bias, with_residual):
@@ -37,6 +45,18 @@ def test_matmul_is_the_same_on_any_number_of_threads(threads):
         assert torch.equal(cpu_matmul.matmul(x, packed), one)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(len(FORMS) < 2, reason="needs an AVX-512 CPU to run both forms")
+def test_both_forms_give_the_same_bits():
+    gen = torch.Generator().manual_seed(5)
+    w, x, bias = torch.randn(200, 96, generator=gen), torch.randn(40, 96, generator=gen), torch.randn(200, generator=gen)
+    packed, outs = cpu_matmul.pack(w), []
+    for variant in FORMS:
+        cpu_matmul.VARIANT = variant  # the fixture restores it
+        outs += [cpu_matmul.matmul(x[:n], packed, bias, residual=x[:n, :1].expand(n, 200)) for n in (3, 16, 40)]
+    for one, other in zip(outs[:3], outs[3:]):
+        assert torch.equal(one, other)
 
 
 def test_pack_lays_out_panels_of_16_columns_zero_past_the_end():

@@ -285,12 +285,17 @@ def test_launcher_checks_inputs():
         call(y, x, seg, arena, five)
 
 
-@pytest.fixture(params=["torch", "avx2"])
+@pytest.fixture(params=["torch", "avx2", "avx512"])
 def grid_path(request, monkeypatch):
-    """The padded CPU path's grid both ways: torch's gather-bmm, and kernels/cpu_matmul.c's (where it runs)."""
-    if request.param == "avx2" and not cpu_matmul.available():
-        pytest.skip("the AVX2 kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
-    monkeypatch.setattr(cpu_matmul, "_enabled", request.param == "avx2")
+    """The padded CPU path's grid every way this CPU runs: torch's gather-bmm, and kernels/cpu_matmul.c's in its AVX2
+    form and (on an AVX-512 CPU) its AVX-512 one."""
+    if request.param != "torch" and not cpu_matmul.available():
+        pytest.skip("our kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+    if request.param == "avx512" and cpu_matmul.VARIANT != "avx512":
+        pytest.skip("the AVX-512 form needs an AVX-512 CPU")
+    monkeypatch.setattr(cpu_matmul, "_enabled", request.param != "torch")
+    if request.param != "torch":
+        monkeypatch.setattr(cpu_matmul, "VARIANT", request.param)
     return request.param
 
 
@@ -367,10 +372,10 @@ def test_padded_cpu_path_solo_slots_and_the_grid(seg_lens, slots, solo, padded, 
         _check_padded_against_reference(case, seg, gen)
 
 
-def test_the_avx2_grid_is_what_serves_the_padded_grid_where_it_runs(monkeypatch):
+def test_our_grid_kernel_is_what_serves_the_padded_grid_where_it_runs(monkeypatch):
     """Not a silent fallback: with the kernel enabled, a step of several adapters' decodes calls it once per op."""
     if not cpu_matmul.available():
-        pytest.skip("the AVX2 kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+        pytest.skip("our kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
     monkeypatch.setattr(cpu_matmul, "_enabled", True)
     calls = []
     monkeypatch.setattr(cpu_matmul, "lowrank_grid", lambda *args: calls.append(args))

@@ -1,5 +1,5 @@
 """The CPU forward takes its fast paths (the golden tests check their values; this checks they are the ones
-running): prepacked projections (our AVX2 kernel's panels on an AVX2 CPU, else oneDNN's layout), the planned attention and KV write, one padded gather-bmm per LowRank op
+running): prepacked projections (our kernel's panels where it builds, else oneDNN's layout), the planned attention and KV write, one padded gather-bmm per LowRank op
 and one CSR product per Sparse slot, from stores that keep each adapter once (nothing written to the arena)."""
 import torch
 
