@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from kernels import cpu_matmul, lowrank
+from kernels import cpu_build, cpu_matmul, lowrank
 from kernels.segments import make_segments
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # smollm2's q|k|v, o, gate|up, down: (d_out, d_in)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 512])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--grid", action="store_true", help="the LoRA grid of a decode step instead of the projections")
-    ap.add_argument("--variant", choices=sorted(cpu_matmul.VARIANTS), help="our kernel's form (default: this CPU's)")
+    ap.add_argument("--variant", choices=sorted(cpu_build.VARIANTS), help="our kernel's form (default: this CPU's)")
     ap.add_argument("--out", help="write the rows as JSON here")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_attention
 from kernels.dispatch import tl, triton, use_triton
 
 
@@ -151,9 +152,11 @@ class CpuAttentionPlan:
                       sequence b is its position lo_b + j (lo_b: 0, or the window's first position); positions past
                       the sequence's last one read that last key (written, so finite) and are masked
         bias[window]: (Bd * Hkv, 1, S) fp32, 0 for a visible key, -inf for a masked one
+        visible[window]: (Bd,) int64, how many of its S keys each sequence sees (a prefix: the rest are masked)
     Example (block_size 4, Hkv 1, no window): seq 0 has 6 tokens in blocks [7, 2], seq 1 has 3 in block [4]:
         S = 6   keys = [28 29 30 31 8 9 | 16 17 18 18 18 18]   bias = [0 0 0 0 0 0 | 0 0 0 -inf -inf -inf]
-    Prefill chunks (and empty sequences) run one by one as in the reference.
+    Prefill chunks (and empty sequences) run one by one as in the reference. Where our kernel runs
+    (kernels/cpu_attention.py: fp32 on x86-64), decode rows read keys and values in place instead of gathering them.
     """
 
     write_slots: torch.Tensor  # (W,) int64 cache rows of the tokens written (slot_mapping without its -1 entries)
@@ -161,6 +164,7 @@ class CpuAttentionPlan:
     decode_rows: torch.Tensor | None  # (Bd,) int64 query rows of the decode sequences; None: all rows, in order
     keys: dict[int, torch.Tensor]  # window (0 = none) -> (Bd * Hkv * S,) int64
     bias: dict[int, torch.Tensor]  # window -> (Bd * Hkv, 1, S) fp32
+    visible: dict[int, torch.Tensor]  # window -> (Bd,) int64
     prefills: tuple[tuple[int, int, int, int], ...]  # (sequence, first query row, query rows, seq_len)
 
 
@@ -174,7 +178,7 @@ def plan_cpu_attention(meta: AttentionMeta, slot_mapping: torch.Tensor, block_si
                      if q_start[b + 1] - q_start[b] > 1 or (q_start[b + 1] - q_start[b] == 1 and seq_lens[b] == 0))
     keep = slot_mapping >= 0
     all_written = bool(keep.all())
-    keys, bias = {}, {}
+    keys, bias, seen = {}, {}, {}
     if decode:
         seqs = torch.tensor(decode, dtype=torch.long)
         lens = meta.seq_lens.long()[seqs][:, None]  # (Bd, 1)
@@ -188,11 +192,12 @@ def plan_cpu_attention(meta: AttentionMeta, slot_mapping: torch.Tensor, block_si
             keys[window] = (rows[:, None, :] * num_kv_heads + torch.arange(num_kv_heads)[None, :, None]).reshape(-1)
             b = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))  # (Bd, S)
             bias[window] = b[:, None, None, :].expand(-1, num_kv_heads, 1, -1).reshape(-1, 1, b.shape[1])
+            seen[window] = (lens - lo).squeeze(1)
     return CpuAttentionPlan(
         write_slots=slot_mapping.long() if all_written else slot_mapping[keep].long(),
         write_rows=None if all_written else keep.nonzero().squeeze(1),
         decode_rows=None if len(decode) == num_tokens else torch.tensor([q_start[b] for b in decode], dtype=torch.long),
-        keys=keys, bias=bias, prefills=prefills)
+        keys=keys, bias=bias, visible=seen, prefills=prefills)
 
 
 def write_kv_cpu(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -213,12 +218,15 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = None
     if plan.keys:
         keys, bias = plan.keys[window], plan.bias[window]
-        qd = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)
-        qd = qd.reshape(bias.shape[0], rep, head_dim).float()  # (Bd * Hkv, rep, D): a GQA group per matrix
-        k = k_cache.view(-1, head_dim).index_select(0, keys).view(bias.shape[0], -1, head_dim).float()  # (Bd*Hkv, S, D)
-        v = v_cache.view(-1, head_dim).index_select(0, keys).view(bias.shape[0], -1, head_dim).float()
-        scores = torch.baddbmm(bias, qd, k.transpose(1, 2), alpha=sm_scale)  # (Bd * Hkv, rep, S)
-        o = torch.bmm(torch.softmax(scores, dim=-1), v).view(-1, num_q_heads, head_dim).to(q.dtype)  # (Bd, Hq, D)
+        if cpu_attention.enabled() and cpu_attention.supports(q, k_cache):  # keys and values read in place
+            o = cpu_attention.decode(q, k_cache, v_cache, keys, plan.visible[window], plan.decode_rows, sm_scale)
+        else:
+            qd = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)
+            qd = qd.reshape(bias.shape[0], rep, head_dim).float()  # (Bd * Hkv, rep, D): a GQA group per matrix
+            k = k_cache.view(-1, head_dim).index_select(0, keys).view(bias.shape[0], -1, head_dim).float()  # (Bd*Hkv, S, D)
+            v = v_cache.view(-1, head_dim).index_select(0, keys).view(bias.shape[0], -1, head_dim).float()
+            scores = torch.baddbmm(bias, qd, k.transpose(1, 2), alpha=sm_scale)  # (Bd * Hkv, rep, S)
+            o = torch.bmm(torch.softmax(scores, dim=-1), v).view(-1, num_q_heads, head_dim).to(q.dtype)  # (Bd, Hq, D)
         if plan.decode_rows is None:
             return o
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device).index_copy_(0, plan.decode_rows, o)

@@ -22,7 +22,7 @@ factors: each slot's rows of A are dotted with its tokens (read once), then its 
 added into y's rows. It serves a decode step's LoRA deltas of many adapters.
 
 The C source is compiled on first use with the system's C compiler (`cc -O3 -mavx2 -mfma [-mavx512f] -fopenmp`, about
-2 s) into a cache directory, named by the source's and flags' hash; without a compiler (or on another architecture) `available()` is
+2 s; kernels/cpu_build.py) into a cache directory, named by the source's and flags' hash; without a compiler (or on another architecture) `available()` is
 False and kernels/linear.py keeps oneDNN. The call releases the GIL and runs on the calling thread's OpenMP team
 (PyTorch's libgomp, shared by soname) with `torch.get_num_threads()` threads. Results differ from F.linear's only in
 the order of the fp32 sums (each output is one in-order FMA chain over k; bias and residual added after).
@@ -30,19 +30,15 @@ the order of the fp32 sums (each output is one in-order FMA chain over k; bias a
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shlex
-import shutil
-import subprocess
-import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from kernels import cpu_build
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +51,7 @@ _enabled: bool | None = None  # decided at the first call: it may compile the ke
 PANEL = 16  # output columns per packed panel (two AVX2 registers); kernels/cpu_matmul.c's PANEL
 MAX_SLICES = 4  # most output slices lowrank_grid takes (q|k|v: 3); kernels/cpu_matmul.c's MAX_SLICES
 SOURCE = Path(__file__).with_suffix(".c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
-VARIANTS = {"avx2": FLAGS, "avx512": FLAGS + ("-mavx512f",)}  # the source's row blocks: AVX2 or AVX-512 registers
-VARIANT = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"  # the one this CPU runs
+VARIANT = cpu_build.NATIVE  # the source's row blocks: in AVX2 or (on an AVX-512 CPU) AVX-512 registers
 
 
 @dataclass(frozen=True)
@@ -153,9 +147,8 @@ def lowrank_grid(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: tuple[to
 
 
 def available() -> bool:
-    """Whether this machine runs the kernel: PyTorch's own CPU check finds AVX2 and FMA (its "AVX2" and "AVX512"
-    capabilities require both; an x86-64 CPU), and the source compiles (once)."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    """Whether this machine runs the kernel: an x86-64 CPU with AVX2 and FMA, and the source compiles (once)."""
+    if not cpu_build.supported():
         return False
     try:
         _library()
@@ -165,53 +158,18 @@ def available() -> bool:
     return True
 
 
-_LOCK = threading.Lock()
-_LIBS: dict[str, ctypes.CDLL] = {}
+def _declare(lib: ctypes.CDLL) -> None:
+    fn = lib.multiplex_cpu_matmul
+    fn.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
+    fn.restype = None
+    grid = lib.multiplex_lowrank_grid
+    grid.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                     ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
+                     + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+    grid.restype = None
 
 
 def _library() -> ctypes.CDLL:
     """The compiled kernel of VARIANT, built into the cache directory on first use; OSError if it cannot be built."""
-    with _LOCK:
-        if VARIANT not in _LIBS:
-            lib = ctypes.CDLL(str(_build()))
-            fn = lib.multiplex_cpu_matmul
-            fn.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
-            fn.restype = None
-            grid = lib.multiplex_lowrank_grid
-            grid.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                             ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
-                             + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
-            grid.restype = None
-            _LIBS[VARIANT] = lib
-        return _LIBS[VARIANT]
-
-
-def cache_dir() -> Path:
-    """`$MULTIPLEX_CACHE_DIR`, else `$XDG_CACHE_HOME/multiplex`, else `~/.cache/multiplex`."""
-    if os.environ.get("MULTIPLEX_CACHE_DIR"):
-        return Path(os.environ["MULTIPLEX_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "multiplex"
-
-
-def _build() -> Path:
-    source, flags = SOURCE.read_bytes(), VARIANTS[VARIANT]
-    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_matmul-{VARIANT}-{digest}.so"
-    if target.exists():
-        return target
-    compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
-    if not compiler:
-        raise OSError("no C compiler (cc or gcc) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: processes may race
-        built = Path(tmp) / target.name
-        try:
-            run = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-        except OSError as exc:  # CC names no program
-            raise OSError(f"{' '.join(compiler)} failed: {exc}") from exc
-        if run.returncode != 0:
-            raise OSError(f"{' '.join(compiler)} failed: {run.stderr.strip()[-500:]}")
-        os.replace(built, target)
-    log.info("built the %s matmul kernel into %s", VARIANT, target)
-    return target
+    return cpu_build.load(SOURCE, VARIANT, _declare)

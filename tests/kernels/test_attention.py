@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kernels.attention as attn  # noqa: E402
+from kernels import cpu_attention  # noqa: E402
 from tests.kernels.conftest import TOLERANCES  # noqa: E402
 
 INTERPRETED = type(attn._paged_attn_kernel).__name__ == "InterpretedFunction"
@@ -173,12 +174,23 @@ def test_write_kv_cpu_path_equals_reference():
         assert torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref)
 
 
+@pytest.fixture(params=["torch", "ours"])
+def decode_path(request, monkeypatch):
+    """The CPU path's decode rows both ways: PyTorch ops over gathered keys, and kernels/cpu_attention.c's (where it
+    runs), which reads them in place."""
+    if request.param == "ours" and not cpu_attention.available():
+        pytest.skip("our attention kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+    monkeypatch.setattr(cpu_attention, "_enabled", request.param == "ours")
+    return request.param
+
+
 @pytest.mark.parametrize("window", [0, 1, 7, 16, 40])
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("batch", list(BATCHES))
-def test_cpu_path_equals_reference(batch, group, window):
-    """The CPU path (decode rows batched over keys gathered once per layer, indices planned once per step) against
-    the reference, with q a strided view of a fused qkv as the model passes it. Unused cache slots hold NaN."""
+def test_cpu_path_equals_reference(batch, group, window, decode_path):
+    """The CPU path (decode rows batched over keys gathered once per layer, or read in place by our kernel; indices
+    planned once per step) against the reference, with q a strided view of a fused qkv as the model passes it.
+    Unused cache slots hold NaN."""
     q_lens, seq_lens = BATCHES[batch]
     q, k_cache, v_cache, meta = make_batch(q_lens, seq_lens, 2 * group, 2, 32, torch.float32, "cpu", seed=4)
     qkv = torch.cat([q.reshape(q.shape[0], -1), torch.randn(q.shape[0], 40)], dim=1)
@@ -192,7 +204,7 @@ def test_cpu_path_equals_reference(batch, group, window):
     torch.testing.assert_close(out[rows], ref[rows], **TOLERANCES[torch.float32])
 
 
-def test_cpu_path_never_reads_before_the_window():
+def test_cpu_path_never_reads_before_the_window(decode_path):
     q_lens, seq_lens, window = [1, 1, 9, 1], [70, 33, 51, 5], 10
     q, k_cache, v_cache, meta = make_batch(q_lens, seq_lens, 4, 2, 32, torch.float32, "cpu", seed=5)
     for b, (n, length) in enumerate(zip(q_lens, seq_lens)):

@@ -1,7 +1,7 @@
 """kernels.cpu_matmul (our fp32 projection) against its reference, F.linear, in each form this CPU runs (AVX2; AVX-512
 too where PyTorch finds it): token counts around the 6-, 12- and 16-row blocks, output widths around the 16-column
 panels and their pairs, odd and long inner sizes, bias, residual, strided rows, one and two threads, both forms'
-outputs bit for bit; and the on-demand build (cached by the source's hash; no compiler: an OSError, not a crash)."""
+outputs bit for bit (its build: tests/kernels/test_cpu_build.py)."""
 import pytest
 import torch
 
@@ -69,17 +69,3 @@ def test_pack_lays_out_panels_of_16_columns_zero_past_the_end():
 def test_a_wrong_inner_size_is_refused():
     with pytest.raises(ValueError, match="x has 5 features, the weight 4"):
         cpu_matmul.matmul(torch.randn(2, 5), cpu_matmul.pack(torch.randn(3, 4)))
-
-
-def test_the_build_is_cached_by_the_source_hash_and_a_missing_compiler_is_an_oserror(tmp_path, monkeypatch):
-    monkeypatch.setenv("MULTIPLEX_CACHE_DIR", str(tmp_path / "cache"))
-    built = cpu_matmul._build()
-    assert built.parent == tmp_path / "cache" and built.exists()
-    stamp = built.stat().st_mtime_ns
-    assert cpu_matmul._build() == built and built.stat().st_mtime_ns == stamp  # not built again
-    monkeypatch.setenv("MULTIPLEX_CACHE_DIR", str(tmp_path / "other"))
-    for cc in ("/bin/false", "/no/such/compiler", "env /bin/false"):  # fails; names nothing; a command with arguments
-        monkeypatch.setenv("CC", cc)
-        with pytest.raises(OSError, match="failed"):
-            cpu_matmul._build()
-    assert not any((tmp_path / "other").iterdir())  # nothing half-built left behind

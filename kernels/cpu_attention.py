@@ -1,0 +1,104 @@
+"""Decode attention over the paged KV cache on an x86-64 CPU by our own kernel (kernels/cpu_attention.c): the keys
+and values of each decode sequence are read in place from the cache, where kernels/attention.py's
+paged_attention_cpu (the reference here) gathers copies of them with index_select, then runs baddbmm, softmax and
+bmm over the copies: five ops and three passes over the keys per layer become one call and one pass.
+
+Semantics (fp32 q and caches; the plan's rows, kernels/attention.py's CpuAttentionPlan):
+    decode(q, k_cache, v_cache, keys, visible, decode_rows, sm_scale) == the decode rows' output of
+    paged_attention_cpu: (Bd, Hq, D), query heads in groups of Hq / Hkv per KV head
+keys: (Bd * Hkv * S,) cache rows (of the caches viewed as (rows, D)), key j of (sequence b, KV head g) at
+(b Hkv + g) S + j; visible: (Bd,) how many of each sequence's S keys it sees (a prefix; the rest are padding).
+
+Where it runs: `enabled()`, `MULTIPLEX_CPU_ATTENTION=auto|ours|torch` read once at import (`auto`: ours wherever
+the kernel builds, kernels/cpu_build.py). The call releases the GIL and runs on the calling thread's OpenMP team
+with `torch.get_num_threads()` threads. Results differ from the reference's by the order of fp32 sums and an exp
+within 2 ulp.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from kernels import cpu_build
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_suffix(".c")
+MAX_REP = 16  # query heads per KV head the kernel takes; kernels/cpu_attention.c's MAX_REP
+CHOICES = ("auto", "ours", "torch")
+CHOICE = os.environ.get("MULTIPLEX_CPU_ATTENTION", "auto")
+if CHOICE not in CHOICES:
+    raise ValueError(f"MULTIPLEX_CPU_ATTENTION={CHOICE!r}: expected one of {', '.join(CHOICES)}")
+_enabled: bool | None = None  # decided at the first call: it may compile the kernel
+
+
+def enabled() -> bool:
+    """Whether fp32 decode attention on a CPU runs this kernel (MULTIPLEX_CPU_ATTENTION and this machine)."""
+    global _enabled
+    if _enabled is None:
+        if CHOICE == "torch":
+            _enabled = False
+        elif CHOICE == "ours":
+            if not available():
+                raise RuntimeError("MULTIPLEX_CPU_ATTENTION=ours, but our attention kernel cannot run here (see the log)")
+            _enabled = True
+        else:
+            _enabled = available()
+    return _enabled
+
+
+def available() -> bool:
+    """Whether this machine runs the kernel: an x86-64 CPU with AVX2 and FMA, and the source compiles (once)."""
+    if not cpu_build.supported():
+        return False
+    try:
+        _library()
+    except OSError as exc:
+        log.warning("our CPU attention kernel is unavailable (%s); decode attention uses PyTorch ops", exc)
+        return False
+    return True
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether decode() takes these tensors: fp32 on the CPU, contiguous caches, unit stride within a head, and a
+    GQA group the kernel holds."""
+    return (q.dtype == torch.float32 and k_cache.dtype == torch.float32 and q.device.type == "cpu"
+            and k_cache.is_contiguous() and q.stride(-1) == 1 and q.shape[1] // k_cache.shape[2] <= MAX_REP)
+
+
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
+           decode_rows: torch.Tensor | None, sm_scale: float) -> torch.Tensor:
+    """The decode rows' attention output (Bd, Hq, D), a new fp32 tensor (see the module docstring). q: (T, Hq, D)
+    with unit stride within a head; decode_rows: (Bd,) rows of q, or None for rows 0..Bd-1."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    num_q_heads = q.shape[1]
+    rep = num_q_heads // num_kv_heads
+    num_seqs = visible.shape[0]
+    span = keys.shape[0] // (num_seqs * num_kv_heads)  # S
+    if not (v_cache.is_contiguous() and keys.dtype == torch.int64 and visible.dtype == torch.int64):
+        raise ValueError("decode needs contiguous caches and int64 keys and visible counts")
+    out = torch.empty(num_seqs, num_q_heads, head_dim)
+    scratch = torch.empty(num_seqs * num_kv_heads * rep * span)
+    rows = None if decode_rows is None else decode_rows.to(torch.int64).contiguous()  # held until the call returns
+    keys, visible = keys.contiguous(), visible.contiguous()
+    _library().multiplex_decode_attention(
+        num_seqs, num_kv_heads, rep, head_dim, span, q.data_ptr(), q.stride(0), q.stride(1),
+        None if rows is None else rows.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), keys.data_ptr(),
+        visible.data_ptr(), sm_scale, out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    fn = lib.multiplex_decode_attention
+    fn.argtypes = ([ctypes.c_int] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+                   + [ctypes.c_void_p] * 5 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
+    fn.restype = None
+
+
+def _library() -> ctypes.CDLL:
+    """The compiled kernel (its AVX2 form on every CPU that runs it), built on first use; OSError if it cannot be."""
+    return cpu_build.load(SOURCE, "avx2", _declare)

@@ -1,0 +1,81 @@
+"""Our C kernels for the CPU (kernels/cpu_matmul.c, kernels/cpu_attention.c): compiled on first use with the system's
+C compiler and loaded with ctypes.
+
+A source is built with the flags of a variant (`VARIANTS`: its AVX2 form everywhere; its AVX-512 form, where it has
+one, on a CPU where PyTorch finds AVX-512) into a cache directory (`cache_dir()`), named by the source's and flags'
+hash, built aside and renamed (processes may race); `CC` may name another compiler, with arguments. A failed build
+is an OSError, which callers turn into a warning and their PyTorch path. The libraries link PyTorch's own libgomp
+(shared by soname), so their OpenMP teams are the calling thread's.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+VARIANTS = {"avx2": FLAGS, "avx512": FLAGS + ("-mavx512f",)}
+NATIVE = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"  # the widest this CPU runs
+
+_LOCK = threading.Lock()
+_LIBS: dict[tuple[Path, str], ctypes.CDLL] = {}
+
+
+def supported() -> bool:
+    """Whether this CPU runs the AVX2 form: PyTorch's own check finds AVX2 and FMA (its "AVX2" and "AVX512"
+    capabilities require both; an x86-64 CPU)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def load(source: Path, variant: str, declare) -> ctypes.CDLL:
+    """The library of `source` in `variant`, built on first use; `declare(lib)` sets its functions' argtypes once.
+    OSError if it cannot be built."""
+    with _LOCK:
+        key = (source, variant)
+        if key not in _LIBS:
+            lib = ctypes.CDLL(str(build(source, variant)))
+            declare(lib)
+            _LIBS[key] = lib
+        return _LIBS[key]
+
+
+def cache_dir() -> Path:
+    """`$MULTIPLEX_CACHE_DIR`, else `$XDG_CACHE_HOME/multiplex`, else `~/.cache/multiplex`."""
+    if os.environ.get("MULTIPLEX_CACHE_DIR"):
+        return Path(os.environ["MULTIPLEX_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "multiplex"
+
+
+def build(source: Path, variant: str) -> Path:
+    """Compile `source` with the flags of `variant` into the cache directory, unless already there -> the library."""
+    text, flags = source.read_bytes(), VARIANTS[variant]
+    digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{variant}-{digest}.so"
+    if target.exists():
+        return target
+    compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
+    if not compiler:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: processes may race
+        built = Path(tmp) / target.name
+        try:
+            run = subprocess.run([*compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True)
+        except OSError as exc:  # CC names no program
+            raise OSError(f"{' '.join(compiler)} failed: {exc}") from exc
+        if run.returncode != 0:
+            raise OSError(f"{' '.join(compiler)} failed: {run.stderr.strip()[-500:]}")
+        os.replace(built, target)
+    log.info("built %s (%s) into %s", source.name, variant, target)
+    return target
