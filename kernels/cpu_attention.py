@@ -17,22 +17,15 @@ within 2 ulp.
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
 from pathlib import Path
 
 import torch
 
 from kernels import cpu_build
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_suffix(".c")
 MAX_REP = 16  # query heads per KV head the kernel takes; kernels/cpu_attention.c's MAX_REP
-CHOICES = ("auto", "ours", "torch")
-CHOICE = os.environ.get("MULTIPLEX_CPU_ATTENTION", "auto")
-if CHOICE not in CHOICES:
-    raise ValueError(f"MULTIPLEX_CPU_ATTENTION={CHOICE!r}: expected one of {', '.join(CHOICES)}")
+CHOICE = cpu_build.choice("MULTIPLEX_CPU_ATTENTION", "torch")
 _enabled: bool | None = None  # decided at the first call: it may compile the kernel
 
 
@@ -40,27 +33,13 @@ def enabled() -> bool:
     """Whether fp32 decode attention on a CPU runs this kernel (MULTIPLEX_CPU_ATTENTION and this machine)."""
     global _enabled
     if _enabled is None:
-        if CHOICE == "torch":
-            _enabled = False
-        elif CHOICE == "ours":
-            if not available():
-                raise RuntimeError("MULTIPLEX_CPU_ATTENTION=ours, but our attention kernel cannot run here (see the log)")
-            _enabled = True
-        else:
-            _enabled = available()
+        _enabled = cpu_build.decide("MULTIPLEX_CPU_ATTENTION", CHOICE, "torch", available)
     return _enabled
 
 
 def available() -> bool:
     """Whether this machine runs the kernel: an x86-64 CPU with AVX2 and FMA, and the source compiles (once)."""
-    if not cpu_build.supported():
-        return False
-    try:
-        _library()
-    except OSError as exc:
-        log.warning("our CPU attention kernel is unavailable (%s); decode attention uses PyTorch ops", exc)
-        return False
-    return True
+    return cpu_build.loads(_library, "our CPU attention kernel")
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

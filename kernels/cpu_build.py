@@ -38,6 +38,39 @@ def supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def choice(env: str, off: str, earlier: dict[str, str] | None = None) -> str:
+    """The setting of a kernel's switch `env`: auto (the default), ours, or `off` (its PyTorch path); `earlier`
+    maps values it once had to these."""
+    value = os.environ.get(env, "auto")
+    value = (earlier or {}).get(value, value)
+    if value not in ("auto", "ours", off):
+        raise ValueError(f"{env}={value!r}: expected one of auto, ours, {off}")
+    return value
+
+
+def decide(env: str, value: str, off: str, available) -> bool:
+    """Whether a kernel runs: `off` -> no; ours -> yes, or RuntimeError where `available()` is False; auto ->
+    `available()`."""
+    if value == off:
+        return False
+    if value == "ours" and not available():
+        raise RuntimeError(f"{env}=ours, but that kernel cannot run here (see the log)")
+    return available()
+
+
+def loads(library, what: str) -> bool:
+    """Whether this CPU runs a kernel (`supported()`) and `library()` builds and loads it; a failed build is a
+    warning naming `what` falls back to PyTorch, and False."""
+    if not supported():
+        return False
+    try:
+        library()
+    except OSError as exc:
+        log.warning("%s is unavailable (%s); PyTorch's ops serve instead", what, exc)
+        return False
+    return True
+
+
 def load(source: Path, variant: str, declare) -> ctypes.CDLL:
     """The library of `source` in `variant`, built on first use; `declare(lib)` sets its functions' argtypes once.
     OSError if it cannot be built."""

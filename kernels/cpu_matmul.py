@@ -30,8 +30,6 @@ the order of the fp32 sums (each output is one in-order FMA chain over k; bias a
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +38,7 @@ import torch.nn.functional as F
 
 from kernels import cpu_build
 
-log = logging.getLogger(__name__)
-
-CHOICES = ("auto", "ours", "onednn")
-CHOICE = os.environ.get("MULTIPLEX_CPU_MATMUL", "auto").replace("avx2", "ours")  # avx2: the choice's earlier name
-if CHOICE not in CHOICES:
-    raise ValueError(f"MULTIPLEX_CPU_MATMUL={CHOICE!r}: expected one of {', '.join(CHOICES)}")
+CHOICE = cpu_build.choice("MULTIPLEX_CPU_MATMUL", "onednn", earlier={"avx2": "ours"})
 _enabled: bool | None = None  # decided at the first call: it may compile the kernel
 
 PANEL = 16  # output columns per packed panel (two AVX2 registers); kernels/cpu_matmul.c's PANEL
@@ -109,14 +102,7 @@ def enabled() -> bool:
     """Whether fp32 CPU work goes to these kernels (MULTIPLEX_CPU_MATMUL and this CPU; see the module docstring)."""
     global _enabled
     if _enabled is None:
-        if CHOICE == "onednn":
-            _enabled = False
-        elif CHOICE == "ours":
-            if not available():
-                raise RuntimeError("MULTIPLEX_CPU_MATMUL=ours, but our CPU kernel cannot run here (see the log)")
-            _enabled = True
-        else:
-            _enabled = available()
+        _enabled = cpu_build.decide("MULTIPLEX_CPU_MATMUL", CHOICE, "onednn", available)
     return _enabled
 
 
@@ -148,14 +134,7 @@ def lowrank_grid(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: tuple[to
 
 def available() -> bool:
     """Whether this machine runs the kernel: an x86-64 CPU with AVX2 and FMA, and the source compiles (once)."""
-    if not cpu_build.supported():
-        return False
-    try:
-        _library()
-    except OSError as exc:
-        log.warning("our CPU matmul kernel is unavailable (%s); CPU projections use oneDNN", exc)
-        return False
-    return True
+    return cpu_build.loads(_library, "our CPU matmul kernel")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
