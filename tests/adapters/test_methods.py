@@ -412,8 +412,8 @@ def test_alora_suffix_scores_equal_whole_forward_scores(base_model, data, target
     assert plain.keys() == fast.keys() and len(plain) == 3 * len(method.modules) - 1
     spread = max(abs(v) for v in plain.values())
     assert spread > 1e-4  # the ranks matter: the comparison is not of zeros
-    for key in plain:
-        assert abs(plain[key] - fast[key]) <= 1e-5 * spread + 1e-6, (key, plain[key], fast[key])
+    for key in plain:  # a score is a difference of two losses near 6, each a few of their ulps (5e-7) apart
+        assert abs(plain[key] - fast[key]) <= 1e-5 * spread + 4e-6, (key, plain[key], fast[key])
     assert float(first.gate[1]) == 0.0 and all(float(g) == 1.0 for g in first.gate[[0, 2]])
 
 

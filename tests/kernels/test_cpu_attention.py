@@ -7,8 +7,7 @@ import torch
 
 import kernels.attention as attn
 from kernels import cpu_attention
-from tests.kernels.conftest import TOLERANCES
-from tests.kernels.test_attention import make_batch
+from tests.kernels.conftest import TOLERANCES, make_batch
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
                                 reason="needs an x86-64 CPU with AVX2 and FMA and a C compiler")
