@@ -85,7 +85,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     [seq_lens[b] for b in decode], out, window)
     for b, n in enumerate(q_lens):
         if n > 1 or (n == 1 and seq_lens[b] == 0):
-            _prefill_ref(q, k_cache, v_cache, meta.block_tables[b], q_start[b], n, seq_lens[b], sm_scale, out, window)
+            _prefill_ref(q, k_cache, v_cache, meta.block_tables[b : b + 1], [q_start[b]], n, seq_lens[b], sm_scale, out,
+                         window)
     return out
 
 
@@ -114,27 +115,30 @@ def _decode_ref(q, k_cache, v_cache, meta, sm_scale, seqs, rows, lens, out, wind
     out[torch.tensor(rows, device=q.device)] = o.reshape(len(seqs), -1, head_dim).to(q.dtype)
 
 
-def _prefill_ref(q, k_cache, v_cache, block_table, q0, n, seq_len, sm_scale, out, window) -> None:
+def _prefill_ref(q, k_cache, v_cache, block_tables, q0s, n, seq_len, sm_scale, out, window) -> None:
+    """The prefill chunks of G sequences of the same shape (n query rows each, seq_len tokens of context): block_tables
+    (G, max_blocks), q0s their first query rows. One batched attention for the G of them."""
     num_q_heads, num_kv_heads, block_size = q.shape[1], k_cache.shape[2], k_cache.shape[1]
+    rows = (torch.tensor(q0s, device=q.device)[:, None] + torch.arange(n, device=q.device)[None, :]).reshape(-1)
     if seq_len == 0:
-        out[q0 : q0 + n] = 0
+        out.index_fill_(0, rows, 0)
         return
     # Keys from the first query's window on (0 without a window): earlier blocks may have been freed
     lo = max(0, seq_len - n - window + 1) if window > 0 else 0
     num_blocks = -(-seq_len // block_size)
-    k = _gather(k_cache, block_table[None], num_blocks)[0, lo:seq_len]  # (S, Hkv, D)
-    v = _gather(v_cache, block_table[None], num_blocks)[0, lo:seq_len]
+    k = _gather(k_cache, block_tables, num_blocks)[:, lo:seq_len]  # (G, S, Hkv, D)
+    v = _gather(v_cache, block_tables, num_blocks)[:, lo:seq_len]
     rep = num_q_heads // num_kv_heads
-    k = k.repeat_interleave(rep, dim=1).transpose(0, 1).float()  # (Hq, S, D)
-    v = v.repeat_interleave(rep, dim=1).transpose(0, 1).float()
-    qb = q[q0 : q0 + n].transpose(0, 1).float()  # (Hq, n, D)
+    k = k.repeat_interleave(rep, dim=2).transpose(1, 2).float()  # (G, Hq, S, D)
+    v = v.repeat_interleave(rep, dim=2).transpose(1, 2).float()
+    qb = q.index_select(0, rows).view(len(q0s), n, num_q_heads, -1).transpose(1, 2).float()  # (G, Hq, n, D)
     pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]  # (n, 1)
     keys = torch.arange(lo, seq_len, device=q.device)[None, :]
     mask = keys <= pos  # (n, S)
     if window > 0:
         mask &= keys > pos - window
-    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=sm_scale)  # (Hq, n, D)
-    out[q0 : q0 + n] = o.transpose(0, 1).to(q.dtype)
+    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=sm_scale)  # (G, Hq, n, D)
+    out.index_copy_(0, rows, o.transpose(1, 2).reshape(-1, num_q_heads, o.shape[-1]).to(q.dtype))
 
 
 # ----------------------------------------------------------------------------------------------- CPU path
@@ -155,7 +159,7 @@ class CpuAttentionPlan:
         visible[window]: (Bd,) int64, how many of its S keys each sequence sees (a prefix: the rest are masked)
     Example (block_size 4, Hkv 1, no window): seq 0 has 6 tokens in blocks [7, 2], seq 1 has 3 in block [4]:
         S = 6   keys = [28 29 30 31 8 9 | 16 17 18 18 18 18]   bias = [0 0 0 0 0 0 | 0 0 0 -inf -inf -inf]
-    Prefill chunks (and empty sequences) run one by one as in the reference. Where our kernel runs
+    Prefill chunks (and empty sequences) of the same shape (query rows, context) run as one batch. Where our kernel runs
     (kernels/cpu_attention.py: fp32 on x86-64), decode rows read keys and values in place instead of gathering them.
     """
 
@@ -165,7 +169,8 @@ class CpuAttentionPlan:
     keys: dict[int, torch.Tensor]  # window (0 = none) -> (Bd * Hkv * S,) int64
     bias: dict[int, torch.Tensor]  # window -> (Bd * Hkv, 1, S) fp32
     visible: dict[int, torch.Tensor]  # window -> (Bd,) int64
-    prefills: tuple[tuple[int, int, int, int], ...]  # (sequence, first query row, query rows, seq_len)
+    prefills: tuple[tuple[tuple[int, ...], tuple[int, ...], int, int], ...]  # (sequences, their first query rows,
+    #                                                                           query rows each, seq_len) per shape
 
 
 def plan_cpu_attention(meta: AttentionMeta, slot_mapping: torch.Tensor, block_size: int, num_kv_heads: int,
@@ -174,8 +179,13 @@ def plan_cpu_attention(meta: AttentionMeta, slot_mapping: torch.Tensor, block_si
     q_start, seq_lens = meta.q_start.tolist(), meta.seq_lens.tolist()
     num_tokens = q_start[-1]
     decode = [b for b in range(len(seq_lens)) if q_start[b + 1] - q_start[b] == 1 and seq_lens[b] > 0]
-    prefills = tuple((b, q_start[b], q_start[b + 1] - q_start[b], seq_lens[b]) for b in range(len(seq_lens))
-                     if q_start[b + 1] - q_start[b] > 1 or (q_start[b + 1] - q_start[b] == 1 and seq_lens[b] == 0))
+    shapes: dict[tuple[int, int], list[tuple[int, int]]] = {}  # prefill chunks of one shape attend in one batch
+    for b in range(len(seq_lens)):
+        n = q_start[b + 1] - q_start[b]
+        if n > 1 or (n == 1 and seq_lens[b] == 0):
+            shapes.setdefault((n, seq_lens[b]), []).append((b, q_start[b]))
+    prefills = tuple((tuple(b for b, _ in members), tuple(q0 for _, q0 in members), n, seq_len)
+                     for (n, seq_len), members in shapes.items())
     keep = slot_mapping >= 0
     all_written = bool(keep.all())
     keys, bias, seen = {}, {}, {}
@@ -232,8 +242,9 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device).index_copy_(0, plan.decode_rows, o)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    for b, q0, n, seq_len in plan.prefills:
-        _prefill_ref(q, k_cache, v_cache, meta.block_tables[b], q0, n, seq_len, sm_scale, out, window)
+    for seqs, q0s, n, seq_len in plan.prefills:
+        tables = meta.block_tables[seqs[0] : seqs[0] + 1] if len(seqs) == 1 else meta.block_tables[list(seqs)]
+        _prefill_ref(q, k_cache, v_cache, tables, q0s, n, seq_len, sm_scale, out, window)
     return out
 
 

@@ -133,10 +133,30 @@ static inline int block_rows(int64_t M) {
     return blocks ? (int)((M + blocks - 1) / blocks) : 1;
 }
 
+static void matmul_rows(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
+                        int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads);
+
+/* Rows of x per pass over the panels: as many as fill about CHUNK_BYTES (a share of L2), so that a long prefill's x
+ * is read from cache by every panel instead of from memory (the panels are re-read once per chunk instead). */
+#define CHUNK_BYTES (512 * 1024)
+
 /* x (M, K) rows ldx apart; panels (ceil(N / 16), K, 16); out (M, N) rows ldo apart; bias (N,) or NULL; res (M, N)
  * rows ldr apart or NULL; threads: the OpenMP team's size. */
 void multiplex_cpu_matmul(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
                           int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads) {
+    int chunk = CHUNK_BYTES / (4 * (K > 0 ? K : 1));
+    chunk = chunk < 48 ? 48 : chunk - chunk % 12;  /* whole blocks of 12 (and of 6) rows */
+    for (int m = 0; m < M; m += chunk) {
+        int rows = M - m < chunk ? M - m : chunk;
+        if (M - m - rows > 0 && M - m - rows < 24) rows = M - m;  /* no short last chunk */
+        matmul_rows(rows, N, K, x + m * ldx, ldx, panels, out + m * ldo, ldo, bias, res ? res + m * ldr : 0, ldr,
+                    threads);
+        if (rows == M - m) break;
+    }
+}
+
+static void matmul_rows(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
+                        int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads) {
     int num_panels = (N + PANEL - 1) / PANEL;
 #ifdef PAIR_ROWS
     if (M >= 2 * PAIR_ROWS && num_panels >= 2) {  /* many rows: two panels at a time, 12 rows per block */

@@ -30,11 +30,12 @@ def check_attention(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, dtype
 
 
 # (q_lens, seq_lens): decode rows (q_len 1), a fresh prefill, prefill chunks starting mid-sequence, empty query
-# ranges, sequence lengths on and off block boundaries.
+# ranges, sequence lengths on and off block boundaries, prefill chunks of the same shape.
 BATCHES = {
     "decode": ([1, 1, 1, 1], [1, 16, 37, 70]),
     "prefill": ([23], [23]),
     "mixed": ([1, 9, 0, 20, 1, 0], [40, 9, 5, 51, 16, 0]),
+    "same-shape prefills": ([6, 6, 1, 6, 6], [6, 6, 30, 21, 6]),  # the CPU path batches the chunks of one shape
 }
 
 
