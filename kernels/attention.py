@@ -85,8 +85,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     [seq_lens[b] for b in decode], out, window)
     for b, n in enumerate(q_lens):
         if n > 1 or (n == 1 and seq_lens[b] == 0):
-            _prefill_ref(q, k_cache, v_cache, meta.block_tables[b : b + 1], [q_start[b]], n, seq_lens[b], sm_scale, out,
-                         window)
+            _prefill_ref(q, k_cache, v_cache, meta.block_tables[[b]], [q_start[b]], n, seq_lens[b], sm_scale, out, window)
     return out
 
 
@@ -243,8 +242,7 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for seqs, q0s, n, seq_len in plan.prefills:
-        tables = meta.block_tables[seqs[0] : seqs[0] + 1] if len(seqs) == 1 else meta.block_tables[list(seqs)]
-        _prefill_ref(q, k_cache, v_cache, tables, q0s, n, seq_len, sm_scale, out, window)
+        _prefill_ref(q, k_cache, v_cache, meta.block_tables[list(seqs)], q0s, n, seq_len, sm_scale, out, window)
     return out
 
 
