@@ -1,11 +1,12 @@
-"""Our C kernels for the CPU (kernels/cpu_matmul.c, kernels/cpu_attention.c): compiled on first use with the system's
-C compiler and loaded with ctypes.
+"""Our C kernels for the CPU (kernels/cpu_matmul.c, cpu_attention.c, cpu_elementwise.c): compiled on first use with
+the system's C compiler and loaded with ctypes.
 
 A source is built with the flags of a variant (`VARIANTS`: its AVX2 form everywhere; its AVX-512 form, where it has
-one, on a CPU where PyTorch finds AVX-512) into a cache directory (`cache_dir()`), named by the source's and flags'
-hash, built aside and renamed (processes may race); `CC` may name another compiler, with arguments. A failed build
-is an OSError, which callers turn into a warning and their PyTorch path. The libraries link PyTorch's own libgomp
-(shared by soname), so their OpenMP teams are the calling thread's.
+one, on a CPU where PyTorch finds AVX-512) into a cache directory (`cache_dir()`), named by the hash of the source,
+the headers beside it (kernels/cpu_vector.h) and the flags, built aside and renamed (processes may race); `CC` may
+name another compiler, with arguments. A failed build is an OSError, which callers turn into a warning and their
+PyTorch path. The libraries link PyTorch's own libgomp (shared by soname), so their OpenMP teams are the calling
+thread's.
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def cache_dir() -> Path:
 
 def build(source: Path, variant: str) -> Path:
     """Compile `source` with the flags of `variant` into the cache directory, unless already there -> the library."""
-    text, flags = source.read_bytes(), VARIANTS[variant]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the source may include
+    text, flags = source.read_bytes() + headers, VARIANTS[variant]
     digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{variant}-{digest}.so"
     if target.exists():

@@ -9,11 +9,16 @@
  * throughout; the same bits in both forms); bias, then residual, are added after the sum.
  * Built on demand by kernels/cpu_matmul.py (gcc -O3 -mavx2 -mfma [-mavx512f] -fopenmp); its reference is F.linear.
  */
-#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_vector.h"
+
 #define PANEL 16
+#ifndef PREFETCH
+#define PREFETCH 64  /* panel rows (cache lines) ahead the loops prefetch: the stream crosses pages, which the
+                      * hardware prefetcher does not */
+#endif
 
 #ifdef __AVX512F__
 /* AVX-512: a panel is one register; a block is up to 16 rows of x against one panel, 16 accumulators. */
@@ -34,6 +39,7 @@ static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, 
     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0,     \
            c9 = c0, c10 = c0, c11 = c0, c12 = c0, c13 = c0, c14 = c0, c15 = c0;                                                                           \
     for (int k = 0; k < K; k++) {                                                                                 \
+        _mm_prefetch((const char *)(panel + (k + PREFETCH) * ldp), _MM_HINT_T0);                                  \
         __m512 b = _mm512_loadu_ps(panel + k * ldp);                                                              \
         ROW_FMA(ROWS, 0) ROW_FMA(ROWS, 1) ROW_FMA(ROWS, 2) ROW_FMA(ROWS, 3) ROW_FMA(ROWS, 4) ROW_FMA(ROWS, 5)     \
         ROW_FMA(ROWS, 6) ROW_FMA(ROWS, 7) ROW_FMA(ROWS, 8) ROW_FMA(ROWS, 9) ROW_FMA(ROWS, 10) ROW_FMA(ROWS, 11)   \
@@ -64,6 +70,8 @@ static void pair##ROWS(int K, const float *x, int64_t ldx, const float *panel, i
            c80 = c00, c81 = c00, c90 = c00, c91 = c00, c100 = c00, c101 = c00, c110 = c00, c111 = c00;            \
     const float *panel1 = panel + (int64_t)K * PANEL;                                                             \
     for (int k = 0; k < K; k++) {                                                                                 \
+        _mm_prefetch((const char *)(panel + (k + PREFETCH) * ldp), _MM_HINT_T0);                                  \
+        _mm_prefetch((const char *)(panel1 + (k + PREFETCH) * ldp), _MM_HINT_T0);                                 \
         __m512 b0 = _mm512_loadu_ps(panel + k * ldp), b1 = _mm512_loadu_ps(panel1 + k * ldp);                     \
         PAIR_FMA(ROWS, 0) PAIR_FMA(ROWS, 1) PAIR_FMA(ROWS, 2) PAIR_FMA(ROWS, 3) PAIR_FMA(ROWS, 4)               \
         PAIR_FMA(ROWS, 5) PAIR_FMA(ROWS, 6) PAIR_FMA(ROWS, 7) PAIR_FMA(ROWS, 8) PAIR_FMA(ROWS, 9)               \
@@ -109,6 +117,7 @@ static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, 
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,                     \
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, a;                                  \
     for (int k = 0; k < K; k++) {                                                                                 \
+        _mm_prefetch((const char *)(panel + (k + PREFETCH) * ldp), _MM_HINT_T0);                                  \
         __m256 b0 = _mm256_loadu_ps(panel + k * ldp), b1 = _mm256_loadu_ps(panel + k * ldp + 8);                   \
         ROW_FMA(ROWS, 0) ROW_FMA(ROWS, 1) ROW_FMA(ROWS, 2) ROW_FMA(ROWS, 3) ROW_FMA(ROWS, 4) ROW_FMA(ROWS, 5)                                   \
     }                                                                                                             \
@@ -200,13 +209,6 @@ static void matmul_rows(int M, int N, int K, const float *x, int64_t ldx, const 
  * d_in) per slot, slot_stride_a apart; Bt_i: (R, widths[i]) per slot, slot_stride_bt[i] apart (scale folded in).
  * Phase 1 (shrink): h[offsets[g] + t, j] = x[rows[.]] . A_s[j], dot products streaming each row of A once.
  * Phase 2 (expand): the panel blocks above with Bt_i read in place (panel row stride widths[i]), added into y's rows. */
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* h[t * ldh] = x_t . arow for TOKENS (<= 4) tokens whose rows are xr[0..TOKENS) */
 #define DOT_FMA(T, t) if (T > t) { d##t##0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(xr[t] + k), d##t##0); \

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_elementwise
 from kernels.attention import paged_attention, plan_cpu_attention, write_kv
 from kernels.dispatch import use_triton
 from kernels.linear import linear, prepack
@@ -35,7 +36,9 @@ class LayerWeights:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:  # one fused op; in fp32 the same math as below
+    if x.dtype == torch.float32:  # in fp32 the same math as below: our kernel's one pass on a CPU, else PyTorch's
+        if x.device.type == "cpu" and x.stride(-1) == 1 and cpu_elementwise.enabled():
+            return cpu_elementwise.rms_norm(x, weight, eps)
         return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -87,7 +90,8 @@ class LlamaModel:
         plan = None
         if torch.device(self.device).type == "cpu" and not use_triton(self.device):
             plan = plan_cpu_attention(batch.attn, batch.slot_mapping, kv.k.shape[2], cfg.num_kv_heads, tuple(set(self.windows)))
-        rope = self.rope.tables(batch.positions)  # (T, 1, D) x 2
+        rope = self.rope.tables(batch.positions)  # (T, D) x 2
+        ours = self.dtype == torch.float32 and torch.device(self.device).type == "cpu" and cpu_elementwise.enabled()
         q_size, kv_size, num_tokens = cfg.q_size, cfg.kv_size, batch.input_ids.shape[0]
         x = self.embed.index_select(0, batch.input_ids)  # (T, H)
         for i, lw in enumerate(self.layers):
@@ -99,7 +103,8 @@ class LlamaModel:
                 step.apply(i, "qkv", qkv, h)
             if use_scale:
                 step.scale(i, "qkv", qkv)  # IA3 / PARA: after bias and deltas, before RoPE
-            self.rope.apply_(qkv[:, : q_size + kv_size].view(num_tokens, -1, cfg.head_dim), rope)  # q and k heads
+            qk = qkv[:, : q_size + kv_size].view(num_tokens, -1, cfg.head_dim)  # the q and k heads, rotated in place
+            (cpu_elementwise.rope_ if ours else cpu_elementwise.rope_ref_)(qk, *rope)
             q = qkv[:, :q_size].view(num_tokens, cfg.num_heads, cfg.head_dim)  # (T, Hq, D)
             k = qkv[:, q_size : q_size + kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # (T, Hkv, D)
             v = qkv[:, q_size + kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -115,8 +120,7 @@ class LlamaModel:
                 step.apply(i, "gate_up", gu, h)
             if use_scale:
                 step.scale(i, "gate_up", gu)
-            gate, up = gu.chunk(2, dim=-1)
-            act = F.silu(gate) * up  # (T, I)
+            act = cpu_elementwise.silu_mul(gu) if ours else cpu_elementwise.silu_mul_ref(gu)  # (T, I): silu(gate) * up
             if use_scale:
                 step.scale(i, "ffn", act)  # IA3's feed-forward vector: the input of down_proj
             x = linear(act, lw.down, residual=x)  # (T, H): the residual plus down_proj

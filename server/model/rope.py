@@ -30,7 +30,7 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.
 
 class RotaryEmbedding:
     """Precomputed cos/sin tables. A step looks its positions up once (tables()), then every layer rotates its
-    queries and keys in place (apply_)."""
+    queries and keys in place with them (kernels/cpu_elementwise.py's rope_, or its PyTorch reference rope_ref_)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device, dtype) -> None:
         inv_freq = inv_frequencies(head_dim, theta, scaling).to(device)
@@ -43,11 +43,5 @@ class RotaryEmbedding:
         self.sin_signed = torch.cat([-sin[:, : head_dim // 2], sin[:, head_dim // 2 :]], dim=-1)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (T,) -> (cos, signed sin), each (T, 1, D): one lookup per step, shared by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
-
-    @staticmethod
-    def apply_(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """x: (T, H, D), any strides (e.g. the q|k heads of a fused qkv) <- x * cos + rotate_half(x) * sin."""
-        cos, sin_signed = tables
-        torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed, out=x)
+        """positions: (T,) -> (cos, signed sin), each (T, D) contiguous: one lookup per step, shared by every layer."""
+        return self.cos[positions], self.sin_signed[positions]

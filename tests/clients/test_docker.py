@@ -151,6 +151,13 @@ def test_dockerfile_rules() -> None:
     assert kinds.index("USER") > last_pip, "install as root, then switch to the non-root user"
 
 
+def test_both_images_have_a_c_compiler() -> None:
+    """Our CPU kernels (kernels/cpu_*.c, shipped as package data) and Triton's launchers compile at run time."""
+    for name in ("Dockerfile", "Dockerfile.cpu"):
+        runs = " ".join(a for i, a in dockerfile_instructions(DOCKER / name) if i == "RUN")
+        assert re.search(r"apt-get install[^&]*\bgcc\b", runs), f"{name} installs no C compiler"
+
+
 def test_cpu_dockerfile_rules() -> None:
     instructions = dockerfile_instructions(DOCKER / "Dockerfile.cpu")
     runs = " ".join(a for i, a in instructions if i == "RUN")

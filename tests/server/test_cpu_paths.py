@@ -1,10 +1,11 @@
 """The CPU forward takes its fast paths (the golden tests check their values; this checks they are the ones
 running): prepacked projections (our kernel's panels where it builds, else oneDNN's layout), the planned attention and KV write, one padded gather-bmm per LowRank op
 and one CSR product per Sparse slot, from stores that keep each adapter once (nothing written to the arena)."""
+import pytest
 import torch
 
 import kernels.attention as attention
-from kernels import cpu_matmul
+from kernels import cpu_elementwise, cpu_matmul
 import kernels.sparse as sparse
 from server.model.config import ModelConfig
 import server.model.padded_lowrank as padded_lowrank
@@ -46,3 +47,28 @@ def test_cpu_forward_uses_prepacked_weights_the_attention_plan_and_csr_sparse(tm
     assert calls["attention"] == calls["write"] == steps * cfg.num_layers and calls["reference"] == 0
     assert calls["csr"] == calls["padded"] == steps * cfg.num_layers * 4  # q|k|v, o, gate|up, down of every layer
     assert len(pool.slots) == 2 and not pool.arena.any()  # both adapters resident, neither written twice
+
+
+def test_cpu_forward_runs_our_elementwise_kernel_with_the_logits_of_pytorchs_ops(tmp_path, monkeypatch):
+    """Not a silent fallback: where it builds, auto enables kernels/cpu_elementwise.c and every layer of an fp32 CPU
+    forward calls its RMSNorm (twice), rotary and SiLU x up; the logits are PyTorch's ops' within fp32 rounding."""
+    if not cpu_elementwise.available():
+        pytest.skip("needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+    assert cpu_elementwise.CHOICE != "auto" or cpu_elementwise.enabled()
+    path = make_hf_model(tmp_path / "m", "qwen2")  # q|k|v bias, GQA
+    cfg = ModelConfig.from_dir(path)
+    prompts = {"a": list(range(3, 12)), "b": list(range(20, 25))}
+    calls = []
+    for name in ("rms_norm", "silu_mul", "rope_"):
+        fn = getattr(cpu_elementwise, name)
+        monkeypatch.setattr(cpu_elementwise, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+    ids, ours = run_capture(small_engine(path), prompts, {}, max_tokens=3)
+    steps = 3
+    assert calls.count("rms_norm") == steps * (2 * cfg.num_layers + 1)
+    assert calls.count("rope_") == calls.count("silu_mul") == steps * cfg.num_layers
+    monkeypatch.setattr(cpu_elementwise, "_enabled", False)
+    calls.clear()
+    ids_torch, theirs = run_capture(small_engine(path), prompts, {}, max_tokens=3)
+    assert not calls and ids == ids_torch
+    for rid in prompts:
+        torch.testing.assert_close(torch.stack(ours[rid]), torch.stack(theirs[rid]), rtol=1e-5, atol=1e-5)
