@@ -1,12 +1,15 @@
 /* Decode attention over the paged KV cache on a CPU, in fp32 with AVX2 and FMA: each decode sequence's query heads
  * attend to its visible keys read in place from the cache (no gathered copy of K and V).
  *
- * Work item (sequence b, KV head g), OpenMP dynamic over items: its `rep` query heads share the keys
+ * Work item (sequence b, KV head g), OpenMP dynamic over items (one thread for fewer than 1024 keys in all, where a
+ * team costs more than it saves): its `rep` query heads share the keys
  * keys[item * S + j] (rows of the cache viewed as (rows, D); j < nvis[b] visible, the rest are not read), so
  *     s[r][j] = sm_scale * q[b, g rep + r] . K[keys[item S + j]]
  *     out[b, g rep + r] = sum_j exp(s[r][j] - max_j s[r]) V[keys[item S + j]] / sum_j exp(s[r][j] - max_j s[r])
  * the semantics of kernels/attention.py's paged_attention_cpu (its reference), up to the order of fp32 sums and an
- * exp within 2 ulp (Cephes' polynomial, vectorised). Built on demand by kernels/cpu_attention.py.
+ * exp within 2 ulp (Cephes' polynomial, vectorised). Scores go 8 keys at a time (eight independent dot products, then
+ * one transpose-and-add), values 64 columns at a time (eight independent sums). Built on demand by
+ * kernels/cpu_attention.py.
  */
 #include <math.h>
 #include <stdint.h>
@@ -32,6 +35,45 @@ static float dot(const float *a, const float *b, int D) {
     return s;
 }
 
+/* lane i = the dot product of a with the key row k + kr[i] * D, for 8 keys at once: eight independent sums (no
+ * horizontal add per key), then one transpose-and-add of the eight */
+static inline __m256 dots8(const float *a, const float *k, const int64_t *kr, int D) {
+    const float *r0 = k + kr[0] * D, *r1 = k + kr[1] * D, *r2 = k + kr[2] * D, *r3 = k + kr[3] * D,
+                *r4 = k + kr[4] * D, *r5 = k + kr[5] * D, *r6 = k + kr[6] * D, *r7 = k + kr[7] * D;
+    __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+    int d = 0;
+    for (; d + 8 <= D; d += 8) {
+        __m256 av = _mm256_loadu_ps(a + d);
+        c0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(r0 + d), c0);
+        c1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(r1 + d), c1);
+        c2 = _mm256_fmadd_ps(av, _mm256_loadu_ps(r2 + d), c2);
+        c3 = _mm256_fmadd_ps(av, _mm256_loadu_ps(r3 + d), c3);
+        c4 = _mm256_fmadd_ps(av, _mm256_loadu_ps(r4 + d), c4);
+        c5 = _mm256_fmadd_ps(av, _mm256_loadu_ps(r5 + d), c5);
+        c6 = _mm256_fmadd_ps(av, _mm256_loadu_ps(r6 + d), c6);
+        c7 = _mm256_fmadd_ps(av, _mm256_loadu_ps(r7 + d), c7);
+    }
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(c0, c1), _mm256_hadd_ps(c2, c3));  /* sums 0-3 of each 128-bit half */
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(c4, c5), _mm256_hadd_ps(c6, c7));  /* sums 4-7 */
+    __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    if (d < D) {  /* a head size that is not a multiple of 8: the last columns one by one */
+        float t[8];
+        const float *rows[8] = {r0, r1, r2, r3, r4, r5, r6, r7};
+        _mm256_storeu_ps(t, s);
+        for (int i = 0; i < 8; i++)
+            for (int dd = d; dd < D; dd++) t[i] += a[dd] * rows[i][dd];
+        s = _mm256_loadu_ps(t);
+    }
+    return s;
+}
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
 #define MAX_REP 16  /* query heads per KV head handled in one item (GQA groups are at most 8 in Llama-family models) */
 
 /* q: query rows ldq apart, heads ldh apart (unit stride within a head); qrows: (Bd,) row of each decode sequence
@@ -40,7 +82,7 @@ static float dot(const float *a, const float *b, int D) {
 void multiplex_decode_attention(int Bd, int Hkv, int rep, int D, int64_t S, const float *q, int64_t ldq, int64_t ldh,
                                 const int64_t *qrows, const float *k, const float *v, const int64_t *keys,
                                 const int64_t *nvis, float sm_scale, float *out, float *scratch, int threads) {
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if ((int64_t)Bd * Hkv * S >= 1024)
     for (int64_t item = 0; item < (int64_t)Bd * Hkv; item++) {
         int64_t b = item / Hkv, g = item % Hkv, n = nvis[b];
         const int64_t *kr = keys + item * S;
@@ -50,13 +92,22 @@ void multiplex_decode_attention(int Bd, int Hkv, int rep, int D, int64_t S, cons
         for (int r = 0; r < rep; r++) {  /* scores, then exp(s - max) in place and their sum */
             const float *qr = qb + r * ldh;
             float *sr = s + r * S, m = -INFINITY;
-            for (int64_t j = 0; j < n; j++) {
+            int64_t j = 0;
+            if (n >= 8) {
+                __m256 scale = _mm256_set1_ps(sm_scale), mv = _mm256_set1_ps(-INFINITY);
+                for (; j + 8 <= n; j += 8) {
+                    __m256 sv = _mm256_mul_ps(scale, dots8(qr, k, kr + j, D));
+                    _mm256_storeu_ps(sr + j, sv);
+                    mv = _mm256_max_ps(mv, sv);
+                }
+                m = hmax(mv);
+            }
+            for (; j < n; j++) {
                 sr[j] = sm_scale * dot(qr, k + kr[j] * D, D);
                 if (sr[j] > m) m = sr[j];
             }
             __m256 mv = _mm256_set1_ps(m), lv = _mm256_setzero_ps();
-            int64_t j = 0;
-            for (; j + 8 <= n; j += 8) {
+            for (j = 0; j + 8 <= n; j += 8) {
                 __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
                 _mm256_storeu_ps(sr + j, p);
                 lv = _mm256_add_ps(lv, p);
@@ -72,6 +123,24 @@ void multiplex_decode_attention(int Bd, int Hkv, int rep, int D, int64_t S, cons
             const float *pr = s + r * S;
             float *o = out + (b * Hkv * rep + g * rep + r) * (int64_t)D;
             int d = 0;
+            for (; d + 64 <= D; d += 64) {  /* eight independent sums, enough to keep both FMA units busy */
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+                for (int64_t j = 0; j < n; j++) {
+                    const float *vr = v + kr[j] * D + d;
+                    __m256 p = _mm256_set1_ps(pr[j]);
+                    a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr), a0);
+                    a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8), a1);
+                    a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 16), a2);
+                    a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 24), a3);
+                    a4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 32), a4);
+                    a5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 40), a5);
+                    a6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 48), a6);
+                    a7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 56), a7);
+                }
+                __m256 iv = _mm256_set1_ps(inv[r]);
+                __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+                for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + d + 8 * c, _mm256_mul_ps(acc[c], iv));
+            }
             for (; d + 32 <= D; d += 32) {
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
                 for (int64_t j = 0; j < n; j++) {
