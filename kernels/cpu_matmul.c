@@ -220,6 +220,7 @@ static void dots##TOKENS(int K, const float *arow, const float *const *xr, float
     __m256 d00 = _mm256_setzero_ps(), d01 = d00, d10 = d00, d11 = d00, d20 = d00, d21 = d00, d30 = d00, d31 = d00; \
     int k = 0;                                                                                               \
     for (; k + 16 <= K; k += 16) {                                                                           \
+        _mm_prefetch((const char *)(arow + k + PREFETCH * PANEL), _MM_HINT_T0);  /* rows of A lie end to end */ \
         __m256 a0 = _mm256_loadu_ps(arow + k), a1 = _mm256_loadu_ps(arow + k + 8);                           \
         DOT_FMA(TOKENS, 0) DOT_FMA(TOKENS, 1) DOT_FMA(TOKENS, 2) DOT_FMA(TOKENS, 3)                          \
     }                                                                                                        \
