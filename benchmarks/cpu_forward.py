@@ -1,7 +1,7 @@
-"""Engine-only: a whole fp32 forward of smollm2 (or `--model`) on the CPU (the model alone: no scheduler, sampling nor HTTP), with
-our CPU kernels for the elementwise ops and decode attention (kernels/cpu_elementwise.py, kernels/cpu_attention.py)
-against PyTorch's ops for them, interleaved in one process: a prefill step of `--requests` prompts of
-`--prompt-len` tokens, and a decode step of as many requests with `--context` tokens each.
+"""Engine-only: a whole fp32 forward of smollm2 (or `--model`) on the CPU (the model alone: no scheduler, sampling
+nor HTTP), with our CPU kernels for the elementwise ops and decode attention (kernels/cpu_elementwise.py,
+kernels/cpu_attention.py) against PyTorch's ops for them, interleaved in one process: a prefill step of `--requests`
+prompts of `--prompt-len` tokens, and a decode step of as many requests with `--context` tokens each.
 
     python -m benchmarks.cpu_forward [--requests 16] [--prompt-len 64] [--context 96] [--rounds 3] [--out FILE.json]
     python -m benchmarks.cpu_forward --model PATH    # a checkpoint directory or a name the server knows
@@ -40,7 +40,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--context", type=int, default=96, help="tokens each decode request has seen")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--data-dir", type=Path, default=None, help="where a named model is converted (default: a temp dir)")
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="where a named model is converted (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not (cpu_elementwise.available() and cpu_attention.available()):
@@ -62,9 +63,26 @@ def main(argv=None) -> None:
         return runner.build(ScheduledBatch(seqs))
 
     steps = {"prefill": (batch(0, args.prompt_len), 3), "decode": (batch(args.context, 1), 15)}
+    times = _time_both_ways(model, runner, steps, args.rounds)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"{when}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; {args.model} "
+          f"fp32, {args.requests} requests: prefill of {args.prompt_len} tokens each, decode at {args.context}")
+    rows = []
+    for step in steps:
+        ours, theirs = times[step]["ours"], times[step]["torch"]
+        rows.append(dict(step=step, ours_ms=ours, torch_ms=theirs))
+        print(f"  {step}: ours {', '.join(f'{t:.1f}' for t in ours)} ms; torch's ops "
+              f"{', '.join(f'{t:.1f}' for t in theirs)} ms (best {min(theirs) / min(ours):.2f}x)")
+    if args.out:
+        args.out.write_text(json.dumps(dict(date=when, threads=torch.get_num_threads(), args=vars(args) | {
+            "out": str(args.out), "data_dir": str(args.data_dir)}, rows=rows), indent=2))
+
+
+def _time_both_ways(model, runner, steps: dict, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """{step: {way: [median ms per round]}}: each round runs every step with our kernels, then with PyTorch's ops."""
     ways = {"ours": True, "torch": False}
     times: dict[str, dict[str, list[float]]] = {s: {w: [] for w in ways} for s in steps}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for way, on in ways.items():
             cpu_elementwise._enabled = cpu_attention._enabled = on
             for step, (fb, n) in steps.items():
@@ -75,18 +93,7 @@ def main(argv=None) -> None:
                     model.forward(fb, runner.kv, None)
                     samples.append(time.perf_counter() - t0)
                 times[step][way].append(sorted(samples)[n // 2] * 1e3)
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"{when}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; {args.model} fp32, "
-          f"{args.requests} requests: prefill of {args.prompt_len} tokens each, decode at {args.context}")
-    rows = []
-    for step in steps:
-        ours, theirs = times[step]["ours"], times[step]["torch"]
-        rows.append(dict(step=step, ours_ms=ours, torch_ms=theirs))
-        print(f"  {step}: ours {', '.join(f'{t:.1f}' for t in ours)} ms; torch's ops {', '.join(f'{t:.1f}' for t in theirs)}"
-              f" ms (best {min(theirs) / min(ours):.2f}x)")
-    if args.out:
-        args.out.write_text(json.dumps(dict(date=when, threads=torch.get_num_threads(), args=vars(args) | {
-            "out": str(args.out), "data_dir": str(args.data_dir)}, rows=rows), indent=2))
+    return times
 
 
 if __name__ == "__main__":

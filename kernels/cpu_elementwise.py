@@ -8,8 +8,9 @@ Semantics: the `*_ref` functions below (PyTorch, fp32), up to the order of fp32 
     rope_(x, cos, sin):   x (T, heads, D), any row and head strides, rotated in place; cos and sin_signed (T, D)
 
 Where it runs: `enabled()`, `MULTIPLEX_CPU_ELEMENTWISE=auto|ours|torch` read once at import (`auto`: ours wherever
-the kernel builds, kernels/cpu_build.py), on fp32 CPU tensors with unit stride along their last dimension
-(`supports`). A call releases the GIL and splits long inputs over the calling thread's OpenMP team.
+the kernel builds, kernels/cpu_build.py), for fp32 CPU tensors with unit stride along their last dimension (the
+caller's check: server/model/llama.py). A call releases the GIL and splits long inputs over the calling thread's
+OpenMP team.
 """
 from __future__ import annotations
 
@@ -37,11 +38,6 @@ def enabled() -> bool:
 def available() -> bool:
     """Whether this machine runs the kernel: an x86-64 CPU with AVX2 and FMA, and the source compiles (once)."""
     return cpu_build.loads(_library, "our CPU elementwise kernel")
-
-
-def supports(*tensors: torch.Tensor) -> bool:
-    """Whether the kernel takes these tensors: fp32 on the CPU, unit stride along the last dimension."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -5,7 +5,7 @@
  * panel streams from memory once per call and then from cache. Each thread takes whole panels (OpenMP, static) and
  * computes a block of rows of x against one panel at a time, the x values broadcast: with AVX2, 6 rows in 12
  * accumulators of 8 floats; with AVX-512 (built with -mavx512f), up to 16 rows in 16 accumulators of 16 floats, and
- * from 24 rows on 12 rows against two panels (24 accumulators). The sums run over k in order, one FMA each (fp32
+ * from 24 rows on 8 rows against three panels (24 accumulators). The sums run over k in order, one FMA each (fp32
  * throughout; the same bits in both forms); bias, then residual, are added after the sum.
  * Built on demand by kernels/cpu_matmul.py (gcc -O3 -mavx2 -mfma [-mavx512f] -fopenmp); its reference is F.linear.
  */
@@ -53,34 +53,34 @@ DEFINE_BLOCK(1) DEFINE_BLOCK(2) DEFINE_BLOCK(3) DEFINE_BLOCK(4) DEFINE_BLOCK(5) 
 DEFINE_BLOCK(7) DEFINE_BLOCK(8) DEFINE_BLOCK(9) DEFINE_BLOCK(10) DEFINE_BLOCK(11) DEFINE_BLOCK(12)
 DEFINE_BLOCK(13) DEFINE_BLOCK(14) DEFINE_BLOCK(15) DEFINE_BLOCK(16)
 
-/* Large row counts: a block of up to 12 rows against two panels (24 accumulators), half the loads per FMA. */
-#define PAIR_ROWS 12
-#define PAIR_FMA(R, i) if (R > i) { __m512 a = _mm512_set1_ps(x[i * ldx + k]);                          \
-    c##i##0 = _mm512_fmadd_ps(a, b0, c##i##0); c##i##1 = _mm512_fmadd_ps(a, b1, c##i##1); }
-#define PAIR_STORE(R, i) if (R > i) { int64_t r = orows ? orows[i] : i;                                    \
-    store_row(c##i##0, out + r * ldo, bias, res ? res + r * ldr : 0, PANEL);                               \
-    store_row(c##i##1, out + r * ldo + PANEL, bias ? bias + PANEL : 0, res ? res + r * ldr + PANEL : 0, cols - PANEL); }
-#define DEFINE_PAIR(ROWS)                                                                                           \
-static void pair##ROWS(int K, const float *x, int64_t ldx, const float *panel, int64_t ldp, float *out,           \
-                       int64_t ldo, const int64_t *orows, const float *bias, const float *res, int64_t ldr,       \
-                       int cols) {                                                                                \
-    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,          \
-           c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00,     \
-           c80 = c00, c81 = c00, c90 = c00, c91 = c00, c100 = c00, c101 = c00, c110 = c00, c111 = c00;            \
-    const float *panel1 = panel + (int64_t)K * PANEL;                                                             \
-    for (int k = 0; k < K; k++) {                                                                                 \
-        _mm_prefetch((const char *)(panel + (k + PREFETCH) * ldp), _MM_HINT_T0);                                  \
-        _mm_prefetch((const char *)(panel1 + (k + PREFETCH) * ldp), _MM_HINT_T0);                                 \
-        __m512 b0 = _mm512_loadu_ps(panel + k * ldp), b1 = _mm512_loadu_ps(panel1 + k * ldp);                     \
-        PAIR_FMA(ROWS, 0) PAIR_FMA(ROWS, 1) PAIR_FMA(ROWS, 2) PAIR_FMA(ROWS, 3) PAIR_FMA(ROWS, 4)               \
-        PAIR_FMA(ROWS, 5) PAIR_FMA(ROWS, 6) PAIR_FMA(ROWS, 7) PAIR_FMA(ROWS, 8) PAIR_FMA(ROWS, 9)               \
-        PAIR_FMA(ROWS, 10) PAIR_FMA(ROWS, 11)                                                                    \
-    }                                                                                                             \
-    PAIR_STORE(ROWS, 0) PAIR_STORE(ROWS, 1) PAIR_STORE(ROWS, 2) PAIR_STORE(ROWS, 3) PAIR_STORE(ROWS, 4)           \
-    PAIR_STORE(ROWS, 5) PAIR_STORE(ROWS, 6) PAIR_STORE(ROWS, 7) PAIR_STORE(ROWS, 8) PAIR_STORE(ROWS, 9)           \
-    PAIR_STORE(ROWS, 10) PAIR_STORE(ROWS, 11)                                                                     \
+/* Large row counts: 8 rows against three panels (24 accumulators), 11 loads per 24 FMAs (12 rows against two
+ * panels, tried first, takes 14 and ran 5-10% slower). */
+#define TRIPLE_ROWS 8
+#define TRIPLE_FMA(i) { __m512 a = _mm512_set1_ps(x[i * ldx + k]);                                                   \
+    c##i##0 = _mm512_fmadd_ps(a, b0, c##i##0); c##i##1 = _mm512_fmadd_ps(a, b1, c##i##1);                          \
+    c##i##2 = _mm512_fmadd_ps(a, b2, c##i##2); }
+#define TRIPLE_STORE(i) { int64_t r = orows ? orows[i] : i;                                                          \
+    store_row(c##i##0, out + r * ldo, bias, res ? res + r * ldr : 0, PANEL);                                         \
+    store_row(c##i##1, out + r * ldo + PANEL, bias ? bias + PANEL : 0, res ? res + r * ldr + PANEL : 0, PANEL);      \
+    store_row(c##i##2, out + r * ldo + 2 * PANEL, bias ? bias + 2 * PANEL : 0,                                       \
+              res ? res + r * ldr + 2 * PANEL : 0, cols - 2 * PANEL); }
+static void triple8(int K, const float *x, int64_t ldx, const float *panel, int64_t ldp, float *out, int64_t ldo,
+                    const int64_t *orows, const float *bias, const float *res, int64_t ldr, int cols) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00, c20 = c00, c21 = c00,
+           c22 = c00, c30 = c00, c31 = c00, c32 = c00, c40 = c00, c41 = c00, c42 = c00, c50 = c00, c51 = c00,
+           c52 = c00, c60 = c00, c61 = c00, c62 = c00, c70 = c00, c71 = c00, c72 = c00;
+    const float *panel1 = panel + (int64_t)K * PANEL, *panel2 = panel1 + (int64_t)K * PANEL;
+    for (int k = 0; k < K; k++) {
+        _mm_prefetch((const char *)(panel + (k + PREFETCH) * ldp), _MM_HINT_T0);
+        _mm_prefetch((const char *)(panel1 + (k + PREFETCH) * ldp), _MM_HINT_T0);
+        _mm_prefetch((const char *)(panel2 + (k + PREFETCH) * ldp), _MM_HINT_T0);
+        __m512 b0 = _mm512_loadu_ps(panel + k * ldp), b1 = _mm512_loadu_ps(panel1 + k * ldp),
+               b2 = _mm512_loadu_ps(panel2 + k * ldp);
+        TRIPLE_FMA(0) TRIPLE_FMA(1) TRIPLE_FMA(2) TRIPLE_FMA(3) TRIPLE_FMA(4) TRIPLE_FMA(5) TRIPLE_FMA(6) TRIPLE_FMA(7)
+    }
+    TRIPLE_STORE(0) TRIPLE_STORE(1) TRIPLE_STORE(2) TRIPLE_STORE(3) TRIPLE_STORE(4) TRIPLE_STORE(5) TRIPLE_STORE(6)
+    TRIPLE_STORE(7)
 }
-DEFINE_PAIR(12)
 #else
 /* AVX2: a panel is two registers; a block is up to 6 rows of x against one panel, 12 accumulators. */
 #define BLOCK_ROWS 6
@@ -153,7 +153,7 @@ static void matmul_rows(int M, int N, int K, const float *x, int64_t ldx, const 
 void multiplex_cpu_matmul(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
                           int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads) {
     int chunk = CHUNK_BYTES / (4 * (K > 0 ? K : 1));
-    chunk = chunk < 48 ? 48 : chunk - chunk % 12;  /* whole blocks of 12 (and of 6) rows */
+    chunk = chunk < 48 ? 48 : chunk - chunk % 24;  /* whole blocks of 8 and of 6 rows */
     for (int m = 0; m < M; m += chunk) {
         int rows = M - m < chunk ? M - m : chunk;
         if (M - m - rows > 0 && M - m - rows < 24) rows = M - m;  /* no short last chunk */
@@ -166,19 +166,19 @@ void multiplex_cpu_matmul(int M, int N, int K, const float *x, int64_t ldx, cons
 static void matmul_rows(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
                         int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads) {
     int num_panels = (N + PANEL - 1) / PANEL;
-#ifdef PAIR_ROWS
-    if (M >= 2 * PAIR_ROWS && num_panels >= 2) {  /* many rows: two panels at a time, 12 rows per block */
-        int pairs = num_panels / 2;
+#ifdef TRIPLE_ROWS
+    if (M >= 3 * TRIPLE_ROWS && num_panels >= 3) {  /* many rows: three panels at a time, 8 rows per block */
+        int triples = num_panels / 3;
         #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int q = 0; q < (num_panels + 1) / 2; q++) {
-            int n0 = 2 * q * PANEL, cols = N - n0 < 2 * PANEL ? N - n0 : 2 * PANEL;
-            const float *panel = panels + (int64_t)2 * q * K * PANEL;
+        for (int q = 0; q < (num_panels + 2) / 3; q++) {
+            int n0 = 3 * q * PANEL, cols = N - n0 < 3 * PANEL ? N - n0 : 3 * PANEL;
+            const float *panel = panels + (int64_t)3 * q * K * PANEL;
             int m = 0;
-            if (q < pairs)
-                for (; m + PAIR_ROWS <= M; m += PAIR_ROWS)
-                    pair12(K, x + m * ldx, ldx, panel, PANEL, out + m * ldo + n0, ldo, 0, bias ? bias + n0 : 0,
-                           res ? res + m * ldr + n0 : 0, ldr, cols);
-            for (int pp = 0; pp < 2 && n0 + pp * PANEL < N; pp++) {  /* the rows left, or an odd last panel */
+            if (q < triples)
+                for (; m + TRIPLE_ROWS <= M; m += TRIPLE_ROWS)
+                    triple8(K, x + m * ldx, ldx, panel, PANEL, out + m * ldo + n0, ldo, 0, bias ? bias + n0 : 0,
+                            res ? res + m * ldr + n0 : 0, ldr, cols);
+            for (int pp = 0; pp < 3 && n0 + pp * PANEL < N; pp++) {  /* the rows left, or the last panels */
                 int n1 = n0 + pp * PANEL, cols1 = N - n1 < PANEL ? N - n1 : PANEL;
                 for (int mm = m, step = block_rows(M - m); mm < M; mm += step) {
                     int rows = M - mm < step ? M - mm : step;

@@ -12,7 +12,7 @@ columns that each thread streams once and multiplies a block of rows at a time i
 weights (113 MB), both threads, 2026-12-02 14:57 UTC: 1 row 10.7 -> 6.5 ms, 16 rows 22.4 -> 15.7 ms, 64 rows 57.9 ->
 39.7 ms, 512 rows 274 -> 250 ms, 2048 rows on par (oneDNN -> this; `python -m benchmarks.cpu_matmul`). The source has
 two forms of its row blocks, chosen at build time: AVX2 (6 rows against a panel held in two registers) and AVX-512
-(up to 16 rows against a one-register panel; 12 rows against two panels from 24 rows up), built where PyTorch finds
+(up to 16 rows against a one-register panel; 8 rows against three panels from 24 rows up), built where PyTorch finds
 AVX-512 (`VARIANT`). On a 2-core AVX-512 Xeon (2026-12-02 19:55 UTC): 1.2x oneDNN at 1 and 16 rows, 1.0-1.2x at
 32-64, 0.94x at 512. `enabled()` decides (`MULTIPLEX_CPU_MATMUL=auto|ours|onednn`, read once at import: `auto` is
 ours wherever the kernel builds, else oneDNN; `avx2`, its earlier name, means `ours`).

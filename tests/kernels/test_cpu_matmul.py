@@ -19,7 +19,7 @@ def form(request, monkeypatch):
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1, 5, 6, 7, 12, 16, 17, 24, 33, 130])
-@pytest.mark.parametrize("d_out, d_in", [(16, 64), (17, 1), (40, 577), (1376, 7), (11, 2049), (960, 576)])
+@pytest.mark.parametrize("d_out, d_in", [(16, 64), (17, 1), (40, 577), (1376, 7), (11, 2049), (100, 2049), (960, 576)])
 @pytest.mark.parametrize("with_bias, with_residual", [(False, False), (True, False), (False, True), (True, True)])
 def test_matmul_equals_its_reference(num_tokens, d_out, d_in, with_bias, with_residual):
     gen = torch.Generator().manual_seed(num_tokens * 7 + d_out + d_in)
