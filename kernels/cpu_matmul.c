@@ -18,6 +18,7 @@
 /* panel rows (cache lines) ahead the loops prefetch in packed panels (ldp == PANEL; not the LoRA grid's Bt, read in
  * place): the stream crosses pages, which the hardware prefetcher does not */
 #define PREFETCH 64
+#define AHEAD_COLS 64  /* in Bt read in place, 4 panels ahead along the same row */
 
 #ifdef __AVX512F__
 /* AVX-512: a panel is one register; a block is up to 16 rows of x against one panel, 16 accumulators. */
@@ -38,7 +39,8 @@ static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, 
     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0,     \
            c9 = c0, c10 = c0, c11 = c0, c12 = c0, c13 = c0, c14 = c0, c15 = c0;                                                                           \
     for (int k = 0; k < K; k++) {                                                                                 \
-        if (ldp == PANEL) _mm_prefetch((const char *)(panel + (k + PREFETCH) * ldp), _MM_HINT_T0);                \
+        _mm_prefetch((const char *)(ldp == PANEL ? panel + (k + PREFETCH) * ldp : panel + k * ldp + AHEAD_COLS),     \
+                     _MM_HINT_T0);                                                                                \
         __m512 b = _mm512_loadu_ps(panel + k * ldp);                                                              \
         ROW_FMA(ROWS, 0) ROW_FMA(ROWS, 1) ROW_FMA(ROWS, 2) ROW_FMA(ROWS, 3) ROW_FMA(ROWS, 4) ROW_FMA(ROWS, 5)     \
         ROW_FMA(ROWS, 6) ROW_FMA(ROWS, 7) ROW_FMA(ROWS, 8) ROW_FMA(ROWS, 9) ROW_FMA(ROWS, 10) ROW_FMA(ROWS, 11)   \
@@ -116,7 +118,8 @@ static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, 
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,                     \
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, a;                                  \
     for (int k = 0; k < K; k++) {                                                                                 \
-        if (ldp == PANEL) _mm_prefetch((const char *)(panel + (k + PREFETCH) * ldp), _MM_HINT_T0);                \
+        _mm_prefetch((const char *)(ldp == PANEL ? panel + (k + PREFETCH) * ldp : panel + k * ldp + AHEAD_COLS),     \
+                     _MM_HINT_T0);                                                                                \
         __m256 b0 = _mm256_loadu_ps(panel + k * ldp), b1 = _mm256_loadu_ps(panel + k * ldp + 8);                   \
         ROW_FMA(ROWS, 0) ROW_FMA(ROWS, 1) ROW_FMA(ROWS, 2) ROW_FMA(ROWS, 3) ROW_FMA(ROWS, 4) ROW_FMA(ROWS, 5)                                   \
     }                                                                                                             \
