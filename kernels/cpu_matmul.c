@@ -15,10 +15,11 @@
 #include "cpu_vector.h"
 
 #define PANEL 16
-/* panel rows (cache lines) ahead the loops prefetch in packed panels (ldp == PANEL; not the LoRA grid's Bt, read in
- * place): the stream crosses pages, which the hardware prefetcher does not */
+/* What the block loops prefetch: in packed panels (ldp == PANEL), the panel row PREFETCH rows (cache lines) ahead, a
+ * stream that crosses pages, where the hardware prefetcher stops; in the LoRA grid's Bt read in place (ldp = its
+ * width), the same row AHEAD_COLS columns (4 panels) ahead. */
 #define PREFETCH 64
-#define AHEAD_COLS 64  /* in Bt read in place, 4 panels ahead along the same row */
+#define AHEAD_COLS 64
 
 #ifdef __AVX512F__
 /* AVX-512: a panel is one register; a block is up to 16 rows of x against one panel, 16 accumulators. */
