@@ -20,6 +20,10 @@
  * width), the same row AHEAD_COLS columns (4 panels) ahead. */
 #define PREFETCH 64
 #define AHEAD_COLS 64
+static inline void prefetch_ahead(const float *panel, int k, int64_t ldp) {
+    _mm_prefetch((const char *)(ldp == PANEL ? panel + (k + PREFETCH) * PANEL : panel + k * ldp + AHEAD_COLS),
+                 _MM_HINT_T0);
+}
 
 #ifdef __AVX512F__
 /* AVX-512: a panel is one register; a block is up to 16 rows of x against one panel, 16 accumulators. */
@@ -40,8 +44,7 @@ static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, 
     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0,     \
            c9 = c0, c10 = c0, c11 = c0, c12 = c0, c13 = c0, c14 = c0, c15 = c0;                                                                           \
     for (int k = 0; k < K; k++) {                                                                                 \
-        _mm_prefetch((const char *)(ldp == PANEL ? panel + (k + PREFETCH) * ldp : panel + k * ldp + AHEAD_COLS),     \
-                     _MM_HINT_T0);                                                                                \
+        prefetch_ahead(panel, k, ldp);                                                                            \
         __m512 b = _mm512_loadu_ps(panel + k * ldp);                                                              \
         ROW_FMA(ROWS, 0) ROW_FMA(ROWS, 1) ROW_FMA(ROWS, 2) ROW_FMA(ROWS, 3) ROW_FMA(ROWS, 4) ROW_FMA(ROWS, 5)     \
         ROW_FMA(ROWS, 6) ROW_FMA(ROWS, 7) ROW_FMA(ROWS, 8) ROW_FMA(ROWS, 9) ROW_FMA(ROWS, 10) ROW_FMA(ROWS, 11)   \
@@ -74,9 +77,9 @@ static void triple8(int K, const float *x, int64_t ldx, const float *panel, int6
            c52 = c00, c60 = c00, c61 = c00, c62 = c00, c70 = c00, c71 = c00, c72 = c00;
     const float *panel1 = panel + (int64_t)K * PANEL, *panel2 = panel1 + (int64_t)K * PANEL;
     for (int k = 0; k < K; k++) {
-        _mm_prefetch((const char *)(panel + (k + PREFETCH) * ldp), _MM_HINT_T0);
-        _mm_prefetch((const char *)(panel1 + (k + PREFETCH) * ldp), _MM_HINT_T0);
-        _mm_prefetch((const char *)(panel2 + (k + PREFETCH) * ldp), _MM_HINT_T0);
+        prefetch_ahead(panel, k, ldp);
+        prefetch_ahead(panel1, k, ldp);
+        prefetch_ahead(panel2, k, ldp);
         __m512 b0 = _mm512_loadu_ps(panel + k * ldp), b1 = _mm512_loadu_ps(panel1 + k * ldp),
                b2 = _mm512_loadu_ps(panel2 + k * ldp);
         TRIPLE_FMA(0) TRIPLE_FMA(1) TRIPLE_FMA(2) TRIPLE_FMA(3) TRIPLE_FMA(4) TRIPLE_FMA(5) TRIPLE_FMA(6) TRIPLE_FMA(7)
@@ -119,8 +122,7 @@ static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, 
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,                     \
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, a;                                  \
     for (int k = 0; k < K; k++) {                                                                                 \
-        _mm_prefetch((const char *)(ldp == PANEL ? panel + (k + PREFETCH) * ldp : panel + k * ldp + AHEAD_COLS),     \
-                     _MM_HINT_T0);                                                                                \
+        prefetch_ahead(panel, k, ldp);                                                                            \
         __m256 b0 = _mm256_loadu_ps(panel + k * ldp), b1 = _mm256_loadu_ps(panel + k * ldp + 8);                   \
         ROW_FMA(ROWS, 0) ROW_FMA(ROWS, 1) ROW_FMA(ROWS, 2) ROW_FMA(ROWS, 3) ROW_FMA(ROWS, 4) ROW_FMA(ROWS, 5)                                   \
     }                                                                                                             \
