@@ -296,12 +296,14 @@ TOPICS = ("the history of Rome", "how to bake bread", "a poem about the sea", "w
 
 def sampling_suite(args) -> list[dict]:
     """Sampling one token for each of `--batch` requests from a real model's next-token logits (chat prompts, a few
-    tokens into their answers), per sampling setting: the sampler (`server.engine.sampler.sample`) against the
-    plain way it is checked against (`reference_sample_rows`: one float64 cumsum over the whole row, sorted whole
-    for top-k/top-p), the same logits and seeds, in one process. `--host-model`: a model name or path the server
+    tokens into their answers), per sampling setting: the sampler (`server.engine.sampler.sample`: on a CPU our
+    kernel, kernels/cpu_sampler.c), its batched PyTorch ops, and the plain way both are checked against
+    (`reference_sample_rows`: one float64 cumsum over the whole row, sorted whole for top-k/top-p), the same logits
+    and seeds, in one process. `--host-model`: a model name or path the server
     accepts (default smollm2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kernels import cpu_sampler
     from server.engine.sampler import make_generator, reference_sample_rows, sample
     from server.model.catalog import resolve_model_path
 
@@ -328,19 +330,26 @@ def sampling_suite(args) -> list[dict]:
         def ours():
             return sample(logits, params, [make_generator(p) for p in params]).token_ids
 
+        def torch_ops():
+            return sample(logits, params, [make_generator(p) for p in params], cpu_kernel=False).token_ids
+
         def reference():
             if not any(sampled):
                 return logits.argmax(-1).tolist()
             return reference_sample_rows(logits, params, [make_generator(p) for p in params]).tolist()
 
         same = ours() == reference()
-        ms = {name: _time_cpu(fn) for name, fn in (("sampler", ours), ("reference", reference))}
+        same_torch = torch_ops() == reference()
+        ms = {name: _time_cpu(fn) for name, fn in (("sampler", ours), ("torch_ops", torch_ops),
+                                                    ("reference", reference))}
         rows.append(dict(model=name, requests=args.batch, vocab=logits.shape[1], temperature=temperature, top_p=top_p,
-                         torch_threads=torch.get_num_threads(), same_tokens=same,
-                         **{f"{k}_ms": v for k, v in ms.items()}))
+                         torch_threads=torch.get_num_threads(), cpu_kernel=cpu_sampler.enabled(), same_tokens=same,
+                         same_tokens_torch_ops=same_torch, **{f"{k}_ms": v for k, v in ms.items()}))
         print(f"{name}, {args.batch} rows of {logits.shape[1]}, temperature {temperature}, top_p {top_p}: sampler "
-              f"{ms['sampler']:.2f} ms, reference {ms['reference']:.2f} ms "
-              f"({ms['reference'] / ms['sampler']:.1f}x), same tokens: {same}", flush=True)
+              f"{ms['sampler']:.2f} ms ({'our CPU kernel' if cpu_sampler.enabled() else 'PyTorch ops'}), its "
+              f"PyTorch ops {ms['torch_ops']:.2f} ms, reference {ms['reference']:.2f} ms "
+              f"({ms['reference'] / ms['sampler']:.1f}x), same tokens: {same} (PyTorch ops: {same_torch})",
+              flush=True)
     return rows
 
 

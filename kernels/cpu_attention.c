@@ -67,13 +67,6 @@ static inline __m256 dots8(const float *a, const float *k, const int64_t *kr, in
     return s;
 }
 
-static inline float hmax(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-}
-
 #define MAX_REP 16  /* query heads per KV head handled in one item (GQA groups are at most 8 in Llama-family models) */
 
 /* q: query rows ldq apart, heads ldh apart (unit stride within a head); qrows: (Bd,) row of each decode sequence

@@ -11,6 +11,14 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* the largest of the 8 lanes (of two lanes where one is NaN, _mm_max_ps' rule: the second operand) */
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
 /* exp(x), Cephes' expf: n = round(x / ln 2), a degree-5 polynomial on the rest, within 2 ulp. x is clamped to
  * [-87.34, 88.38], where 2^n stays a normal float: below, a tiny value (~1e-38) instead of a denormal or 0; above,
  * 2.4e38 instead of inf. NaN in, NaN out is not kept (a clamp takes it): callers that must pass NaN on say so. */

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu_sampler
 from server.engine.request import SamplingParams
 from server.engine.uniforms import Uniforms
 
@@ -22,22 +23,11 @@ def make_generator(params: SamplingParams) -> Uniforms | None:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[Uniforms | None],
-           outputs: list[list[int]] | None = None) -> SampleResult:
+           outputs: list[list[int]] | None = None, cpu_kernel: bool = True) -> SampleResult:
     """logits: (B, V) fp32, one row per request that needs a token this step; outputs: the tokens each request
-    generated so far (for presence/frequency penalties). Logprobs are those of the model's own distribution."""
-    chosen_from = _penalized(logits, params, outputs)
-    rows = [row for row, p in enumerate(params) if p.temperature > 0]
-    if not rows:
-        token_ids = greedy_tokens(chosen_from)
-    else:
-        token_ids = torch.empty(len(params), dtype=torch.int64, device=logits.device)
-        greedy = [row for row, p in enumerate(params) if p.temperature == 0]
-        if greedy:
-            index = torch.tensor(greedy, device=logits.device)
-            token_ids[index] = greedy_tokens(chosen_from[index])
-        index = torch.tensor(rows, device=logits.device)
-        chosen = chosen_from if not greedy else chosen_from[index]  # every row sampled: no copy
-        token_ids[index] = _sample_rows(chosen, [params[r] for r in rows], [generators[r] for r in rows])
+    generated so far (for presence/frequency penalties). Logprobs are those of the model's own distribution.
+    cpu_kernel=False: the batched PyTorch ops even where our CPU kernel runs (the benchmark compares the two)."""
+    token_ids = _choose(_penalized(logits, params, outputs), params, generators, cpu_kernel)
     ids = token_ids.tolist()
     want = [p.logprobs is not None for p in params]
     logprobs: list[float | None] = [None] * len(ids)
@@ -54,6 +44,29 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                 else:
                     top[row] = []
     return SampleResult(ids, logprobs, top)
+
+
+def _choose(logits: torch.Tensor, params: list[SamplingParams], generators: list[Uniforms | None],
+            cpu_kernel: bool = True) -> torch.Tensor:
+    """One token per row: (B, V) -> (B,). fp32 logits on a CPU go through our kernel (kernels/cpu_sampler.c, one
+    call for every row, greedy or not); elsewhere a fixed number of batched PyTorch ops."""
+    if cpu_kernel and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.stride(-1) == 1 \
+            and cpu_sampler.enabled():
+        return cpu_sampler.sample(logits, [p.temperature for p in params], [p.top_k for p in params],
+                                  [p.top_p for p in params],
+                                  [g.next() if p.temperature > 0 else 0.0 for p, g in zip(params, generators)])
+    rows = [row for row, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        return greedy_tokens(logits)
+    token_ids = torch.empty(len(params), dtype=torch.int64, device=logits.device)
+    greedy = [row for row, p in enumerate(params) if p.temperature == 0]
+    if greedy:
+        index = torch.tensor(greedy, device=logits.device)
+        token_ids[index] = greedy_tokens(logits[index])
+    index = torch.tensor(rows, device=logits.device)
+    chosen = logits if not greedy else logits[index]  # every row sampled: no copy
+    token_ids[index] = _sample_rows(chosen, [params[r] for r in rows], [generators[r] for r in rows])
+    return token_ids
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
@@ -235,20 +248,8 @@ def _sorted_candidates(probs: torch.Tensor, rows: torch.Tensor, cols: torch.Tens
 
 def reference_sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                           generators: list[Uniforms]) -> torch.Tensor:
-    """What _sample_rows computes, the plain way: one float64 cumsum over the whole row, sorted whole first when
-    a row has top-k or top-p. The tests and `benchmarks.engine --mode sampling` compare against it."""
-    vocab = logits.shape[1]
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
-    probs = torch.softmax(logits / temps[:, None], dim=-1)
-    u = torch.tensor([g.next() for g in generators], dtype=torch.float64)
-    if all(p.top_k <= 0 and p.top_p >= 1.0 for p in params):
-        ranked, order = probs, torch.arange(vocab).expand(len(params), vocab)
-    else:
-        ranked, order = probs.sort(dim=-1, descending=True, stable=True)
-    ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
-    top_ps = torch.tensor([p.top_p for p in params], dtype=probs.dtype)
-    keep = torch.arange(vocab)[None, :] < ks[:, None]
-    keep &= ranked.cumsum(-1) - ranked < top_ps[:, None]
-    cdf = (ranked * keep).double().cumsum(-1)
-    idx = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
-    return order.gather(1, idx).squeeze(1)
+    """What _sample_rows computes, the plain way (kernels.cpu_sampler.sample_ref: one float64 cumsum over the whole
+    row, sorted whole first when a row has top-k or top-p). The tests and `benchmarks.engine --mode sampling`
+    compare against it."""
+    return cpu_sampler.sample_ref(logits, [p.temperature for p in params], [p.top_k for p in params],
+                                  [p.top_p for p in params], [g.next() for g in generators])

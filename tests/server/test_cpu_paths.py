@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import kernels.attention as attention
-from kernels import cpu_elementwise, cpu_matmul
+from kernels import cpu_elementwise, cpu_matmul, cpu_sampler
 import kernels.sparse as sparse
+from server.engine.request import SamplingParams
 from server.model.config import ModelConfig
 import server.model.padded_lowrank as padded_lowrank
 import server.model.sparse_store as sparse_store
@@ -72,3 +73,21 @@ def test_cpu_forward_runs_our_elementwise_kernel_with_the_logits_of_pytorchs_ops
     assert not calls and ids == ids_torch
     for rid in prompts:
         torch.testing.assert_close(torch.stack(ours[rid]), torch.stack(theirs[rid]), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_engine_samples_with_our_kernel_the_tokens_of_the_pytorch_path(tmp_path, monkeypatch):
+    """Not a silent fallback: where it builds, auto enables kernels/cpu_sampler.c and every step of an fp32 CPU engine
+    samples through it, greedy and seeded rows in one call; the seeded tokens are those of the PyTorch path."""
+    if not cpu_sampler.available():
+        pytest.skip("needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+    assert cpu_sampler.CHOICE != "auto" or cpu_sampler.enabled()
+    path = make_hf_model(tmp_path / "m", "llama")
+    prompts = {"a": list(range(3, 12)), "b": list(range(20, 25)), "c": list(range(30, 36))}
+    calls = []
+    monkeypatch.setattr(cpu_sampler, "sample", lambda *a, _fn=cpu_sampler.sample: calls.append(len(a[0])) or _fn(*a))
+    seeded = SamplingParams(max_tokens=6, temperature=0.9, top_p=0.95, top_k=50, seed=7, ignore_eos=True)
+    ids, _ = run_capture(small_engine(path), prompts, {}, max_tokens=6, params=seeded)
+    assert calls == [3] * 6  # one call a step for all three rows
+    monkeypatch.setattr(cpu_sampler, "_enabled", False)
+    ids_torch, _ = run_capture(small_engine(path), prompts, {}, max_tokens=6, params=seeded)
+    assert ids == ids_torch and len(calls) == 6

@@ -1,9 +1,12 @@
-"""Top-k/top-p without sorting the vocabulary (sampler.candidate_groups) against the whole row sorted."""
+"""The engine's sampler against the whole row sorted: on a CPU our kernel (kernels/cpu_sampler.c; its own sweep in
+tests/kernels/test_cpu_sampler.py) and the batched PyTorch path (top-k/top-p without sorting the vocabulary,
+sampler.candidate_groups), which serves other devices and dtypes."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kernels import cpu_sampler
 from server.engine.request import SamplingParams
 from server.engine.sampler import (
     CDF_BLOCK,
@@ -16,6 +19,15 @@ from server.engine.sampler import (
     sample,
 )
 from server.engine.uniforms import Uniforms
+
+
+@pytest.fixture(params=["ours", "torch"])
+def path(request, monkeypatch):
+    """`sample` on a CPU through our kernel, or through the PyTorch path (what other devices run)."""
+    if request.param == "ours" and not cpu_sampler.available():
+        pytest.skip("our CPU sampler needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+    monkeypatch.setattr(cpu_sampler, "_enabled", request.param == "ours")
+    return request.param
 
 
 def sorted_reference(logits: torch.Tensor, params: list[SamplingParams], generators) -> list[int]:
@@ -43,7 +55,7 @@ def rows_of(kind: str, n: int, vocab: int, gen: torch.Generator) -> torch.Tensor
 
 @pytest.mark.parametrize("vocab", [7, 320, 4096, 5000])
 @pytest.mark.parametrize("kind", ["peaked", "flat", "mixed", "ties"])
-def test_candidates_sample_what_the_whole_sorted_row_samples(kind, vocab):
+def test_candidates_sample_what_the_whole_sorted_row_samples(kind, vocab, path):
     gen = torch.Generator().manual_seed(vocab)
     n = 48
     logits = rows_of(kind, n, vocab, gen)
@@ -98,7 +110,7 @@ def test_two_level_inverse_cdf_picks_what_one_cumsum_picks_and_never_a_zero_prob
 
 
 @pytest.mark.parametrize("vocab", [4 * CDF_BLOCK + 1, 49152, 50000])
-def test_greedy_picks_the_first_maximum_as_argmax_does(vocab):
+def test_greedy_picks_the_first_maximum_as_argmax_does(vocab, path):
     """Ties (the first one wins), a NaN (counted as the maximum, the first NaN wins), a row of -inf, a maximum in
     the padded last block, penalties' partial rows: the two-level argmax picks what torch.argmax picks."""
     gen = torch.Generator().manual_seed(vocab)
