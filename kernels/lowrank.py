@@ -389,8 +389,8 @@ def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factor
     plan = seg.slot_plan
     if plan is None:
         return
-    for slot, rows in plan.solo:
-        _lowrank_solo(y, x, factors, slot, rows)
+    for (slot, rows), runs in zip(plan.solo, plan.solo_runs):
+        _lowrank_solo(y, x, factors, slot, rows, runs)
     if plan.padded is not None:
         _lowrank_grid(y, x, factors, plan.padded)
 
@@ -425,22 +425,33 @@ def _lowrank_grid_torch(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors
             _add_rows(y[:, col : col + w], o, sb)
 
 
-def _lowrank_solo(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, slot: int, rows: slice | torch.Tensor) -> None:
-    """One slot's tokens on their own: one matmul for the shrink, one per slice for the expand, added into y in
-    place (an addmm into y's rows when they are contiguous and fp32; fp32 products, rounded once otherwise)."""
-    contiguous = isinstance(rows, slice)
-    xs = (x[rows] if contiguous else x.index_select(0, rows)).float()
-    h = xs @ factors.a[slot].t()  # (n, num_slices * R)
+# A solo slot whose rows come in at most this many runs (a prefill chunk per request) is computed run by run on
+# views of x and y; with more runs (single tokens among other slots' tokens) gathered once and added by index_add_
+# (which on a CPU, into a column slice, is a scalar scatter: ~5x the addmms' time for two runs of 64 rows, and the
+# gather of x ~100 us for 128 rows).
+MAX_SOLO_RUNS = 16
+
+
+def _lowrank_solo(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, slot: int, rows: slice | torch.Tensor,
+                  runs: tuple[tuple[int, int], ...]) -> None:
+    """One slot's tokens on their own: per run of rows one matmul for the shrink and one addmm per slice for the
+    expand, in place into y's rows (fp32 products, rounded once when y is not fp32); no gather or scatter. With
+    more than MAX_SOLO_RUNS runs: one gather, one shrink, one index_add_ per slice."""
+    if len(runs) > MAX_SOLO_RUNS:
+        h = x.index_select(0, rows).float() @ factors.a[slot].t()
+        for i, (col, w) in enumerate(zip(factors.out_start, factors.out_width)):
+            hi = h[:, i * factors.rank : (i + 1) * factors.rank]
+            y[:, col : col + w].index_add_(0, rows, (hi @ factors.bt[i][slot]).to(y.dtype))
+        return
     r = factors.rank
-    for i, (col, w) in enumerate(zip(factors.out_start, factors.out_width)):
-        hi, bt = h[:, i * r : (i + 1) * r], factors.bt[i][slot]
-        if contiguous and y.dtype == torch.float32:
-            y[rows, col : col + w].addmm_(hi, bt)
-        elif contiguous:
-            ys = y[rows, col : col + w]
-            ys.copy_((ys.float() + hi @ bt).to(ys.dtype))
-        else:
-            y[:, col : col + w].index_add_(0, rows, (hi @ bt).to(y.dtype))
+    for start, stop in runs:
+        h = x[start:stop].float() @ factors.a[slot].t()  # (n, num_slices * R)
+        for i, (col, w) in enumerate(zip(factors.out_start, factors.out_width)):
+            ys, hi, bt = y[start:stop, col : col + w], h[:, i * r : (i + 1) * r], factors.bt[i][slot]
+            if y.dtype == torch.float32:
+                ys.addmm_(hi, bt)
+            else:
+                ys.copy_((ys.float() + hi @ bt).to(ys.dtype))
 
 
 def _add_rows(y: torch.Tensor, o: torch.Tensor, sb) -> None:

@@ -61,6 +61,7 @@ class SlotPlan:
 
     solo: tuple[tuple[int, slice | torch.Tensor], ...]
     padded: SlotBatch | None
+    solo_runs: tuple[tuple[tuple[int, int], ...], ...] = ()  # per solo slot, its rows as (start, stop) runs in order
 
 
 @dataclass(frozen=True)
@@ -84,19 +85,28 @@ class Segments:
         """(slot, token rows) per distinct adapter slot, for the PyTorch reference paths: a slice when the slot's
         tokens are one contiguous run, else an index tensor. Computed once per step (one host read), then shared
         by every layer and module."""
-        starts, slots = self.seg_start.tolist(), self.seg_slot.tolist()
-        runs: dict[int, list[tuple[int, int]]] = {}
-        for k, s in enumerate(slots):
-            if s >= 0 and starts[k + 1] > starts[k]:
-                runs.setdefault(s, []).append((starts[k], starts[k + 1]))
         out: list[tuple[int, slice | torch.Tensor]] = []
-        for s, rs in runs.items():
-            if all(rs[i][1] == rs[i + 1][0] for i in range(len(rs) - 1)):
-                out.append((s, slice(rs[0][0], rs[-1][1])))
+        for s, rs in self.slot_runs.items():
+            if len(rs) == 1:
+                out.append((s, slice(*rs[0])))
             else:
                 rows = torch.cat([torch.arange(a, b) for a, b in rs]).to(self.seg_slot.device)
                 out.append((s, rows))
         return out
+
+    @cached_property
+    def slot_runs(self) -> dict[int, tuple[tuple[int, int], ...]]:
+        """slot -> its token rows as maximal (start, stop) runs, in order (adjacent segments of a slot merged)."""
+        starts, slots = self.seg_start.tolist(), self.seg_slot.tolist()
+        runs: dict[int, list[tuple[int, int]]] = {}
+        for k, s in enumerate(slots):
+            if s >= 0 and starts[k + 1] > starts[k]:
+                rs = runs.setdefault(s, [])
+                if rs and rs[-1][1] == starts[k]:
+                    rs[-1] = (rs[-1][0], starts[k + 1])
+                else:
+                    rs.append((starts[k], starts[k + 1]))
+        return {s: tuple(rs) for s, rs in runs.items()}
 
     @cached_property
     def slot_plan(self) -> SlotPlan | None:
@@ -108,7 +118,8 @@ class Segments:
         count = [(r.stop - r.start) if isinstance(r, slice) else r.numel() for _, r in groups]
         solo = tuple(g for g, n in zip(groups, count) if n > SOLO_TOKENS or len(groups) == 1)
         rest = [g for g, n in zip(groups, count) if not (n > SOLO_TOKENS or len(groups) == 1)]
-        return SlotPlan(solo, self._padded_grid(rest) if rest else None)
+        runs = self.slot_runs
+        return SlotPlan(solo, self._padded_grid(rest) if rest else None, tuple(runs[s] for s, _ in solo))
 
     def _padded_grid(self, groups: list[tuple[int, slice | torch.Tensor]]) -> SlotBatch:
         """The tokens of `groups` (slot, rows), by slot, as a padded (slot, token) grid: one batched matmul per op
@@ -135,8 +146,10 @@ class Segments:
                          offsets=offsets.to(device))
 
     def forget_host_views(self) -> None:
-        """Drop slot_rows / slot_plan, read from the device tensors: call after writing new values into them."""
+        """Drop slot_rows / slot_runs / slot_plan, read from the device tensors: call after writing new values into
+        them."""
         self.__dict__.pop("slot_rows", None)
+        self.__dict__.pop("slot_runs", None)
         self.__dict__.pop("slot_plan", None)
 
     @property

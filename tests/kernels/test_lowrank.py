@@ -357,6 +357,7 @@ def test_padded_cpu_path_reads_a_slot_range_or_gathers(slots, uses_range, grid_p
     ((1, 1), [4, 5], [], [4, 5]),  # decodes of two adapters: one padded grid
     ((12, 1, 1, 2), [4, 5, 6, 4], [4], [5, 6]),  # a prefill (12 tokens) alone; the decodes share the grid
     ((1, 10, 1, 1), [3, 5, 3, 5], [5], [3]),  # a solo slot's rows are not contiguous (an index, not a slice)
+    ((1,) * 36, [4, -1] * 18, [4], None),  # the only slot, its rows in 18 runs: more than added run by run
 ])
 def test_padded_cpu_path_solo_slots_and_the_grid(seg_lens, slots, solo, padded, grid_path):
     """A slot with many tokens (a prefill), or the step's only slot, gets its own matmuls, so the padded grid of the
@@ -365,6 +366,9 @@ def test_padded_cpu_path_solo_slots_and_the_grid(seg_lens, slots, solo, padded, 
     seg = make_segments(list(seg_lens), slots, "cpu")
     plan = seg.slot_plan
     assert [s for s, _ in plan.solo] == solo
+    for (_, rows), runs in zip(plan.solo, plan.solo_runs):  # the runs are the rows, in order
+        want = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+        assert torch.equal(torch.cat([torch.arange(a, b) for a, b in runs]), want)
     assert (plan.padded.slots.tolist() if plan.padded is not None else None) == (
         None if padded is None else list(range(min(padded), max(padded) + 1)))
     for widths in ((64, 32, 32), (16, 24, 8, 20)):

@@ -1,0 +1,95 @@
+"""Engine-only: where a mixed batch's adapters cost time. The peers benchmark's workload (`--requests` prompts of
+`--prompt-len` tokens, `--max-tokens` greedy tokens each) through the engine's own step loop (no HTTP), once on the
+base model and once over `--num-adapters` random rank-`--rank` LoRAs on all seven projections, interleaved round by
+round: each round's prefill step and its median decode step. Also the bytes a decode step streams: the base's
+weights and the distinct adapters' factors (fp32), and what the mixed/base ratio of a decode step would be if both
+streamed at the same speed.
+
+    python -m benchmarks.mixed_steps [--model smollm2] [--data-dir .multiplex] [--rounds 4] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from adapters.delta import PROJECTIONS
+from benchmarks.engine import random_adapter
+from benchmarks.peers import code_version
+from server.engine.builder import EngineOptions, build_llm_engine
+from server.engine.request import AdapterRef, Request, SamplingParams
+from server.model.adapter_layout import Layout
+from server.model.catalog import resolve_model_path
+from server.model.config import ModelConfig
+
+
+def stream_bytes(cfg: ModelConfig, num_adapters: int, rank: int) -> dict:
+    """fp32 bytes a decode step reads: the projections and the LM head, and the adapters' A and B factors."""
+    dims = Layout.of(cfg).dims  # projection -> (d_out, d_in)
+    base = cfg.num_layers * sum(o * i for o, i in (dims[p] for p in PROJECTIONS)) + cfg.vocab_size * cfg.hidden_size
+    adapters = num_adapters * cfg.num_layers * rank * sum(o + i for o, i in (dims[p] for p in PROJECTIONS))
+    return {"base_mb": base * 4e-6, "adapters_mb": adapters * 4e-6, "equal_speed_decode_ratio": base / (base + adapters)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2", help="a name the server knows or a checkpoint directory")
+    ap.add_argument("--data-dir", type=Path, default=None, help="where a named model is converted (default: temp)")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--num-adapters", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=4, help="timed rounds of each, after one warm-up round")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = resolve_model_path(args.model, args.data_dir or Path(tmp))
+        cfg = ModelConfig.from_dir(path)
+        engine = build_llm_engine(str(path), EngineOptions(
+            device="cpu", dtype="fp32", max_num_seqs=args.requests,
+            max_num_batched_tokens=max(2048, args.requests * args.prompt_len), max_prefill_chunk=2048))
+    refs = [AdapterRef(f"a{i}", 1, random_adapter(cfg, args.rank, seed=i)) for i in range(args.num_adapters)]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+
+    def one_round(mixed: bool, tag: str) -> tuple[float, float]:
+        for i in range(args.requests):
+            engine.add_request(Request(f"{tag}-{i}", [100 + (i + t) % 1000 for t in range(args.prompt_len)], params,
+                                       adapter=refs[i % len(refs)] if mixed else None))
+        times = []
+        while engine.has_work():
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return times[0], statistics.median(times[1:] or times)
+
+    rows = {"base": [], "mixed": []}
+    for rnd in range(args.rounds + 1):
+        for kind in rows:
+            prefill, decode = one_round(kind == "mixed", f"{kind}{rnd}")
+            if rnd:  # the first round warms up
+                rows[kind].append({"prefill_ms": prefill, "decode_ms": decode})
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
+              platform.machine(), "code": code_version(), "model": str(path),
+              "args": {k: str(v) for k, v in vars(args).items()},
+              "bytes": stream_bytes(cfg, args.num_adapters, args.rank), "rounds": rows}
+    med = {k: {f: statistics.median(r[f] for r in v) for f in ("prefill_ms", "decode_ms")} for k, v in rows.items()}
+    for kind, v in rows.items():
+        print(f"{kind:5s} prefill ms {[round(r['prefill_ms'], 1) for r in v]}, decode ms "
+              f"{[round(r['decode_ms'], 1) for r in v]}")
+    b = report["bytes"]
+    print(f"mixed / base time: prefill {med['base']['prefill_ms'] / med['mixed']['prefill_ms']:.2f}x, decode "
+          f"{med['base']['decode_ms'] / med['mixed']['decode_ms']:.2f}x (medians); a decode step streams "
+          f"{b['base_mb']:.0f} MB of base weights and {b['adapters_mb']:.0f} MB of adapter factors: at equal speed "
+          f"{b['equal_speed_decode_ratio']:.3f}x")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

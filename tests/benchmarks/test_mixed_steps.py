@@ -1,0 +1,17 @@
+"""`python -m benchmarks.mixed_steps` runs end to end on a small model and reports both kinds of step both ways."""
+import json
+
+from benchmarks.mixed_steps import main
+from tests.helpers import make_hf_model
+
+
+def test_mixed_steps_reports_prefill_and_decode_for_base_and_mixed(tmp_path):
+    path = make_hf_model(tmp_path / "m", "llama")
+    out = tmp_path / "steps.json"
+    main(["--model", str(path), "--requests", "3", "--prompt-len", "5", "--max-tokens", "3", "--num-adapters", "2",
+          "--rank", "4", "--rounds", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    for kind in ("base", "mixed"):
+        assert len(report["rounds"][kind]) == 2
+        assert all(r["prefill_ms"] > 0 and r["decode_ms"] > 0 for r in report["rounds"][kind])
+    assert report["bytes"]["adapters_mb"] > 0 and 0 < report["bytes"]["equal_speed_decode_ratio"] < 1
