@@ -389,7 +389,7 @@ def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factor
     plan = seg.slot_plan
     if plan is None:
         return
-    for (slot, rows), runs in zip(plan.solo, plan.solo_runs):
+    for (slot, rows), runs in zip(plan.solo, plan.solo_runs, strict=True):
         _lowrank_solo(y, x, factors, slot, rows, runs)
     if plan.padded is not None:
         _lowrank_grid(y, x, factors, plan.padded)

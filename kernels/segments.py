@@ -61,7 +61,7 @@ class SlotPlan:
 
     solo: tuple[tuple[int, slice | torch.Tensor], ...]
     padded: SlotBatch | None
-    solo_runs: tuple[tuple[tuple[int, int], ...], ...] = ()  # per solo slot, its rows as (start, stop) runs in order
+    solo_runs: tuple[tuple[tuple[int, int], ...], ...]  # per solo slot, its rows as (start, stop) runs, in order
 
 
 @dataclass(frozen=True)
