@@ -90,7 +90,7 @@ def bench_peft(path: Path, adapters: dict[str, AdapterDeltas], assign: list[str 
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(cpu_threads())  # the threads our engine's forward has
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     rank = next(iter(adapters.values())).lowrank["layers.0.q_proj"].rank
     targets = list(PROJECTIONS)
     peft_model = None
@@ -311,7 +311,7 @@ def sampling_suite(args) -> list[dict]:
         name = "smollm2" if args.host_model == "tiny" else args.host_model
         path = resolve_model_path(name, Path(tmp) if args.data_dir is None else args.data_dir)
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     logits = []
     for i in range(args.batch):
         ids = tok.apply_chat_template([{"role": "user", "content": f"Write a short paragraph about {TOPICS[i % 8]}."}],

@@ -74,7 +74,7 @@ def make_hf_model(directory: Path, arch: str = "llama", seed: int = 0, **overrid
 def load_hf(directory: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
 def small_engine(directory: Path, **opts) -> LLMEngine:
