@@ -31,9 +31,11 @@ from server.model.config import ModelConfig
 def stream_bytes(cfg: ModelConfig, num_adapters: int, rank: int) -> dict:
     """fp32 bytes a decode step reads: the projections and the LM head, and the adapters' A and B factors."""
     dims = Layout.of(cfg).dims  # projection -> (d_out, d_in)
-    base = cfg.num_layers * sum(o * i for o, i in (dims[p] for p in PROJECTIONS)) + cfg.vocab_size * cfg.hidden_size
-    adapters = num_adapters * cfg.num_layers * rank * sum(o + i for o, i in (dims[p] for p in PROJECTIONS))
-    return {"base_mb": base * 4e-6, "adapters_mb": adapters * 4e-6, "equal_speed_decode_ratio": base / (base + adapters)}
+    shapes = [dims[p] for p in PROJECTIONS]
+    base = cfg.num_layers * sum(o * i for o, i in shapes) + cfg.vocab_size * cfg.hidden_size
+    adapters = num_adapters * cfg.num_layers * rank * sum(o + i for o, i in shapes)
+    return {"base_mb": base * 4e-6, "adapters_mb": adapters * 4e-6,
+            "equal_speed_decode_ratio": base / (base + adapters)}
 
 
 def main(argv=None) -> None:
