@@ -426,9 +426,8 @@ def _lowrank_grid_torch(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors
 
 
 # A solo slot whose rows come in at most this many runs (a prefill chunk per request) is computed run by run on
-# views of x and y; with more runs (single tokens among other slots' tokens) gathered once and added by index_add_
-# (which on a CPU, into a column slice, is a scalar scatter: ~5x the addmms' time for two runs of 64 rows, and the
-# gather of x ~100 us for 128 rows).
+# views of x and y; with more runs (single tokens among other slots' tokens) gathered once and added back by rows
+# (add_at_rows: the gathers cost ~100 us for 128 rows of 576, more than the addmms of two runs of 64).
 MAX_SOLO_RUNS = 16
 
 
@@ -436,12 +435,12 @@ def _lowrank_solo(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, slot
                   runs: tuple[tuple[int, int], ...]) -> None:
     """One slot's tokens on their own: per run of rows one matmul for the shrink and one addmm per slice for the
     expand, in place into y's rows (fp32 products, rounded once when y is not fp32); no gather or scatter. With
-    more than MAX_SOLO_RUNS runs: one gather, one shrink, one index_add_ per slice."""
+    more than MAX_SOLO_RUNS runs: one gather, one shrink, one add_at_rows per slice."""
     if len(runs) > MAX_SOLO_RUNS:
         h = x.index_select(0, rows).float() @ factors.a[slot].t()
         for i, (col, w) in enumerate(zip(factors.out_start, factors.out_width)):
             hi = h[:, i * factors.rank : (i + 1) * factors.rank]
-            y[:, col : col + w].index_add_(0, rows, (hi @ factors.bt[i][slot]).to(y.dtype))
+            add_at_rows(y[:, col : col + w], rows, hi @ factors.bt[i][slot])
         return
     r = factors.rank
     for start, stop in runs:
@@ -455,11 +454,22 @@ def _lowrank_solo(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, slot
 
 
 def _add_rows(y: torch.Tensor, o: torch.Tensor, sb) -> None:
-    """y[sb.rows] += the real cells of o (S, n, w): each token once (index_add_ is fast on a contiguous y)."""
+    """y[sb.rows] += the real cells of o (S, n, w): each token once."""
     o = o.reshape(-1, o.shape[-1])
     if sb.keep is not None:
         o = o.index_select(0, sb.keep)
-    y.index_add_(0, sb.rows, o.to(y.dtype))
+    add_at_rows(y, sb.rows, o)
+
+
+def add_at_rows(y: torch.Tensor, rows: torch.Tensor, o: torch.Tensor) -> None:
+    """y[rows] += o for distinct rows, o rounded to y's dtype first (index_add_'s semantics). index_add_ itself on
+    a contiguous y; on a column slice of a wider y a gather, an add and a copy back instead: there PyTorch's CPU
+    index_add_ is a scalar scatter (64 rows of 576: ~2 ms in fp32, ~0.37 ms in bf16, against ~0.15 ms)."""
+    o = o.to(y.dtype)
+    if y.is_contiguous() or y.device.type != "cpu":
+        y.index_add_(0, rows, o)
+    else:
+        y.index_copy_(0, rows, y.index_select(0, rows).add_(o))
 
 
 def lowrank_delta(y: torch.Tensor, x: torch.Tensor, seg: Segments, arena: torch.Tensor, table: LowRankTable) -> None:

@@ -389,3 +389,15 @@ def test_our_grid_kernel_is_what_serves_the_padded_grid_where_it_runs(monkeypatc
     arena, table = _make_table(case, torch.float32, "cpu", gen)
     lowrank.lowrank_delta_padded(torch.zeros(3, 128), torch.randn(3, 48), seg, _padded_from_table(arena, table, 48))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [slice(0, 40), slice(8, 24)])  # the whole row (contiguous), a column slice
+def test_add_at_rows_is_index_add(dtype, cols):
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randn(12, 40, generator=gen).to(dtype)
+    rows, o = torch.tensor([7, 2, 11, 0]), torch.randn(4, cols.stop - cols.start, generator=gen)
+    want = y.clone()
+    want[:, cols].index_add_(0, rows, o.to(dtype))
+    lowrank.add_at_rows(y[:, cols], rows, o)
+    assert torch.equal(y, want)
