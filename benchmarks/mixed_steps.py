@@ -2,10 +2,11 @@
 `--prompt-len` tokens, `--max-tokens` greedy tokens each) through the engine's own step loop (no HTTP), once on the
 base model and once over `--num-adapters` random rank-`--rank` LoRAs on all seven projections, interleaved round by
 round: each round's prefill step and its median decode step. Also the bytes a decode step streams: the base's
-weights and the distinct adapters' factors (fp32), and what the mixed/base ratio of a decode step would be if both
+weights (in `--dtype`) and the distinct adapters' factors (fp32), and what the mixed/base ratio of a decode step would be if both
 streamed at the same speed.
 
-    python -m benchmarks.mixed_steps [--model smollm2] [--data-dir .multiplex] [--rounds 4] [--out FILE.json]
+    python -m benchmarks.mixed_steps [--model smollm2] [--data-dir .multiplex] [--rounds 4] [--dtype fp32|bf16]
+                                     [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -28,14 +29,15 @@ from server.model.catalog import resolve_model_path
 from server.model.config import ModelConfig
 
 
-def stream_bytes(cfg: ModelConfig, num_adapters: int, rank: int) -> dict:
-    """fp32 bytes a decode step reads: the projections and the LM head, and the adapters' A and B factors."""
+def stream_bytes(cfg: ModelConfig, num_adapters: int, rank: int, elem: int = 4) -> dict:
+    """Bytes a decode step reads: the projections and the LM head, `elem` bytes a value (fp32: 4, bf16: 2), and
+    the adapters' A and B factors (fp32 on a CPU whatever the model's dtype: server/model/padded_lowrank.py)."""
     dims = Layout.of(cfg).dims  # projection -> (d_out, d_in)
     shapes = [dims[p] for p in PROJECTIONS]
     base = cfg.num_layers * sum(o * i for o, i in shapes) + cfg.vocab_size * cfg.hidden_size
     adapters = num_adapters * cfg.num_layers * rank * sum(o + i for o, i in shapes)
-    return {"base_mb": base * 4e-6, "adapters_mb": adapters * 4e-6,
-            "equal_speed_decode_ratio": base / (base + adapters)}
+    return {"base_mb": base * elem * 1e-6, "adapters_mb": adapters * 4e-6,
+            "equal_speed_decode_ratio": base * elem / (base * elem + adapters * 4)}
 
 
 def main(argv=None) -> None:
@@ -48,13 +50,14 @@ def main(argv=None) -> None:
     ap.add_argument("--num-adapters", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=4, help="timed rounds of each, after one warm-up round")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         path = resolve_model_path(args.model, args.data_dir or Path(tmp))
         cfg = ModelConfig.from_dir(path)
         engine = build_llm_engine(str(path), EngineOptions(
-            device="cpu", dtype="fp32", max_num_seqs=args.requests,
+            device="cpu", dtype=args.dtype, max_num_seqs=args.requests,
             max_num_batched_tokens=max(2048, args.requests * args.prompt_len), max_prefill_chunk=2048))
     refs = [AdapterRef(f"a{i}", 1, random_adapter(cfg, args.rank, seed=i)) for i in range(args.num_adapters)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
@@ -79,7 +82,8 @@ def main(argv=None) -> None:
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or
               platform.machine(), "code": code_version(), "model": str(path),
               "args": {k: str(v) for k, v in vars(args).items()},
-              "bytes": stream_bytes(cfg, args.num_adapters, args.rank), "rounds": rows}
+              "bytes": stream_bytes(cfg, args.num_adapters, args.rank, 2 if args.dtype == "bf16" else 4),
+              "rounds": rows}
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("prefill_ms", "decode_ms")} for k, v in rows.items()}
     for kind, v in rows.items():
         print(f"{kind:5s} prefill ms {[round(r['prefill_ms'], 1) for r in v]}, decode ms "
