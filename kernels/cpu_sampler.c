@@ -137,25 +137,25 @@ static double sum_pd(const float *p, int64_t n) {
 /* Plain temperature: the inverse CDF over the whole row of weights p (normalised or not), by blocks: each
  * block's float64 sum, then the token inside the block where the target falls (by a running sum, which may round
  * otherwise than the block's: then the block's last token with any probability). */
+static inline int64_t block_len(int64_t b, int64_t V) { return (b + 1) * BLOCK < V ? BLOCK : V - b * BLOCK; }
+
 static int64_t inverse_cdf(const float *p, int64_t V, double u) {
     int64_t nb = (V + BLOCK - 1) / BLOCK, last = 0;
     double sums[nb], total = 0.0;
     for (int64_t b = 0; b < nb; b++) {
-        sums[b] = sum_pd(p + b * BLOCK, (b + 1) * BLOCK < V ? BLOCK : V - b * BLOCK);
+        sums[b] = sum_pd(p + b * BLOCK, block_len(b, V));
         total += sums[b];
     }
     double target = u * total;
     for (int64_t b = 0; b < nb; b++) {
-        int64_t len = (b + 1) * BLOCK < V ? BLOCK : V - b * BLOCK;
         if (sums[b] > target)
-            return b * BLOCK + first_above(p + b * BLOCK, len, target);
+            return b * BLOCK + first_above(p + b * BLOCK, block_len(b, V), target);
         target -= sums[b];
         if (sums[b] > 0.0)
             last = b;
     }
     /* rounding put the target past the total: the last token that adds some */
-    int64_t len = (last + 1) * BLOCK < V ? BLOCK : V - last * BLOCK;
-    return last * BLOCK + first_above(p + last * BLOCK, len, INFINITY);
+    return last * BLOCK + first_above(p + last * BLOCK, block_len(last, V), INFINITY);
 }
 
 /* a key sorts by probability descending, then token ascending: (float bits << 32) | (0xffffffff - token) */
@@ -237,9 +237,9 @@ static int64_t kept(const uint64_t *keys, int64_t n, int64_t k, float top_p, int
     return n < k && n < V ? -1 : n;
 }
 
-/* Top-k/top-p then the inverse CDF over what they keep: weights e (the maximum's ~1), probabilities e * inv. */
-static int64_t sample_ranked(const float *e, float inv, int64_t V, int64_t k, float top_p, double u,
-                             uint64_t *keys) {
+/* Top-k/top-p then the inverse CDF over what they keep: weights e (the maximum's ~1; overwritten), probabilities
+ * e * inv. */
+static int64_t sample_ranked(float *e, float inv, int64_t V, int64_t k, float top_p, double u, uint64_t *keys) {
     int64_t n = collect(e, inv, V, FLOOR, keys);
     sort_desc(keys, keys + V, n);
     int64_t keep = kept(keys, n, k, top_p, V);
@@ -248,20 +248,10 @@ static int64_t sample_ranked(const float *e, float inv, int64_t V, int64_t k, fl
         sort_desc(keys, keys + V, n);
         keep = kept(keys, n, k, top_p, V);
     }
-    double total = 0.0;
+    double total = 0.0;  /* the weights are read no more: e now holds the kept probabilities, in rank order */
     for (int64_t i = 0; i < keep; i++)
-        total += prob_of(keys[i]);
-    double target = u * total, cum = 0.0;
-    int64_t last = 0;
-    for (int64_t i = 0; i < keep; i++) {
-        float q = prob_of(keys[i]);
-        cum += q;
-        if (cum > target)
-            return token_of(keys[i]);
-        if (q > 0.0f)
-            last = i;
-    }
-    return token_of(keys[last]);
+        total += e[i] = prob_of(keys[i]);
+    return token_of(keys[first_above(e, keep, u * total)]);
 }
 
 /* this thread's scratch: V floats and 2V keys, kept between calls (OpenMP's threads persist) */
