@@ -82,7 +82,29 @@ def parse_json(data: bytes, fname: str, *, max_bytes: int = MAX_JSON_BYTES) -> d
         raise ArtifactError(f"{fname}: not valid JSON ({str(e)[:200]})") from None
     if not isinstance(value, dict):
         raise ArtifactError(f"{fname}: expected a JSON object, got {type(value).__name__}")
+    bad = lone_surrogate(value)
+    if bad is not None:  # stored, the manifest would make every answer listing the adapter fail
+        raise ArtifactError(f"{fname}: a string holds a lone UTF-16 surrogate ({bad[:40]!r}), which is not text")
     return value
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The first key or string of a parsed JSON value that holds a lone UTF-16 surrogate (`"\\ud800"` is valid JSON
+    but no text: nothing holding it can be written out as UTF-8), None when there is none."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+    return None
 
 
 def _refuse_constant(name: str) -> Any:

@@ -130,7 +130,7 @@ def _adapter_routes(router: APIRouter, registry: Registry, uploads: _Uploads, on
     @router.post("/adapters", status_code=201, openapi_extra=form_body(UPLOAD_FORM_SCHEMA))
     async def upload_adapter(request: Request) -> dict:
         async with _upload_form(request, max_body_bytes) as form:
-            replace = _flag(form, "replace") or _flag(dict(request.query_params), "replace")
+            replace = _replace_flag(form, request)
             return await uploads.store(form, form.get("adapter_id") or None, replace=replace)
 
     @router.put("/adapters/{adapter_id}", status_code=201, openapi_extra=form_body(UPLOAD_FORM_SCHEMA))
@@ -280,9 +280,21 @@ async def _upload_form(request: Request, max_body_bytes: int) -> AsyncIterator[d
         unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
         if unknown:
             raise ApiError(400, f"unknown form fields {unknown}; expected {', '.join(FORM_FIELDS)}")
+        repeated = sorted({k for k in form.keys() if len(form.getlist(k)) > 1})
+        if repeated:  # which one counts would be a guess (and a proxy may have checked the other)
+            raise ApiError(400, f"form fields given more than once: {repeated}")
         yield dict(form.items())
     finally:
         await form.close()  # the spooled upload
+
+
+def _replace_flag(form: Mapping[str, Any], request: Request) -> bool:
+    """`replace` from the form or the query string; 400 when both say it and disagree."""
+    in_form, in_query = _flag(form, "replace"), _flag(request.query_params, "replace")
+    if "replace" in form and "replace" in request.query_params and in_form != in_query:
+        raise ApiError(400, f"replace is {str(in_form).lower()} in the form and {str(in_query).lower()} in the query "
+                            "string; give it once")
+    return in_form or in_query
 
 
 def _flag(fields: Mapping[str, Any], name: str) -> bool:
@@ -298,7 +310,7 @@ def _flag(fields: Mapping[str, Any], name: str) -> bool:
 async def _json_object(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
         raise ApiError(400, "request body is not valid JSON (expected {\"tenant\": ...})") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object (expected {\"tenant\": ...})")

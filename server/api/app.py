@@ -77,7 +77,8 @@ def create_app(engine: EnginePort, settings: Settings, *, tenants: Any = None, r
                 await stop()
             logger.info("engine stopped")
 
-    app = FastAPI(title="multiplex", version="0.1.0", lifespan=lifespan)
+    # redirect_slashes off: `/v1/completions/` is a 404 naming the route, not a 307 to a URL built from the Host header
+    app = FastAPI(title="multiplex", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.state.engine = engine
     app.state.settings = settings  # for routes that need a setting of their own (the admin token, ...)
     app.state.api_metrics = ApiMetrics()

@@ -23,6 +23,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
+from adapters.files import lone_surrogate
 from server.api.errors import ApiError, format_validation_errors
 
 PROMPT_CHARS_PER_TOKEN = 16  # default max_prompt_chars per token of context: ~4 is typical, 16 leaves room
@@ -89,20 +90,9 @@ def _parse(raw: bytes, schema: type[Schema], max_json_values: int) -> Schema:
 def _refuse_lone_surrogates(data: Any) -> None:
     """400 when a string holds a lone surrogate (`"\\ud800"` is valid JSON but not text: the tokenizer, the chat
     template and any UTF-8 answer echoing it would fail on it)."""
-    stack = [data]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ApiError(400, "request body is not valid JSON text: a string holds a lone UTF-16 surrogate "
-                                    "(an unpaired \\ud800-\\udfff escape)") from None
+    if lone_surrogate(data) is not None:
+        raise ApiError(400, "request body is not valid JSON text: a string holds a lone UTF-16 surrogate "
+                            "(an unpaired \\ud800-\\udfff escape)")
 
 
 def check_prompt_chars(num_chars: int, limits: RequestLimits, field: str, what: str) -> None:

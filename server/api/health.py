@@ -15,7 +15,7 @@ router = APIRouter()
 
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' checks (no body sent)
 async def health(request: Request) -> JSONResponse:
     engine: EnginePort = request.app.state.engine
     # Cheap on purpose: it reads checks kept up to date by their owners and never waits on Redis itself.

@@ -170,7 +170,7 @@ def _unpack_zip(archive: str, data: bytes, max_unpacked_bytes: int) -> _Entries:
                     entries.files[path] = _read_bounded(f, entries, info.file_size, info.filename)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError, ValueError,
             struct.error) as e:  # ValueError: e.g. a negative seek from a corrupt header offset
-        raise UploadError(400, f"{archive}: not a readable zip archive ({e})") from None
+        raise UploadError(400, f"{archive}: not a readable zip archive ({str(e)[:200]})") from None
     return entries
 
 
@@ -240,7 +240,7 @@ def _unpack_tar(archive: str, raw: IO[bytes], max_unpacked_bytes: int) -> _Entri
                     raise entries.too_large()
                 entries.files[path] = _read_bounded(tar.extractfile(member), entries, member.size, member.name)
     except (tarfile.TarError, zlib.error, EOFError, OSError) as e:
-        raise UploadError(400, f"{archive}: not a readable tar archive ({e})") from None
+        raise UploadError(400, f"{archive}: not a readable tar archive ({str(e)[:200]})") from None
     except RecursionError:  # tarfile reads a chain of pax / GNU long-name headers recursively
         raise UploadError(400, f"{archive}: too many chained extended (pax / GNU long name) headers; not an "
                                "adapter archive") from None

@@ -22,7 +22,8 @@ from adapters.errors import ArtifactError
 from adapters.spec import fingerprint
 from server.engine.errors import InvalidAdapterError, UnknownAdapterError
 from server.engine.request import AdapterRef
-from server.registry.store import AdapterRecord, RegistryUnavailableError, is_redis_outage, outage_is_unavailable
+from server.registry.store import (AdapterRecord, RegistryUnavailableError, is_adapter_id, is_redis_outage,
+                                   outage_is_unavailable)
 from server.registry.visibility import visible
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ class RegistryAdapters:
                       if visible(r, tenant) and self._for_this_backbone(r))
 
     async def resolve(self, adapter_id: str, tenant: str | None = None) -> AdapterRef:
+        if not is_adapter_id(adapter_id):  # refused before the record cache or Redis sees it
+            raise UnknownAdapterError(f"adapter {adapter_id!r} does not exist")
         try:
             record = await self._record(adapter_id)
         except RegistryUnavailableError:

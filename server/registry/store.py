@@ -88,8 +88,15 @@ def outage_is_unavailable(what: str = "the adapter registry (Redis) is unavailab
         raise
 
 
+def is_adapter_id(adapter_id: object) -> bool:
+    """Whether `adapter_id` may name an adapter. Reads check it before any key is built from it: an id with a ':'
+    would name another key of the registry (`a:blob:1` is adapter a's weights), and what Redis answers for that key
+    would tell a caller whether a version of someone else's adapter exists."""
+    return isinstance(adapter_id, str) and bool(ID_PATTERN.fullmatch(adapter_id)) and set(adapter_id) != {"."}
+
+
 def check_adapter_id(adapter_id: str) -> str:
-    if not isinstance(adapter_id, str) or not ID_PATTERN.fullmatch(adapter_id) or set(adapter_id) == {"."}:
+    if not is_adapter_id(adapter_id):
         raise ValueError(f"invalid adapter id {adapter_id!r}: use 1-128 of A-Z a-z 0-9 . _ - (not only dots)")
     return adapter_id
 
@@ -251,6 +258,8 @@ class Registry:
 
     async def delete(self, adapter_id: str) -> int:
         """Remove the manifest, the index entry and the blobs; publish a `delete` event. -> the deleted version."""
+        if not is_adapter_id(adapter_id):
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} does not exist")
         meta = self.meta_key(adapter_id)
         async with self.client.pipeline(transaction=True) as pipe:
             while True:
@@ -278,10 +287,14 @@ class Registry:
 
     # ---- read ----------------------------------------------------------------------------------------------------
     async def record(self, adapter_id: str) -> AdapterRecord | None:
+        if not is_adapter_id(adapter_id):
+            return None  # no adapter has such an id (and no key is built from it: see is_adapter_id)
         raw = await self.client.hgetall(self.meta_key(adapter_id))
         return AdapterRecord._from_fields(adapter_id, raw) if raw else None
 
     async def exists(self, adapter_id: str) -> bool:
+        if not is_adapter_id(adapter_id):
+            return False
         return bool(await self.client.exists(self.meta_key(adapter_id)))
 
     async def get(self, adapter_id: str) -> tuple[dict, int, bytes]:

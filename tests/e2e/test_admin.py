@@ -122,6 +122,10 @@ def test_upload_list_get_replace_delete(fresh, tmp_path):
     listed = admin.client.get("/admin/adapters").json()["adapters"]
     assert [(a["id"], a["version"]) for a in listed] == [("alpha", 1)]
     assert admin.client.get("/admin/adapters/alpha").json() == body
+    for other_key in ("alpha:blob:1", "alpha:blob:9"):  # another key of the registry: 404 either way, nothing deleted
+        assert_error(admin.client.get(f"/admin/adapters/{other_key}"), 404, "does not exist")
+        assert_error(admin.client.delete(f"/admin/adapters/{other_key}"), 404, "does not exist")
+    assert admin.client.get("/admin/adapters/alpha").json() == body
 
     duplicate = admin.upload(filename, data, adapter_id="alpha")
     assert_error(duplicate, 409, "'alpha' already exists", "conflict_error")
@@ -135,6 +139,12 @@ def test_upload_list_get_replace_delete(fresh, tmp_path):
     by_query = admin.client.post("/admin/adapters?replace=true", files={"file": ("i.tar", make_tar(peft_ia3_files()))},
                                  data={"adapter_id": "alpha"})
     assert by_query.status_code == 201 and by_query.json()["version"] == 4
+    disagree = admin.client.post("/admin/adapters?replace=true", files={"file": ("i.tar", make_tar(peft_ia3_files()))},
+                                 data={"adapter_id": "alpha", "replace": "false"})
+    assert_error(disagree, 400, "replace is false in the form and true in the query string")
+    twice = admin.client.post("/admin/adapters", files=[("file", ("i.tar", make_tar(peft_ia3_files())))],
+                              data={"adapter_id": "alpha", "replace": "true", "tenant": ["acme", "globex"]})
+    assert_error(twice, 400, "form fields given more than once: ['tenant']")
 
     # what a replica reads back from Redis is the adapter that was uploaded
     stored = _registry_get(admin.redis_url, "alpha")
@@ -273,6 +283,7 @@ def test_api_keys_and_tenant_isolation(fresh, tmp_path):
     assert acme_key not in stored and f"mpx:apikey:{acme.json()['key_id']}" in stored  # only digests
     assert_error(admin.client.post("/admin/api-keys", json={"tenant": "no spaces"}), 400, "invalid tenant")
     assert_error(admin.client.post("/admin/api-keys", content=b"[1]"), 400, "JSON object")
+    assert_error(admin.client.post("/admin/api-keys", content=b"[" * 100_000), 400, "not valid JSON")
 
     archive = make_zip(format1_files(tmp_path))
     for adapter_id, fields in (("acme-private", {"tenant": "acme"}), ("acme-public", {"tenant": "acme", "public": "1"}),

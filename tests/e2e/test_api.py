@@ -306,6 +306,12 @@ def test_unknown_route_and_method(live_server: LiveServer) -> None:
     assert_error(live_server.client.post("/v1/chat/completions", json={}), 400, "messages")
     assert_error(live_server.client.get("/v1/completions"), 405)
     assert_error(live_server.client.get("/v1/models/no-such-model"), 404)
+    # a trailing slash is another route: 404, never a redirect to a URL built from the Host header
+    slash = live_server.client.post("/v1/completions/", json={"prompt": "a"}, headers={"host": "evil.example"})
+    assert_error(slash, 404, "no route")
+    assert "location" not in slash.headers
+    head = live_server.client.head("/health")  # load balancers' checks
+    assert head.status_code == 200 and head.content == b""
 
 
 @pytest.mark.parametrize("content", [b'{"prompt": "abc", ', b"not json", b"", b"[1, 2]", b'"just a string"'])

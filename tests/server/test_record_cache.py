@@ -112,6 +112,19 @@ def test_one_read_per_adapter_not_per_request(url, adapter):
     asyncio.run(scenario())
 
 
+def test_an_id_naming_another_registry_key_is_unknown_without_a_read(url, adapter):
+    """`x:blob:1` would be adapter x's weights key: refused as unknown before Redis (or the cache) sees it, the same
+    answer whether x has that version or not (a 500 for one and a 404 for the other told tenants what exists)."""
+    async def scenario():
+        async with replicas(url, 1) as (a,):
+            await a.registry.put("x", *adapter, tenant="alpha")
+            for bad in ("x:blob:1", "x:blob:2", "nope:blob:1", "x:", "x*", "x" * 129):
+                assert await a.version(bad, "beta") is None and await a.version(bad, "alpha") is None
+            assert a.num_reads == 0 and await a.version("x", "alpha") == 1
+
+    asyncio.run(scenario())
+
+
 def test_replace_and_delete_seen_at_once_here_and_via_events_there(url, adapter):
     async def scenario():
         async with replicas(url, 2, record_ttl_s=3600) as (a, b):  # a TTL that cannot be what refreshes them

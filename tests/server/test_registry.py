@@ -272,6 +272,21 @@ def test_invalid_ids(url, bad_id):
         run(_with_registry(url, lambda reg: reg.put(bad_id, MANIFEST, b"x")))
 
 
+def test_reads_of_an_invalid_id_build_no_key(url):
+    """An id outside the pattern names no adapter on read and delete: `a:blob:1` is adapter a's weights key."""
+    async def scenario(reg: Registry):
+        await reg.put("a", MANIFEST, blob_of(100))
+        for bad in ("a:blob:1", "a:blob:2", "a:", "*"):
+            assert await reg.record(bad) is None and not await reg.exists(bad)
+            with pytest.raises(AdapterNotFoundError):
+                await reg.delete(bad)
+            with pytest.raises(AdapterNotFoundError):
+                await reg.get(bad)
+        assert await reg.get("a") == (MANIFEST, 1, blob_of(100))
+
+    run(_with_registry(url, scenario))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the registry's form of an adapter: normalised format-1 manifest + weights, rebuilt on a replica
 

@@ -162,6 +162,18 @@ def test_deeply_nested_json(admin, tmp_path):
             "adapter_config.json: JSON nested 100001 levels deep")
 
 
+def test_lone_surrogates_in_manifests(admin, tmp_path):
+    """Valid JSON but no text: refused by name, nothing stored (stored, it made every listing of adapters fail)."""
+    needle = "a string holds a lone UTF-16 surrogate"
+    refused(admin, "s.zip", make_zip(lowrank_files(method="lo\ud800ra")), 422, f"adapter.json: {needle}")
+    refused(admin, "s.zip", make_zip(lowrank_files(trainer={"\udfff": "x"})), 422, f"adapter.json: {needle}")
+    peft = peft_lora_files(tmp_path)
+    config = json.loads(peft["adapter_config.json"]) | {"base_model_name_or_path": "\ud800"}
+    refused(admin, "s.zip", make_zip(peft | {"adapter_config.json": json.dumps(config).encode()}), 422,
+            f"adapter_config.json: {needle}")
+    assert admin.client.get("/admin/adapters").status_code == 200
+
+
 @pytest.mark.parametrize("key, pattern, needle", [
     ("target_modules", "(", "target_modules: the regular expression '(' uses an unclosed '('"),
     ("target_modules", r"(\w*\.?)*X", "target_modules: the regular expression '(\\\\w*\\\\.?)*X' uses an escape"),
