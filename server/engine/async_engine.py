@@ -122,10 +122,10 @@ class AsyncEngine:
                 continue
             produced = 0
 
-            def deliver(out: RequestOutput) -> None:  # as soon as the engine has it: the step may still be running
+            def deliver(outs: list[RequestOutput]) -> None:  # as soon as the engine has them: the step may still run
                 nonlocal produced
-                produced += len(out.token_ids)
-                self._deliver(out)
+                produced += sum(len(out.token_ids) for out in outs)
+                self._deliver(outs)
 
             try:
                 self.engine.step(deliver)
@@ -133,7 +133,7 @@ class AsyncEngine:
                 log.exception("engine step failed; failing the requests in flight")
                 for rid in list(self.engine.requests):
                     if (out := self.engine.fail(rid, "internal error")) is not None:
-                        deliver(out)
+                        deliver([out])
             if produced:
                 self._tokens_window.append((time.monotonic(), produced))
                 self._tokens_window = self._tokens_window[-512:]
@@ -148,14 +148,25 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(item)
                 except Exception as exc:  # validated on the API side already; belt and braces
-                    self._deliver(RequestOutput(item.request_id, "", [], None, True, "error", len(item.prompt_ids), 0, str(exc)))
+                    self._deliver([RequestOutput(item.request_id, "", [], None, True, "error", len(item.prompt_ids), 0,
+                                                 str(exc))])
             elif kind == "abort":
                 out = self.engine.abort(item)
                 if out is not None:
-                    self._deliver(out)
+                    self._deliver([out])
 
-    def _deliver(self, out: RequestOutput) -> None:
-        entry = self._streams.get(out.request_id)
-        if entry is not None:
-            loop, stream = entry
-            loop.call_soon_threadsafe(stream.put_nowait, out)
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        """Each output to its request's stream: one call into each event loop for them all (a call per output
+        wakes the loop once per output: 64 wake-ups a step at 64 requests)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outs:
+            entry = self._streams.get(out.request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.put_nowait(out)

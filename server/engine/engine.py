@@ -45,7 +45,7 @@ from server.engine.scheduler import ScheduledBatch, Scheduler
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[RequestOutput], None]
+Deliver = Callable[[list[RequestOutput]], None]  # the outputs made together (a step's text: one call for them all)
 
 
 @dataclass
@@ -152,9 +152,10 @@ class LLMEngine:
 
     def step(self, deliver: Deliver | None = None) -> list[RequestOutput]:
         """Schedule and run one step. Outputs go to `deliver` as soon as they are made (the previous step's text
-        during this step's forward), or, without it, are returned when the step ends."""
+        during this step's forward), a list of those made together per call, or, without it, are returned when the
+        step ends."""
         outputs: list[RequestOutput] = []
-        emit = deliver or outputs.append
+        emit = deliver or outputs.extend
         ahead, self._ahead = self._ahead, None
         if ahead is not None and self.scheduler.confirm(ahead.batch):
             batch, prepared = ahead.batch, ahead  # built during the previous forward
@@ -219,8 +220,8 @@ class LLMEngine:
 
     @staticmethod
     def _emit_all(emit: Deliver, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            emit(out)
+        if outputs:
+            emit(outputs)
 
     def _fail_culprits(self, batch: ScheduledBatch, run: StepRun) -> list[RequestOutput]:
         """Fail what made the step fail: the faulty adapter versions' requests, or, when the engine itself failed,
@@ -272,6 +273,7 @@ class LLMEngine:
         """The accepted tokens' text (stop strings cut), logprobs and outputs. Runs while a forward may be in flight:
         it touches no scheduler state; a request it ends by a stop string is finished after that forward."""
         new_tokens, self._new_tokens = self._new_tokens, []
+        outputs = []
         for new in new_tokens:
             req, token, reason = new.request, new.token, new.reason
             if self.requests.get(req.request_id) is not req:
@@ -287,7 +289,8 @@ class LLMEngine:
                 logprobs = [self._logprob(token, new.logprob, new.top)]
             if reason is not None:
                 self.requests.pop(req.request_id, None)
-            emit(self._output(req, text, [] if eos else [token], logprobs, finished=reason is not None))
+            outputs.append(self._output(req, text, [] if eos else [token], logprobs, finished=reason is not None))
+        self._emit_all(emit, outputs)
 
     def _finish_stopped(self) -> None:
         for req in self._stopped:

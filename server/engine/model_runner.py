@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kernels.attention import AttentionMeta
-from kernels.segments import make_segments
+from kernels.segments import Segments, make_segments
 from server.engine.block_manager import FREED
 from server.engine.cuda_graphs import DecodeGraphs, GraphKey
 from server.engine.request import Request
@@ -65,6 +65,7 @@ class ModelRunner:
         # Seconds spent in the model's forward (graph replays included), for the engine's step times. On a GPU
         # it counts until the launches return, not until the device finishes.
         self.forward_seconds = 0.0
+        self._last_segments: tuple[tuple, Segments] | None = None  # (layout, its Segments): see _segments
 
     def build(self, batch: ScheduledBatch, *, pad_to: int | None = None, device=None,
               pending: list[tuple[int, Request, int]] | None = None) -> ForwardBatch:
@@ -82,23 +83,27 @@ class ModelRunner:
         max_blocks = self.max_blocks_per_seq if pad_to else max(len(s.request.block_ids) for s in batch.seqs)
         tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)  # filled row by row, one tensor per step
         for b, s in enumerate(batch.seqs):
-            req = s.request
-            end = s.start + s.num_tokens
-            ids = req.token_ids(s.start, end)
-            if len(ids) < s.num_tokens:
+            req, start, n = s.request, s.start, s.num_tokens
+            end = start + n
+            ids = req.token_ids(start, end)
+            if len(ids) < n:
                 if pending is None:
-                    raise ValueError(f"request {req.request_id}: tokens {s.start}..{end} are not known yet")
-                pending += [(len(input_ids) + i, req, s.start + i) for i in range(len(ids), s.num_tokens)]
-                ids = ids + [0] * (s.num_tokens - len(ids))
+                    raise ValueError(f"request {req.request_id}: tokens {start}..{end} are not known yet")
+                pending += [(len(input_ids) + i, req, start + i) for i in range(len(ids), n)]
+                ids = ids + [0] * (n - len(ids))
             input_ids += ids
-            positions += range(s.start, end)
-            slot_mapping += [req.block_ids[p // bs] * bs + p % bs for p in range(s.start, end)]
-            q_start.append(q_start[-1] + s.num_tokens)
+            blocks = req.block_ids
+            if n == 1:  # a decode token: most rows of most steps
+                positions.append(start)
+                slot_mapping.append(blocks[start // bs] * bs + start % bs)
+            else:
+                positions += range(start, end)
+                slot_mapping += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+            q_start.append(q_start[-1] + n)
             seq_lens.append(end)
-            ids = req.block_ids
-            if FREED in ids:  # blocks freed by a sliding window are never read: point them at the scratch block
-                ids = [i if i != FREED else self.scratch_block for i in ids]
-            tables[b, : len(ids)] = ids
+            if FREED in blocks:  # blocks freed by a sliding window are never read: point them at the scratch block
+                blocks = [i if i != FREED else self.scratch_block for i in blocks]
+            tables[b, : len(blocks)] = blocks
             if s.needs_logits:
                 logits_indices.append(q_start[-1] - 1)
         num_pad = num_seqs - len(batch.seqs)
@@ -121,13 +126,25 @@ class ModelRunner:
             max_q_len=max((s.num_tokens for s in batch.seqs), default=1),
             max_seq_len=self.max_blocks_per_seq * bs if pad_to else max(seq_lens),
         )
-        segments = make_segments([s.num_tokens for s in batch.seqs] + [1] * num_pad,
-                                 [s.request.slot for s in batch.seqs] + [-1] * num_pad, dev)
+        segments = self._segments([s.num_tokens for s in batch.seqs] + [1] * num_pad,
+                                  [s.request.slot for s in batch.seqs] + [-1] * num_pad, dev)
         return ForwardBatch(
             input_ids=t(input_ids, torch.int64), positions=t(positions, torch.int64),
             slot_mapping=t(slot_mapping, torch.int64), attn=attn, segments=segments,
             logits_indices=t(logits_indices, torch.int64), **self._adapter_fields(batch, q_start, num_pad, dev),
         )
+
+    def _segments(self, seg_lens: list[int], seg_slots: list[int], dev) -> Segments:
+        """make_segments', the previous step's own when the layout is the same (every decode step of an unchanged
+        batch): what the forward derives from it once per step (Segments.slot_plan, its padded grid) is then derived
+        no more. Segments are never written (a graph replay copies them into its own), so sharing one is safe."""
+        key = (tuple(seg_lens), tuple(seg_slots), str(dev))
+        last = self._last_segments
+        if last is not None and last[0] == key:
+            return last[1]
+        segments = make_segments(seg_lens, seg_slots, dev)
+        self._last_segments = (key, segments)
+        return segments
 
     def _adapter_fields(self, batch: ScheduledBatch, q_start: list[int], num_pad: int, dev) -> dict:
         """Per-token rows for Scale deltas and the PARA prefills of this step (empty when no adapter is used)."""

@@ -89,16 +89,17 @@ class Scheduler:
             if self.sliding_window:  # this step's first query sees positions >= start - window + 1
                 self.blocks.drop_before(req.block_ids, req.num_computed_tokens - self.sliding_window + 1)
             n = min(self._remaining(req), budget)
-            while not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
-                victim = self.running[-1]
-                if victim is req:
-                    break
-                self._preempt(victim)
-                batch.preempted.append(victim)
-            if not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
-                self._preempt(req)
-                batch.preempted.append(req)
-                continue  # self.running shrank at i
+            if not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):  # rare: preempt to make room
+                while not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
+                    victim = self.running[-1]
+                    if victim is req:
+                        break
+                    self._preempt(victim)
+                    batch.preempted.append(victim)
+                if not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
+                    self._preempt(req)
+                    batch.preempted.append(req)
+                    continue  # self.running shrank at i
             self._schedule(batch, req, n)
             scheduled.add(req.request_id)
             budget -= n

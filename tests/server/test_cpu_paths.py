@@ -91,3 +91,28 @@ def test_cpu_engine_samples_with_our_kernel_the_tokens_of_the_pytorch_path(tmp_p
     monkeypatch.setattr(cpu_sampler, "_enabled", False)
     ids_torch, _ = run_capture(small_engine(path), prompts, {}, max_tokens=6, params=seeded)
     assert ids == ids_torch and len(calls) == 6
+
+
+def test_a_step_with_the_previous_steps_layout_shares_its_segments(tmp_path):
+    """Decode steps of an unchanged batch reuse one Segments (and with it the slot plan the forward derived from it);
+    any other layout (a token count or an adapter slot that differs) gets its own."""
+    from server.engine.scheduler import ScheduledBatch, ScheduledSeq
+    from server.engine.request import Request
+    engine = small_engine(make_hf_model(tmp_path / "m", "llama"))
+    runner = engine.runner
+    reqs = [Request(f"r{i}", list(range(3, 11)), SamplingParams(max_tokens=4)) for i in range(3)]
+    for i, req in enumerate(reqs):
+        req.slot = (-1, 0, 1)[i]
+        engine.scheduler.blocks.grow(req.block_ids, 8)
+
+    def batch(starts, counts):
+        return ScheduledBatch([ScheduledSeq(r, s, n, True) for r, s, n in zip(reqs, starts, counts)])
+
+    first = runner.build(batch([5, 5, 5], [1, 1, 1])).segments
+    plan = first.slot_plan
+    again = runner.build(batch([6, 6, 6], [1, 1, 1])).segments  # the next decode step: positions move, layout not
+    assert again is first and again.slot_plan is plan
+    assert runner.build(batch([4, 6, 6], [2, 1, 1])).segments is not first  # a token count differs
+    reqs[1].slot = 1
+    moved = runner.build(batch([6, 6, 6], [1, 1, 1])).segments  # a slot differs
+    assert moved is not first and moved.seg_slot.tolist() == [-1, 1, 1]

@@ -171,7 +171,7 @@ def test_text_of_the_previous_step_is_made_while_the_forward_runs(model_dir):
     engine.add_request(Request("a", prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
     outs = []
     while engine.has_work():
-        engine.step(outs.append)
+        engine.step(outs.extend)
     assert timeouts == [] and engine.num_steps == 6
     assert sum(len(o.token_ids) for o in outs) == 6 and outs[-1].finished
 
