@@ -261,7 +261,8 @@ class LLMEngine:
             self.num_generated_tokens += 1
             reason = None
             if token in self.eos_token_ids and not req.params.ignore_eos:
-                req.output_ids.pop()  # EOS ends the text; it is not part of it
+                req.output_ids.pop()  # EOS ends the text; it is not part of it (but is counted in the usage)
+                req.ended_by_eos = True
                 reason = "stop"
             elif len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
                 reason = "length"
@@ -306,7 +307,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=req.request_id, text=text, token_ids=token_ids, logprobs=logprobs, finished=finished,
             finish_reason=req.finish_reason if finished else None, num_prompt_tokens=len(req.prompt_ids),
-            num_output_tokens=len(req.output_ids), error=error, error_type=error_type,
+            num_output_tokens=len(req.output_ids) + req.ended_by_eos, error=error, error_type=error_type,
         )
 
     def _step_time_stats(self) -> dict:

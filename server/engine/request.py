@@ -111,6 +111,7 @@ class Request:
     prefix_offset: int = 0  # output_ids[prefix_offset:read_offset]: the decoded tokens kept as context
     read_offset: int = 0  # output_ids[read_offset:]: tokens whose text is not in `text` yet
     num_preemptions: int = 0
+    ended_by_eos: bool = False  # its last generated token was EOS: not in output_ids, counted in the usage (as vLLM)
 
     @property
     def all_ids(self) -> list[int]:

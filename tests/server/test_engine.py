@@ -216,3 +216,25 @@ def test_step_times_split_forward_and_host_time(model_dir):
     assert len(times) == engine.num_steps and times[0].period_s is None
     assert all(t.forward_s > 0 and t.period_s >= t.forward_s for t in times[1:])
     assert engine.stats()["host_ms_per_step"] >= 0
+
+
+def test_an_eos_is_counted_in_the_usage_but_not_in_the_tokens_or_text(model_dir):
+    """As vLLM and OpenAI count it: the EOS was generated (a step computed it), so completion_tokens includes it;
+    it is neither a token of the output nor text."""
+    engine = small_engine(model_dir)
+    engine.add_request(Request("a", list(range(3, 15)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
+    free_run = [t for o in run_steps(engine) for t in o.token_ids]
+    engine = small_engine(model_dir)
+    engine.eos_token_ids = {free_run[3]}  # the 4th greedy token, taken as EOS: it ends the request there
+    engine.add_request(Request("a", list(range(3, 15)), SamplingParams(max_tokens=8, temperature=0)))
+    outs = run_steps(engine)
+    tokens = [t for o in outs for t in o.token_ids]
+    assert tokens == free_run[: free_run.index(free_run[3])] and outs[-1].finish_reason == "stop"
+    assert outs[-1].num_output_tokens == len(tokens) + 1
+
+
+def run_steps(engine):
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    return outs
