@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     lookahead: bool | None = Field(None, description="schedule and build the next decode step while the forward "
                                                      "runs (default: on a GPU; off on a CPU, see README)")
     max_queue: int = Field(1024, ge=0, description="requests waiting beyond the running batch before answering 503")
+    max_queue_per_tenant: int | None = Field(None, ge=1, description="most requests one tenant may have in flight "
+                                                                      "(running or waiting) before answering 429 "
+                                                                      "(default: half of max_num_seqs + max_queue); "
+                                                                      "requests without a tenant are not counted")
     data_dir: Path = Field(Path("./.multiplex"), description="where the server keeps its local state")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     redis_url: str | None = Field(None, validation_alias=AliasChoices("redis_url", "REDIS_URL", "MULTIPLEX_REDIS_URL"),

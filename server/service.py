@@ -65,7 +65,8 @@ def build_service(settings: Settings) -> Service:
                               prepare=pool.prepare,
                               record_ttl_s=settings.adapter_record_ttl_s)
     model_name = base_model_name(settings.model)
-    engine = AsyncEngine(llm, model_name=model_name, adapters=source, max_queue=opts.max_queue)
+    engine = AsyncEngine(llm, model_name=model_name, adapters=source, max_queue=opts.max_queue,
+                         max_queue_per_tenant=opts.max_queue_per_tenant)
     tenants = TenantResolver(parse_api_keys(settings.api_keys), ApiKeyStore(registry.client, registry.prefix),
                              mode=settings.api_auth)
 

@@ -24,6 +24,7 @@ from server.engine.errors import (
     EngineOverloadedError,
     InvalidAdapterError,
     PromptTooLongError,
+    TenantOverloadedError,
     UnknownAdapterError,
 )
 from server.registry.store import (
@@ -63,6 +64,7 @@ DOMAIN_ERRORS: dict[type[Exception], ErrorMapping] = {
     UnknownAdapterError: ErrorMapping(404, "adapter_not_found"),
     PromptTooLongError: ErrorMapping(400, "invalid_request_error"),
     EngineOverloadedError: ErrorMapping(503, "overloaded"),
+    TenantOverloadedError: ErrorMapping(429, "rate_limit_error"),  # this tenant's limit, not the server's
     InvalidAdapterError: ErrorMapping(422, "invalid_adapter"),
     AdapterQuarantinedError: ErrorMapping(422, "adapter_quarantined"),  # retrying this version cannot succeed
     EngineError: ErrorMapping(500, "internal_error", is_message_shown=False),

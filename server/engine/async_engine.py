@@ -10,24 +10,31 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from server.engine.engine import LLMEngine
-from server.engine.errors import EngineOverloadedError, PromptTooLongError
+from server.engine.errors import EngineOverloadedError, PromptTooLongError, TenantOverloadedError
 from server.engine.request import Request, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, *, model_name: str, adapters, max_queue: int = 1024) -> None:
-        """`adapters`: an adapter source (server/registry/adapters.py) with async `list(tenant)` and `resolve(id, tenant)`."""
+    def __init__(self, engine: LLMEngine, *, model_name: str, adapters, max_queue: int = 1024,
+                 max_queue_per_tenant: int | None = None) -> None:
+        """`adapters`: an adapter source (server/registry/adapters.py) with async `list(tenant)` and `resolve(id, tenant)`.
+        max_queue: requests held at once (running, waiting or resolving their adapter), beyond which a request is
+        refused (503); max_queue_per_tenant: the same for each tenant (429; default max_queue), so that one tenant's
+        flood cannot take every place (requests without a tenant are not counted per tenant)."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
         self.adapters = adapters
         self.max_queue = max_queue
+        self.max_queue_per_tenant = max_queue if max_queue_per_tenant is None else max_queue_per_tenant
+        self._per_tenant: Counter[str] = Counter()  # requests held per tenant, admitted until their stream ends
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -59,8 +66,8 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        adapter_id: str | None, tenant: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Raises UnknownAdapterError / AdapterQuarantinedError / PromptTooLongError / EngineOverloadedError before
-        yielding anything."""
+        """Raises UnknownAdapterError / AdapterQuarantinedError / PromptTooLongError / EngineOverloadedError (its
+        subclass TenantOverloadedError at the tenant's limit) before yielding anything."""
         if not prompt_ids:
             raise PromptTooLongError("prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -72,27 +79,41 @@ class AsyncEngine:
             raise EngineOverloadedError(f"server is at its limit of {self.max_queue} requests; retry later")
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id}")
-        self._num_resolving += 1
+        if tenant is not None and self._per_tenant[tenant] >= self.max_queue_per_tenant:
+            raise TenantOverloadedError(f"this tenant has {self._per_tenant[tenant]} requests in flight, the most one "
+                                        f"tenant may have on this server; retry when some have finished")
+        self._hold(tenant, +1)  # given back however the request ends: refused, finished, failed or abandoned
         try:
-            ref = await self.adapters.resolve(adapter_id, tenant) if adapter_id is not None else None  # may fetch
-            if ref is not None:
-                self.engine.check_adapter(ref)  # a quarantined version is refused here, not failed in a stream
+            self._num_resolving += 1
+            try:
+                ref = await self.adapters.resolve(adapter_id, tenant) if adapter_id is not None else None  # may fetch
+                if ref is not None:
+                    self.engine.check_adapter(ref)  # a quarantined version is refused here, not failed in a stream
+            finally:
+                self._num_resolving -= 1  # on every exit: resolved, refused, failed or cancelled
+            stream: asyncio.Queue = asyncio.Queue()
+            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+            self._inbox.put(("add", Request(request_id, list(prompt_ids), params, adapter=ref, tenant=tenant)))
+            self._wake.set()
+            finished = False
+            try:
+                while not finished:
+                    out: RequestOutput = await stream.get()
+                    finished = out.finished
+                    yield out
+            finally:
+                self._streams.pop(request_id, None)
+                if not finished:  # the consumer went away (client disconnected): free its blocks and adapter pin
+                    self.abort(request_id)
         finally:
-            self._num_resolving -= 1  # on every exit: resolved, refused, failed or cancelled
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._inbox.put(("add", Request(request_id, list(prompt_ids), params, adapter=ref)))
-        self._wake.set()
-        finished = False
-        try:
-            while not finished:
-                out: RequestOutput = await stream.get()
-                finished = out.finished
-                yield out
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:  # the consumer went away (client disconnected): free its blocks and adapter pin
-                self.abort(request_id)
+            self._hold(tenant, -1)
+
+    def _hold(self, tenant: str | None, delta: int) -> None:
+        """Count a request of `tenant` in (+1) or out (-1); requests without a tenant are not counted."""
+        if tenant is not None:
+            self._per_tenant[tenant] += delta
+            if self._per_tenant[tenant] <= 0:
+                del self._per_tenant[tenant]
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

@@ -43,6 +43,7 @@ class EngineOptions:
     adapter_pool_bytes: int = 256 << 20
     max_adapter_slots: int = 64
     max_queue: int = 1024
+    max_queue_per_tenant: int | None = None  # None: max_queue
     data_dir: str = ".multiplex"
     cuda_graphs: bool = True  # on CUDA with the Triton kernels: decode steps replayed from graphs
     cpu_threads: int | None = None  # on a CPU: the forward thread's intra-op threads (None: cpu_threads.py's default)
@@ -61,6 +62,8 @@ def build_engine_options(settings) -> EngineOptions:
         max_adapter_slots=settings.max_adapter_slots or (64 if on_gpu else 16),
         # the engine bounds every request it holds; max_queue counts those waiting beyond the running batch
         max_queue=settings.max_num_seqs + settings.max_queue, data_dir=str(settings.data_dir),
+        # one tenant may hold half of what the engine holds: its flood cannot shut the others out
+        max_queue_per_tenant=settings.max_queue_per_tenant or max(1, (settings.max_num_seqs + settings.max_queue) // 2),
         cuda_graphs=settings.cuda_graphs, cpu_threads=settings.cpu_threads, lookahead=settings.lookahead,
     )
 

@@ -18,6 +18,10 @@ class EngineOverloadedError(EngineError):
     """The queue is at its limit; retrying later can succeed."""
 
 
+class TenantOverloadedError(EngineOverloadedError):
+    """This tenant already has as many requests in flight as one tenant may; retrying later can succeed."""
+
+
 class InvalidAdapterError(EngineError):
     """This adapter cannot be served by this backbone or device pool; retrying the same version cannot succeed."""
 

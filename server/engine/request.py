@@ -94,6 +94,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: AdapterRef | None = None
+    tenant: str | None = None  # who sent it (None: no tenant, e.g. /v1 open): the scheduler admits tenants fairly
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None  # when its first step was scheduled (queue time = this - arrival)
     status: Status = Status.WAITING

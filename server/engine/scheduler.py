@@ -4,8 +4,10 @@ Plain Python over `Request`s; never sees a tensor. Policy, in order:
 1. Running requests first (oldest first): a decode token each, or their next prefill chunk. A request that
    cannot get a KV block preempts the youngest running request (blocks freed, adapter unpinned, recomputed
    later from its prompt and the tokens it already produced); if it is itself the youngest, it waits.
-2. Then waiting requests, FIFO, while there are sequence slots, token budget and KV blocks. A request whose
-   adapter is not on the device yet is skipped this step (its load is under way), not blocking others.
+2. Then waiting requests, while there are sequence slots, token budget and KV blocks: FIFO within a tenant,
+   tenants in turn (`_admission_order`: a tenant with fewer requests running goes first, so that one tenant's
+   backlog never holds back another's). A request whose adapter is not on the device yet is skipped this step (its
+   load is under way), not blocking others.
    A request whose adapter has a PARA generator is prefilled whole, never in chunks: its vectors are pooled
    from the entire prompt inside one forward (it may exceed the token budget when it is alone in the step);
    it also takes a row of the PARA vector buffer (para_rows.py), held until it finishes or is preempted.
@@ -20,7 +22,7 @@ then the engine runs the prediction (whose inputs it built during the forward) i
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,7 +84,6 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        scheduled: set[str] = set()
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -101,21 +102,29 @@ class Scheduler:
                     batch.preempted.append(req)
                     continue  # self.running shrank at i
             self._schedule(batch, req, n)
-            scheduled.add(req.request_id)
             budget -= n
             i += 1
-        skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting.popleft()
+        if self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        """Waiting requests join the running ones, in `_admission_order`, while there are sequence slots, token
+        budget and KV blocks; the first that must wait for memory or budget stops the admission (nobody jumps it).
+        A request whose adapter is still loading stays in its place; one whose adapter fails to load leaves."""
+        left: set[int] = set()  # id() of the requests that leave the queue
+        for req in self._admission_order():
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
             if req.adapter is not None:
                 try:
                     slot = self.adapters.acquire(req.adapter)
                 except Exception as exc:  # noqa: BLE001 - the adapter's fault, not the step's: only it fails
                     batch.load_failures.append((req, exc))
+                    left.add(id(req))
                     continue
                 if slot is None:
                     req.status = Status.WAITING_ADAPTER
-                    skipped.append(req)
                     continue
                 req.slot = slot
                 req.whole_prefill = self.adapters.has_para(req.adapter)
@@ -124,8 +133,7 @@ class Scheduler:
             no_row = req.whole_prefill and self.para_rows.num_free == 0
             if too_long or no_row or not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):
                 self._unpin(req)
-                self.waiting.appendleft(req)
-                break  # FIFO: nobody jumps a request that waits for memory or budget
+                break
             if req.whole_prefill:
                 req.para_row = self.para_rows.take()
             req.status = Status.RUNNING
@@ -134,9 +142,25 @@ class Scheduler:
                 self.metrics.queue_time.observe(req.first_scheduled_time - req.arrival_time)
             self.running.append(req)
             self._schedule(batch, req, n)
+            left.add(id(req))
             budget -= n
-        self.waiting.extendleft(reversed(skipped))
-        return batch
+        if left:
+            self.waiting = deque(r for r in self.waiting if id(r) not in left)
+
+    def _admission_order(self) -> list[Request]:
+        """The waiting requests in the order they are offered a place: first come, first served within a tenant;
+        across tenants, round by round, each round offering one more request of every tenant, a tenant's rounds
+        counted from its requests already running (ties: the earlier in the queue). One tenant's backlog therefore
+        never holds back another tenant's requests, and a queue of one tenant is served in its own order."""
+        if len({r.tenant for r in self.waiting}) <= 1:
+            return list(self.waiting)
+        held = Counter(r.tenant for r in self.running)
+        keyed = []
+        for pos, req in enumerate(self.waiting):
+            keyed.append((held[req.tenant], pos, req))
+            held[req.tenant] += 1
+        keyed.sort(key=lambda k: k[:2])
+        return [req for _, _, req in keyed]
 
     def predict_decode_step(self, batch: ScheduledBatch, max_model_len: int) -> ScheduledBatch | None:
         """The step after `batch`, which is running, as schedule() will make it if no request of `batch` ends by

@@ -126,3 +126,39 @@ def test_192_concurrent_streams_on_fresh_adapters(tmp_path):
         assert not failed, f"{len(failed)} of {num} failed, e.g. {failed[:3]}"
         assert all(num_text >= 1 for _, num_text, _ in results)
         _wait_idle(server)
+
+
+def test_one_tenants_flood_cannot_take_every_place(tmp_path):
+    """--max-queue-per-tenant 3: of 6 concurrent requests of one tenant, 3 are held and 3 refused with 429 (its
+    limit, not the server's), while another tenant's requests, sent at the same time, are all served."""
+    data = tmp_path / "data"
+    adapter = _adapter_bytes(data, seed=3)
+    with running_server(model="tiny", data_dir=data, admin_token="admin-secret", max_num_seqs=1, max_queue=8,
+                        max_queue_per_tenant=3, api_keys="key-acme:acme,key-globex:globex") as server:
+        _store(server.service.embedded.url, {"cold": adapter})
+        registry, read_blob = server.registry, server.registry.read_blob
+
+        async def slow_read_blob(record):  # every request arrives while the first fetch is under way
+            await asyncio.sleep(1.0)
+            return await read_blob(record)
+
+        registry.read_blob = slow_read_blob
+        body = {"prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "adapter_id": "cold"}
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+                def send(key):
+                    return client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+                return await asyncio.gather(*[send("key-acme") for _ in range(6)], send("key-globex"),
+                                            send("key-globex"))
+
+        try:
+            responses = asyncio.run(burst())
+        finally:
+            registry.read_blob = read_blob
+        acme, globex = responses[:6], responses[6:]
+        assert Counter(r.status_code for r in acme) == {200: 3, 429: 3}
+        assert [r.status_code for r in globex] == [200, 200]
+        refused = next(r for r in acme if r.status_code == 429).json()["error"]
+        assert refused["type"] == "rate_limit_error" and "this tenant has 3 requests in flight" in refused["message"]
+        assert _wait_idle(server)["num_streams"] == 0

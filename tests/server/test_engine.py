@@ -238,3 +238,27 @@ def run_steps(engine):
     while engine.has_work():
         outs += engine.step()
     return outs
+
+
+def test_tenants_are_admitted_in_turn_not_behind_one_tenants_backlog(model_dir):
+    """4 places: a backlog of 6 requests of tenant a, then 2 of b, then 1 without a tenant. FIFO would admit a's
+    first four; tenants in turn admit a, b, None, a (FIFO within each). As places free, the tenant with the fewest
+    requests running goes first, the earlier request on a tie."""
+    engine = small_engine(model_dir, max_num_seqs=4)
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    for rid, tenant in [(f"a{i}", "a") for i in range(6)] + [("b0", "b"), ("b1", "b"), ("n0", None)]:
+        engine.add_request(Request(rid, list(range(3, 9)), params, tenant=tenant))
+
+    def running():
+        return [r.request_id for r in engine.scheduler.running]
+
+    engine.step()
+    assert running() == ["a0", "b0", "n0", "a1"]
+    assert [r.request_id for r in engine.scheduler.waiting] == ["a2", "a3", "a4", "a5", "b1"]
+    engine.abort("a0")
+    engine.abort("a1")
+    engine.step()  # a has none running, b one: a2, then a3 before b1 (a3 is a's second, b1 b's second; a3 earlier)
+    assert running() == ["b0", "n0", "a2", "a3"]
+    engine.abort("n0")
+    engine.step()  # a has two running, b one: b1 before a4
+    assert running() == ["b0", "a2", "a3", "b1"]
