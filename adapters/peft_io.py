@@ -188,6 +188,7 @@ def _peft_tensors(tensors: dict[str, torch.Tensor], selection: _Selection,
     """{(PEFT module key, part): tensor}; any tensor that is not a supported projection's adapter raises."""
     out: dict[tuple[str, str], torch.Tensor] = {}
     unknown, adapters = [], set()
+    first: dict[tuple, str] = {}  # (layer, projection, part, adapter name) -> the tensor that gave it
     for tname, t in tensors.items():
         m = _PEFT_KEY.match(tname)
         if m is None or m["proj"] not in PROJECTIONS:
@@ -200,6 +201,11 @@ def _peft_tensors(tensors: dict[str, torch.Tensor], selection: _Selection,
             raise ArtifactError(f"{tname}: module {m['key']} is not selected by the config's target_modules "
                                 f"{short(config.get('target_modules'), 200)}")
         adapters.add(m["adapter"])
+        module = (int(m["layer"]), m["proj"], m["part"], m["adapter"])  # one module whichever prefix its key has
+        if module in first:
+            raise ArtifactError(f"{PEFT_WEIGHTS_FILE}: {first[module]!r} and {tname!r} are both the {m['part']} of "
+                                f"layer {module[0]}'s {m['proj']}; one tensor per module")
+        first[module] = tname
         out[(m["key"], m["part"])] = t
     if unknown:
         raise ArtifactError(f"{PEFT_WEIGHTS_FILE}: unsupported tensors {sorted(unknown)[:8]}"
@@ -220,6 +226,10 @@ def _pattern_value(patterns: list[tuple[Pattern, Any]], key: str, default: Any) 
     for pattern, value in patterns:
         if pattern.matches(key):
             return value
+        if pattern.matches_any_char(key):  # PEFT's '.' matches any character: it would give this module `value`
+            raise ArtifactError(f"{PEFT_CONFIG_FILE}: a rank_pattern / alpha_pattern key matches {key} only where "
+                                "its unescaped '.' stands for another character, as PEFT's regex lets it; write "
+                                "the module's name, or '\\.' for a dot")
     return default
 
 

@@ -12,7 +12,10 @@ compiled to plain string tests (`Pattern.matches`: set lookups over a key's suff
     char    := [A-Za-z0-9_-] | "." | "\\." | "\\-" | "\\_"
 
 `.` is matched as a dot only (PEFT's regex would also let it match any other character: a narrower selection, so a
-module PEFT would select and we do not is refused, never served wrongly). Alternations expand to at most
+module PEFT would select and we do not is refused, never served wrongly). Where a narrower selection would not be
+refused by itself (a `rank_pattern` / `alpha_pattern` key that misses a module only gives it the default rank or
+alpha), `Pattern.matches_any_char` tells what PEFT's `.` would match: a key it matches and `matches` does not is
+refused by the caller. Alternations expand to at most
 MAX_ALTERNATIVES literals. e.g. `.*\\.(q_proj|v_proj)`, `(.*\\.)?(layers\\.0\\.self_attn\\.q_proj|...)` (what
 `export_peft_lora` writes), `model.layers.0.mlp.down_proj`. Anything else is refused, saying what is accepted.
 """
@@ -27,6 +30,7 @@ from adapters.files import MAX_STRING_CHARS, short
 MAX_ALTERNATIVES = 4096
 _LITERAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 _ESCAPED = frozenset(".-_")
+_ANY_CHAR = "\x00"  # an unescaped '.' while a pattern is compiled (a dot for `matches`, any character for PEFT)
 # prefix -> how the rest may sit in a key: "any" (a suffix of the key) or "dot" (the key, or after a dot)
 _PREFIXES = (("(.*\\.)?", "dot"), ("(?:.*\\.)?", "dot"), (".*?", "any"), (".*", "any"))
 ACCEPTED = ("a list of module names, or a string that is a module name or a flat alternation such as "
@@ -40,6 +44,7 @@ class Pattern:
 
     anchor: str
     literals: frozenset[str]
+    loose: frozenset[str] = frozenset()  # the literals with each unescaped '.' as _ANY_CHAR (empty: none has one)
 
     def matches(self, key: str) -> bool:
         if key in self.literals:
@@ -49,6 +54,19 @@ class Pattern:
         if self.anchor == "any":
             return any(key[i:] in self.literals for i in range(len(key) + 1))
         return False
+
+    def matches_any_char(self, key: str) -> bool:
+        """`matches` with each unescaped '.' of the pattern matching any one character, as in PEFT's regex."""
+        if not self.loose:
+            return self.matches(key)
+        if self.anchor == "exact":
+            places = [key]
+        elif self.anchor == "dot":
+            places = [key] + [key[i + 1:] for i, c in enumerate(key) if c == "."]
+        else:
+            places = [key[i:] for i in range(len(key) + 1)]
+        return any(len(lit) == len(place) and all(a == b or a == _ANY_CHAR for a, b in zip(lit, place))
+                   for place in places for lit in self.loose)
 
 
 def compile_pattern(text: Any, where: str, *, anchor: str = "exact") -> Pattern:
@@ -66,7 +84,9 @@ def compile_pattern(text: Any, where: str, *, anchor: str = "exact") -> Pattern:
         if body.startswith(prefix):
             body, anchor = body[len(prefix):], kind
             break
-    return Pattern(anchor, frozenset(_expand(body, text, where)))
+    literals = _expand(body, text, where)
+    loose = frozenset(lit for lit in literals if _ANY_CHAR in lit)
+    return Pattern(anchor, frozenset(lit.replace(_ANY_CHAR, ".") for lit in literals), loose and frozenset(literals))
 
 
 def _expand(body: str, text: str, where: str) -> list[str]:
@@ -101,7 +121,7 @@ def _literal(piece: str, text: str, where: str) -> str:
             continue
         if c not in _LITERAL and c != ".":
             _refuse(text, where, f"{c!r} at {i}" if c != "\\" else "an escape other than '\\.'")
-        out.append(c)
+        out.append(_ANY_CHAR if c == "." else c)
         i += 1
     return "".join(out)
 

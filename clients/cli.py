@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
+    except (MultiplexError, OSError, ValueError) as exc:  # what a command did not catch itself: said, not a traceback
+        return _fail(args.command, exc)
 
 
 if __name__ == "__main__":

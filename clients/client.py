@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, AsyncGenerator, Generator, Iterator, Mapping, Sequence
+from typing import Any, AsyncGenerator, Callable, Generator, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 import httpx
@@ -47,7 +47,22 @@ def _decode(response: httpx.Response) -> Any:
     """The JSON body of a successful answer ({} for an empty one); raises the server's error otherwise."""
     if response.status_code >= 400:
         raise error_from_response(response.status_code, response.content, response.headers)
-    return response.json() if response.content else {}
+    if not response.content:
+        return {}
+    try:
+        return response.json()
+    except ValueError:  # a proxy's HTML page, a truncated body
+        raise MultiplexError(response.status_code, "invalid_response",
+                             f"the server's answer is not JSON: {response.text[:80]!r}") from None
+
+
+def _shaped(parse: Callable[[Any], Any], body: Any) -> Any:
+    """parse(body), a MultiplexError when the answer is JSON of another shape than the API's."""
+    try:
+        return parse(body)
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        raise MultiplexError(None, "invalid_response", f"the server's answer has an unexpected shape "
+                                                       f"({type(exc).__name__}: {str(exc)[:80]})") from None
 
 
 @contextlib.contextmanager
@@ -58,6 +73,10 @@ def _transport_errors(base_url: str) -> Iterator[None]:
         raise ConnectionFailed("timeout", f"{base_url} did not answer in time ({type(exc).__name__})") from exc
     except httpx.TransportError as exc:
         raise ConnectionFailed("connection_error", f"cannot reach {base_url}: {exc}") from exc
+    except httpx.InvalidURL as exc:
+        raise ConnectionFailed("invalid_url", f"{base_url}: {exc}") from None
+    except UnicodeEncodeError as exc:  # HTTP headers are ASCII: an API key or adapter id that is not
+        raise MultiplexError(None, "invalid_request", f"a header value is not ASCII ({exc.object[:40]!r})") from None
 
 
 def _upload_fields(name: str, adapter_id: str | None, tenant: str | None, public: bool,
@@ -101,7 +120,8 @@ class Client(_ClientBase):
     def __init__(self, base_url: str = DEFAULT_URL, *, api_key: str | None = None, admin_token: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, transport: httpx.BaseTransport | None = None) -> None:
         super().__init__(base_url, api_key=api_key, admin_token=admin_token, timeout=timeout)
-        self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, transport=transport)
+        with _transport_errors(self.base_url):  # a malformed URL is refused here, as a MultiplexError
+            self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, transport=transport)
 
     def close(self) -> None:
         self._http.close()
@@ -129,7 +149,7 @@ class Client(_ClientBase):
                                top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=logprobs,
                                ignore_eos=ignore_eos, stream=False, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty, model=model)
-        return Completion.from_json(self._request("POST", COMPLETIONS_PATH, json=body,
+        return _shaped(Completion.from_json, self._request("POST", COMPLETIONS_PATH, json=body,
                                                   headers=self._api_headers(adapter_id)))
 
     def stream(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
@@ -173,7 +193,7 @@ class Client(_ClientBase):
                          top_p=top_p, top_k=top_k, stop=stop, seed=seed, top_logprobs=top_logprobs,
                          ignore_eos=ignore_eos, stream=False, presence_penalty=presence_penalty,
                          frequency_penalty=frequency_penalty)
-        return ChatCompletion.from_json(self._request("POST", CHAT_PATH, json=body,
+        return _shaped(ChatCompletion.from_json, self._request("POST", CHAT_PATH, json=body,
                                                       headers=self._api_headers(adapter_id)))
 
     def chat_stream(self, messages: Messages, *, adapter_id: str | None = None, max_tokens: int | None = None,
@@ -192,7 +212,7 @@ class Client(_ClientBase):
     def models(self) -> list[ModelInfo]:
         """The base model first, then every adapter this API key may use."""
         body = self._request("GET", "/v1/models", headers=self._api_headers())
-        return [ModelInfo.from_json(m) for m in list_items(body, "models")]
+        return _shaped(lambda b: [ModelInfo.from_json(m) for m in list_items(b, "models")], body)
 
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/health")
@@ -220,11 +240,11 @@ class Client(_ClientBase):
 
     def list_adapters(self) -> list[AdapterInfo]:
         body = self._request("GET", "/admin/adapters", headers=self._admin_headers())
-        return [AdapterInfo.from_json(a) for a in list_items(body, "adapters")]
+        return _shaped(lambda b: [AdapterInfo.from_json(a) for a in list_items(b, "adapters")], body)
 
     def get_adapter(self, adapter_id: str) -> AdapterInfo:
         body = self._request("GET", _adapter_path(adapter_id), headers=self._admin_headers(adapter_id))
-        return AdapterInfo.from_json(body)
+        return _shaped(AdapterInfo.from_json, body)
 
     def delete_adapter(self, adapter_id: str) -> dict[str, Any]:
         return self._request("DELETE", _adapter_path(adapter_id), headers=self._admin_headers(adapter_id))
@@ -238,8 +258,9 @@ class AsyncClient(_ClientBase):
                  max_connections: int = 1000) -> None:
         super().__init__(base_url, api_key=api_key, admin_token=admin_token, timeout=timeout)
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, transport=transport,
-                                       limits=limits)
+        with _transport_errors(self.base_url):
+            self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, transport=transport,
+                                           limits=limits)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -263,7 +284,7 @@ class AsyncClient(_ClientBase):
                                top_p=top_p, top_k=top_k, stop=stop, seed=seed, logprobs=logprobs,
                                ignore_eos=ignore_eos, stream=False, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty, model=model)
-        return Completion.from_json(await self._request("POST", COMPLETIONS_PATH, json=body,
+        return _shaped(Completion.from_json, await self._request("POST", COMPLETIONS_PATH, json=body,
                                                         headers=self._api_headers(adapter_id)))
 
     def stream(self, prompt: str, *, adapter_id: str | None = None, max_tokens: int = 16, temperature: float = 1.0,
@@ -287,7 +308,7 @@ class AsyncClient(_ClientBase):
                          top_p=top_p, top_k=top_k, stop=stop, seed=seed, top_logprobs=top_logprobs,
                          ignore_eos=ignore_eos, stream=False, presence_penalty=presence_penalty,
                          frequency_penalty=frequency_penalty)
-        return ChatCompletion.from_json(await self._request("POST", CHAT_PATH, json=body,
+        return _shaped(ChatCompletion.from_json, await self._request("POST", CHAT_PATH, json=body,
                                                             headers=self._api_headers(adapter_id)))
 
     def chat_stream(self, messages: Messages, *, adapter_id: str | None = None, max_tokens: int | None = None,
@@ -319,7 +340,7 @@ class AsyncClient(_ClientBase):
 
     async def models(self) -> list[ModelInfo]:
         body = await self._request("GET", "/v1/models", headers=self._api_headers())
-        return [ModelInfo.from_json(m) for m in list_items(body, "models")]
+        return _shaped(lambda b: [ModelInfo.from_json(m) for m in list_items(b, "models")], body)
 
     async def health(self) -> dict[str, Any]:
         return await self._request("GET", "/health")
@@ -344,11 +365,11 @@ class AsyncClient(_ClientBase):
 
     async def list_adapters(self) -> list[AdapterInfo]:
         body = await self._request("GET", "/admin/adapters", headers=self._admin_headers())
-        return [AdapterInfo.from_json(a) for a in list_items(body, "adapters")]
+        return _shaped(lambda b: [AdapterInfo.from_json(a) for a in list_items(b, "adapters")], body)
 
     async def get_adapter(self, adapter_id: str) -> AdapterInfo:
         body = await self._request("GET", _adapter_path(adapter_id), headers=self._admin_headers(adapter_id))
-        return AdapterInfo.from_json(body)
+        return _shaped(AdapterInfo.from_json, body)
 
     async def delete_adapter(self, adapter_id: str) -> dict[str, Any]:
         return await self._request("DELETE", _adapter_path(adapter_id), headers=self._admin_headers(adapter_id))

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator, AsyncIterable, Generator, Iterable
 
-from clients.errors import error_from_body
+from clients.errors import MultiplexError, error_from_body
 from clients.wire import Usage
 
 DONE = "[DONE]"
@@ -86,11 +86,22 @@ class StreamState:
         if data == DONE:
             self.is_done = True
             return None
-        chunk: Any = json.loads(data)
+        try:
+            chunk: Any = json.loads(data)
+        except ValueError:  # most often the connection cut inside an event: its first part is all that came
+            raise MultiplexError(None, "incomplete_stream", f"the stream broke inside an event after "
+                                                            f"{self.num_chunks} chunk(s): {data[:80]!r} is not JSON") from None
         if not isinstance(chunk, dict):
-            raise ValueError(f"unexpected stream event: {data[:200]}")
+            raise MultiplexError(None, "invalid_stream", f"unexpected stream event: {data[:200]}")
         if "error" in chunk:  # the server failed after the 200 was sent
             raise error_from_body(None, chunk)
+        try:
+            return self._on_chunk(chunk)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise MultiplexError(None, "invalid_stream", f"unexpected stream event ({type(exc).__name__}): "
+                                                         f"{data[:200]}") from None
+
+    def _on_chunk(self, chunk: dict) -> str | None:
         self.num_chunks += 1
         self.id = chunk.get("id", self.id)
         self.model = chunk.get("model", self.model)

@@ -58,7 +58,7 @@ class ErrorMapping(NamedTuple):
 
 
 # Domain error -> how HTTP answers it. The most specific class wins (looked up along the exception's MRO), so a
-# subclass not listed answers as its parent. Every 503 carries `Retry-After`.
+# subclass not listed answers as its parent. Every 429 and 503 carries `Retry-After`.
 DOMAIN_ERRORS: dict[type[Exception], ErrorMapping] = {
     # the engine (server/engine/errors.py)
     UnknownAdapterError: ErrorMapping(404, "adapter_not_found"),
@@ -148,7 +148,7 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         logger.error("%s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
     if not mapping.is_message_shown:
         return error_response(mapping.status_code, mapping.error_type, "internal error in the engine")
-    headers = {"Retry-After": "1"} if mapping.status_code == 503 else None
+    headers = {"Retry-After": "1"} if mapping.status_code in (429, 503) else None
     return error_response(mapping.status_code, mapping.error_type, str(exc) or mapping.error_type, headers)
 
 

@@ -3,9 +3,11 @@ kernels.lowrank.PaddedFactors, and nowhere else.
 
 On a CPU, every torch call costs microseconds of dispatch, so applying each adapter with its own matmuls makes the
 adapter overhead grow with the number of adapters in the step; the padded layout applies all of them with one
-gather-bmm per op. It pads every slot to the largest rank loaded (grown on demand, by powers of two), which is a
-fine trade on a CPU and a poor one on a GPU, where the exact-rank arena and the Triton kernels serve instead. The
-pool still reserves the adapter's exact size in its arena accounting, so both stores admit the same adapters.
+gather-bmm per op. It pads every slot to the largest rank resident (grown on demand, by powers of two, and shrunk
+back when the adapter that needed it leaves: one tenant's high-rank adapter must not keep every slot of every layer
+padded after it is gone), which is a fine trade on a CPU and a poor one on a GPU, where the exact-rank arena and the
+Triton kernels serve instead. The pool still reserves the adapter's exact size in its arena accounting, so both
+stores admit the same adapters; the padding is not counted there (see the README's known limits).
 """
 from __future__ import annotations
 
@@ -37,8 +39,12 @@ class PaddedLowRank:
         lo, hi = GROUPS[group]
         return PROJECTIONS[lo:hi]
 
-    def _grow(self, rank: int) -> None:
-        """Re-allocate every stack with `rank` rows per slice, keeping what is loaded."""
+    def _resize(self, rank: int) -> None:
+        """Re-allocate every stack with `rank` rows per slice (0: none), keeping what is loaded (ranks <= `rank`)."""
+        if rank == 0:
+            self.factors, self.rank = [], 0
+            return
+        keep = min(rank, self.rank)
         new: list[dict[str, PaddedFactors]] = []
         for layer in range(self.num_layers):
             per_group = {}
@@ -51,8 +57,8 @@ class PaddedLowRank:
                 if self.factors:
                     old = self.factors[layer][group]
                     for i in range(len(projs)):
-                        a[:, i * rank : i * rank + self.rank] = old.a[:, i * self.rank : (i + 1) * self.rank]
-                        bt[i][:, : self.rank] = old.bt[i]
+                        a[:, i * rank : i * rank + keep] = old.a[:, i * self.rank : i * self.rank + keep]
+                        bt[i][:, :keep] = old.bt[i][:, :keep]
                 per_group[group] = PaddedFactors(a, bt, tuple(self.layout.col[p][1] for p in projs), widths)
             new.append(per_group)
         self.factors, self.rank = new, rank
@@ -60,7 +66,7 @@ class PaddedLowRank:
     def load(self, slot: int, deltas: AdapterDeltas, image: LowRankImage | None, start: int) -> None:
         need = max((lr.rank for lr in deltas.lowrank.values()), default=0)
         if need > self.rank:  # a regrow copies every stack: grow by rank classes
-            self._grow(rank_class(need))
+            self._resize(rank_class(need))
         ranks = self.ranks[slot] = {}
         for name, lr in deltas.lowrank.items():
             layer, proj = parse_module_name(name)
@@ -79,6 +85,10 @@ class PaddedLowRank:
                 f.a[slot] = 0
                 for bt in f.bt:
                     bt[slot] = 0
+        resident = max((r for ranks in self.ranks.values() for r in ranks.values()), default=0)
+        need = rank_class(resident) if resident else 0
+        if need < self.rank:  # the largest adapter left: the stacks shrink back to what the others need
+            self._resize(need)
 
     def rank_of(self, slot: int, layer: int, proj: str) -> int:
         return self.ranks.get(slot, {}).get((layer, proj), 0)

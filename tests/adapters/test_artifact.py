@@ -241,6 +241,27 @@ def test_peft_lora_key_variants(tmp_path, base, spec):
         load_adapter(tmp_path / "peft")
 
 
+def test_peft_lora_refusals_where_we_would_serve_other_weights_than_peft(tmp_path, base, spec):
+    """Two tensors for one module under different key prefixes (one was dropped silently), and an alpha_pattern key
+    whose unescaped '.' PEFT's regex lets match another character (`q.proj` gives q_proj its alpha in PEFT; read as
+    a dot it matched nothing and q_proj was served with the default alpha)."""
+    _peft_lora(base, **LORA_CASES["all-seven"]).save_pretrained(tmp_path / "peft", safe_serialization=True)
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if "layers.0.self_attn.q_proj.lora_A" in k)
+    save_file(tensors | {key.removeprefix("base_model.model."): tensors[key] * 2}, str(weights))
+    with pytest.raises(ArtifactError, match="are both the lora_A of layer 0's q_proj; one tensor per module"):
+        load_adapter(tmp_path / "peft", spec)
+    save_file(tensors, str(weights))
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"alpha_pattern": {"q.proj": 64}}))
+    with pytest.raises(ArtifactError, match="only where its unescaped '.' stands for another character"):
+        load_adapter(tmp_path / "peft", spec)
+    config_path.write_text(json.dumps(config | {"alpha_pattern": {"self_attn.q_proj": 64}}))  # a dot as a dot
+    assert load_adapter(tmp_path / "peft", spec).manifest["scale"]["layers.0.q_proj"] == 64 / 4
+
+
 @pytest.mark.parametrize("case", sorted(LORA_CASES))
 def test_export_peft_lora_round_trip(tmp_path, base, spec, input_ids, case):
     model = _peft_lora(base, **LORA_CASES[case])

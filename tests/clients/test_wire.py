@@ -63,6 +63,13 @@ def test_stream_state() -> None:
     with pytest.raises(MultiplexError) as failed:
         StreamState().on_event(json.dumps({"error": {"type": "internal_error", "message": "boom"}}))
     assert failed.value.status_code is None and failed.value.message == "boom"
+    state = StreamState()
+    state.on_event(json.dumps(chunk))
+    with pytest.raises(MultiplexError, match="broke inside an event after 1 chunk") as cut:  # the connection cut
+        state.on_event('{"choi')
+    assert cut.value.error_type == "incomplete_stream"
+    with pytest.raises(MultiplexError, match="unexpected stream event"):
+        StreamState().on_event("[1]")
 
 
 @pytest.mark.parametrize("status, cls", [(400, BadRequestError), (413, BadRequestError), (415, BadRequestError),

@@ -161,4 +161,5 @@ def test_one_tenants_flood_cannot_take_every_place(tmp_path):
         assert [r.status_code for r in globex] == [200, 200]
         refused = next(r for r in acme if r.status_code == 429).json()["error"]
         assert refused["type"] == "rate_limit_error" and "this tenant has 3 requests in flight" in refused["message"]
+        assert all(r.headers.get("retry-after") for r in acme if r.status_code == 429)
         assert _wait_idle(server)["num_streams"] == 0

@@ -116,3 +116,31 @@ def test_a_step_with_the_previous_steps_layout_shares_its_segments(tmp_path):
     reqs[1].slot = 1
     moved = runner.build(batch([6, 6, 6], [1, 1, 1])).segments  # a slot differs
     assert moved is not first and moved.seg_slot.tolist() == [-1, 1, 1]
+
+
+def test_the_padded_store_shrinks_back_when_its_largest_adapter_leaves(tmp_path):
+    """One rank-64 adapter pads every slot of every layer to 64 while it is resident; once it is freed the stacks
+    shrink to what the others need (16), keeping their factors, and to nothing when none is left."""
+    from kernels.segments import make_segments
+    path = make_hf_model(tmp_path / "m", "llama")
+    cfg = ModelConfig.from_dir(path)
+    store = small_engine(path).runner.adapter_pool.lowrank
+    small = random_lowrank(cfg, {"q_proj": 4, "down_proj": 4}, seed=1)
+    store.load(1, small, None, 0)
+    x = torch.randn(3, cfg.hidden_size)
+    seg = make_segments([3], [1], "cpu")
+
+    def delta():
+        f = store.factors[0]["qkv"]
+        y = torch.zeros(3, f.out_start[-1] + f.out_width[-1])
+        store.apply(0, "qkv", y, x, seg)
+        return y
+
+    before = delta()
+    store.load(0, random_lowrank(cfg, {"q_proj": 64}, seed=2), None, 0)
+    assert store.rank == 64
+    store.free(0)
+    assert store.rank == 16 and store.rank_of(1, 0, "q_proj") == 4
+    assert torch.equal(delta(), before)
+    store.free(1)
+    assert store.rank == 0 and store.factors == []
