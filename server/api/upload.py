@@ -80,10 +80,15 @@ def parse_upload(filename: str | None, data: bytes, spec: dict, *, max_bytes: in
     files, folder = _layout(name, entries)
     _check_names(name, set(files))
     try:
-        return load_adapter_files(files, spec, name=folder or _stem(name), where=name, max_rank=max_rank,
-                                  dtype=dtype)
+        loaded = load_adapter_files(files, spec, name=folder or _stem(name), where=name, max_rank=max_rank,
+                                    dtype=dtype)
     except ArtifactError as e:
         raise UploadError(422, str(e)) from None
+    d = loaded.deltas
+    if not (d.lowrank or d.sparse or d.scale or d.para):  # PEFT would refuse it too ("target modules not found")
+        raise UploadError(422, f"{name}: the adapter holds no weights for any module of this model; it would "
+                               "serve the base model under its name")
+    return loaded
 
 
 def _archive_kind(data: bytes) -> str | None:

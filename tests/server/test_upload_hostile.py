@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save as st_save
 
 from adapters.artifact import adapter_to_bytes
 from server.api.admin import AdminSettings
@@ -160,6 +161,14 @@ def test_deeply_nested_json(admin, tmp_path):
     deep_config = b'{"peft_type": "LORA", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     refused(admin, "deep.zip", make_zip(peft_lora_files(tmp_path) | {"adapter_config.json": deep_config}), 422,
             "adapter_config.json: JSON nested 100001 levels deep")
+
+
+def test_an_adapter_with_no_weights_is_refused(admin, tmp_path):
+    """It would serve the base model under the adapter's name (PEFT refuses such a config: no target found)."""
+    refused(admin, "empty.zip", make_zip(raw_format1({})), 422, "holds no weights for any module of this model")
+    peft = peft_lora_files(tmp_path)
+    refused(admin, "empty.zip", make_zip(peft | {"adapter_model.safetensors": st_save({})}), 422,
+            "holds no weights")
 
 
 def test_lone_surrogates_in_manifests(admin, tmp_path):
