@@ -89,8 +89,9 @@ class StreamState:
         try:
             chunk: Any = json.loads(data)
         except ValueError:  # most often the connection cut inside an event: its first part is all that came
-            raise MultiplexError(None, "incomplete_stream", f"the stream broke inside an event after "
-                                                            f"{self.num_chunks} chunk(s): {data[:80]!r} is not JSON") from None
+            raise MultiplexError(None, "incomplete_stream",
+                                 f"the stream broke inside an event after {self.num_chunks} chunk(s): "
+                                 f"{data[:80]!r} is not JSON") from None
         if not isinstance(chunk, dict):
             raise MultiplexError(None, "invalid_stream", f"unexpected stream event: {data[:200]}")
         if "error" in chunk:  # the server failed after the 200 was sent

@@ -135,9 +135,9 @@ class ModelRunner:
         )
 
     def _segments(self, seg_lens: list[int], seg_slots: list[int], dev) -> Segments:
-        """make_segments', the previous step's own when the layout is the same (every decode step of an unchanged
-        batch): what the forward derives from it once per step (Segments.slot_plan, its padded grid) is then derived
-        no more. Segments are never written (a graph replay copies them into its own), so sharing one is safe."""
+        """make_segments(seg_lens, seg_slots, dev), or the previous step's Segments when the layout is the same
+        (every decode step of an unchanged batch): what the forward derives from them once per step
+        (Segments.slot_plan, its padded grid) is then derived no more. Segments are never written (a graph replay copies them into its own), so sharing one is safe."""
         key = (tuple(seg_lens), tuple(seg_slots), str(dev))
         last = self._last_segments
         if last is not None and last[0] == key:
