@@ -297,6 +297,9 @@ def run(args: argparse.Namespace) -> int:
     plot = args.plot or (args.out.with_suffix(".png") if args.out and len(runs) > 1 else None)
     if plot and write_plot(runs, plot):
         print(f"wrote {plot}")
+    if any(one["num_requests"] and not one["num_completed"] for one in runs):  # measured nothing: say so
+        print("loadgen: every request of a rate failed (see errors above)", file=sys.stderr)
+        return 1
     return 0
 
 

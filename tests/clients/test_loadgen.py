@@ -135,7 +135,7 @@ def test_errors_are_counted_by_type(server_url: str, tmp_path: Path) -> None:
     out = tmp_path / "errors.json"
     code = loadgen.main(["--url", server_url, "--rate", "50", "--num-requests", "4", "--adapters", "no-such-adapter",
                          "--max-tokens", "2", "--prompt-len", "2", "--out", str(out)])
-    assert code == 0
+    assert code == 1  # every request failed: the run measured nothing, and the exit code says so
     run = json.loads(out.read_text())["runs"][0]
     assert run["num_errors"] == 4 and run["num_completed"] == 0 and sum(run["errors"].values()) == 4
     assert run["latency_s"]["count"] == 0 and run["latency_s"]["p50"] is None and run["request_throughput"] == 0
