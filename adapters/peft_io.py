@@ -273,6 +273,10 @@ def _peft_ia3_deltas(config: dict, selection: _Selection, tensors: dict[str, tor
     if config.get("modules_to_save"):
         raise ArtifactError(f"{PEFT_CONFIG_FILE}: unsupported PEFT IA3 feature modules_to_save="
                             f"{short(config['modules_to_save'])}")
+    targets, feedforward = config.get("target_modules"), config.get("feedforward_modules")
+    if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
+        raise ArtifactError(f"{PEFT_CONFIG_FILE}: feedforward_modules {short(feedforward)} is not within "
+                            f"target_modules {short(targets)} (PEFT's IA3Config refuses it too)")
     deltas = AdapterDeltas()
     for (key, part), t in sorted(_peft_tensors(tensors, selection, config).items()):
         if part != "ia3_l":

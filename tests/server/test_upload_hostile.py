@@ -171,6 +171,13 @@ def test_an_adapter_with_no_weights_is_refused(admin, tmp_path):
             "holds no weights")
 
 
+def test_ia3_feedforward_modules_outside_the_targets(admin):
+    files = peft_ia3_files()
+    config = json.loads(files["adapter_config.json"]) | {"feedforward_modules": ["down_proj", "up_proj"]}
+    refused(admin, "ia3.zip", make_zip(files | {"adapter_config.json": json.dumps(config).encode()}), 422,
+            "feedforward_modules ['down_proj', 'up_proj'] is not within target_modules")
+
+
 def test_lone_surrogates_in_manifests(admin, tmp_path):
     """Valid JSON but no text: refused by name, nothing stored (stored, it made every listing of adapters fail)."""
     needle = "a string holds a lone UTF-16 surrogate"
