@@ -81,21 +81,23 @@ class MultiplexPeer:
         return seconds
 
     def _wait_until_ready(self) -> None:
-        """/health answers 200 once the model is loaded, the adapters are seeded and Redis answers."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.server.poll() is not None:
-                raise RuntimeError(f"multiplex serve exited with {self.server.returncode}:\n{self._log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"multiplex serve not ready after {STARTUP_TIMEOUT_S}s:\n{self._log_tail()}")
+        wait_until_ready(self.server, self.base_url, self.log_path, STARTUP_TIMEOUT_S)
 
-    def _log_tail(self, num_chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-num_chars:]
+
+def wait_until_ready(server: subprocess.Popen, base_url: str, log_path: Path, timeout_s: float) -> None:
+    """/health answers 200 once the model is loaded, the adapters are seeded and Redis answers."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"multiplex serve exited with {server.returncode}:\n{tail}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"multiplex serve not ready after {timeout_s}s:\n{log_path.read_text(errors='replace')[-3000:]}")
 
 
 def _free_port() -> int:
