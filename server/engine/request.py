@@ -107,10 +107,11 @@ class Request:
     generator: Uniforms | None = None  # its sampler's draws (None when greedy)
     finish_reason: str | None = None
     # detokenisation state (server/engine/detokenizer.py)
-    text: str = ""  # the output's text so far (cut at a stop string)
+    text: str = ""  # with stop strings: the output's text so far (cut at one)
     num_text_sent: int = 0  # characters of it already released
     prefix_offset: int = 0  # output_ids[prefix_offset:read_offset]: the decoded tokens kept as context
     read_offset: int = 0  # output_ids[read_offset:]: tokens whose text is not in `text` yet
+    utf8: Any = None  # ByteTableDecoder: the incremental UTF-8 decoder holding an incomplete character's bytes
     num_preemptions: int = 0
     ended_by_eos: bool = False  # its last generated token was EOS: not in output_ids, counted in the usage (as vLLM)
 

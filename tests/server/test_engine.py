@@ -162,11 +162,12 @@ def test_text_of_the_previous_step_is_made_while_the_forward_runs(model_dir):
         decoded.clear()
         return execute(batch)
 
-    def watched_decode(ids):
-        decoded.set()
-        return decode(ids)
+    class WatchedDecoder:
+        def new_text(self, req, final):
+            decoded.set()
+            return decode.new_text(req, final)
 
-    engine.runner.execute, engine._decode = waiting_execute, watched_decode
+    engine.runner.execute, engine._decode = waiting_execute, WatchedDecoder()
     prompt = list(range(3, 12))  # one prefill step that samples, then decode steps
     engine.add_request(Request("a", prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
     outs = []
