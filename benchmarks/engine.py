@@ -237,6 +237,7 @@ def host_suite(args) -> list[dict]:
                                                             max_prefill_chunk=4096))
         engine.overlap_text = not args.no_overlap
         engine.lookahead = args.lookahead
+        engine.run_forwards_here()  # as the server's engine thread (nothing overlapped: no hand-off)
         refs = [AdapterRef(f"a{i}", 1, random_adapter(cfg, args.rank, seed=i)) for i in range(8)]
         params = SamplingParams(max_tokens=args.gen_len + 100, temperature=0.8, top_p=0.9, ignore_eos=True)
         for i in range(args.batch):

@@ -18,6 +18,7 @@ A call releases the GIL and splits many rows of a large vocabulary over the call
 from __future__ import annotations
 
 import ctypes
+from array import array
 from pathlib import Path
 
 import torch
@@ -51,10 +52,10 @@ def sample(logits: torch.Tensor, temps: list[float], top_ks: list[int], top_ps: 
         raise ValueError("sample needs fp32 CPU logits with unit stride along the vocabulary")
     if not len(temps) == len(top_ks) == len(top_ps) == len(u) == n:
         raise ValueError(f"expected {n} temperatures, top-ks, top-ps and draws")
-    settings = torch.tensor([temps, top_ks, top_ps, u], dtype=torch.float64)  # one tensor: each costs ~10 us
+    settings = array("d", [*temps, *top_ks, *top_ps, *u])  # (4, n): torch.tensor of the lists took ~40 us at n=64
     out = torch.empty(n, dtype=torch.int64)
-    if _library().multiplex_sample(n, vocab, logits.data_ptr(), logits.stride(0), settings.data_ptr(), out.data_ptr(),
-                                   torch.get_num_threads()):
+    if _library().multiplex_sample(n, vocab, logits.data_ptr(), logits.stride(0), settings.buffer_info()[0],
+                                   out.data_ptr(), torch.get_num_threads()):
         raise MemoryError(f"our CPU sampler could not allocate its scratch for a {vocab}-token vocabulary")
     return out
 

@@ -135,6 +135,7 @@ class AsyncEngine:
 
     # ---- engine thread ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        self.engine.run_forwards_here()  # where nothing overlaps the forward, this thread runs it (no hand-off)
         while not self._stop:
             self._drain_inbox()
             if not self.engine.has_work():

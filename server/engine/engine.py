@@ -19,6 +19,10 @@ changed what the next step would be (a request ended, arrived or was aborted): t
 tokens filled in (PreparedStep.fill), else it is dropped and the next step is scheduled as usual. Either way the
 steps are those `schedule()` makes, so the tokens are the same with it or without it.
 
+When nothing overlaps the forward (both off, a CPU's default), the thread that steps the engine may take the
+forward's place (`run_forwards_here`: its OpenMP team sized as the forward thread's): the forward and sampling then
+run on it, without the hand-off to the forward's thread and back each step.
+
 Only the engine thread touches it (server/engine/async_engine.py feeds it through an inbox; the API side only
 reads `quarantined`). A step whose forward raises fails only the requests of the adapter versions that cause it
 (server/engine/isolation.py); such a version, like one whose load onto the device raises, is quarantined: its
@@ -28,6 +32,7 @@ requests, running or waiting, fail, its slot is freed, and new requests for it a
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -93,6 +98,8 @@ class LLMEngine:
         self._forward = ThreadPoolExecutor(1, thread_name_prefix="multiplex-forward",
                                            initializer=None if forward_threads is None else enter_forward_thread,
                                            initargs=() if forward_threads is None else (forward_threads,))
+        self._forward_threads = forward_threads
+        self._inline_thread: int | None = None  # the thread that runs forwards itself (run_forwards_here)
         self._new_tokens: list[_NewToken] = []  # accepted, their text not made yet
         self._stopped: list[Request] = []  # ended by a stop string while maybe in the forward in flight
         self._last_forward_end: float | None = None
@@ -105,6 +112,15 @@ class LLMEngine:
     def on_forward_thread(self, fn, *args):
         """fn(*args) on the forward's thread (its threads and OpenMP team), between steps; -> its result."""
         return self._forward.submit(fn, *args).result()
+
+    def run_forwards_here(self) -> None:
+        """From now on, steps called from this thread run their forward and sampling on it, without the hand-off
+        to the forward's thread and back, while nothing is to overlap the forward (overlap_text and lookahead off:
+        checked at every step). Sizes this thread's OpenMP and MKL teams as the forward thread's (cpu_threads.py):
+        call it from the thread that will step the engine, before its first step."""
+        if self._forward_threads is not None:
+            enter_forward_thread(self._forward_threads)
+        self._inline_thread = threading.get_ident()
 
     def close(self) -> None:
         """End the forward's thread (and with it its OpenMP team, server/engine/cpu_threads.py); no step after this."""
@@ -171,16 +187,11 @@ class LLMEngine:
                 self._last_forward_end = None  # the engine idles: the next step's period starts anew
                 return outputs
         forward_before = self.runner.forward_seconds
-        running = self._forward.submit(self._run, batch, prepared)
-        try:
-            if self.overlap_text:
-                self._emit_text(emit)  # the previous step's tokens, while this step's forward runs
-            if self.lookahead:
-                self._ahead = self._prepare_next(batch)  # the next step's inputs, while this step's forward runs
-        finally:
-            wait([running])  # whatever happens here, no forward is left in flight
-            self._finish_stopped()  # their KV blocks were in that forward: freed only once it is over
-        run, result, forward_end = running.result()
+        overlap = self.overlap_text or self.lookahead
+        if not overlap and self._inline_thread == threading.get_ident():
+            run, result, forward_end = self._run(batch, prepared)  # nothing to overlap: no hand-off
+        else:
+            run, result, forward_end = self._overlapped_run(batch, prepared, emit)
         period = None if self._last_forward_end is None else forward_end - self._last_forward_end
         self.step_times.append(StepTime(self.runner.forward_seconds - forward_before, period))
         self._last_forward_end = forward_end
@@ -191,6 +202,21 @@ class LLMEngine:
             self._emit_text(emit)
             self._finish_stopped()
         return outputs
+
+    def _overlapped_run(self, batch: ScheduledBatch, prepared: PreparedStep | None, emit: Deliver
+                        ) -> tuple[StepRun, SampleResult | None, float]:
+        """The step's forward on the forward's thread while this one makes the previous step's text and builds the
+        next step (each where turned on)."""
+        running = self._forward.submit(self._run, batch, prepared)
+        try:
+            if self.overlap_text:
+                self._emit_text(emit)  # the previous step's tokens, while this step's forward runs
+            if self.lookahead:
+                self._ahead = self._prepare_next(batch)  # the next step's inputs, while this step's forward runs
+        finally:
+            wait([running])  # whatever happens here, no forward is left in flight
+            self._finish_stopped()  # their KV blocks were in that forward: freed only once it is over
+        return running.result()
 
     def _prepare_next(self, batch: ScheduledBatch) -> PreparedStep | None:
         """The step after `batch` if every request goes on decoding (Scheduler.predict_decode_step), its inputs

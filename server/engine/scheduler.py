@@ -84,11 +84,17 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        i, running, seqs, block_size = 0, self.running, batch.seqs, self.blocks.block_size
+        while i < len(running) and budget > 0:
+            req = running[i]
             if self.sliding_window:  # this step's first query sees positions >= start - window + 1
                 self.blocks.drop_before(req.block_ids, req.num_computed_tokens - self.sliding_window + 1)
+            start = req.num_computed_tokens
+            if req.num_tokens - start <= 1 and start < len(req.block_ids) * block_size:
+                seqs.append(ScheduledSeq(req, start, 1, True))  # a decode token with room in its blocks: most rows
+                budget -= 1
+                i += 1
+                continue
             n = min(self._remaining(req), budget)
             if not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):  # rare: preempt to make room
                 while not self.blocks.can_grow(req.block_ids, req.num_computed_tokens + n):

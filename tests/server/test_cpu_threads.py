@@ -54,3 +54,37 @@ def test_without_an_openmp_runtime_the_count_is_set_process_wide(monkeypatch):
             torch.get_num_threads).result() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_stepping_thread_runs_the_forward_itself_when_nothing_overlaps_it(tmp_path):
+    """run_forwards_here: the thread that steps takes the forward thread's OpenMP team and runs each forward itself
+    (no hand-off); with the text work or the lookahead overlapping the forward, the forward thread runs it again."""
+    from server.engine.request import Request, SamplingParams
+
+    engine = small_engine(make_hf_model(tmp_path / "m", "llama"), cpu_threads=3)
+    engine.overlap_text = engine.lookahead = False
+    execute, ran_on = engine.runner.execute, []
+
+    def recording_execute(batch):
+        ran_on.append((threading.get_ident(), torch.get_num_threads()))
+        return execute(batch)
+
+    engine.runner.execute = recording_execute
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            engine.step()
+
+    def run_here():
+        engine.run_forwards_here()
+        engine.add_request(Request("a", [3, 4, 5], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
+        steps(3)
+        engine.overlap_text = True
+        steps(3)
+        return threading.get_ident()
+
+    stepper = _in_new_thread(run_here)
+    forward_thread = engine.on_forward_thread(threading.get_ident)
+    assert ran_on[:3] == [(stepper, 3)] * 3
+    assert [t for t, _ in ran_on[3:]] == [forward_thread] * 3
+    assert torch.get_num_threads() == 1  # this thread is untouched

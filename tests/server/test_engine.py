@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from server.engine.block_manager import BlockManager
+from server.engine.block_manager import FREED, BlockManager
 from server.engine.detokenizer import make_decoder, update_text
 from server.engine.request import Request, SamplingParams
 from server.engine.sampler import make_generator, sample
@@ -263,3 +263,31 @@ def test_tenants_are_admitted_in_turn_not_behind_one_tenants_backlog(model_dir):
     engine.abort("n0")
     engine.step()  # a has two running, b one: b1 before a4
     assert running() == ["b0", "a2", "a3", "b1"]
+
+
+def test_a_decode_step_is_built_as_the_general_loop_builds_it(model_dir):
+    """ModelRunner.build's decode path (one token a request, NumPy over the batch) gives the inputs its general
+    per-request loop gives (which a `pending` list selects), blocks freed by a sliding window included."""
+    from dataclasses import fields
+
+    engine = small_engine(model_dir)
+    for i in range(5):
+        engine.add_request(Request(f"r{i}", list(range(3, 8 + 5 * i)), SamplingParams(max_tokens=40, ignore_eos=True)))
+    for _ in range(9):
+        engine.step()
+    batch = engine.scheduler.schedule()
+    assert len(batch.seqs) == 5 and all(s.num_tokens == 1 for s in batch.seqs)
+    batch.seqs[2].request.block_ids[0] = FREED  # as a sliding window leaves it
+    fast, loop = engine.runner.build(batch), engine.runner.build(batch, pending=[])
+    for f in fields(fast):
+        a, b = getattr(fast, f.name), getattr(loop, f.name)
+        if f.name == "attn":
+            for g in fields(a):
+                x, y = getattr(a, g.name), getattr(b, g.name)
+                assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, g.name
+        elif isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), f.name
+        else:
+            assert a == b or f.name == "segments", f.name
+    assert fast.attn.block_tables[2, 0] == engine.runner.scratch_block
+    assert fast.segments is loop.segments  # the same layout: the same Segments
