@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from kernels import cpu_matmul
-from kernels.segments import Segments, SlotBatch
+from kernels.segments import Segments, SlotBatch, SlotPlan
 
 from kernels.dispatch import tl, triton, use_triton
 
@@ -386,7 +386,12 @@ def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factor
     Moves S * R * (d_in + sum w) factor values for the S distinct slots of the step, in few ops whatever S: one
     gather of x, one bmm for the shrink, one per slice for the expand, one scatter-add of the slices into y.
     Solo slots (Segments.slot_plan: a prefill's many tokens, or the step's only adapter) get their own matmuls."""
-    plan = seg.slot_plan
+    lowrank_delta_planned(y, x, seg.slot_plan, factors)
+
+
+def lowrank_delta_planned(y: torch.Tensor, x: torch.Tensor, plan: SlotPlan | None, factors: PaddedFactors) -> None:
+    """lowrank_delta_padded over an explicit plan, whose slots index the factors' stacks: stacks that hold some
+    slots only, in rows of their own, take a plan with those rows (kernels.segments.plan_for_groups)."""
     if plan is None:
         return
     for (slot, rows), runs in zip(plan.solo, plan.solo_runs, strict=True):

@@ -112,49 +112,63 @@ class Segments:
     def slot_plan(self) -> SlotPlan | None:
         """The adapter tokens for gather-bmm paths (kernels.lowrank's padded CPU path): solo slots and one padded
         grid for the rest (SlotPlan). None when no token has an adapter."""
-        groups = sorted(self.slot_rows, key=lambda g: g[0])
-        if not groups:
-            return None
-        count = [(r.stop - r.start) if isinstance(r, slice) else r.numel() for _, r in groups]
-        solo = tuple(g for g, n in zip(groups, count) if n > SOLO_TOKENS or len(groups) == 1)
-        rest = [g for g, n in zip(groups, count) if not (n > SOLO_TOKENS or len(groups) == 1)]
-        runs = self.slot_runs
-        return SlotPlan(solo, self._padded_grid(rest) if rest else None, tuple(runs[s] for s, _ in solo))
+        return plan_for_groups(self.slot_rows, self.slot_runs, self.seg_slot.device)
 
-    def _padded_grid(self, groups: list[tuple[int, slice | torch.Tensor]]) -> SlotBatch:
-        """The tokens of `groups` (slot, rows), by slot, as a padded (slot, token) grid: one batched matmul per op
-        whatever the number of adapters."""
-        device = self.seg_slot.device
-        slots = [s for s, _ in groups]
-        rows = [torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for _, r in groups]
-        slot_range = None
-        if slots[-1] - slots[0] + 1 <= 2 * len(slots):  # close together: read the range, unused slots padded
-            slot_range = (slots[0], slots[-1] + 1)
-            by_slot = dict(zip(slots, rows))
-            slots = list(range(*slot_range))
-            rows = [by_slot.get(s, torch.empty(0, dtype=torch.long)) for s in slots]
-        width = max(len(r) for r in rows)
-        is_real = torch.zeros((len(rows), width), dtype=torch.bool)
-        gather = torch.zeros((len(rows), width), dtype=torch.long)  # padding cells read row 0
-        for i, r in enumerate(rows):
-            gather[i, : len(r)] = r
-            is_real[i, : len(r)] = True
-        keep = None if bool(is_real.all()) else is_real.view(-1).nonzero().squeeze(1).to(device)
-        offsets = torch.tensor([0] + [len(r) for r in rows], dtype=torch.long).cumsum(0)
-        return SlotBatch(slots=torch.tensor(slots, dtype=torch.long).to(device), gather=gather.to(device),
-                         keep=keep, rows=torch.cat(rows).long().to(device), slot_range=slot_range,
-                         offsets=offsets.to(device))
+    @cached_property
+    def host_views(self) -> dict:
+        """Values that callers outside kernels derive from these segments on the host, under keys of their own
+        (the CPU LowRank store's slot plans per rank class): computed once per step like slot_plan, and dropped
+        with it by forget_host_views."""
+        return {}
 
     def forget_host_views(self) -> None:
-        """Drop slot_rows / slot_runs / slot_plan, read from the device tensors: call after writing new values into
-        them."""
-        self.__dict__.pop("slot_rows", None)
-        self.__dict__.pop("slot_runs", None)
-        self.__dict__.pop("slot_plan", None)
+        """Drop slot_rows / slot_runs / slot_plan / host_views, read from the device tensors: call after writing new
+        values into them."""
+        for name in ("slot_rows", "slot_runs", "slot_plan", "host_views"):
+            self.__dict__.pop(name, None)
 
     @property
     def num_segments(self) -> int:
         return int(self.seg_slot.numel())
+
+
+def plan_for_groups(groups: list[tuple[int, slice | torch.Tensor]], runs: dict[int, tuple[tuple[int, int], ...]],
+                    device: torch.device | str) -> SlotPlan | None:
+    """The SlotPlan of `groups` (id, token rows), ids in any order, `runs[id]` the rows as (start, stop) runs: the
+    ids are what the plan's slots index, Segments' own slots (Segments.slot_plan) or rows of other stacks (a caller
+    that keeps each rank class's factors in stacks of their own). None when `groups` is empty."""
+    groups = sorted(groups, key=lambda g: g[0])
+    if not groups:
+        return None
+    count = [(r.stop - r.start) if isinstance(r, slice) else r.numel() for _, r in groups]
+    is_solo = [n > SOLO_TOKENS or len(groups) == 1 for n in count]
+    solo = tuple(g for g, one in zip(groups, is_solo) if one)
+    rest = [g for g, one in zip(groups, is_solo) if not one]
+    return SlotPlan(solo, _padded_grid(rest, device) if rest else None, tuple(runs[s] for s, _ in solo))
+
+
+def _padded_grid(groups: list[tuple[int, slice | torch.Tensor]], device: torch.device | str) -> SlotBatch:
+    """The tokens of `groups` (slot, rows), by slot, as a padded (slot, token) grid: one batched matmul per op
+    whatever the number of adapters."""
+    slots = [s for s, _ in groups]
+    rows = [torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu() for _, r in groups]
+    slot_range = None
+    if slots[-1] - slots[0] + 1 <= 2 * len(slots):  # close together: read the range, unused slots padded
+        slot_range = (slots[0], slots[-1] + 1)
+        by_slot = dict(zip(slots, rows))
+        slots = list(range(*slot_range))
+        rows = [by_slot.get(s, torch.empty(0, dtype=torch.long)) for s in slots]
+    width = max(len(r) for r in rows)
+    is_real = torch.zeros((len(rows), width), dtype=torch.bool)
+    gather = torch.zeros((len(rows), width), dtype=torch.long)  # padding cells read row 0
+    for i, r in enumerate(rows):
+        gather[i, : len(r)] = r
+        is_real[i, : len(r)] = True
+    keep = None if bool(is_real.all()) else is_real.view(-1).nonzero().squeeze(1).to(device)
+    offsets = torch.tensor([0] + [len(r) for r in rows], dtype=torch.long).cumsum(0)
+    return SlotBatch(slots=torch.tensor(slots, dtype=torch.long).to(device), gather=gather.to(device),
+                     keep=keep, rows=torch.cat(rows).long().to(device), slot_range=slot_range,
+                     offsets=offsets.to(device))
 
 
 def tile_size_for(max_seg_len: int) -> int:

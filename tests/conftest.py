@@ -66,6 +66,22 @@ def smollm2_dir(data_dir: Path) -> Path:
     return resolve_model_path("smollm2", data_dir)
 
 
+@pytest.fixture(params=["torch", "avx2", "avx512"])
+def grid_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The padded CPU LowRank path's grid every way this CPU runs (tests/kernels/test_lowrank.py, the CPU store's
+    tests): torch's gather-bmm, and kernels/cpu_matmul.c's in its AVX2 form and (on an AVX-512 CPU) its AVX-512 one."""
+    from kernels import cpu_matmul
+
+    if request.param != "torch" and not cpu_matmul.available():
+        pytest.skip("our kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+    if request.param == "avx512" and cpu_matmul.VARIANT != "avx512":
+        pytest.skip("the AVX-512 form needs an AVX-512 CPU")
+    monkeypatch.setattr(cpu_matmul, "_enabled", request.param != "torch")
+    if request.param != "torch":
+        monkeypatch.setattr(cpu_matmul, "VARIANT", request.param)
+    return request.param
+
+
 TORCH_THREADS = torch.get_num_threads()
 
 

@@ -1,17 +1,20 @@
 """The device pool's slot and memory manager: which slot holds which adapter, and the bytes each one takes.
 
-Memory (S-LoRA style: exact sizes, no padding to a maximum rank): every adapter reserves one contiguous range of
-the flat `arena` (model dtype) for its LowRank factors, its Sparse values and its PARA generators, and one of
-`idx_arena` (int32) for its Sparse row pointers and columns, so every kind counts against the pool's bytes, and an
-adapter that does not fit raises AdapterPoolFull (the adapter cache evicts an unpinned one and retries).
+Memory: every adapter reserves one contiguous range of the flat `arena` (model dtype) for its LowRank factors, its
+Sparse values and its PARA generators, and one of `idx_arena` (int32) for its Sparse row pointers and columns, so
+every kind counts against the pool's bytes (MULTIPLEX_ADAPTER_POOL_BYTES), and an adapter that does not fit raises
+AdapterPoolFull (the adapter cache evicts an unpinned one and retries; `fits_empty` refuses one that never fits).
+The LowRank part is what the LowRank store takes (`LowRankStore.arena_elements`): the exact factors on the arena
+(S-LoRA style, no padding to a maximum rank), the factors padded to the adapter's rank class in fp32 on the CPU's
+padded stacks, so that padding is charged to the adapter that causes it.
 
 Storage of each kind sits in its store, the part the forward reads (server/model/adapter_step.py applies them):
 - LowRank: `lowrank` (server/model/lowrank_store.py): the arena and its tables where the Triton kernels serve,
   the padded CPU layout (server/model/padded_lowrank.py) elsewhere; one or the other, never both.
 - Sparse: `sparse` (server/model/sparse_store.py): the arenas where the Triton kernel serves, CSR tensors elsewhere.
 - Scale: `scale` (server/model/scale_store.py): IA3 vectors per slot, PARA generators, PARA vectors per request row.
-On the CPU stores the arena ranges are reserved but not written (the pages stay untouched), so the two paths admit
-the same adapters. Which adapter gets which slot, and when, is the engine's decision (server/engine/adapter_cache.py).
+On the CPU stores the arena ranges are reserved but not written (the pages stay untouched): they keep the count.
+Which adapter gets which slot, and when, is the engine's decision (server/engine/adapter_cache.py).
 
 Fault injection (tests): `fault_hook(slot, layer)`, when set, is called by AdapterStep for every adapter slot a
 step's tokens use, in every layer, before that slot's deltas, vectors or PARA generator are applied; what it raises
@@ -69,7 +72,7 @@ class AdapterPool:
             self.lowrank = ArenaLowRank(self.layout, L, max_slots, self.arena)
             self.sparse = ArenaSparse(self.layout, L, max_slots, self.arena, self.idx_arena, size, isize)
         else:
-            self.lowrank = PaddedLowRank(self.layout, L, max_slots)
+            self.lowrank = PaddedLowRank(self.layout, L, max_slots, self.arena.element_size())
             self.sparse = CsrSparse(self.layout, dtype)
         self.scale = ScaleStore(cfg, self.layout, max_slots, max_requests, self.arena, size)
         self.slots: dict[int, SlotInfo] = {}
@@ -92,8 +95,9 @@ class AdapterPool:
         return n, n_idx
 
     def _lowrank_elements(self, deltas: AdapterDeltas) -> int:
-        size = self.allocator.size_of
-        return sum(size(t.numel()) for lr in deltas.lowrank.values() for t in (lr.A, lr.B))
+        """What the LowRank store takes for the adapter (exact factors in the arena, or padded CPU stacks), which is
+        also the start of its range's Sparse values (the range is reserved either way)."""
+        return self.lowrank.arena_elements(deltas, self.allocator.size_of)
 
     def nbytes(self, deltas: AdapterDeltas) -> int:
         n, n_idx = self.footprint(deltas)

@@ -8,9 +8,9 @@ deltas of each layer, from the pool's stores (server/model/adapter_pool.py).
 
 Which implementation serves is the stores' (kernels.dispatch picks them per device): on a CUDA device (or with
 MULTIPLEX_KERNELS=triton) the Triton kernels on the arenas, with no host work (CUDA-graph capturable); on a CPU the
-padded LowRank stacks (the step's slot plan computed once, Segments.slot_plan) and CSR Sparse matrices, one
-product per slot. For Scale on the CPU each row of -1 (no vector) is mapped once per step to the store's row of
-ones past the last slot (request), so that a layer's scaling is one gather and one multiply.
+padded LowRank stacks (per rank class, their slot plans computed once a step, PaddedLowRank) and CSR Sparse
+matrices, one product per slot. For Scale on the CPU each row of -1 (no vector) is mapped once per step to the
+store's row of ones past the last slot (request), so that a layer's scaling is one gather and one multiply.
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ on its device), so each factor is stored once:
 - `ArenaLowRank` (the Triton kernels, and their PyTorch reference where MULTIPLEX_KERNELS=reference|triton forces the
   arena on a CPU): exact-rank factors in the pool's flat arena (S-LoRA style, no padding to a maximum rank),
   addressed per layer, projection and slot by kernels.lowrank.LowRankTable.
-- `PaddedLowRank` (the CPU, server/model/padded_lowrank.py): every slot padded to one rank, so one gather-bmm per op
-  serves all adapters of a step.
+- `PaddedLowRank` (the CPU, server/model/padded_lowrank.py): each adapter padded to its rank class, in stacks per
+  class, so one gather-bmm per op and class serves the adapters of a step.
+Each store says what the pool charges an adapter (`arena_elements`): what it takes there, exact or padded.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class LowRankStore(Protocol):
     max_rank: int  # the rank bound the ops are sized for (part of a captured CUDA graph's key)
 
     def prepare(self, deltas: AdapterDeltas, size_of) -> "LowRankImage | None": ...  # off the engine thread
+    def arena_elements(self, deltas: AdapterDeltas, size_of) -> int: ...  # the pool's charge, in arena elements
     def load(self, slot: int, deltas: AdapterDeltas, image: "LowRankImage | None", start: int) -> None: ...
     def free(self, slot: int) -> None: ...
     def rank_of(self, slot: int, layer: int, proj: str) -> int: ...
@@ -74,6 +76,10 @@ class ArenaLowRank:
                     scale=self.scale[layer, lo:hi], out_start=tuple(self.layout.col[p][1] for p in projs),
                     out_width=tuple(self.layout.col[p][2] for p in projs), max_rank=self.max_rank)
             self.tables.append(per_group)
+
+    def arena_elements(self, deltas: AdapterDeltas, size_of) -> int:
+        """The adapter's exact factors, each rounded by `size_of` (the allocator's), as `prepare` lays them out."""
+        return sum(size_of(t.numel()) for lr in deltas.lowrank.values() for t in (lr.A, lr.B))
 
     def prepare(self, deltas: AdapterDeltas, size_of) -> LowRankImage:
         """The host-side layout of an adapter's factors in its arena range (`size_of`: the allocator's rounding).

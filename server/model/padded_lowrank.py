@@ -2,35 +2,62 @@
 kernels.lowrank.PaddedFactors, and nowhere else.
 
 On a CPU, every torch call costs microseconds of dispatch, so applying each adapter with its own matmuls makes the
-adapter overhead grow with the number of adapters in the step; the padded layout applies all of them with one
-gather-bmm per op. It pads every slot to the largest rank resident (grown on demand, by powers of two, and shrunk
-back when the adapter that needed it leaves: one tenant's high-rank adapter must not keep every slot of every layer
-padded after it is gone), which is a fine trade on a CPU and a poor one on a GPU, where the exact-rank arena and the
-Triton kernels serve instead. The pool still reserves the adapter's exact size in its arena accounting, so both
-stores admit the same adapters; the padding is not counted there (see the README's known limits).
+adapter overhead grow with the number of adapters in the step; the padded layout applies many at once with one
+gather-bmm per op. The padding is per adapter, not per store: an adapter's factors are padded to its rank class R
+(rank_class of its largest rank: 16, 32, 64, 128, ...) and sit in one row of its class's stacks, whose rows follow
+the resident adapters of that class (doubled when full, halved when a quarter full, dropped when empty), and which
+exist only for the (layer, group)s that some adapter of the class targets. So one tenant's rank-128 adapter takes
+rank-128 rows for itself, never for the rank-16 adapters beside it. A step applies each class present among its
+slots with one planned call per op (its slots' rows: one SlotPlan per class, built once per Segments and mapping).
+
+The pool charges every adapter the bytes of its padded rows (`arena_elements`: R x (num_slices x d_in + the group's
+output width) fp32 values per (layer, group) it targets) against MULTIPLEX_ADAPTER_POOL_BYTES, so an adapter that
+does not fit evicts others or waits, as on the exact-rank arena (whose range is reserved here, never written).
+Not charged: the rows a class holds beyond its adapters (fewer than 3 of every 4 rows), and an adapter's rows in
+stacks of (layer, group)s that only other adapters of its class target.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from adapters.delta import PROJECTIONS, AdapterDeltas, parse_module_name
-from kernels.lowrank import PaddedFactors, lowrank_delta_padded
-from kernels.segments import Segments
+from kernels.lowrank import PaddedFactors, lowrank_delta_planned
+from kernels.segments import SlotPlan, Segments, plan_for_groups
 from server.model.adapter_layout import GROUPS, Layout
 from server.model.lowrank_store import LowRankImage, rank_class
 
+FP32_BYTES = 4  # the stacks' dtype, whatever the model's
+
+
+@dataclass(eq=False)
+class RankClass:
+    """The stacks of the adapters of one rank class: row i holds slot `slots[i]`'s factors (None: a free row, zero)."""
+
+    rank: int  # R: every slice padded to R rows of A and of B^T
+    slots: list[int | None]  # row -> slot; len(slots) rows are allocated
+    factors: list[dict[str, PaddedFactors]]  # per layer, group -> stacks of len(slots) rows (absent: none targeted)
+
 
 class PaddedLowRank:
-    def __init__(self, layout: Layout, num_layers: int, max_slots: int) -> None:
+    def __init__(self, layout: Layout, num_layers: int, max_slots: int, arena_element_size: int = FP32_BYTES) -> None:
+        """`arena_element_size`: bytes of the pool arena's element, the unit `arena_elements` charges in."""
         self.layout, self.num_layers, self.max_slots = layout, num_layers, max_slots
-        self.rank = 0  # the padded rank R of every stack; 0 until a LowRank adapter is loaded
-        self.factors: list[dict[str, PaddedFactors]] = []
+        self.arena_element_size = arena_element_size
+        self.classes: dict[int, RankClass] = {}  # R -> its stacks
+        self.where: dict[int, tuple[RankClass, int]] = {}  # slot -> (its class, its row there)
         self.ranks: dict[int, dict[tuple[int, str], int]] = {}  # slot -> (layer, projection) -> its real rank
+        # Replaced at every load and free: the step plans cached under another one map slots to stale rows.
+        self.mapping = object()
+        # fp32 values of one row of a (layer, group)'s stacks per unit of R: num_slices * d_in + sum of widths
+        self.row_values = {g: len(self._slices(g)) * layout.dims[self._slices(g)[0]][1] + layout.group_width[g]
+                           for g in GROUPS}
 
     @property
     def max_rank(self) -> int:
-        """The rank class the stacks are padded to (16 before any LowRank load, like the arena's)."""
-        return rank_class(self.rank)
+        """The largest rank class resident (16 before any LowRank load, like the arena's); informational here."""
+        return max(self.classes, default=rank_class(0))
 
     def prepare(self, deltas: AdapterDeltas, size_of) -> LowRankImage | None:
         return None  # loads straight from the deltas
@@ -39,60 +66,117 @@ class PaddedLowRank:
         lo, hi = GROUPS[group]
         return PROJECTIONS[lo:hi]
 
-    def _resize(self, rank: int) -> None:
-        """Re-allocate every stack with `rank` rows per slice (0: none), keeping what is loaded (ranks <= `rank`)."""
-        if rank == 0:
-            self.factors, self.rank = [], 0
-            return
-        keep = min(rank, self.rank)
-        new: list[dict[str, PaddedFactors]] = []
-        for layer in range(self.num_layers):
-            per_group = {}
-            for group in GROUPS:
-                projs = self._slices(group)
-                d_in = self.layout.dims[projs[0]][1]
-                widths = tuple(self.layout.col[p][2] for p in projs)
-                a = torch.zeros(self.max_slots, len(projs) * rank, d_in)
-                bt = tuple(torch.zeros(self.max_slots, rank, w) for w in widths)
-                if self.factors:
-                    old = self.factors[layer][group]
-                    for i in range(len(projs)):
-                        a[:, i * rank : i * rank + keep] = old.a[:, i * self.rank : i * self.rank + keep]
-                        bt[i][:, :keep] = old.bt[i][:, :keep]
-                per_group[group] = PaddedFactors(a, bt, tuple(self.layout.col[p][1] for p in projs), widths)
-            new.append(per_group)
-        self.factors, self.rank = new, rank
+    # ---- sizes ------------------------------------------------------------------------------------------------
+    def padded_values(self, deltas: AdapterDeltas) -> int:
+        """fp32 values of the adapter's rows: R x row_values[group] for every (layer, group) it targets."""
+        if not deltas.lowrank:
+            return 0
+        r = rank_class(max(lr.rank for lr in deltas.lowrank.values()))
+        return sum(r * self.row_values[group] for _, group in self._targets(map(parse_module_name, deltas.lowrank)))
 
+    def arena_elements(self, deltas: AdapterDeltas, size_of) -> int:
+        """The pool arena elements charged for the adapter's LowRank factors: its padded fp32 rows, in the arena's
+        element size (a bf16 arena: 2 elements per value), rounded by `size_of` (the allocator's)."""
+        values = self.padded_values(deltas)
+        return size_of(-(-values * FP32_BYTES // self.arena_element_size)) if values else 0
+
+    def _targets(self, modules) -> set[tuple[int, str]]:
+        """The (layer, group)s of (layer, projection)s."""
+        return {(layer, self.layout.col[proj][0]) for layer, proj in modules}
+
+    # ---- load / free ------------------------------------------------------------------------------------------
     def load(self, slot: int, deltas: AdapterDeltas, image: LowRankImage | None, start: int) -> None:
-        need = max((lr.rank for lr in deltas.lowrank.values()), default=0)
-        if need > self.rank:  # a regrow copies every stack: grow by rank classes
-            self._resize(rank_class(need))
+        if not deltas.lowrank:
+            return
+        r_class = rank_class(max(lr.rank for lr in deltas.lowrank.values()))
+        cls = self.classes.setdefault(r_class, RankClass(r_class, [], [{} for _ in range(self.num_layers)]))
+        if None not in cls.slots:  # full: double its rows (a regrow copies the class's stacks)
+            self._resize(cls, list(range(len(cls.slots))), min(max(1, 2 * len(cls.slots)), self.max_slots))
+        row = cls.slots.index(None)
+        cls.slots[row], self.where[slot], self.mapping = slot, (cls, row), object()
         ranks = self.ranks[slot] = {}
         for name, lr in deltas.lowrank.items():
             layer, proj = parse_module_name(name)
             group = self.layout.col[proj][0]
             i, r = self._slices(group).index(proj), lr.rank
-            f = self.factors[layer][group]
-            f.a[slot, i * self.rank : i * self.rank + r] = lr.A.float()
-            f.bt[i][slot, :r] = lr.B.float().t() * float(lr.scale)
-            ranks[(layer, proj)] = r
+            ranks[(layer, proj)] = r  # first, so that a failed load's free clears this stack's row
+            f = self._stacks(cls, layer, group)
+            f.a[row, i * r_class : i * r_class + r] = lr.A.float()
+            f.bt[i][row, :r] = lr.B.float().t() * float(lr.scale)
 
     def free(self, slot: int) -> None:
-        if self.ranks.pop(slot, None) is None:
+        where, ranks = self.where.pop(slot, None), self.ranks.pop(slot, {})
+        if where is None:
             return
-        for per_group in self.factors:
-            for f in per_group.values():
-                f.a[slot] = 0
+        cls, row = where
+        cls.slots[row], self.mapping = None, object()
+        used = [i for i, s in enumerate(cls.slots) if s is not None]
+        if not used:  # its stacks go now, even while a step's cached plans still name the class
+            del self.classes[cls.rank]
+            for per_group in cls.factors:
+                per_group.clear()
+            return
+        still = set().union(*(self._targets(self.ranks[cls.slots[i]]) for i in used))
+        for layer, group in self._targets(ranks):
+            if (layer, group) in still:  # a stale row applies nothing, and a reused one starts from zero
+                f = cls.factors[layer][group]
+                f.a[row] = 0
                 for bt in f.bt:
-                    bt[slot] = 0
-        resident = max((r for ranks in self.ranks.values() for r in ranks.values()), default=0)
-        need = rank_class(resident) if resident else 0
-        if need < self.rank:  # the largest adapter left: the stacks shrink back to what the others need
-            self._resize(need)
+                    bt[row] = 0
+            else:  # no adapter of the class targets it any more
+                cls.factors[layer].pop(group, None)
+        if len(used) <= len(cls.slots) // 4:  # a quarter full: halve, moving the adapters to the first rows
+            self._resize(cls, used, len(cls.slots) // 2)
+
+    def _stacks(self, cls: RankClass, layer: int, group: str) -> PaddedFactors:
+        """The class's stacks of (layer, group), allocated (zero) the first time an adapter targets it."""
+        f = cls.factors[layer].get(group)
+        if f is None:
+            f = cls.factors[layer][group] = self._allocate(group, cls.rank, len(cls.slots))
+        return f
+
+    def _allocate(self, group: str, r: int, rows: int) -> PaddedFactors:
+        projs = self._slices(group)
+        widths = tuple(self.layout.col[p][2] for p in projs)
+        a = torch.zeros(rows, len(projs) * r, self.layout.dims[projs[0]][1])  # (rows, num_slices * R, d_in)
+        bt = tuple(torch.zeros(rows, r, w) for w in widths)  # per slice (rows, R, w_i)
+        return PaddedFactors(a, bt, tuple(self.layout.col[p][1] for p in projs), widths)
+
+    def _resize(self, cls: RankClass, keep: list[int], rows: int) -> None:
+        """Re-allocate the class's stacks with `rows` rows, old row keep[i] copied to row i."""
+        index = torch.tensor(keep, dtype=torch.long)
+        for per_group in cls.factors:
+            for group, old in per_group.items():
+                new = per_group[group] = self._allocate(group, cls.rank, rows)
+                for dst, src in zip((new.a, *new.bt), (old.a, *old.bt)):
+                    torch.index_select(src, 0, index, out=dst[: len(keep)])
+        cls.slots = [cls.slots[k] for k in keep] + [None] * (rows - len(keep))
+        for row, slot in enumerate(cls.slots):
+            if slot is not None:
+                self.where[slot] = (cls, row)
 
     def rank_of(self, slot: int, layer: int, proj: str) -> int:
         return self.ranks.get(slot, {}).get((layer, proj), 0)
 
+    # ---- the forward ------------------------------------------------------------------------------------------
     def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor, seg: Segments) -> None:
-        if self.rank:
-            lowrank_delta_padded(y, x, seg, self.factors[layer][group])
+        cached = seg.host_views.get(self)  # (mapping, plans), derived once per Segments and mapping
+        if cached is None or cached[0] is not self.mapping:
+            cached = seg.host_views[self] = (self.mapping, self.plans(seg))
+        for cls, plan in cached[1]:
+            f = cls.factors[layer].get(group)
+            if f is not None:
+                lowrank_delta_planned(y, x, plan, f)
+
+    def plans(self, seg: Segments) -> tuple[tuple[RankClass, SlotPlan], ...]:
+        """Per rank class among the step's slots, the SlotPlan of its slots' tokens over its rows, smallest R first."""
+        groups: dict[int, list[tuple[int, slice | torch.Tensor]]] = {}
+        runs: dict[int, dict[int, tuple[tuple[int, int], ...]]] = {}
+        for slot, rows in seg.slot_rows:
+            where = self.where.get(slot)
+            if where is not None:  # a slot without LowRank factors (Sparse or Scale only) has none to apply
+                cls, row = where
+                groups.setdefault(cls.rank, []).append((row, rows))
+                runs.setdefault(cls.rank, {})[row] = seg.slot_runs[slot]
+        device = seg.seg_slot.device
+        return tuple((self.classes[r], plan_for_groups(groups[r], runs[r], device)) for r in sorted(groups))

@@ -285,20 +285,6 @@ def test_launcher_checks_inputs():
         call(y, x, seg, arena, five)
 
 
-@pytest.fixture(params=["torch", "avx2", "avx512"])
-def grid_path(request, monkeypatch):
-    """The padded CPU path's grid every way this CPU runs: torch's gather-bmm, and kernels/cpu_matmul.c's in its AVX2
-    form and (on an AVX-512 CPU) its AVX-512 one."""
-    if request.param != "torch" and not cpu_matmul.available():
-        pytest.skip("our kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
-    if request.param == "avx512" and cpu_matmul.VARIANT != "avx512":
-        pytest.skip("the AVX-512 form needs an AVX-512 CPU")
-    monkeypatch.setattr(cpu_matmul, "_enabled", request.param != "torch")
-    if request.param != "torch":
-        monkeypatch.setattr(cpu_matmul, "VARIANT", request.param)
-    return request.param
-
-
 def _padded_from_table(arena: torch.Tensor, table: LowRankTable, d_in: int) -> "lowrank.PaddedFactors":
     """The same factors in the CPU padded layout (scale folded into B^T, zero past each rank)."""
     num_slices, num_slots = table.rank.shape

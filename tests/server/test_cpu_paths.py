@@ -38,7 +38,8 @@ def test_cpu_forward_uses_prepacked_weights_the_attention_plan_and_csr_sparse(tm
     monkeypatch.setattr(attention, "write_kv_cpu", counting("write", attention.write_kv_cpu))
     monkeypatch.setattr(attention, "paged_attention_ref", counting("reference", attention.paged_attention_ref))
     monkeypatch.setattr(sparse_store, "sparse_delta_csr", counting("csr", sparse.sparse_delta_csr))
-    monkeypatch.setattr(padded_lowrank, "lowrank_delta_padded", counting("padded", padded_lowrank.lowrank_delta_padded))
+    planned = padded_lowrank.lowrank_delta_planned
+    monkeypatch.setattr(padded_lowrank, "lowrank_delta_planned", counting("padded", planned))
     cfg = ModelConfig.from_dir(path)
     adapters = {"sift": random_sparse(cfg, ["q_proj", "down_proj"], 0.05, seed=1),
                 "lora": random_lowrank(cfg, {"q_proj": 4, "down_proj": 4}, seed=2)}
@@ -46,7 +47,8 @@ def test_cpu_forward_uses_prepacked_weights_the_attention_plan_and_csr_sparse(tm
     run_capture(engine, prompts, refs({"a": "sift", "b": None, "c": "lora"}, adapters), max_tokens=3)
     steps = 3  # one prefill step, then two decode steps
     assert calls["attention"] == calls["write"] == steps * cfg.num_layers and calls["reference"] == 0
-    assert calls["csr"] == calls["padded"] == steps * cfg.num_layers * 4  # q|k|v, o, gate|up, down of every layer
+    assert calls["csr"] == steps * cfg.num_layers * 4  # q|k|v, o, gate|up, down of every layer
+    assert calls["padded"] == steps * cfg.num_layers * 2  # the groups the LoRA targets only: q|k|v, down
     assert len(pool.slots) == 2 and not pool.arena.any()  # both adapters resident, neither written twice
 
 
@@ -119,8 +121,9 @@ def test_a_step_with_the_previous_steps_layout_shares_its_segments(tmp_path):
 
 
 def test_the_padded_store_shrinks_back_when_its_largest_adapter_leaves(tmp_path):
-    """One rank-64 adapter pads every slot of every layer to 64 while it is resident; once it is freed the stacks
-    shrink to what the others need (16), keeping their factors, and to nothing when none is left."""
+    """A rank-64 adapter takes rank-64 rows of its own while it is resident, the rank-16 stacks of the others stay
+    as they are; once it is freed its class is gone, the others' factors and deltas unchanged, and nothing is left
+    when none is."""
     from kernels.segments import make_segments
     path = make_hf_model(tmp_path / "m", "llama")
     cfg = ModelConfig.from_dir(path)
@@ -131,16 +134,21 @@ def test_the_padded_store_shrinks_back_when_its_largest_adapter_leaves(tmp_path)
     seg = make_segments([3], [1], "cpu")
 
     def delta():
-        f = store.factors[0]["qkv"]
-        y = torch.zeros(3, f.out_start[-1] + f.out_width[-1])
+        y = torch.zeros(3, store.layout.group_width["qkv"])
         store.apply(0, "qkv", y, x, seg)
         return y
 
     before = delta()
+    assert before.abs().sum() > 0
     store.load(0, random_lowrank(cfg, {"q_proj": 64}, seed=2), None, 0)
-    assert store.rank == 64
+    assert sorted(store.classes) == [16, 64] and store.max_rank == 64
+    assert store.classes[16].factors[0]["qkv"].a.shape == (1, 3 * 16, cfg.hidden_size)
+    assert store.classes[64].factors[0]["qkv"].a.shape == (1, 3 * 64, cfg.hidden_size)
+    assert "down" not in store.classes[64].factors[0]  # it targets q_proj only
+    assert torch.equal(delta(), before)
     store.free(0)
-    assert store.rank == 16 and store.rank_of(1, 0, "q_proj") == 4
+    assert sorted(store.classes) == [16] and store.max_rank == 16 and store.rank_of(1, 0, "q_proj") == 4
     assert torch.equal(delta(), before)
     store.free(1)
-    assert store.rank == 0 and store.factors == []
+    assert store.classes == {} and store.where == {} and store.max_rank == 16
+    assert not delta().any()
