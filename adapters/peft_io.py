@@ -111,12 +111,15 @@ def load_peft(config_data: bytes, weights_data: bytes, *, name: str, max_modules
 
 def check_peft_config(config: dict, *, max_modules: int = MAX_MODULES) -> dict:
     """adapter_config.json's fields checked for type and size (the config is stored as the `trainer` record) ->
-    the config with `peft_type` upper-cased; ArtifactError names the field."""
+    the config; ArtifactError names the field. `peft_type` is PEFT's own spelling or refused, as PEFT refuses it
+    (a lower-case "lora" is a KeyError in PeftConfig.from_pretrained: such a file is no PEFT checkpoint)."""
     check_bounded(config, PEFT_CONFIG_FILE, max_items=max(max_modules, MIN_LIST_ITEMS))
     check_record_size({"peft": config}, PEFT_CONFIG_FILE)
     peft_type = config.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type.upper() not in ("LORA", "IA3"):
-        raise ArtifactError(f"{PEFT_CONFIG_FILE}: peft_type {short(peft_type)} is not supported "
+    if not isinstance(peft_type, str) or peft_type not in ("LORA", "IA3"):
+        hint = f" (PEFT spells it {peft_type.upper()!r})" if isinstance(peft_type, str) and \
+            peft_type.upper() in ("LORA", "IA3") else ""
+        raise ArtifactError(f"{PEFT_CONFIG_FILE}: peft_type {short(peft_type)} is not supported{hint} "
                             "(supported: LORA, IA3)")
     for key, allowed in _CONFIG_TYPES.items():
         if config.get(key) is not None and not _has_type(config[key], allowed):
@@ -129,7 +132,7 @@ def check_peft_config(config: dict, *, max_modules: int = MAX_MODULES) -> dict:
             if not _has_type(v, value_type) or (value_type == "int" and v < 1):
                 raise ArtifactError(f"{PEFT_CONFIG_FILE}: {key}[{short(p)}] must be {_TYPE_NAMES[value_type]}"
                                     f"{' >= 1' if value_type == 'int' else ''}, got {describe(v)}")
-    return config | {"peft_type": peft_type.upper()}
+    return config
 
 
 # field -> accepted JSON type ("names": a string or a list of strings)

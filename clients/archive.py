@@ -2,7 +2,11 @@
 
 A directory is packed into a `.tar.gz` with its files at the archive's root (a temporary file that stays in memory
 up to SPOOL_BYTES); an existing `.tar`, `.tar.gz`/`.tgz` or `.zip` is sent as it is. Only regular files are packed:
-links and special files are skipped, since the server refuses archives that hold them.
+links and special files are skipped, since the server refuses archives that hold them. A directory that holds an
+adapter at its top (format 1's `adapter.json` + `adapter.safetensors`, or PEFT's `adapter_config.json` +
+`adapter_model.safetensors`) is packed as that adapter only, with its README.md: a trainer's output directory
+(`save_pretrained` beside `checkpoint-*` folders, optimizer state, logs) uploads its adapter, not the rest, which
+the server would refuse. One with no adapter at its top but a trainer's checkpoints is refused here, naming them.
 """
 from __future__ import annotations
 
@@ -24,11 +28,37 @@ def archive_name(path: Path) -> str | None:
     return path.name if path.is_file() and name.endswith(ARCHIVE_SUFFIXES) else None
 
 
-def pack_directory(directory: Path) -> IO[bytes]:
-    """A .tar.gz of the regular files under `directory` (paths relative to it), rewound to its start."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+# the adapter formats the server takes (its README's "Adapter artifact"), and the file it keeps beside them
+ADAPTER_FILES = (("adapter.json", "adapter.safetensors"), ("adapter_config.json", "adapter_model.safetensors"))
+README_FILE = "README.md"
+
+
+def _regular(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def upload_files(directory: Path) -> list[Path]:
+    """The files of `directory` to upload (see the module docstring): its adapter's when it holds one at its top,
+    else every regular file under it (the server then says what is wrong); ValueError when it has none, or has
+    only a trainer's checkpoints."""
+    for pair in ADAPTER_FILES:
+        if all(_regular(directory / name) for name in pair):
+            return [directory / name for name in (*pair, README_FILE) if _regular(directory / name)]
+    checkpoints = [d for d in directory.glob("checkpoint-*") if d.is_dir()
+                   and any(all(_regular(d / name) for name in pair) for pair in ADAPTER_FILES)]
+    if checkpoints:
+        checkpoints.sort(key=lambda d: (int(d.name[11:]) if d.name[11:].isdigit() else -1, d.name))
+        raise ValueError(f"{directory}: no adapter at its top, only a trainer's checkpoints "
+                         f"({', '.join(d.name for d in checkpoints)}); upload one of them, e.g. {checkpoints[-1]}")
+    files = sorted(p for p in directory.rglob("*") if _regular(p))
     if not files:
         raise ValueError(f"{directory}: no files to upload")
+    return files
+
+
+def pack_directory(directory: Path) -> IO[bytes]:
+    """A .tar.gz of `upload_files(directory)` (paths relative to it), rewound to its start."""
+    files = upload_files(directory)
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
     with tarfile.open(fileobj=spool, mode="w:gz") as tar:
         for path in files:

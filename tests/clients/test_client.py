@@ -17,7 +17,7 @@ import pytest
 
 from clients import (AdapterInfo, AsyncClient, AuthError, BadRequestError, Client, Completion, ConflictError,
                      ConnectionFailed, ModelInfo, NotFoundError)
-from clients.archive import pack_directory
+from clients.archive import pack_directory, upload_files
 
 PROMPT = "The quick brown fox"
 
@@ -189,6 +189,44 @@ def test_unreachable_server_is_a_connection_error() -> None:
 
 
 # --- admin ---------------------------------------------------------------------------------------------------------
+
+def _trainer_output(adapter: Path, out: Path, *, top: bool) -> Path:
+    """A trainer's output directory: checkpoints (an adapter each, optimizer state), logs, and, when `top`, the
+    final adapter saved at its top (as PEFT's save_pretrained after a transformers Trainer run)."""
+    import shutil
+
+    for step in (500, 1000, 50):
+        shutil.copytree(adapter, out / f"checkpoint-{step}")
+        (out / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"\x80\x04 never unpickled")
+    (out / "training_args.bin").write_bytes(b"\x80\x04")
+    (out / "trainer_state.json").write_text("{}")
+    if top:
+        for path in adapter.iterdir():
+            shutil.copy(path, out / path.name)
+        (out / "README.md").write_text("# my adapter\n")
+    return out
+
+
+def test_a_trainer_output_directory_uploads_its_adapter_only(admin: Client, make_adapter: Callable[..., Path],
+                                                               tmp_path: Path) -> None:
+    adapter_id = unique("trained")
+    adapter = make_adapter(adapter_id, rank=4, seed=3)
+    out = _trainer_output(adapter, tmp_path / "out", top=True)
+    assert sorted(p.name for p in upload_files(out)) == sorted([*(p.name for p in adapter.iterdir()), "README.md"])
+    with tarfile.open(fileobj=pack_directory(out)) as archive:
+        assert sorted(archive.getnames()) == sorted(p.name for p in upload_files(out))
+    stored = admin.upload_adapter(str(out), adapter_id=adapter_id)
+    assert stored["id"] == adapter_id and stored["version"] == 1
+    assert greedy(admin, adapter_id, max_tokens=2).usage.completion_tokens == 2
+    admin.delete_adapter(adapter_id)
+
+    only_checkpoints = _trainer_output(adapter, tmp_path / "ckpts", top=False)
+    with pytest.raises(ValueError, match=r"only a trainer's checkpoints \(checkpoint-50, checkpoint-500, "
+                                         r"checkpoint-1000\); upload one of them, e.g. .*checkpoint-1000"):
+        admin.upload_adapter(str(only_checkpoints), adapter_id=adapter_id)
+    assert upload_files(only_checkpoints / "checkpoint-500") == [only_checkpoints / "checkpoint-500" / n for n in
+                                                                  ("adapter.json", "adapter.safetensors")]
+
 
 def test_upload_list_get_replace_complete_delete(admin: Client, make_adapter: Callable[..., Path]) -> None:
     adapter_id = unique("uploaded")
