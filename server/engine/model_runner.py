@@ -18,6 +18,7 @@ import torch
 from kernels.attention import AttentionMeta
 from kernels.segments import Segments, make_segments
 from server.engine.block_manager import FREED
+from server.engine.block_tables import BlockTables
 from server.engine.cuda_graphs import DecodeGraphs, GraphKey
 from server.engine.request import Request
 from server.engine.scheduler import ScheduledBatch
@@ -67,6 +68,8 @@ class ModelRunner:
         # it counts until the launches return, not until the device finishes.
         self.forward_seconds = 0.0
         self._last_segments: tuple[tuple, Segments] | None = None  # (layout, its Segments): see _segments
+        # decode steps' block tables from rows kept across steps; not where a sliding window frees blocks in place
+        self._block_tables = None if cfg.sliding_window else BlockTables(self.max_blocks_per_seq)
 
     def build(self, batch: ScheduledBatch, *, pad_to: int | None = None, device=None,
               pending: list[tuple[int, Request, int]] | None = None) -> ForwardBatch:
@@ -145,11 +148,16 @@ class ModelRunner:
         reqs = [s.request for s in seqs]
         starts = np.array([s.start for s in seqs], dtype=np.int64)
         block_lists = [r.block_ids for r in reqs]
-        lens = np.fromiter(map(len, block_lists), dtype=np.int64, count=len(reqs))
-        tables = np.zeros((len(reqs), int(lens.max())), dtype=np.int32)
-        tables[np.arange(tables.shape[1]) < lens[:, None]] = np.fromiter(
-            chain.from_iterable(block_lists), dtype=np.int32, count=int(lens.sum()))
-        tables[tables == FREED] = self.scratch_block  # blocks freed by a sliding window are never read
+        width = max(map(len, block_lists))
+        if self._block_tables is not None:  # rows kept across steps (no sliding window)
+            rows = self._block_tables.rows(reqs)  # first: it may grow the table
+            tables = self._block_tables.table[rows, :width]
+        else:
+            lens = np.fromiter(map(len, block_lists), dtype=np.int64, count=len(reqs))
+            tables = np.zeros((len(reqs), width), dtype=np.int32)
+            tables[np.arange(width) < lens[:, None]] = np.fromiter(
+                chain.from_iterable(block_lists), dtype=np.int32, count=int(lens.sum()))
+            tables[tables == FREED] = self.scratch_block  # blocks freed by a sliding window are never read
         slot_mapping = tables[np.arange(len(reqs)), starts // bs].astype(np.int64) * bs + starts % bs
         seq_lens = (starts + 1).astype(np.int32)
         q_start = np.arange(len(reqs) + 1, dtype=np.int32)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from server.engine.block_manager import FREED, BlockManager
+from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import make_decoder, update_text
 from server.engine.request import Request, SamplingParams
 from server.engine.sampler import make_generator, sample
@@ -265,20 +265,40 @@ def test_tenants_are_admitted_in_turn_not_behind_one_tenants_backlog(model_dir):
     assert running() == ["b0", "a2", "a3", "b1"]
 
 
-def test_a_decode_step_is_built_as_the_general_loop_builds_it(model_dir):
-    """ModelRunner.build's decode path (one token a request, NumPy over the batch) gives the inputs its general
-    per-request loop gives (which a `pending` list selects), blocks freed by a sliding window included."""
+@pytest.mark.parametrize("arch,window", [("llama", None), ("mistral", 8)])
+def test_a_decode_step_is_built_as_the_general_loop_builds_it(tmp_path, arch, window):
+    """ModelRunner.build's decode path (one token a request, NumPy over the batch, block tables from rows kept
+    across steps where no sliding window frees blocks) gives the inputs its general per-request loop gives (which a
+    `pending` list selects), step after step: requests growing blocks, ending, arriving, preempted (few blocks),
+    and with a sliding window, blocks freed in place."""
     from dataclasses import fields
 
-    engine = small_engine(model_dir)
+    path = make_hf_model(tmp_path / "m", arch, **({} if window is None else {"sliding_window": window}))
+    engine = small_engine(path, num_kv_blocks=40)
+    assert (engine.runner._block_tables is None) == (window is not None)
+    params = SamplingParams(max_tokens=30, ignore_eos=True, temperature=0)
     for i in range(5):
-        engine.add_request(Request(f"r{i}", list(range(3, 8 + 5 * i)), SamplingParams(max_tokens=40, ignore_eos=True)))
-    for _ in range(9):
-        engine.step()
-    batch = engine.scheduler.schedule()
-    assert len(batch.seqs) == 5 and all(s.num_tokens == 1 for s in batch.seqs)
-    batch.seqs[2].request.block_ids[0] = FREED  # as a sliding window leaves it
-    fast, loop = engine.runner.build(batch), engine.runner.build(batch, pending=[])
+        engine.add_request(Request(f"r{i}", list(range(3, 8 + 5 * i)), params))
+    compared = 0
+    for step in range(400):
+        if step in (10, 20):
+            engine.add_request(Request(f"late{step}", list(range(3, 30)), params))
+        batch = engine.scheduler.schedule()
+        if batch.seqs and all(s.num_tokens == 1 for s in batch.seqs):
+            fast, loop = engine.runner.build(batch), engine.runner.build(batch, pending=[])
+            _assert_same_inputs(fast, loop, fields)
+            compared += 1
+        if batch.seqs:  # run the step it scheduled (as LLMEngine.step would)
+            engine._accept(batch, engine._run(batch)[1])
+            engine._emit_text(lambda outs: None)
+        if not engine.has_work():
+            break
+    assert not engine.has_work() and compared > 20
+    assert engine.scheduler.num_preemptions > 0 or window is not None  # a window frees blocks: nobody waits
+    assert engine.scheduler.blocks.num_free == 40
+
+
+def _assert_same_inputs(fast, loop, fields) -> None:
     for f in fields(fast):
         a, b = getattr(fast, f.name), getattr(loop, f.name)
         if f.name == "attn":
@@ -289,5 +309,4 @@ def test_a_decode_step_is_built_as_the_general_loop_builds_it(model_dir):
             assert a.dtype == b.dtype and torch.equal(a, b), f.name
         else:
             assert a == b or f.name == "segments", f.name
-    assert fast.attn.block_tables[2, 0] == engine.runner.scratch_block
     assert fast.segments is loop.segments  # the same layout: the same Segments
