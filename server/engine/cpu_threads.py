@@ -1,7 +1,8 @@
 """How many intra-op threads the CPU forward uses, and which thread uses them.
 
-Which: only the forward's thread (`LLMEngine`'s executor runs `enter_forward_thread`); every other thread of the
-process computes on one. OpenMP (libgomp, which torch's CPU ops, oneDNN and MKL run on) gives every thread that
+Which: only the thread that runs the forward (`enter_forward_thread`: the engine's stepping thread, through
+`LLMEngine.run_forwards_here`, where nothing overlaps the forward, as on a CPU by default; else `LLMEngine`'s
+forward executor, which is then the only one started); every other thread of the process computes on one. OpenMP (libgomp, which torch's CPU ops, oneDNN and MKL run on) gives every thread that
 starts a parallel region a team of its own, and once the process holds more of those threads than it has cores,
 every team stops spinning between regions and sleeps on a futex instead (libgomp's throttled spin count), so each
 of the forward's ~1500 small ops pays a wake-up. One other thread that had run a parallel op (the model load on
