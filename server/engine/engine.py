@@ -114,10 +114,13 @@ class LLMEngine:
         return self._forward.submit(fn, *args).result()
 
     def run_forwards_here(self) -> None:
-        """From now on, steps called from this thread run their forward and sampling on it, without the hand-off
-        to the forward's thread and back, while nothing is to overlap the forward (overlap_text and lookahead off:
-        checked at every step). Sizes this thread's OpenMP and MKL teams as the forward thread's (cpu_threads.py):
-        call it from the thread that will step the engine, before its first step."""
+        """Where nothing overlaps the forward (overlap_text and lookahead off now), steps called from this thread
+        from now on run their forward and sampling on it, without the hand-off to the forward's thread and back,
+        for as long as both stay off (checked at every step). Sizes this thread's OpenMP and MKL teams as the
+        forward thread's (cpu_threads.py): call it from the thread that will step the engine, before its first
+        step. With either on, it does nothing: the forward thread keeps the only team."""
+        if self.overlap_text or self.lookahead:
+            return
         if self._forward_threads is not None:
             enter_forward_thread(self._forward_threads)
         self._inline_thread = threading.get_ident()

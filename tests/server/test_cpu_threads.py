@@ -88,3 +88,16 @@ def test_the_stepping_thread_runs_the_forward_itself_when_nothing_overlaps_it(tm
     assert ran_on[:3] == [(stepper, 3)] * 3
     assert [t for t, _ in ran_on[3:]] == [forward_thread] * 3
     assert torch.get_num_threads() == 1  # this thread is untouched
+
+
+def test_with_the_forward_overlapped_the_stepping_thread_keeps_one_thread(tmp_path):
+    """run_forwards_here with the text overlap on: the forward thread keeps the process's only team."""
+    engine = small_engine(make_hf_model(tmp_path / "m", "llama"), cpu_threads=3)
+    engine.overlap_text = True
+
+    def run_here():
+        engine.run_forwards_here()
+        return torch.get_num_threads()
+
+    assert _in_new_thread(run_here) == 1
+    assert engine._inline_thread is None
