@@ -75,6 +75,17 @@ def load(files: dict[str, bytes], **kwargs) -> LoadedAdapter:
     return load_adapter_files(files, SPEC, name="fuzz", where="fuzz", max_rank=16, **kwargs)
 
 
+def test_a_peft_type_peft_itself_refuses_is_refused(peft_files):
+    """PEFT's PeftConfig.from_pretrained fails on "lora" (KeyError): such a directory is no PEFT checkpoint."""
+    lora, ia3 = peft_files
+    for files, wrong, hint in ((lora, "lora", "PEFT spells it 'LORA'"), (lora, "Lora", "PEFT spells it 'LORA'"),
+                               (ia3, "ia3", "PEFT spells it 'IA3'"), (lora, "ADALORA", "supported: LORA, IA3")):
+        load(files, dtype=torch.float32)  # as written: PEFT's spelling
+        config = json.loads(files["adapter_config.json"]) | {"peft_type": wrong}
+        with pytest.raises(ArtifactError, match=f"peft_type '{wrong}' is not supported.*{hint}"):
+            load(files | {"adapter_config.json": json.dumps(config).encode()}, dtype=torch.float32)
+
+
 def accepts_or_refuses(files: dict[str, bytes]) -> None:
     """The documented outcomes of a load: a LoadedAdapter, or an ArtifactError that says something."""
     try:
