@@ -100,7 +100,8 @@ async def upload(client: httpx.AsyncClient, adapter: Adapter, variant: int, *, r
     form = {"adapter_id": adapter.adapter_id, **({"tenant": adapter.tenant} if adapter.tenant else {"public": "true"})}
     files = {"file": (f"{adapter.adapter_id}.tar.gz", adapter.archives[variant])}
     if replace:
-        return await client.put(f"/admin/adapters/{adapter.adapter_id}", files=files, headers=auth(ADMIN_TOKEN))
+        return await client.put(f"/admin/adapters/{adapter.adapter_id}", files=files, data=form,
+                                headers=auth(ADMIN_TOKEN))  # the owner again: a PUT may create the adapter
     return await client.post("/admin/adapters", files=files, data=form, headers=auth(ADMIN_TOKEN))
 
 

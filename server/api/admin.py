@@ -119,7 +119,7 @@ def admin_router(registry: Registry, spec: dict, settings: Any, on_change: OnCha
     auth = admin_auth or AdminAuth(limits.admin_token)
     router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(auth)])
     router.admin_auth = auth  # type: ignore[attr-defined]
-    _adapter_routes(router, registry, _Uploads(registry, spec, limits, on_change), on_change,
+    _adapter_routes(router, registry, _Uploads(registry, spec, limits, on_change, tenants), on_change,
                     limits.max_adapter_bytes + _FORM_OVERHEAD_BYTES)
     _api_key_routes(router, api_keys or ApiKeyStore(registry.client, registry.prefix), tenants)
     return router
@@ -193,8 +193,10 @@ def _api_key_routes(router: APIRouter, keys: ApiKeyStore, tenants: TenantResolve
 class _Uploads:
     """The upload path shared by POST and PUT."""
 
-    def __init__(self, registry: Registry, spec: dict, limits: AdminSettings, on_change: OnChange | None) -> None:
+    def __init__(self, registry: Registry, spec: dict, limits: AdminSettings, on_change: OnChange | None,
+                 tenants: TenantResolver | None = None) -> None:
         self.registry, self.spec, self.limits, self.on_change = registry, spec, limits, on_change
+        self.tenants = tenants
         self.dtype = _serving_dtype(limits.dtype)
 
     async def store(self, form: dict[str, Any], adapter_id: str | None, *, replace: bool) -> dict:
@@ -208,6 +210,8 @@ class _Uploads:
         with _registry_errors():
             if tenant is not None:
                 check_tenant(tenant)
+            if not replace:  # a new adapter: its owner is settled before the costly part
+                await self._check_owner(adapter_id, tenant, public)
             if adapter_id is not None:
                 self._check_id(adapter_id)
                 if not replace and await self.registry.exists(adapter_id):  # before the costly part
@@ -220,10 +224,20 @@ class _Uploads:
             if previous is not None:  # a new version keeps its owner and visibility unless the form says otherwise
                 tenant = tenant if tenant is not None else previous.tenant
                 public = public if form.get("public") is not None else previous.public
+            elif replace:
+                await self._check_owner(adapter_id, tenant, public)
             record = await self.registry.put(adapter_id, manifest, blob, tenant=tenant, public=public,
                                              replace=replace)
         await _notify(self.on_change, "put", adapter_id, record.version)
         return record.to_json()
+
+    async def _check_owner(self, adapter_id: str | None, tenant: str | None, public: bool) -> None:
+        """A new adapter without an owner is usable by every tenant: where tenants exist (API keys in use), that
+        must be said (public=true), not be what a forgotten `tenant` field does."""
+        if tenant is None and not public and self.tenants is not None and await self.tenants.tenants_in_use():
+            name = f"adapter {adapter_id!r}" if adapter_id else "the adapter"
+            raise ApiError(400, f"{name} would have no owner, and an adapter without one is usable by every tenant: "
+                                "name its owner (form field 'tenant') or make it public (form field 'public=true')")
 
     def _parse(self, filename: str | None, data: bytes) -> Any:
         max_unpacked = self.limits.max_unpacked_bytes or self.limits.max_adapter_bytes

@@ -153,6 +153,11 @@ class TenantResolver:
             raise unauthorized("invalid API key")
         return tenant
 
+    async def tenants_in_use(self) -> bool:
+        """Whether /v1 requests are told apart by tenant: API keys are required (a key exists or existed, or
+        MULTIPLEX_API_AUTH=required); an open server (MULTIPLEX_API_AUTH=open) answers False."""
+        return self.mode != "open" and await self._keys_required()
+
     def invalidate(self, key_id: str | None = None) -> None:
         """This replica created (key_id None) or revoked a key: re-read from Redis now, not after the TTL."""
         if key_id is not None:

@@ -75,6 +75,25 @@ def test_in_flight_request_finishes_on_its_version(server, tmp_path):
     assert _complete(server, "key-a", "inflight").status_code == 404
 
 
+def test_an_adapter_without_an_owner_must_be_said_public_where_tenants_exist(server, tmp_path):
+    """With API keys in use, an adapter without an owner would be usable by every tenant: a forgotten `tenant`
+    field is refused (400, nothing stored), on POST and on a PUT that creates; public=true says it on purpose."""
+    archive = _make_adapter(tmp_path, "o1", seed=7)
+    admin = {"Authorization": "Bearer admin-secret"}
+    for form in ({}, {"public": "false"}):
+        refused = _upload(server, archive, "ownerless", **form)
+        assert refused.status_code == 400 and "would have no owner" in refused.json()["error"]["message"]
+    put = server.client.put("/admin/adapters/ownerless", files={"file": ("a.tar.gz", archive)}, headers=admin)
+    assert put.status_code == 400 and "would have no owner" in put.json()["error"]["message"]
+    assert server.client.get("/admin/adapters/ownerless", headers=admin).status_code == 404  # nothing stored
+    assert _complete(server, "key-b", "ownerless").status_code == 404
+    assert _upload(server, archive, "ownerless", public="true").status_code == 201
+    assert _complete(server, "key-b", "ownerless").status_code == 200
+    replaced = server.client.put("/admin/adapters/ownerless", files={"file": ("a.tar.gz", archive)}, headers=admin)
+    assert replaced.status_code == 201 and replaced.json()["public"] is True  # a new version keeps its visibility
+    assert server.client.delete("/admin/adapters/ownerless", headers=admin).status_code in (200, 204)
+
+
 def test_tenant_isolation(server, tmp_path):
     assert _upload(server, _make_adapter(tmp_path, "t1", seed=4), "alpha-only", tenant="alpha").status_code == 201
     assert _complete(server, "key-a", "alpha-only").status_code == 200
