@@ -210,13 +210,14 @@ class _Uploads:
         with _registry_errors():
             if tenant is not None:
                 check_tenant(tenant)
-            if not replace:  # a new adapter: its owner is settled before the costly part
-                await self._check_owner(adapter_id, tenant, public)
             if adapter_id is not None:
                 self._check_id(adapter_id)
                 if not replace and await self.registry.exists(adapter_id):  # before the costly part
                     raise AdapterExistsError(f"adapter {adapter_id!r} already exists (replace=true or PUT to "
                                              "upload a new version)")
+            if tenant is None and not public and (not replace or (  # a new adapter: owner settled before parsing
+                    adapter_id is not None and not await self.registry.exists(adapter_id))):
+                await self._check_owner(adapter_id, tenant, public)
             loaded = await asyncio.to_thread(self._parse, upload.filename, await upload.read())
             adapter_id = adapter_id or self._check_id(str(loaded.manifest.get("name") or ""), from_manifest=True)
             manifest, blob = await asyncio.to_thread(adapter_to_bytes, loaded)

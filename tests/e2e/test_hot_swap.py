@@ -85,6 +85,9 @@ def test_an_adapter_without_an_owner_must_be_said_public_where_tenants_exist(ser
         assert refused.status_code == 400 and "would have no owner" in refused.json()["error"]["message"]
     put = server.client.put("/admin/adapters/ownerless", files={"file": ("a.tar.gz", archive)}, headers=admin)
     assert put.status_code == 400 and "would have no owner" in put.json()["error"]["message"]
+    garbage = server.client.put("/admin/adapters/ownerless", files={"file": ("a.tar.gz", b"not an archive")},
+                                headers=admin)
+    assert garbage.status_code == 400 and "would have no owner" in garbage.json()["error"]["message"]  # unparsed
     assert server.client.get("/admin/adapters/ownerless", headers=admin).status_code == 404  # nothing stored
     assert _complete(server, "key-b", "ownerless").status_code == 404
     assert _upload(server, archive, "ownerless", public="true").status_code == 201
