@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from itertools import chain
 
 import numpy as np
 import torch
@@ -78,7 +77,8 @@ class ModelRunner:
         longest context, attention sized for it). `pending`: a step built before its last tokens are known (the
         engine's lookahead): their input ids are 0, and (token row, request, position) of each is appended to
         `pending`."""
-        if pad_to is None and pending is None and all(s.num_tokens == 1 for s in batch.seqs):
+        if pad_to is None and pending is None and self._block_tables is not None \
+                and all(s.num_tokens == 1 for s in batch.seqs):
             return self._build_decode(batch, self.device if device is None else device)
         bs = self.block_size
         input_ids: list[int] = []
@@ -142,22 +142,13 @@ class ModelRunner:
 
     def _build_decode(self, batch: ScheduledBatch, dev) -> ForwardBatch:
         """build() of a step of one token a request (most steps): the same inputs, from a few list comprehensions
-        and NumPy calls over the whole batch instead of a loop of list and array work per request (~0.35 ms of
-        host time a step at 64 requests)."""
+        and NumPy calls over the whole batch and the block table's rows kept across steps, instead of a loop of list
+        and array work per request. Not with a sliding window (no kept rows there: the general loop builds it)."""
         seqs, bs = batch.seqs, self.block_size
         reqs = [s.request for s in seqs]
         starts = np.array([s.start for s in seqs], dtype=np.int64)
-        block_lists = [r.block_ids for r in reqs]
-        width = max(map(len, block_lists))
-        if self._block_tables is not None:  # rows kept across steps (no sliding window)
-            rows = self._block_tables.rows(reqs)  # first: it may grow the table
-            tables = self._block_tables.table[rows, :width]
-        else:
-            lens = np.fromiter(map(len, block_lists), dtype=np.int64, count=len(reqs))
-            tables = np.zeros((len(reqs), width), dtype=np.int32)
-            tables[np.arange(width) < lens[:, None]] = np.fromiter(
-                chain.from_iterable(block_lists), dtype=np.int32, count=int(lens.sum()))
-            tables[tables == FREED] = self.scratch_block  # blocks freed by a sliding window are never read
+        rows = self._block_tables.rows(reqs)  # first: it may grow the table
+        tables = self._block_tables.table[rows, : max(len(r.block_ids) for r in reqs)]
         slot_mapping = tables[np.arange(len(reqs)), starts // bs].astype(np.int64) * bs + starts % bs
         seq_lens = (starts + 1).astype(np.int32)
         q_start = np.arange(len(reqs) + 1, dtype=np.int32)
