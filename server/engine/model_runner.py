@@ -67,6 +67,7 @@ class ModelRunner:
         # it counts until the launches return, not until the device finishes.
         self.forward_seconds = 0.0
         self._last_segments: tuple[tuple, Segments] | None = None  # (layout, its Segments): see _segments
+        self._last_decode: tuple[tuple, dict] | None = None  # (slots' layout, what depends on it): see _build_decode
         # decode steps' block tables from rows kept across steps; not where a sliding window frees blocks in place
         self._block_tables = None if cfg.sliding_window else BlockTables(self.max_blocks_per_seq)
 
@@ -143,30 +144,42 @@ class ModelRunner:
     def _build_decode(self, batch: ScheduledBatch, dev) -> ForwardBatch:
         """build() of a step of one token a request (most steps): the same inputs, from a few list comprehensions
         and NumPy calls over the whole batch and the block table's rows kept across steps, instead of a loop of list
-        and array work per request. Not with a sliding window (no kept rows there: the general loop builds it)."""
-        seqs, bs = batch.seqs, self.block_size
+        and array work per request; what depends only on the requests' adapter slots (segments, adapter rows) is the
+        previous decode step's while those and the pool's slots are unchanged. Not with a sliding window (no kept
+        rows there: the general loop builds it)."""
+        seqs, bs, n = batch.seqs, self.block_size, len(batch.seqs)
         reqs = [s.request for s in seqs]
-        starts = np.array([s.start for s in seqs], dtype=np.int64)
+        starts = np.fromiter([s.start for s in seqs], dtype=np.int64, count=n)
         rows = self._block_tables.rows(reqs)  # first: it may grow the table
-        tables = self._block_tables.table[rows, : max(len(r.block_ids) for r in reqs)]
-        slot_mapping = tables[np.arange(len(reqs)), starts // bs].astype(np.int64) * bs + starts % bs
+        tables = self._block_tables.table[rows, : max([len(r.block_ids) for r in reqs])]
+        slot_mapping = tables[np.arange(n), starts // bs].astype(np.int64) * bs + starts % bs
         seq_lens = (starts + 1).astype(np.int32)
-        q_start = np.arange(len(reqs) + 1, dtype=np.int32)
-        input_ids = np.fromiter((r.token_ids(st, st + 1)[0] for r, st in zip(reqs, starts.tolist())), dtype=np.int64,
-                                count=len(reqs))
-        logits_indices = np.flatnonzero(np.fromiter((s.needs_logits for s in seqs), dtype=bool, count=len(seqs)))
+        input_ids = np.fromiter([r.token_at(st) for r, st in zip(reqs, starts.tolist())], dtype=np.int64, count=n)
+        needs = [s.needs_logits for s in seqs]
+        # a prompt's first token (a PARA prefill) or a prompt's chunk (no logits): built afresh, not kept
+        layout = None if not (all(needs) and starts.all()) else (
+            tuple([r.slot for r in reqs]), tuple([r.para_row for r in reqs]), self._pool_changes(), str(dev))
+        last = self._last_decode
+        if layout is None or last is None or last[0] != layout:
+            logits_indices = np.flatnonzero(np.fromiter(needs, dtype=bool, count=n))
+            fixed = dict(q_start=torch.arange(n + 1, dtype=torch.int32).to(dev),
+                         logits_indices=torch.from_numpy(logits_indices.astype(np.int64)).to(dev),
+                         segments=self._segments([1] * n, [r.slot for r in reqs], dev),
+                         fields=self._adapter_fields(batch, list(range(n + 1)), 0, dev))
+            self._last_decode = last = (layout, fixed)
+        fixed = last[1]
 
-        def n(array):  # torch.from_numpy: torch.tensor of a list of 64 ints takes ~20 us
+        def t(array):  # torch.from_numpy: torch.tensor of a list of 64 ints takes ~20 us
             return torch.from_numpy(array).to(dev, non_blocking=True)
 
-        attn = AttentionMeta(q_start=n(q_start), seq_lens=n(seq_lens), block_tables=n(tables), max_q_len=1,
+        attn = AttentionMeta(q_start=fixed["q_start"], seq_lens=t(seq_lens), block_tables=t(tables), max_q_len=1,
                              max_seq_len=int(seq_lens.max()))
-        segments = self._segments([1] * len(reqs), [r.slot for r in reqs], dev)
-        return ForwardBatch(
-            input_ids=n(input_ids), positions=n(starts), slot_mapping=n(slot_mapping), attn=attn, segments=segments,
-            logits_indices=n(logits_indices.astype(np.int64)),
-            **self._adapter_fields(batch, q_start.tolist(), 0, dev),
-        )
+        return ForwardBatch(input_ids=t(input_ids), positions=t(starts), slot_mapping=t(slot_mapping), attn=attn,
+                            segments=fixed["segments"], logits_indices=fixed["logits_indices"], **fixed["fields"])
+
+    def _pool_changes(self) -> int:
+        """How many times the adapter pool's slots changed (0 without a pool)."""
+        return 0 if self.adapter_pool is None else self.adapter_pool.changes
 
     def _segments(self, seg_lens: list[int], seg_slots: list[int], dev) -> Segments:
         """make_segments(seg_lens, seg_slots, dev), or the previous step's Segments when the layout is the same

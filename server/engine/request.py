@@ -128,6 +128,11 @@ class Request:
             return self.output_ids[start - n : end - n]
         return self.prompt_ids[start:] + self.output_ids[: end - n]
 
+    def token_at(self, position: int) -> int:
+        """all_ids[position] without building all_ids (a decode step's input token)."""
+        n = len(self.prompt_ids)
+        return self.output_ids[position - n] if position >= n else self.prompt_ids[position]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

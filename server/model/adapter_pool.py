@@ -76,6 +76,7 @@ class AdapterPool:
             self.sparse = CsrSparse(self.layout, dtype)
         self.scale = ScaleStore(cfg, self.layout, max_slots, max_requests, self.arena, size)
         self.slots: dict[int, SlotInfo] = {}
+        self.changes = 0  # loads and frees so far: a step's inputs derived from the slots hold while it stands still
         self.fault_hook: Callable[[int, int], None] | None = None  # (slot, layer); see the module docstring
 
     @property
@@ -149,6 +150,7 @@ class AdapterPool:
         info = SlotInfo(start, idx_start, self.nbytes(deltas), self.scale.targets[slot], bool(deltas.para),
                         bool(deltas.lowrank), bool(deltas.sparse))
         self.slots[slot] = info
+        self.changes += 1
         return info
 
     def _check_shapes(self, deltas: AdapterDeltas) -> None:
@@ -162,6 +164,7 @@ class AdapterPool:
 
     def free(self, slot: int) -> None:
         info = self.slots.pop(slot)
+        self.changes += 1
         self._clear(slot, info.arena_start, info.idx_start)
 
     def _clear(self, slot: int, arena_start: int | None, idx_start: int | None) -> None:

@@ -6,6 +6,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import make_decoder, update_text
 from server.engine.request import Request, SamplingParams
 from server.engine.sampler import make_generator, sample
+from server.model.config import ModelConfig
 from server.model.tiny import byte_level_tokenizer
 from tests.helpers import make_hf_model, run_capture, small_engine
 
@@ -298,6 +299,115 @@ def test_a_decode_step_is_built_as_the_general_loop_builds_it(tmp_path, arch, wi
     assert engine.scheduler.blocks.num_free == 40
 
 
+def test_a_decode_step_with_every_adapter_kind_is_built_as_the_general_loop_builds_it(tmp_path):
+    """The decode path keeps what depends on the requests' adapter slots (segments, IA3 rows, PARA rows) from one
+    decode step to the next: it still equals the general loop's inputs while adapters of every kind come and go
+    through 3 slots (loads and frees), requests of one-token prompts (a PARA prefill in a one-token step) arrive,
+    and a small token budget splits prompts into one-token chunks that need no logits."""
+    from dataclasses import fields
+
+    from tests.helpers import every_kind, refs
+
+    path = make_hf_model(tmp_path / "m", "qwen2")
+    adapters = every_kind(ModelConfig.from_dir(path))
+    engine = small_engine(path, max_num_seqs=6, max_adapter_slots=3, max_num_batched_tokens=5, max_prefill_chunk=4)
+    names = [None, "lora4", None, "ia3", None, "para", None, "sift", None, "lora+sift+ia3", "para-mean-lora", None, "lora64"]
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=10, ignore_eos=True, temperature=0)
+    kept = compared = chunks = 0
+    last = None
+    for step in range(600):
+        if step < 40 and step % 2 == 0:
+            name = names[step // 2 % len(names)]
+            size = 1 if step % 3 == 0 else int(torch.randint(2, 13, (), generator=gen))
+            prompt = torch.randint(3, 300, (size,), generator=gen).tolist()
+            engine.add_request(Request(f"r{step}", prompt, params, adapter=refs({"x": name}, adapters)["x"]))
+        batch = engine.scheduler.schedule()
+        if batch.seqs and all(s.num_tokens == 1 for s in batch.seqs):
+            fast, loop = engine.runner.build(batch), engine.runner.build(batch, pending=[])
+            _assert_same_inputs(fast, loop, fields)
+            kept += last is not None and fast.segments is last.segments and fast.scale_rows is last.scale_rows
+            last, compared = fast, compared + 1
+            chunks += not all(s.needs_logits for s in batch.seqs)
+        if batch.seqs:
+            engine._accept(batch, engine._run(batch)[1])
+            engine._emit_text(lambda outs: None)
+        if not engine.has_work() and step >= 40:
+            break
+    assert not engine.has_work() and compared > 20 and kept > 5 and chunks > 3
+    assert engine.runner.adapter_pool.changes > 6  # adapters were loaded and freed in between
+
+
+@pytest.mark.parametrize("case", ["slot reloaded", "para rows swapped"])
+def test_a_decode_step_keeps_nothing_of_a_request_that_took_its_place(tmp_path, case):
+    """What the decode path keeps is keyed by the requests' adapter slots and PARA rows and the pool's changes: a
+    request that ends at the step another one arrives (its prefill built by the general loop in between) may leave
+    the next decode step the same slots but another adapter in one (one slot: lora then IA3) or the same slots with
+    PARA rows in another order (P1 row 0, P2 row 1; P1 ends, P3 takes row 0)."""
+    from dataclasses import fields
+
+    from tests.helpers import every_kind, refs
+
+    path = make_hf_model(tmp_path / "m", "qwen2")
+    adapters = every_kind(ModelConfig.from_dir(path))
+    engine = small_engine(path, max_num_seqs=3, max_adapter_slots=1 if case == "slot reloaded" else 2)
+
+    def request(rid, name, max_tokens):
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
+        return Request(rid, list(range(3, 9)), params, adapter=refs({rid: name}, adapters)[rid])
+
+    if case == "slot reloaded":
+        first, successor = [request("a", "lora4", 4)], request("c", "ia3", 4)
+    else:
+        first, successor = [request("p1", "para", 3), request("p2", "para", 8)], request("p3", "para", 4)
+    for req in first:
+        engine.add_request(req)
+    kept = compared = 0
+    last, layouts = None, []
+    while engine.has_work():
+        batch = engine.scheduler.schedule()
+        if batch.seqs and all(s.num_tokens == 1 for s in batch.seqs):
+            fast, loop = engine.runner.build(batch), engine.runner.build(batch, pending=[])
+            _assert_same_inputs(fast, loop, fields)
+            kept += last is not None and fast.segments is last.segments
+            last, compared = fast, compared + 1
+            layouts.append([(s.request.slot, s.request.para_row) for s in batch.seqs])
+        engine._accept(batch, engine._run(batch)[1])
+        engine._emit_text(lambda outs: None)
+        if first[0].finish_reason is not None and successor.request_id not in engine.requests \
+                and successor.finish_reason is None:
+            engine.add_request(successor)  # before the next schedule: no decode-only step in between
+    assert compared >= 5 and kept >= 2 and successor.finish_reason == "length"
+    if case == "slot reloaded":  # the same slot before and after, another adapter in it
+        assert layouts[0] == layouts[-1] == [(0, -1)]
+    else:  # P1 and P2 decode, then P2 and P3: the same slots, their PARA rows swapped
+        assert [(0, 0), (0, 1)] in layouts and [(0, 1), (0, 0)] in layouts
+
+
+def test_a_decode_step_keeps_no_logits_rows_of_a_prompt_chunk(tmp_path):
+    """A token budget of 2 beside a decoding request feeds another request's prompt one token a step: one-token
+    steps whose second row needs no logits, then one whose second row does (the prompt's last token), with the same
+    adapter slots: the decode path builds each as the general loop does."""
+    from dataclasses import fields
+
+    engine = small_engine(make_hf_model(tmp_path / "m"), max_num_seqs=2, max_num_batched_tokens=2,
+                          max_prefill_chunk=2)
+    params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0)
+    a = Request("a", [5, 6], params)
+    engine.add_request(a)
+    patterns = []
+    while engine.has_work():
+        batch = engine.scheduler.schedule()
+        if a.output_ids and "b" not in engine.requests and not patterns:
+            engine.add_request(Request("b", list(range(3, 9)), params))
+        if all(s.num_tokens == 1 for s in batch.seqs):
+            _assert_same_inputs(engine.runner.build(batch), engine.runner.build(batch, pending=[]), fields)
+            patterns.append(tuple(s.needs_logits for s in batch.seqs))
+        engine._accept(batch, engine._run(batch)[1])
+        engine._emit_text(lambda outs: None)
+    assert patterns.count((True, False)) >= 3 and (True, False) in patterns[patterns.index((True, True)) - 1:]
+
+
 def _assert_same_inputs(fast, loop, fields) -> None:
     for f in fields(fast):
         a, b = getattr(fast, f.name), getattr(loop, f.name)
@@ -307,6 +417,10 @@ def _assert_same_inputs(fast, loop, fields) -> None:
                 assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, g.name
         elif isinstance(a, torch.Tensor):
             assert a.dtype == b.dtype and torch.equal(a, b), f.name
+        elif f.name == "scale_rows":
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f.name
+        elif f.name == "segments":
+            for g in ("seg_start", "seg_slot", "token_slot"):
+                assert torch.equal(getattr(a, g), getattr(b, g)), g
         else:
-            assert a == b or f.name == "segments", f.name
-    assert fast.segments is loop.segments  # the same layout: the same Segments
+            assert a == b, f.name
