@@ -8,6 +8,7 @@
 | rank   | 1 <= r <= max_rank        |                             |              | 1 <= r <= max_rank           |
 | values | finite once cast to the server's dtype (`dtype`: float32 on CPU, bfloat16 on GPU); the scale |
 |        | finite in float32                                                                           |
+| size   | norm(scale B A) <= 1e6    | norm(values) <= 1e6         | |v_i| <= 1e6 | (not bounded)                |
 | sparse |                           | indices in range, sorted by (row, col), unique             |
 
 and the base fingerprint (when the manifest states one) is the backbone's. `validate` raises `ArtifactError` naming
@@ -25,6 +26,11 @@ from adapters.errors import ArtifactError
 from adapters.files import WEIGHT_DTYPES, parse_name, short
 from adapters.manifest import FLOAT32_MAX, LoadedAdapter, check_digests
 from adapters.spec import fingerprint, module_shapes, para_up_rows, scale_lengths
+
+# The largest delta the server takes: no trained adapter comes near (a base weight's norm is tens to hundreds, a
+# fine-tune's change a fraction of that); a larger one computes, but drives its own requests' activations past the
+# dtype's range (lora_alpha 1e30: a residual stream that RMSNorm's sum of squares turns into zeros), i.e. noise.
+MAX_DELTA_NORM = 1e6
 
 SERVING_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -70,6 +76,7 @@ def validate_deltas(deltas: AdapterDeltas, spec: dict, *, max_rank: int | None =
         _check_layer(key, layer, spec)
         _check_weight(f"{key}_scale", vec, (lengths[target],))
         _check_values(f"{key}_scale", vec, dtype)
+        _check_size(f"{key}_scale", "its largest entry", float(vec.double().abs().max()) if vec.numel() else 0.0)
     for layer, p in deltas.para.items():
         _check_para(layer, p, spec, max_rank, dtype)
 
@@ -131,6 +138,18 @@ def _check_lowrank(name: str, lr: LowRank, shape: tuple[int, int], max_rank: int
         raise ArtifactError(f"{name}: scale {lr.scale} overflows float32 (the server applies scales in float32)")
     _check_values(f"{name}.A", lr.A, dtype)
     _check_values(f"{name}.B", lr.B, dtype)
+    a, b = lr.A.double(), lr.B.double()
+    norm = abs(lr.scale) * float(b.norm()) * float(a.norm())  # a bound, O(r d); the exact norm only past the limit
+    if norm > MAX_DELTA_NORM:
+        norm = abs(lr.scale) * math.sqrt(max(0.0, float(((b.T @ b) * (a @ a.T)).sum())))  # ||BA||^2 = <B'B, AA'>
+    _check_size(name, "the norm of scale * B @ A", norm)
+
+
+def _check_size(name: str, what: str, size: float) -> None:
+    if not size <= MAX_DELTA_NORM:
+        raise ArtifactError(f"{name}: {what} is {size:.3g}, beyond the server's limit {MAX_DELTA_NORM:.0e} (no "
+                            f"trained adapter comes near it: base weights' norms are tens to hundreds); its requests' "
+                            f"activations would overflow the model's range and answer noise")
 
 
 def _check_sparse(name: str, sp: Sparse, shape: tuple[int, int], dtype: torch.dtype | None) -> None:
@@ -146,6 +165,7 @@ def _check_sparse(name: str, sp: Sparse, shape: tuple[int, int], dtype: torch.dt
         raise ArtifactError(f"{name}: rows, cols, values lengths differ "
                             f"({nnz}, {sp.cols.numel()}, {tuple(sp.values.shape)})")
     _check_values(f"{name}.values", sp.values, dtype)
+    _check_size(name, "the norm of its values", float(sp.values.double().norm()))
     rows, cols = sp.rows.long(), sp.cols.long()
     for part, t, limit in (("rows", rows, shape[0]), ("cols", cols, shape[1])):
         if nnz and (int(t.min()) < 0 or int(t.max()) >= limit):

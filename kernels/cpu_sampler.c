@@ -269,8 +269,9 @@ static int scratch(int64_t V) {
     return scratch_len > 0;
 }
 
-static int64_t sample_row(const float *x, int64_t V, float t, int64_t k, float top_p, double u) {
+static int64_t sample_row(const float *x, int64_t V, float t, int64_t k, float top_p, double u, uint8_t *bad) {
     float m = row_max(x, V), inv_t = 1.0f / t;
+    *bad = !isfinite(m);
     if (t == 0.0f || !isfinite(m) || !isfinite(m * inv_t))
         return first_of(x, V, m);
     if (!scratch(V))
@@ -283,21 +284,23 @@ static int64_t sample_row(const float *x, int64_t V, float t, int64_t k, float t
 }
 
 /* logits: (n, V) rows ld apart; settings: (4, n) float64, per row its temperature, top-k (<= 0: V), top-p and uniform
- * draw -> out: (n,) token ids. Returns 0, or -1 when scratch memory could not be had (out then holds -1 for the rows
- * it failed). */
+ * draw -> out: (n,) token ids, bad: (n,) 1 where the row's maximum is not finite (a NaN in it, +inf, or every entry
+ * -inf), else 0. Returns how many rows are bad, or -1 when scratch memory could not be had (out then holds -1 for the
+ * rows it failed). */
 int multiplex_sample(int64_t n, int64_t V, const float *logits, int64_t ld, const double *settings, int64_t *out,
-                     int threads) {
+                     uint8_t *bad, int threads) {
     const double *temps = settings, *top_k = settings + n, *top_p = settings + 2 * n, *u = settings + 3 * n;
-    int failed = 0;
+    int failed = 0, num_bad = 0;
     int64_t work = 0;  /* in floats read: a row that sorts costs some 16 passes over its candidates (at most V) */
     for (int64_t r = 0; r < n; r++)
         work += temps[r] != 0.0 && ((top_k[r] > 0 && top_k[r] < V) || (float)top_p[r] < 1.0f) ? 17 * V : V;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (work >= PARALLEL_FLOATS) \
-        reduction(|: failed)
+        reduction(|: failed) reduction(+: num_bad)
     for (int64_t r = 0; r < n; r++) {
         int64_t k = top_k[r] > 0 && top_k[r] < V ? (int64_t)top_k[r] : V;
-        out[r] = sample_row(logits + r * ld, V, (float)temps[r], k, (float)top_p[r], u[r]);
+        out[r] = sample_row(logits + r * ld, V, (float)temps[r], k, (float)top_p[r], u[r], bad + r);
         failed |= out[r] < 0;
+        num_bad += bad[r];
     }
-    return failed ? -1 : 0;
+    return failed ? -1 : num_bad;
 }

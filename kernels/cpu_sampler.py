@@ -10,6 +10,8 @@ differ only where a draw falls within such rounding of a boundary between two to
         temps[r] == 0: greedy (the first maximum, the first NaN when there is one: torch.argmax)
         top_ks[r] <= 0 or >= V and top_ps[r] >= 1: no order needed (plain temperature)
         a row whose maximum is not finite after its temperature (NaN, +-inf) takes its first maximum
+    sample_checked(...): the same and the rows whose logits' maximum is not finite (a NaN, +inf, all -inf), found
+        on the kernel's own pass over each row
 
 Where it runs: `enabled()`, `MULTIPLEX_CPU_SAMPLER=auto|ours|torch` read once at import (`auto`: ours wherever the
 kernel builds, kernels/cpu_build.py), for fp32 CPU logits with unit stride along the vocabulary (the caller's check).
@@ -47,6 +49,12 @@ def sample(logits: torch.Tensor, temps: list[float], top_ks: list[int], top_ps: 
            u: list[float]) -> torch.Tensor:
     """(n, V) fp32 CPU logits, unit stride along V; per row its temperature, top-k, top-p and uniform draw in
     [0, 1) (any value for a greedy row) -> (n,) int64 token ids (see the module docstring)."""
+    return sample_checked(logits, temps, top_ks, top_ps, u)[0]
+
+
+def sample_checked(logits: torch.Tensor, temps: list[float], top_ks: list[int], top_ps: list[float],
+                   u: list[float]) -> tuple[torch.Tensor, list[int]]:
+    """sample(...) and the rows whose logits are not finite (their maximum NaN, +inf or -inf), ascending."""
     n, vocab = logits.shape
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or (n and logits.stride(1) != 1):
         raise ValueError("sample needs fp32 CPU logits with unit stride along the vocabulary")
@@ -54,10 +62,13 @@ def sample(logits: torch.Tensor, temps: list[float], top_ks: list[int], top_ps: 
         raise ValueError(f"expected {n} temperatures, top-ks, top-ps and draws")
     settings = array("d", [*temps, *top_ks, *top_ps, *u])  # (4, n): torch.tensor of the lists took ~40 us at n=64
     out = torch.empty(n, dtype=torch.int64)
-    if _library().multiplex_sample(n, vocab, logits.data_ptr(), logits.stride(0), settings.buffer_info()[0],
-                                   out.data_ptr(), torch.get_num_threads()):
+    bad = bytearray(n)
+    num_bad = _library().multiplex_sample(n, vocab, logits.data_ptr(), logits.stride(0), settings.buffer_info()[0],
+                                          out.data_ptr(), (ctypes.c_uint8 * n).from_buffer(bad) if n else None,
+                                          torch.get_num_threads())
+    if num_bad < 0:
         raise MemoryError(f"our CPU sampler could not allocate its scratch for a {vocab}-token vocabulary")
-    return out
+    return out, [row for row, b in enumerate(bad) if b] if num_bad else []
 
 
 def sample_ref(logits: torch.Tensor, temps: list[float], top_ks: list[int], top_ps: list[float],
@@ -88,7 +99,7 @@ def sample_ref(logits: torch.Tensor, temps: list[float], top_ks: list[int], top_
 
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.multiplex_sample.argtypes = [i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.multiplex_sample.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.multiplex_sample.restype = ctypes.c_int
 
 

@@ -200,6 +200,7 @@ class LLMEngine:
         self._last_forward_end = forward_end
         self.num_steps += 1
         self._emit_all(emit, self._fail_culprits(batch, run))
+        self._emit_all(emit, self._fail_nonfinite(run.batch, result))
         self._accept(run.batch, result)
         if not self.overlap_text:
             self._emit_text(emit)
@@ -262,12 +263,29 @@ class LLMEngine:
             return [out for rid in ids if (out := self.fail(rid, "internal error in the engine")) is not None]
         return [out for ref, exc in run.faulty for out in self._quarantine(ref, exc)]
 
-    def _quarantine(self, ref: AdapterRef, exc: Exception) -> list[RequestOutput]:
+    def _fail_nonfinite(self, batch: ScheduledBatch, result: SampleResult | None) -> list[RequestOutput]:
+        """Quarantine the adapter versions whose requests' logits were not finite (a NaN or an infinity: weights
+        that overflow in the model's dtype, which other requests of the step never see), failing their requests
+        instead of answering them with the degenerate row's token. A base-model row keeps that token (logged)."""
+        if result is None or not result.nonfinite:
+            return []
+        sampled = [s.request for s in batch.seqs if s.needs_logits]
+        outputs: list[RequestOutput] = []
+        for row in result.nonfinite:
+            req = sampled[row]
+            if req.adapter is None:
+                log.warning("request %s: the base model's logits are not finite", req.request_id)
+            elif req.adapter.key not in self.quarantined:
+                outputs += self._quarantine(req.adapter, None, "gave logits that are not finite (NaN or infinity: "
+                                                              "its values overflow in the model's dtype)")
+        return outputs
+
+    def _quarantine(self, ref: AdapterRef, exc: Exception | None, what: str = "failed in the engine"
+                    ) -> list[RequestOutput]:
         """Refuse this adapter version from now on, fail its requests (running or waiting), free its slot."""
         if ref.key not in self.quarantined:
-            log.error("adapter %r version %d failed in the engine; quarantined", ref.adapter_id, ref.version,
-                      exc_info=exc)
-            self.quarantined[ref.key] = (f"adapter {ref.adapter_id!r} version {ref.version} failed in the engine "
+            log.error("adapter %r version %d %s; quarantined", ref.adapter_id, ref.version, what, exc_info=exc)
+            self.quarantined[ref.key] = (f"adapter {ref.adapter_id!r} version {ref.version} {what} "
                                          f"and was quarantined; upload a new version to use it again")
         ids = [rid for rid, r in self.requests.items() if r.adapter is not None and r.adapter.key == ref.key]
         message = self.quarantined[ref.key]

@@ -1,7 +1,7 @@
 """Next-token choice per request: greedy, temperature, top-k, top-p, a per-request seed, and top logprobs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +15,7 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float | None]  # chosen token's logprob (None when not asked for)
     top: list[list[tuple[int, float]] | None]  # top-k (token, logprob) per row when asked for
+    nonfinite: list[int] = field(default_factory=list)  # rows whose logits hold a NaN or +inf (or are all -inf)
 
 
 def make_generator(params: SamplingParams) -> Uniforms | None:
@@ -26,8 +27,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
            outputs: list[list[int]] | None = None, cpu_kernel: bool = True) -> SampleResult:
     """logits: (B, V) fp32, one row per request that needs a token this step; outputs: the tokens each request
     generated so far (for presence/frequency penalties). Logprobs are those of the model's own distribution.
+    A row whose logits are not finite (their maximum NaN, +inf or -inf: an adapter that overflows) is named in
+    `nonfinite`, its token that of the degenerate row (the first maximum).
     cpu_kernel=False: the batched PyTorch ops even where our CPU kernel runs (the benchmark compares the two)."""
-    token_ids = _choose(_penalized(logits, params, outputs), params, generators, cpu_kernel)
+    token_ids, nonfinite = _choose(_penalized(logits, params, outputs), params, generators, cpu_kernel)
     ids = token_ids.tolist()
     want = [p.logprobs is not None for p in params]
     logprobs: list[float | None] = [None] * len(ids)
@@ -43,18 +46,25 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                     top[row] = list(zip(idx.tolist(), vals.tolist()))
                 else:
                     top[row] = []
-    return SampleResult(ids, logprobs, top)
+    return SampleResult(ids, logprobs, top, nonfinite)
 
 
 def _choose(logits: torch.Tensor, params: list[SamplingParams], generators: list[Uniforms | None],
-            cpu_kernel: bool = True) -> torch.Tensor:
-    """One token per row: (B, V) -> (B,). fp32 logits on a CPU go through our kernel (kernels/cpu_sampler.c, one
-    call for every row, greedy or not); elsewhere a fixed number of batched PyTorch ops."""
+            cpu_kernel: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """One token per row, and the rows whose logits are not finite: (B, V) -> (B,), [rows]. fp32 logits on a CPU
+    go through our kernel (kernels/cpu_sampler.c, one call for every row, greedy or not, which finds those rows on
+    its own pass); elsewhere a fixed number of batched PyTorch ops and one reduction for them."""
     if cpu_kernel and logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.stride(-1) == 1 \
             and cpu_sampler.enabled():
-        return cpu_sampler.sample(logits, [p.temperature for p in params], [p.top_k for p in params],
-                                  [p.top_p for p in params],
-                                  [g.next() if p.temperature > 0 else 0.0 for p, g in zip(params, generators)])
+        return cpu_sampler.sample_checked(
+            logits, [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
+            [g.next() if p.temperature > 0 else 0.0 for p, g in zip(params, generators)])
+    bad = ~torch.isfinite(logits.amax(dim=-1)) if logits.shape[1] else torch.zeros(len(logits), dtype=torch.bool)
+    return _torch_choose(logits, params, generators), bad.nonzero()[:, 0].tolist() if bool(bad.any()) else []
+
+
+def _torch_choose(logits: torch.Tensor, params: list[SamplingParams], generators: list[Uniforms | None]
+                  ) -> torch.Tensor:
     rows = [row for row, p in enumerate(params) if p.temperature > 0]
     if not rows:
         return greedy_tokens(logits)

@@ -242,7 +242,11 @@ def test_rank_of_every_part(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_values_finite_in_the_serving_dtype(kind):
     near_max = _one(kind, fill=3.4e38)  # finite in float32, inf in bfloat16
-    _validate(near_max, dtype=torch.float32)
+    if kind == "para":
+        _validate(near_max, dtype=torch.float32)
+    else:  # finite, but beyond any trained adapter's size (below)
+        with pytest.raises(ArtifactError, match=re.escape("beyond the server's limit 1e+06")):
+            _validate(near_max, dtype=torch.float32)
     with pytest.raises(ArtifactError, match=re.escape(f"{FIRST_PART[kind]}: 1 values overflow bfloat16")):
         _validate(near_max, dtype="bfloat16")
     with pytest.raises(ArtifactError, match="overflow float16"):
@@ -251,6 +255,31 @@ def test_values_finite_in_the_serving_dtype(kind):
         _validate(_one(kind, fill=math.nan), dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="unknown serving dtype"):
         _validate(near_max, dtype="float8")
+
+
+def test_deltas_beyond_any_trained_adapters_size_are_refused():
+    """Finite values that would overflow only at run time (the second probe's lora_alpha 1e30, IA3 vectors of 3e38,
+    sparse values of 1e7) are refused by name and size; the LowRank bound |s| |B| |A| is only a first look: a
+    product far smaller than it (factors scaled against each other, at right angles) is taken."""
+    e = torch.eye(64)
+    cases = {
+        "layers.0.q_proj: the norm of scale * B @ A is 2.83e+28": AdapterDeltas(lowrank={
+            "layers.0.q_proj": LowRank(e[:2] * 0.2, e[:, :2] * 0.2, 1e30 / 2)}),
+        "layers.0.k_scale: its largest entry is 3e+38": AdapterDeltas(scale={"layers.0.k": torch.full((32,), 3e38)}),
+        "layers.0.o_proj: the norm of its values is 1.41e+07": AdapterDeltas(sparse={"layers.0.o_proj": Sparse(
+            torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), torch.full((2,), 1e7),
+            (64, 64))}),
+    }
+    for needle, deltas in cases.items():
+        with pytest.raises(ArtifactError, match=re.escape(needle + ", beyond the server's limit 1e+06")):
+            _validate(deltas)
+    a = torch.stack([e[0] * 1e-4, e[1] * 1e4])  # B @ A = e0 e0' + e1 e1': norm sqrt(2); the bound 1e8
+    b = torch.stack([e[0] * 1e4, e[1] * 1e-4], dim=1)
+    _validate(AdapterDeltas(lowrank={"layers.0.q_proj": LowRank(a, b, 1.0)}))
+    _validate(AdapterDeltas(lowrank={"layers.0.q_proj": LowRank(a, b, 7e5)}))  # 9.9e5
+    with pytest.raises(ArtifactError, match=re.escape("is 1.13e+06")):
+        _validate(AdapterDeltas(lowrank={"layers.0.q_proj": LowRank(a, b, 8e5)}))
+    _validate(AdapterDeltas(scale={"layers.0.k": torch.full((32,), -1e6)}))  # the limit itself is taken
 
 
 def test_lowrank_scale_in_float32():

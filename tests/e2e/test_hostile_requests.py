@@ -38,7 +38,7 @@ from tests.live_server import LiveServer, running_server
 
 KEYS = {"acme": "key-of-acme", "globex": "key-of-globex"}
 ADMIN_TOKEN = "admin-secret"
-OVERFLOW_ADAPTER = "overflow"  # finite weights whose product overflows float32: its logits are NaN
+OVERFLOW_ADAPTER = "overflow"  # finite weights whose PARA vectors overflow float32: its logits are not finite
 MIN_LOGPROB = -9999.0  # server/api/generation.py's floor, spelled out so that this file imports on any version
 PROMPT = "The quick brown fox"
 FAST_S = 2.0  # a refusal "at once": generous for a loaded CI machine, far below the seconds the work would take
@@ -50,20 +50,21 @@ def auth(tenant: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def overflow_adapters(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    """An --adapters directory with one LoRA whose every value is finite in float32 (so it loads) but whose
-    x @ A @ B overflows it: inf in the residual stream, NaN logits (the issue's PARA adapter did the same)."""
+    """An --adapters directory with one PARA adapter whose every value is finite in float32 (so it loads; the upload
+    does not bound a PARA generator's size, as it bounds other deltas') but whose vectors overflow it: inf in the
+    activations, logits that are not finite (the issue's PARA adapter did the same)."""
     from adapters.artifact import save_artifact
-    from adapters.delta import AdapterDeltas, LowRank
+    from adapters.delta import AdapterDeltas, ParaLayer
     from server.model.config import ModelConfig
     from server.model.tiny import ensure_tiny_checkpoint
-    from tests.helpers import random_lowrank
+    from tests.helpers import random_para
 
     cfg = ModelConfig.from_dir(ensure_tiny_checkpoint(data_dir / "models" / "tiny"))
-    deltas = random_lowrank(cfg, {"down_proj": 2}, seed=0)
-    huge = AdapterDeltas(lowrank={name: LowRank(lr.A * 1e20, lr.B * 1e20, scale=lr.scale)
-                                  for name, lr in deltas.lowrank.items()})
+    deltas = random_para(cfg, seed=0, pool="mean")
+    huge = AdapterDeltas(para={layer: ParaLayer(p.pool, p.w_down * 1e19, p.w_up * 1e19, p.pool_query, p.act)
+                               for layer, p in deltas.para.items()})
     directory = tmp_path_factory.mktemp("overflow-adapters")
-    save_artifact(directory / OVERFLOW_ADAPTER, huge, method="lora", spec=cfg.spec())
+    save_artifact(directory / OVERFLOW_ADAPTER, huge, method="para", spec=cfg.spec())
     return directory
 
 
@@ -374,21 +375,18 @@ def test_generated_admin_token_is_in_a_file_not_in_the_log(tmp_path: Path) -> No
     assert not (tmp_path / "unused").exists()
 
 
-def test_non_finite_logprobs_are_floored_and_json_is_strict(server: LiveServer) -> None:
-    """The overflowing adapter's logits are NaN: its logprobs are reported as MIN_LOGPROB, whole or streamed,
-    and every body is JSON (no NaN literal). The encoders refuse NaN, so a regression fails loudly."""
+def test_an_adapter_whose_logits_are_not_finite_is_quarantined_and_json_is_strict(server: LiveServer) -> None:
+    """The overflowing adapter's logits are not finite: its request is answered with an error naming the adapter
+    (whole: 422; streamed: an error event), never tokens drawn from NaN, and every body is JSON (no NaN literal); the
+    version is refused at once afterwards. Logprobs the engine could still report as -inf or NaN (a token the sampler
+    ruled out; a base model's own overflow) are floored to MIN_LOGPROB on the wire, and the encoders refuse NaN, so a
+    regression fails loudly."""
     from fastapi.responses import JSONResponse
 
-    from server.api.generation import sse
+    from server.api.generation import reported_logprob, sse
 
     body = {"prompt": PROMPT, "adapter_id": OVERFLOW_ADAPTER, "max_tokens": 4, "temperature": 0,
             "ignore_eos": True, "logprobs": 2}
-    whole = server.client.post("/v1/completions", json=body, headers=auth("acme"))
-    assert whole.status_code == 200, whole.text
-    logprobs = strict_json(whole.text)["choices"][0]["logprobs"]
-    assert logprobs["token_logprobs"] == [MIN_LOGPROB] * 4  # NaN in the engine, the floor on the wire
-    assert all(value == MIN_LOGPROB for top in logprobs["top_logprobs"] for value in top.values())
-
     streamed = server.client.post("/v1/completions", json={**body, "stream": True}, headers=auth("acme"))
     assert streamed.status_code == 200
     for block in streamed.text.split("\n\n")[:-1]:
@@ -396,10 +394,18 @@ def test_non_finite_logprobs_are_floored_and_json_is_strict(server: LiveServer) 
         if payload != "[DONE]":
             strict_json(payload)
     events = parse_sse(streamed.text)
-    assert not any("error" in event for event in events), events
-    assert sum((e["choices"][0]["logprobs"]["token_logprobs"] for e in events if e["choices"][0]["logprobs"]),
-               []) == [MIN_LOGPROB] * 4
+    errors = [event["error"] for event in events if "error" in event]
+    assert len(errors) == 1 and errors[0]["type"] == "adapter_quarantined", events
+    assert f"adapter {OVERFLOW_ADAPTER!r} version 1 gave logits that are not finite" in errors[0]["message"]
+    assert not any(e["choices"][0]["text"] for e in events if "choices" in e)  # no token drawn from NaN
 
+    again = server.client.post("/v1/completions", json=body, headers=auth("acme"))
+    assert again.status_code == 422 and strict_json(again.text)["error"]["type"] == "adapter_quarantined"
+    assert "not finite" in again.json()["error"]["message"]
+    ok = server.client.post("/v1/completions", json={**body, "adapter_id": None}, headers=auth("acme"))
+    assert ok.status_code == 200 and len(ok.json()["choices"][0]["logprobs"]["token_logprobs"]) == 4
+
+    assert [reported_logprob(v) for v in (math.nan, -math.inf, math.inf, -1e5, -0.5)] == [MIN_LOGPROB] * 4 + [-0.5]
     for encode in (lambda value: sse({"logprob": value}), lambda value: JSONResponse({"logprob": value})):
         for value in (math.nan, math.inf, -math.inf):
             with pytest.raises(ValueError):

@@ -92,6 +92,28 @@ def test_degenerate_rows_take_their_first_maximum():
         assert got[5] < 40
 
 
+@pytest.mark.parametrize("n,vocab", [(6, 50), (64, 4097)])  # one thread; rows split over the team
+def test_rows_whose_logits_are_not_finite_are_named(n, vocab):
+    """sample_checked names the rows holding a NaN or +inf, or all -inf (an overflowing adapter's), greedy or not,
+    and no other: a temperature that overflows a finite maximum, large finite values and masked (-inf) tokens are
+    fine. Its tokens are sample's."""
+    gen = torch.Generator().manual_seed(n)
+    logits = torch.randn(n, vocab, generator=gen)
+    logits[0, [7, 3]] = float("nan")
+    logits[1] = float("-inf")
+    logits[2, [30, 9]] = float("inf")
+    logits[3, 11] = 3e38
+    logits[4, 40:] = float("-inf")
+    logits[n - 1, vocab - 1] = float("nan")  # the last entry: past the kernel's 8-float steps when vocab % 8
+    temps, ks, ps, u = settings(n, gen)
+    for t in (temps, [0.0] * n, [0.01] * n):
+        got, bad = cs.sample_checked(logits, t, ks, ps, u)
+        assert bad == [0, 1, 2, n - 1]
+        assert torch.equal(got, cs.sample(logits, t, ks, ps, u))
+    assert cs.sample_checked(torch.randn(3, vocab, generator=gen), [1.0] * 3, [0] * 3, [1.0] * 3, [0.5] * 3)[1] == []
+    assert cs.sample_checked(torch.randn(0, vocab), [], [], [], [])[1] == []
+
+
 def test_the_ends_of_the_draw_and_strided_rows():
     """u = 0 takes the row's first token with any probability (never a zero-probability one), u just under 1 its
     last; rows a slice of a wider tensor read as the contiguous copy."""

@@ -86,7 +86,8 @@ def test_cpu_engine_samples_with_our_kernel_the_tokens_of_the_pytorch_path(tmp_p
     path = make_hf_model(tmp_path / "m", "llama")
     prompts = {"a": list(range(3, 12)), "b": list(range(20, 25)), "c": list(range(30, 36))}
     calls = []
-    monkeypatch.setattr(cpu_sampler, "sample", lambda *a, _fn=cpu_sampler.sample: calls.append(len(a[0])) or _fn(*a))
+    monkeypatch.setattr(cpu_sampler, "sample_checked",
+                        lambda *a, _fn=cpu_sampler.sample_checked: calls.append(len(a[0])) or _fn(*a))
     seeded = SamplingParams(max_tokens=6, temperature=0.9, top_p=0.95, top_k=50, seed=7, ignore_eos=True)
     ids, _ = run_capture(small_engine(path), prompts, {}, max_tokens=6, params=seeded)
     assert calls == [3] * 6  # one call a step for all three rows

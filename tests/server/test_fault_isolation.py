@@ -137,6 +137,47 @@ def test_a_fault_mid_decode_fails_only_the_faulty_adapters_requests(model, sampl
     assert_back_to_start(engine, num_para_rows)
 
 
+def overflowing(cfg, kind: str) -> AdapterDeltas:
+    """Adapters that pass every upload check and overflow only at run time: LoRA with lora_alpha 1e30 (scale 1e30 /
+    r on q and up), IA3 vectors of 3e38 (a float32 value) on the MLP."""
+    if kind == "lora":
+        deltas = random_lowrank(cfg, {"q_proj": 2, "up_proj": 2}, seed=5)
+        for lr in deltas.lowrank.values():
+            lr.scale = 1e30 / 2
+        return deltas
+    deltas = random_ia3(cfg, seed=6)
+    for key in deltas.scale:
+        deltas.scale[key] = torch.full_like(deltas.scale[key], 3e38)
+    return deltas
+
+
+@pytest.mark.parametrize("kind,sampler", [("ia3", "ours"), ("ia3", "torch")])
+def test_an_adapter_that_overflows_at_run_time_is_quarantined_and_nobody_else_notices(model, kind, sampler,
+                                                                                       monkeypatch):
+    """Its logits are NaN or infinite: its requests end with an error that says so (not with tokens drawn from
+    noise), the version is quarantined, and every other request of the mixed batch gets its own tokens; with our CPU
+    sampler (which finds such rows on its own pass) and with the PyTorch ops (one reduction)."""
+    from kernels import cpu_sampler
+
+    if sampler == "torch":
+        monkeypatch.setattr(cpu_sampler, "enabled", lambda: False)
+    path, cfg, adapters = model
+    adapters = {**adapters, "bad": overflowing(cfg, kind)}
+    requests = plan(adapters, "seeded", MIXED)
+    innocent = {rid: r for rid, r in requests.items() if r[1] is None or r[1].adapter_id != "bad"}
+    expected = drive(small_engine(path), innocent)
+    engine = small_engine(path)
+    got = drive(engine, requests)
+    for rid in ("bad0", "bad1"):
+        assert got[rid].finish_reason == "error" and got[rid].token_ids == []
+        assert "'bad' version 1 gave logits that are not finite" in got[rid].error, got[rid].error
+    for rid in innocent:
+        assert got[rid].finish_reason == "length" and got[rid].token_ids == expected[rid].token_ids, rid
+    assert "bad@1" in engine.quarantined and "bad@1" not in engine.scheduler.adapters.resident
+    with pytest.raises(AdapterQuarantinedError, match="not finite"):
+        engine.add_request(Request("again", [5, 6, 7], SamplingParams(), adapter=AdapterRef("bad", 1, adapters["bad"])))
+
+
 def test_a_fault_in_prefill_fails_only_the_request_that_joins(model):
     path, _, adapters = model
     requests = plan(adapters, "greedy", {"base": None, "a": "lora-a", "pa": "para", "bad": "bad"})

@@ -148,6 +148,14 @@ def test_mistyped_manifest_field(admin, field):
     refused(admin, "a.zip", make_zip(lowrank_files(**{field: value})), 422, f"adapter.json: {needle}")
 
 
+def test_an_adapter_that_would_overflow_only_at_run_time(admin, tmp_path):
+    """The second probe's lora_alpha 1e30 (every value finite, the scale finite in float32): refused by its size,
+    nothing stored; the same adapter with its own alpha is the control."""
+    refused(admin, "alpha.zip", make_zip(_peft_with(tmp_path, lora_alpha=1e30)), 422,
+            "the norm of scale * B @ A is")
+    assert admin.upload("ok.zip", make_zip(peft_lora_files(tmp_path)), adapter_id="ok").status_code == 201
+
+
 def test_float8_tensors(admin):
     tensors = {"layers.0.q_proj.A": torch.randn(2, 64).to(torch.float8_e4m3fn),
                "layers.0.q_proj.B": torch.randn(64, 2).to(torch.float8_e4m3fn)}
