@@ -184,20 +184,27 @@ static void sort_desc(uint64_t *a, uint64_t *tmp, int64_t n) {
         }
         return;
     }
+    uint32_t at[4][256];  /* every pass's histogram from one read of the keys, by descending byte value */
+    memset(at, 0, sizeof at);
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t p = (uint32_t)(a[i] >> 32);
+        at[0][255 - (p & 255)]++;
+        at[1][255 - ((p >> 8) & 255)]++;
+        at[2][255 - ((p >> 16) & 255)]++;
+        at[3][255 - (p >> 24)]++;
+    }
     uint64_t *src = a, *dst = tmp;
-    for (int shift = 32; shift < 64; shift += 8) {
-        int64_t at[256] = {0};
-        for (int64_t i = 0; i < n; i++)
-            at[255 - ((src[i] >> shift) & 255)]++;
-        if (at[255 - ((src[0] >> shift) & 255)] == n)
-            continue;
-        for (int64_t d = 0, sum = 0; d < 256; d++) {
-            int64_t c = at[d];
-            at[d] = sum;
+    for (int pass = 0, shift = 32; pass < 4; pass++, shift += 8) {
+        uint32_t *h = at[pass];
+        if (h[255 - ((src[0] >> shift) & 255)] == (uint32_t)n)
+            continue;  /* a byte all keys share */
+        for (uint32_t d = 0, sum = 0; d < 256; d++) {
+            uint32_t c = h[d];
+            h[d] = sum;
             sum += c;
         }
         for (int64_t i = 0; i < n; i++)
-            dst[at[255 - ((src[i] >> shift) & 255)]++] = src[i];
+            dst[h[255 - ((src[i] >> shift) & 255)]++] = src[i];
         uint64_t *t = src;
         src = dst, dst = t;
     }
