@@ -37,7 +37,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from server.engine.cpu_threads import enter_forward_thread
 from server.engine.detokenizer import make_decoder, update_text
@@ -53,8 +53,7 @@ log = logging.getLogger(__name__)
 Deliver = Callable[[list[RequestOutput]], None]  # the outputs made together (a step's text: one call for them all)
 
 
-@dataclass
-class _NewToken:
+class _NewToken(NamedTuple):
     """A token accepted at the end of a step; its text is made while the next step's forward runs."""
 
     request: Request
@@ -300,44 +299,47 @@ class LLMEngine:
         for s in batch.seqs:
             s.request.num_computed_tokens = s.start + s.num_tokens
         sampled = [s.request for s in batch.seqs if s.needs_logits]
-        for row, req in enumerate(sampled):
-            if self.requests.get(req.request_id) is not req or req.finish_reason is not None:
+        if result is None:  # nobody needed a token this step (prompt chunks only)
+            return
+        requests, eos, max_len, new_tokens = self.requests, self.eos_token_ids, self.max_model_len, self._new_tokens
+        for req, token, logprob, top in zip(sampled, result.token_ids, result.logprobs, result.top):
+            if requests.get(req.request_id) is not req or req.finish_reason is not None:
                 continue
-            token = result.token_ids[row]
-            req.output_ids.append(token)
+            out = req.output_ids
+            out.append(token)
             self.num_generated_tokens += 1
             reason = None
-            if token in self.eos_token_ids and not req.params.ignore_eos:
-                req.output_ids.pop()  # EOS ends the text; it is not part of it (but is counted in the usage)
+            if token in eos and not req.params.ignore_eos:
+                out.pop()  # EOS ends the text; it is not part of it (but is counted in the usage)
                 req.ended_by_eos = True
                 reason = "stop"
-            elif len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            elif len(out) >= req.params.max_tokens or len(req.prompt_ids) + len(out) >= max_len:
                 reason = "length"
             if reason is not None:
                 self.scheduler.finish(req, reason)
-            self._new_tokens.append(_NewToken(req, token, result.logprobs[row], result.top[row], reason))
+            new_tokens.append(_NewToken(req, token, logprob, top, reason))
 
     def _emit_text(self, emit: Deliver) -> None:
         """The accepted tokens' text (stop strings cut), logprobs and outputs. Runs while a forward may be in flight:
         it touches no scheduler state; a request it ends by a stop string is finished after that forward."""
         new_tokens, self._new_tokens = self._new_tokens, []
         outputs = []
-        for new in new_tokens:
-            req, token, reason = new.request, new.token, new.reason
-            if self.requests.get(req.request_id) is not req:
+        requests, decoder, eos_ids, output = self.requests, self._decode, self.eos_token_ids, self._output
+        for req, token, logprob, top, reason in new_tokens:
+            if requests.get(req.request_id) is not req:
                 continue  # aborted or failed since
-            text, hit_stop = update_text(req, self._decode, final=reason is not None)
+            text, hit_stop = update_text(req, decoder, final=reason is not None)
             if hit_stop:
                 if reason is None:
                     self._stopped.append(req)
                 reason = req.finish_reason = "stop"
-            eos = reason == "stop" and token in self.eos_token_ids
+            eos = reason == "stop" and token in eos_ids
             logprobs = None
             if req.params.logprobs is not None and not eos:
-                logprobs = [self._logprob(token, new.logprob, new.top)]
+                logprobs = [self._logprob(token, logprob, top)]
             if reason is not None:
-                self.requests.pop(req.request_id, None)
-            outputs.append(self._output(req, text, [] if eos else [token], logprobs, finished=reason is not None))
+                requests.pop(req.request_id, None)
+            outputs.append(output(req, text, [] if eos else [token], logprobs, finished=reason is not None))
         self._emit_all(emit, outputs)
 
     def _finish_stopped(self) -> None:
