@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.errors import (
+    AdapterOverflowError,
     AdapterQuarantinedError,
     EngineError,
     EngineOverloadedError,
@@ -67,6 +68,7 @@ DOMAIN_ERRORS: dict[type[Exception], ErrorMapping] = {
     TenantOverloadedError: ErrorMapping(429, "rate_limit_error"),  # this tenant's limit, not the server's
     InvalidAdapterError: ErrorMapping(422, "invalid_adapter"),
     AdapterQuarantinedError: ErrorMapping(422, "adapter_quarantined"),  # retrying this version cannot succeed
+    AdapterOverflowError: ErrorMapping(422, "adapter_overflow"),  # this input overflows this adapter
     EngineError: ErrorMapping(500, "internal_error", is_message_shown=False),
     # the registry (server/registry/store.py)
     AdapterNotFoundError: ErrorMapping(404, "adapter_not_found"),

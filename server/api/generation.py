@@ -26,7 +26,13 @@ from server.api.engine_port import EnginePort
 from server.api.errors import ApiError, error_body, error_mapping
 from server.api.metrics import ApiMetrics
 from server.api.schemas import GenerationRequest
-from server.engine.errors import ADAPTER_QUARANTINED, AdapterQuarantinedError, PromptTooLongError
+from server.engine.errors import (
+    ADAPTER_OVERFLOW,
+    ADAPTER_QUARANTINED,
+    AdapterOverflowError,
+    AdapterQuarantinedError,
+    PromptTooLongError,
+)
 from server.engine.request import RequestOutput, SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -36,6 +42,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # finish reasons that end a stream with an error event (type, message) instead of a last chunk
 STREAM_FAILURES = {"error": ("internal_error", "the request failed in the engine"),
                    "abort": ("overloaded", "the request was aborted by the server")}
+# RequestOutput.error_type of a request its own adapter failed -> what the API answers (the engine's own message)
+ADAPTER_FAILURES = {ADAPTER_QUARANTINED: AdapterQuarantinedError, ADAPTER_OVERFLOW: AdapterOverflowError}
 Choice = dict[str, Any]
 _UNICODE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})  # see sse()
 
@@ -227,8 +235,8 @@ def _raise_for_failure(output: RequestOutput) -> None:
         raise ApiError(500, "internal server error", "internal_error")
     if output.finish_reason == "error":
         logger.error("engine failed request %s: %s", output.request_id, output.error)
-        if output.error_type == ADAPTER_QUARANTINED:  # the request's own adapter failed
-            raise AdapterQuarantinedError(output.error)
+        if output.error_type in ADAPTER_FAILURES:  # the request's own adapter failed
+            raise ADAPTER_FAILURES[output.error_type](output.error)
         raise ApiError(500, "internal error in the engine", "internal_error")
     if output.finish_reason == "abort":
         raise ApiError(503, "the request was aborted by the server (shutting down?); retry", "overloaded")
@@ -237,8 +245,8 @@ def _raise_for_failure(output: RequestOutput) -> None:
 def _stream_failure(output: RequestOutput) -> tuple[str, str]:
     """(type, message) of the error event that ends a failed stream; the engine's own words when they are about
     the request's adapter (every engine message is ours, never an exception's text)."""
-    if output.error_type == ADAPTER_QUARANTINED and output.error:
-        return error_mapping(AdapterQuarantinedError(output.error)).error_type, output.error
+    if output.error_type in ADAPTER_FAILURES and output.error:
+        return error_mapping(ADAPTER_FAILURES[output.error_type](output.error)).error_type, output.error
     return STREAM_FAILURES[output.finish_reason]
 
 

@@ -41,7 +41,7 @@ from typing import Callable, NamedTuple
 
 from server.engine.cpu_threads import enter_forward_thread
 from server.engine.detokenizer import make_decoder, update_text
-from server.engine.errors import ADAPTER_QUARANTINED, AdapterQuarantinedError, PromptTooLongError
+from server.engine.errors import ADAPTER_OVERFLOW, ADAPTER_QUARANTINED, AdapterQuarantinedError, PromptTooLongError
 from server.engine.isolation import StepRun, execute_isolating
 from server.engine.model_runner import ModelRunner, PreparedStep
 from server.engine.request import AdapterRef, Request, RequestOutput, Status, TokenLogprob
@@ -263,9 +263,10 @@ class LLMEngine:
         return [out for ref, exc in run.faulty for out in self._quarantine(ref, exc)]
 
     def _fail_nonfinite(self, batch: ScheduledBatch, result: SampleResult | None) -> list[RequestOutput]:
-        """Quarantine the adapter versions whose requests' logits were not finite (a NaN or an infinity: weights
-        that overflow in the model's dtype, which other requests of the step never see), failing their requests
-        instead of answering them with the degenerate row's token. A base-model row keeps that token (logged)."""
+        """Fail the requests whose logits were not finite (a NaN or an infinity: an adapter whose values overflow
+        the model's dtype on this input, which other requests of the step never see) with an error saying so,
+        instead of answering them with the degenerate row's token. The adapter stays served: another tenant's
+        prompt must not be able to take a public adapter away. A base-model row keeps that token (logged)."""
         if result is None or not result.nonfinite:
             return []
         sampled = [s.request for s in batch.seqs if s.needs_logits]
@@ -274,17 +275,23 @@ class LLMEngine:
             req = sampled[row]
             if req.adapter is None:
                 log.warning("request %s: the base model's logits are not finite", req.request_id)
-            elif req.adapter.key not in self.quarantined:
-                outputs += self._quarantine(req.adapter, None, "gave logits that are not finite (NaN or infinity: "
-                                                              "its values overflow in the model's dtype)")
+                continue
+            ref = req.adapter
+            log.warning("request %s: adapter %r version %d gave logits that are not finite", req.request_id,
+                        ref.adapter_id, ref.version)
+            message = (f"adapter {ref.adapter_id!r} version {ref.version} gave logits that are not finite (NaN or "
+                       f"infinity) for this request: its values overflow the model's dtype on this input")
+            out = self.fail(req.request_id, message, ADAPTER_OVERFLOW)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
-    def _quarantine(self, ref: AdapterRef, exc: Exception | None, what: str = "failed in the engine"
-                    ) -> list[RequestOutput]:
+    def _quarantine(self, ref: AdapterRef, exc: Exception) -> list[RequestOutput]:
         """Refuse this adapter version from now on, fail its requests (running or waiting), free its slot."""
         if ref.key not in self.quarantined:
-            log.error("adapter %r version %d %s; quarantined", ref.adapter_id, ref.version, what, exc_info=exc)
-            self.quarantined[ref.key] = (f"adapter {ref.adapter_id!r} version {ref.version} {what} "
+            log.error("adapter %r version %d failed in the engine; quarantined", ref.adapter_id, ref.version,
+                      exc_info=exc)
+            self.quarantined[ref.key] = (f"adapter {ref.adapter_id!r} version {ref.version} failed in the engine "
                                          f"and was quarantined; upload a new version to use it again")
         ids = [rid for rid, r in self.requests.items() if r.adapter is not None and r.adapter.key == ref.key]
         message = self.quarantined[ref.key]

@@ -30,5 +30,13 @@ class AdapterQuarantinedError(InvalidAdapterError):
     """This adapter version made the engine fail and is refused until a new version is uploaded."""
 
 
-# RequestOutput.error_type of a request failed because its adapter was quarantined (else "internal_error").
+class AdapterOverflowError(InvalidAdapterError):
+    """This request's adapter made its logits not finite (NaN or infinity): its values overflow the model's dtype on
+    this input. Only the request fails; the adapter stays served (another tenant's prompt must not be able to take a
+    public adapter away from everyone)."""
+
+
+# RequestOutput.error_type of a request failed because of its adapter (else "internal_error"): quarantined, or its
+# logits were not finite.
 ADAPTER_QUARANTINED = "adapter_quarantined"
+ADAPTER_OVERFLOW = "adapter_overflow"

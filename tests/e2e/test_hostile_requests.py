@@ -375,12 +375,11 @@ def test_generated_admin_token_is_in_a_file_not_in_the_log(tmp_path: Path) -> No
     assert not (tmp_path / "unused").exists()
 
 
-def test_an_adapter_whose_logits_are_not_finite_is_quarantined_and_json_is_strict(server: LiveServer) -> None:
+def test_an_adapter_whose_logits_are_not_finite_fails_its_request_and_json_is_strict(server: LiveServer) -> None:
     """The overflowing adapter's logits are not finite: its request is answered with an error naming the adapter
-    (whole: 422; streamed: an error event), never tokens drawn from NaN, and every body is JSON (no NaN literal); the
-    version is refused at once afterwards. Logprobs the engine could still report as -inf or NaN (a token the sampler
-    ruled out; a base model's own overflow) are floored to MIN_LOGPROB on the wire, and the encoders refuse NaN, so a
-    regression fails loudly."""
+    (streamed: an error event; whole: 422), never tokens drawn from NaN, and every body is JSON (no NaN literal).
+    Logprobs the engine could still report as -inf or NaN (a token the sampler ruled out; a base model's own
+    overflow) are floored to MIN_LOGPROB on the wire, and the encoders refuse NaN, so a regression fails loudly."""
     from fastapi.responses import JSONResponse
 
     from server.api.generation import reported_logprob, sse
@@ -395,13 +394,13 @@ def test_an_adapter_whose_logits_are_not_finite_is_quarantined_and_json_is_stric
             strict_json(payload)
     events = parse_sse(streamed.text)
     errors = [event["error"] for event in events if "error" in event]
-    assert len(errors) == 1 and errors[0]["type"] == "adapter_quarantined", events
+    assert len(errors) == 1 and errors[0]["type"] == "adapter_overflow", events
     assert f"adapter {OVERFLOW_ADAPTER!r} version 1 gave logits that are not finite" in errors[0]["message"]
     assert not any(e["choices"][0]["text"] for e in events if "choices" in e)  # no token drawn from NaN
 
-    again = server.client.post("/v1/completions", json=body, headers=auth("acme"))
-    assert again.status_code == 422 and strict_json(again.text)["error"]["type"] == "adapter_quarantined"
-    assert "not finite" in again.json()["error"]["message"]
+    whole = server.client.post("/v1/completions", json=body, headers=auth("acme"))
+    assert whole.status_code == 422 and strict_json(whole.text)["error"]["type"] == "adapter_overflow"
+    assert "not finite" in whole.json()["error"]["message"]
     ok = server.client.post("/v1/completions", json={**body, "adapter_id": None}, headers=auth("acme"))
     assert ok.status_code == 200 and len(ok.json()["choices"][0]["logprobs"]["token_logprobs"]) == 4
 

@@ -152,12 +152,13 @@ def overflowing(cfg, kind: str) -> AdapterDeltas:
 
 
 @pytest.mark.parametrize("kind,sampler", [("ia3", "ours"), ("ia3", "torch")])
-def test_an_adapter_that_overflows_at_run_time_is_quarantined_and_nobody_else_notices(model, kind, sampler,
-                                                                                       monkeypatch):
-    """Its logits are NaN or infinite: its requests end with an error that says so (not with tokens drawn from
-    noise), the version is quarantined, and every other request of the mixed batch gets its own tokens; with our CPU
-    sampler (which finds such rows on its own pass) and with the PyTorch ops (one reduction)."""
+def test_a_request_whose_adapter_overflows_fails_alone_and_nobody_else_notices(model, kind, sampler, monkeypatch):
+    """Its logits are NaN or infinite: each of its requests ends with an error that says so (not with tokens drawn
+    from noise), every other request of the mixed batch gets its own tokens, and the adapter is not quarantined
+    (another tenant's prompt must not take a public adapter away): with our CPU sampler (which finds such rows on its
+    own pass) and with the PyTorch ops (one reduction)."""
     from kernels import cpu_sampler
+    from server.engine.errors import ADAPTER_OVERFLOW
 
     if sampler == "torch":
         monkeypatch.setattr(cpu_sampler, "enabled", lambda: False)
@@ -167,15 +168,23 @@ def test_an_adapter_that_overflows_at_run_time_is_quarantined_and_nobody_else_no
     innocent = {rid: r for rid, r in requests.items() if r[1] is None or r[1].adapter_id != "bad"}
     expected = drive(small_engine(path), innocent)
     engine = small_engine(path)
+    failed, fail = [], engine.fail
+
+    def recorded(rid, message, why="internal_error"):
+        failed.append(why)
+        return fail(rid, message, why)
+
+    monkeypatch.setattr(engine, "fail", recorded)
     got = drive(engine, requests)
     for rid in ("bad0", "bad1"):
         assert got[rid].finish_reason == "error" and got[rid].token_ids == []
         assert "'bad' version 1 gave logits that are not finite" in got[rid].error, got[rid].error
+    assert failed == [ADAPTER_OVERFLOW] * 2
     for rid in innocent:
         assert got[rid].finish_reason == "length" and got[rid].token_ids == expected[rid].token_ids, rid
-    assert "bad@1" in engine.quarantined and "bad@1" not in engine.scheduler.adapters.resident
-    with pytest.raises(AdapterQuarantinedError, match="not finite"):
-        engine.add_request(Request("again", [5, 6, 7], SamplingParams(), adapter=AdapterRef("bad", 1, adapters["bad"])))
+    assert not engine.quarantined
+    again = drive(engine, {"again": ([5, 6, 7], AdapterRef("bad", 1, adapters["bad"]), SamplingParams(max_tokens=3))})
+    assert "not finite" in again["again"].error
 
 
 def test_a_fault_in_prefill_fails_only_the_request_that_joins(model):
