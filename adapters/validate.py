@@ -8,7 +8,7 @@
 | rank   | 1 <= r <= max_rank        |                             |              | 1 <= r <= max_rank           |
 | values | finite once cast to the server's dtype (`dtype`: float32 on CPU, bfloat16 on GPU); the scale |
 |        | finite in float32                                                                           |
-| size   | norm(scale B A) <= 1e6    | norm(values) <= 1e6         | |v_i| <= 1e6 | (not bounded)                |
+| size   | |s||B||A|, |A|, |B|, |sA|, |sB| <= 1e6 | norm(values) <= 1e6 | |v_i| <= 1e6 | (not bounded) |
 | sparse |                           | indices in range, sorted by (row, col), unique             |
 
 and the base fingerprint (when the manifest states one) is the backbone's. `validate` raises `ArtifactError` naming
@@ -138,11 +138,11 @@ def _check_lowrank(name: str, lr: LowRank, shape: tuple[int, int], max_rank: int
         raise ArtifactError(f"{name}: scale {lr.scale} overflows float32 (the server applies scales in float32)")
     _check_values(f"{name}.A", lr.A, dtype)
     _check_values(f"{name}.B", lr.B, dtype)
-    a, b = lr.A.double(), lr.B.double()
-    norm = abs(lr.scale) * float(b.norm()) * float(a.norm())  # a bound, O(r d); the exact norm only past the limit
-    if norm > MAX_DELTA_NORM:
-        norm = abs(lr.scale) * math.sqrt(max(0.0, float(((b.T @ b) * (a @ a.T)).sum())))  # ||BA||^2 = <B'B, AA'>
-    _check_size(name, "the norm of scale * B @ A", norm)
+    # What float32 computes, not the product's norm (factors that cancel, 1e20 against -1e20, multiply to 0 and
+    # still overflow on the way): x @ A^T, then its product with B^T, the scale folded into either factor.
+    a, b, scale = float(lr.A.double().norm()), float(lr.B.double().norm()), abs(lr.scale)
+    _check_size(name, "|scale| |B| |A| (a bound on the delta's norm)", scale * b * a)
+    _check_size(name, "the norm of a factor with the scale folded in", max(a, b) * max(1.0, scale))
 
 
 def _check_size(name: str, what: str, size: float) -> None:

@@ -234,9 +234,10 @@ def _raise_for_failure(output: RequestOutput) -> None:
         logger.error("engine stream for %s ended without a final output", output.request_id)
         raise ApiError(500, "internal server error", "internal_error")
     if output.finish_reason == "error":
-        logger.error("engine failed request %s: %s", output.request_id, output.error)
-        if output.error_type in ADAPTER_FAILURES:  # the request's own adapter failed
+        if output.error_type in ADAPTER_FAILURES:  # the request's own adapter failed: the tenant's, not ours
+            logger.warning("engine failed request %s: %s", output.request_id, output.error)
             raise ADAPTER_FAILURES[output.error_type](output.error)
+        logger.error("engine failed request %s: %s", output.request_id, output.error)
         raise ApiError(500, "internal error in the engine", "internal_error")
     if output.finish_reason == "abort":
         raise ApiError(503, "the request was aborted by the server (shutting down?); retry", "overloaded")
@@ -262,7 +263,8 @@ async def _stream(generation: Generation, first: RequestOutput, outputs: AsyncIt
             yield chunk(choice)
         while True:
             if output.finish_reason in STREAM_FAILURES:
-                logger.error("engine ended %s with %s: %s", output.request_id, output.finish_reason, output.error)
+                log = logger.warning if output.error_type in ADAPTER_FAILURES else logger.error  # the tenant's own
+                log("engine ended %s with %s: %s", output.request_id, output.finish_reason, output.error)
                 yield sse(error_body(*_stream_failure(output)))
                 break
             for choice in fmt.chunk_choices(output):

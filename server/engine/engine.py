@@ -277,8 +277,8 @@ class LLMEngine:
                 log.warning("request %s: the base model's logits are not finite", req.request_id)
                 continue
             ref = req.adapter
-            log.warning("request %s: adapter %r version %d gave logits that are not finite", req.request_id,
-                        ref.adapter_id, ref.version)
+            log.info("request %s: adapter %r version %d gave logits that are not finite", req.request_id,
+                     ref.adapter_id, ref.version)
             message = (f"adapter {ref.adapter_id!r} version {ref.version} gave logits that are not finite (NaN or "
                        f"infinity) for this request: its values overflow the model's dtype on this input")
             out = self.fail(req.request_id, message, ADAPTER_OVERFLOW)

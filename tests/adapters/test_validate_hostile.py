@@ -258,13 +258,19 @@ def test_values_finite_in_the_serving_dtype(kind):
 
 
 def test_deltas_beyond_any_trained_adapters_size_are_refused():
-    """Finite values that would overflow only at run time (the second probe's lora_alpha 1e30, IA3 vectors of 3e38,
-    sparse values of 1e7) are refused by name and size; the LowRank bound |s| |B| |A| is only a first look: a
-    product far smaller than it (factors scaled against each other, at right angles) is taken."""
+    """Finite values that would overflow only at run time are refused by name and size: the second probe's
+    lora_alpha 1e30, IA3 vectors of 3e38, sparse values of 1e7, and the third probe's two ways past a bound on the
+    product alone: factors that cancel (B @ A = 0 exactly, 1e39 on the way in float32) and a scale of 1e10 with A of
+    1e-37 (a tiny product, but B * scale, as the server folds it, is 1e40). A LoRA at the limit is taken."""
     e = torch.eye(64)
+    v, w = e[:1] * 1e19, e[:, :1] * 1e20
     cases = {
-        "layers.0.q_proj: the norm of scale * B @ A is 2.83e+28": AdapterDeltas(lowrank={
+        "layers.0.q_proj: |scale| |B| |A| (a bound on the delta's norm) is 4e+28": AdapterDeltas(lowrank={
             "layers.0.q_proj": LowRank(e[:2] * 0.2, e[:, :2] * 0.2, 1e30 / 2)}),
+        "layers.0.q_proj: |scale| |B| |A| (a bound on the delta's norm) is 2e+39": AdapterDeltas(lowrank={
+            "layers.0.q_proj": LowRank(torch.cat([v, v]), torch.cat([w, -w], dim=1), 1.0)}),  # B @ A == 0
+        "layers.0.q_proj: the norm of a factor with the scale folded in is 1.41e+40": AdapterDeltas(lowrank={
+            "layers.0.q_proj": LowRank(e[:2] * 1e-37, e[:, :2] * 1e30, 1e10)}),
         "layers.0.k_scale: its largest entry is 3e+38": AdapterDeltas(scale={"layers.0.k": torch.full((32,), 3e38)}),
         "layers.0.o_proj: the norm of its values is 1.41e+07": AdapterDeltas(sparse={"layers.0.o_proj": Sparse(
             torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), torch.full((2,), 1e7),
@@ -273,12 +279,12 @@ def test_deltas_beyond_any_trained_adapters_size_are_refused():
     for needle, deltas in cases.items():
         with pytest.raises(ArtifactError, match=re.escape(needle + ", beyond the server's limit 1e+06")):
             _validate(deltas)
-    a = torch.stack([e[0] * 1e-4, e[1] * 1e4])  # B @ A = e0 e0' + e1 e1': norm sqrt(2); the bound 1e8
-    b = torch.stack([e[0] * 1e4, e[1] * 1e-4], dim=1)
-    _validate(AdapterDeltas(lowrank={"layers.0.q_proj": LowRank(a, b, 1.0)}))
-    _validate(AdapterDeltas(lowrank={"layers.0.q_proj": LowRank(a, b, 7e5)}))  # 9.9e5
-    with pytest.raises(ArtifactError, match=re.escape("is 1.13e+06")):
-        _validate(AdapterDeltas(lowrank={"layers.0.q_proj": LowRank(a, b, 8e5)}))
+    cancelling = next(d for k, d in cases.items() if "2e+39" in k).lowrank["layers.0.q_proj"]
+    assert torch.equal(cancelling.B.double() @ cancelling.A.double(), torch.zeros(64, 64, dtype=torch.float64))
+    a, b = e[:2] * 1e3, e[:, :2] * 1e3 / 2**0.5  # |A| 1414, |B| 1000
+    _validate(AdapterDeltas(lowrank={"layers.0.q_proj": LowRank(a, b, 0.7)}))  # 9.9e5
+    with pytest.raises(ArtifactError, match=re.escape("is 1.02e+06")):
+        _validate(AdapterDeltas(lowrank={"layers.0.q_proj": LowRank(a, b, 0.72)}))
     _validate(AdapterDeltas(scale={"layers.0.k": torch.full((32,), -1e6)}))  # the limit itself is taken
 
 
