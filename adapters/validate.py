@@ -8,7 +8,7 @@
 | rank   | 1 <= r <= max_rank        |                             |              | 1 <= r <= max_rank           |
 | values | finite once cast to the server's dtype (`dtype`: float32 on CPU, bfloat16 on GPU); the scale |
 |        | finite in float32                                                                           |
-| size   | |s||B||A|, |A|, |B|, |sA|, |sB| <= 1e6 | norm(values) <= 1e6 | |v_i| <= 1e6 | (not bounded) |
+| size   | |s||B||A|, |A|, |B|, |sA|, |sB| <= 1e6 | norm(values) <= 1e6 | |v_i| <= 1e6 | each part, |up||down| <= 1e6 |
 | sparse |                           | indices in range, sorted by (row, col), unique             |
 
 and the base fingerprint (when the manifest states one) is the backbone's. `validate` raises `ArtifactError` naming
@@ -201,3 +201,8 @@ def _check_para(layer: int, p: ParaLayer, spec: dict, max_rank: int | None, dtyp
         _check_weight(f"{name}.{part}", t, shape)
     for part, (t, _) in parts.items():
         _check_values(f"{name}.{part}", t, dtype)
+    norms = {part: float(t.double().norm()) for part, (t, _) in parts.items()}
+    for part, norm in norms.items():
+        _check_size(f"{name}.{part}", "its norm", norm)
+    _check_size(name, "|up| |down| (a bound on how the generator scales a pooled hidden state)",
+                norms["up"] * norms["down"])

@@ -242,11 +242,8 @@ def test_rank_of_every_part(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_values_finite_in_the_serving_dtype(kind):
     near_max = _one(kind, fill=3.4e38)  # finite in float32, inf in bfloat16
-    if kind == "para":
-        _validate(near_max, dtype=torch.float32)
-    else:  # finite, but beyond any trained adapter's size (below)
-        with pytest.raises(ArtifactError, match=re.escape("beyond the server's limit 1e+06")):
-            _validate(near_max, dtype=torch.float32)
+    with pytest.raises(ArtifactError, match=re.escape("beyond the server's limit 1e+06")):
+        _validate(near_max, dtype=torch.float32)  # finite, but beyond any trained adapter's size (below)
     with pytest.raises(ArtifactError, match=re.escape(f"{FIRST_PART[kind]}: 1 values overflow bfloat16")):
         _validate(near_max, dtype="bfloat16")
     with pytest.raises(ArtifactError, match="overflow float16"):
@@ -275,6 +272,10 @@ def test_deltas_beyond_any_trained_adapters_size_are_refused():
         "layers.0.o_proj: the norm of its values is 1.41e+07": AdapterDeltas(sparse={"layers.0.o_proj": Sparse(
             torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), torch.full((2,), 1e7),
             (64, 64))}),
+        "para.layers.0.query: its norm is 1e+30": AdapterDeltas(para={0: ParaLayer(  # the third probe's query
+            "attention", e[:2], torch.ones(PARA_UP_ROWS, 2) * 0.1, e[0] * 1e30, "silu")}),
+        "para.layers.0: |up| |down| (a bound on how the generator scales a pooled hidden state) is 1.5e+06":
+            AdapterDeltas(para={0: ParaLayer("mean", e[:2] * 5e5, torch.ones(PARA_UP_ROWS, 2) * 0.1, None, "silu")}),
     }
     for needle, deltas in cases.items():
         with pytest.raises(ArtifactError, match=re.escape(needle + ", beyond the server's limit 1e+06")):

@@ -10,7 +10,7 @@ about the request path and auth. Each is refused cheaply, before the work it wou
 |                                                 | test_api_auth_modes                                          |
 | seed = 10**30 was a 500                         | test_numbers_out_of_range_are_400                            |
 | the generated admin token in the log            | test_generated_admin_token_is_in_a_file_not_in_the_log       |
-| NaN in JSON, 500 on logprobs                    | test_non_finite_logprobs_are_floored_and_json_is_strict      |
+| NaN in JSON, 500 on logprobs                    | test_an_adapter_whose_logits_are_not_finite_fails_its_request_and_json_is_strict |
 | /health stalled by any of them                  | test_health_answers_quickly_during_hostile_requests          |
 
 test_keys_and_tenants_through_the_guard checks that the tenants' semantics did not change (it passed before too).
@@ -32,13 +32,14 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from tests.helpers import assert_error, parse_sse
 from tests.live_server import LiveServer, running_server
 
 KEYS = {"acme": "key-of-acme", "globex": "key-of-globex"}
 ADMIN_TOKEN = "admin-secret"
-OVERFLOW_ADAPTER = "overflow"  # finite weights whose PARA vectors overflow float32: its logits are not finite
+OVERFLOW_ADAPTER = "overflow"  # IA3 vectors of 6e4: within every upload limit, they overflow float16 at run time
 MIN_LOGPROB = -9999.0  # server/api/generation.py's floor, spelled out so that this file imports on any version
 PROMPT = "The quick brown fox"
 FAST_S = 2.0  # a refusal "at once": generous for a loaded CI machine, far below the seconds the work would take
@@ -50,21 +51,20 @@ def auth(tenant: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def overflow_adapters(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    """An --adapters directory with one PARA adapter whose every value is finite in float32 (so it loads; the upload
-    does not bound a PARA generator's size, as it bounds other deltas') but whose vectors overflow it: inf in the
-    activations, logits that are not finite (the issue's PARA adapter did the same)."""
+    """An --adapters directory with one IA3 adapter of vectors 6e4 on every layer: within every upload limit (its
+    values are finite in float16, its size below 1e6), it computes in float32 and overflows a float16 model on any
+    prompt (the activations scaled by 6e4 a layer): logits that are not finite."""
     from adapters.artifact import save_artifact
-    from adapters.delta import AdapterDeltas, ParaLayer
     from server.model.config import ModelConfig
     from server.model.tiny import ensure_tiny_checkpoint
-    from tests.helpers import random_para
+    from tests.helpers import random_ia3
 
     cfg = ModelConfig.from_dir(ensure_tiny_checkpoint(data_dir / "models" / "tiny"))
-    deltas = random_para(cfg, seed=0, pool="mean")
-    huge = AdapterDeltas(para={layer: ParaLayer(p.pool, p.w_down * 1e19, p.w_up * 1e19, p.pool_query, p.act)
-                               for layer, p in deltas.para.items()})
+    deltas = random_ia3(cfg, seed=0)
+    for key in deltas.scale:
+        deltas.scale[key] = torch.full_like(deltas.scale[key], 6e4)
     directory = tmp_path_factory.mktemp("overflow-adapters")
-    save_artifact(directory / OVERFLOW_ADAPTER, huge, method="para", spec=cfg.spec())
+    save_artifact(directory / OVERFLOW_ADAPTER, deltas, method="ia3", spec=cfg.spec())
     return directory
 
 
@@ -375,9 +375,19 @@ def test_generated_admin_token_is_in_a_file_not_in_the_log(tmp_path: Path) -> No
     assert not (tmp_path / "unused").exists()
 
 
-def test_an_adapter_whose_logits_are_not_finite_fails_its_request_and_json_is_strict(server: LiveServer) -> None:
-    """The overflowing adapter's logits are not finite: its request is answered with an error naming the adapter
-    (streamed: an error event; whole: 422), never tokens drawn from NaN, and every body is JSON (no NaN literal).
+@pytest.fixture
+def fp16_server(overflow_adapters: Path, tmp_path: Path) -> Iterator[LiveServer]:
+    """The tiny model in float16, with the same keys and adapters."""
+    keys = ",".join(f"{key}:{tenant}" for tenant, key in KEYS.items())
+    with running_server(model="tiny", adapters=overflow_adapters, data_dir=tmp_path / "data", api_keys=keys,
+                        admin_token=ADMIN_TOKEN, max_num_seqs=4, dtype="float16") as live:
+        yield live
+
+
+def test_an_adapter_whose_logits_are_not_finite_fails_its_request_and_json_is_strict(fp16_server: LiveServer) -> None:
+    """On a float16 model the overflowing adapter's logits are not finite: its request is answered with an error
+    naming the adapter (streamed: an error event; whole: 422), never tokens drawn from NaN, while the base model
+    answers; the adapter is not quarantined; every body is JSON (no NaN literal).
     Logprobs the engine could still report as -inf or NaN (a token the sampler ruled out; a base model's own
     overflow) are floored to MIN_LOGPROB on the wire, and the encoders refuse NaN, so a regression fails loudly."""
     from fastapi.responses import JSONResponse
@@ -386,7 +396,7 @@ def test_an_adapter_whose_logits_are_not_finite_fails_its_request_and_json_is_st
 
     body = {"prompt": PROMPT, "adapter_id": OVERFLOW_ADAPTER, "max_tokens": 4, "temperature": 0,
             "ignore_eos": True, "logprobs": 2}
-    streamed = server.client.post("/v1/completions", json={**body, "stream": True}, headers=auth("acme"))
+    streamed = fp16_server.client.post("/v1/completions", json={**body, "stream": True}, headers=auth("acme"))
     assert streamed.status_code == 200
     for block in streamed.text.split("\n\n")[:-1]:
         payload = block.removeprefix("data: ")
@@ -398,10 +408,10 @@ def test_an_adapter_whose_logits_are_not_finite_fails_its_request_and_json_is_st
     assert f"adapter {OVERFLOW_ADAPTER!r} version 1 gave logits that are not finite" in errors[0]["message"]
     assert not any(e["choices"][0]["text"] for e in events if "choices" in e)  # no token drawn from NaN
 
-    whole = server.client.post("/v1/completions", json=body, headers=auth("acme"))
+    whole = fp16_server.client.post("/v1/completions", json=body, headers=auth("acme"))
     assert whole.status_code == 422 and strict_json(whole.text)["error"]["type"] == "adapter_overflow"
     assert "not finite" in whole.json()["error"]["message"]
-    ok = server.client.post("/v1/completions", json={**body, "adapter_id": None}, headers=auth("acme"))
+    ok = fp16_server.client.post("/v1/completions", json={**body, "adapter_id": None}, headers=auth("acme"))
     assert ok.status_code == 200 and len(ok.json()["choices"][0]["logprobs"]["token_logprobs"]) == 4
 
     assert [reported_logprob(v) for v in (math.nan, -math.inf, math.inf, -1e5, -0.5)] == [MIN_LOGPROB] * 4 + [-0.5]
