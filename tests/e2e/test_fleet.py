@@ -54,10 +54,14 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: all probed at once (one at a time, the OS may hand out a port again that a process
+    started a moment ago has not bound yet: a replica once got the Redis server's port)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def nginx_site(source: str, replica_ports: list[int], listen_port: int) -> str:
@@ -131,12 +135,11 @@ def fleet(tmp_path_factory):
     work = tmp_path_factory.mktemp("fleet")
     processes: list[subprocess.Popen] = []
     try:
-        redis_port = _free_port()
+        redis_port, listen_port, *ports = _free_ports(2 + NUM_REPLICAS)
         processes.append(subprocess.Popen(
             [REDIS_SERVER, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(work), "--logfile", str(work / "redis.log"), "--daemonize", "no"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        ports = [_free_port() for _ in range(NUM_REPLICAS)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MULTIPLEX_") and k != "REDIS_URL"}
         env.update(REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", MULTIPLEX_ADMIN_TOKEN="admin-secret")
         replicas, urls, logs = [], [], []
@@ -151,7 +154,6 @@ def fleet(tmp_path_factory):
             processes.append(replicas[-1])
             urls.append(f"http://127.0.0.1:{port}")
             logs.append(log)
-        listen_port = _free_port()
         (work / "site.conf").write_text(nginx_site((ROOT / "docker" / "nginx.conf").read_text(), ports, listen_port))
         (work / "nginx.conf").write_text(nginx_main(work))
         checked = subprocess.run([NGINX, "-t", "-p", str(work), "-e", str(work / "error.log"), "-c",
