@@ -6,6 +6,7 @@ To add one (`train`, `upload`, ...), write those two functions in the module tha
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import signal
@@ -138,11 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def kernels_name_clash() -> str | None:
+    """Why this environment cannot run us, when Hugging Face's `kernels` package is installed: its import name is
+    our kernels/ package's, so transformers (which imports it where installed) gets ours and fails on its first
+    model import with an ImportError that does not say why. None when it is not installed."""
+    try:
+        version = importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return (f"Hugging Face's `kernels` package ({version}) is installed in this environment; its import name is that "
+            f"of multiplex's own `kernels` package, and transformers would import ours in its place and fail. "
+            f"Uninstall it (`pip uninstall kernels`) and keep transformers below 5.25, which requires it (README, "
+            f"Next steps)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # the trainer parses its own flags (argparse cannot pass '--x' through a subparser)
         argv = ["train", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
+    clash = kernels_name_clash() if args.command in ("serve", "train") else None
+    if clash is not None:
+        print(f"multiplex {args.command}: {clash}", file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except ConfigError as exc:
