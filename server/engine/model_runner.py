@@ -156,15 +156,16 @@ class ModelRunner:
         seq_lens = (starts + 1).astype(np.int32)
         input_ids = np.fromiter([r.token_at(st) for r, st in zip(reqs, starts.tolist())], dtype=np.int64, count=n)
         needs = [s.needs_logits for s in seqs]
+        slots = [r.slot for r in reqs]
         # a prompt's first token (a PARA prefill) or a prompt's chunk (no logits): built afresh, not kept
         layout = None if not (all(needs) and starts.all()) else (
-            tuple([r.slot for r in reqs]), tuple([r.para_row for r in reqs]), self._pool_changes(), str(dev))
+            tuple(slots), tuple([r.para_row for r in reqs]), self._pool_changes(), str(dev))
         last = self._last_decode
         if layout is None or last is None or last[0] != layout:
             logits_indices = np.flatnonzero(np.fromiter(needs, dtype=bool, count=n))
             fixed = dict(q_start=torch.arange(n + 1, dtype=torch.int32).to(dev),
                          logits_indices=torch.from_numpy(logits_indices.astype(np.int64)).to(dev),
-                         segments=self._segments([1] * n, [r.slot for r in reqs], dev),
+                         segments=self._segments([1] * n, slots, dev),
                          fields=self._adapter_fields(batch, list(range(n + 1)), 0, dev))
             self._last_decode = last = (layout, fixed)
         fixed = last[1]
