@@ -3,7 +3,7 @@
 576, down 576 x 1536: 14 MB a layer, more than the CPU's caches hold at 8 layers, so the weights stream from memory
 as in a real step), for each token count. `--grid`: instead, the LoRA deltas of a decode step (kernels/lowrank.py's
 padded grid) over all 30 layers' four projection groups, 8 rank-16 adapters on 16 slots, one token per request in
-turn across the adapters, torch's gather-bmm against our kernel.
+turn across the adapters, torch's gather-bmm against our kernel, on fp32 factors and on the same in bf16.
 
     python -m benchmarks.cpu_matmul [--tokens 1 4 16 64 512] [--layers 8] [--out FILE.json]
     python -m benchmarks.cpu_matmul --grid [--tokens 16 32]
@@ -18,6 +18,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import torch
@@ -30,7 +31,8 @@ GROUPS = ((576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (57
 
 
 def grid_ways(tokens: int, gen: torch.Generator, rank: int = 16, layers: int = 30, adapters: int = 8):
-    """The padded LoRA factors of a smollm2 step and its inputs -> (weight bytes, {way: fn}, max |diff|)."""
+    """The padded LoRA factors of a smollm2 step and its inputs -> (fp32 weight bytes, {way: fn}, max |diff|).
+    Ways: torch's gather-bmm, our kernel, our kernel on the factors in bf16 (`--lora-dtype bfloat16`: half the bytes)."""
     ops = []
     for _ in range(layers):
         for d_in, widths in GROUPS:
@@ -42,10 +44,12 @@ def grid_ways(tokens: int, gen: torch.Generator, rank: int = 16, layers: int = 3
     seg = make_segments([1] * tokens, [i % adapters for i in range(tokens)], "cpu")
     weight_bytes = sum(4 * adapters * (f.a[0].numel() + sum(b[0].numel() for b in f.bt)) for f, _, _ in ops)
 
-    def way(kernel: bool):
+    bf16_ops = [(replace(f, a=f.a.bfloat16(), bt=tuple(b.bfloat16() for b in f.bt)), x, y) for f, x, y in ops]
+
+    def way(kernel: bool, factors=ops):
         def run(_):
             cpu_matmul._enabled = kernel  # the dispatch kernels/lowrank.py reads
-            for f, x, y in ops:
+            for f, x, y in factors:
                 lowrank.lowrank_delta_padded(y, x, seg, f)
         return run
 
@@ -56,7 +60,8 @@ def grid_ways(tokens: int, gen: torch.Generator, rank: int = 16, layers: int = 3
         cpu_matmul._enabled = kernel
         lowrank.lowrank_delta_padded(y, x, seg, f)
         outs.append(y)
-    return weight_bytes, {"gather-bmm": way(False), "ours": way(True)}, (outs[0] - outs[1]).abs().max().item()
+    return (weight_bytes, {"gather-bmm": way(False), "ours": way(True), "ours-bf16": way(True, bf16_ops)},
+            (outs[0] - outs[1]).abs().max().item())
 
 
 def _best_of_rounds(ways: dict, arg) -> dict[str, float]:
@@ -133,11 +138,13 @@ def grid_main(args, argv: list[str], gen: torch.Generator) -> list[dict]:
         best = _best_of_rounds(ways, None)
         row = dict(tokens=tokens, gather_bmm_ms=1e3 * best["gather-bmm"], ours_ms=1e3 * best["ours"],
                    speedup=best["gather-bmm"] / best["ours"], ours_factor_gb_s=weight_bytes / best["ours"] / 1e9,
-                   max_abs_err=err)
+                   ours_bf16_ms=1e3 * best["ours-bf16"], bf16_speedup=best["ours"] / best["ours-bf16"],
+                   ours_bf16_factor_gb_s=weight_bytes / 2 / best["ours-bf16"] / 1e9, max_abs_err=err)
         rows.append(row)
         print(f"{tokens:5d} tokens over 8 adapters, 120 ops: gather-bmm {row['gather_bmm_ms']:7.2f} ms, ours "
               f"{row['ours_ms']:7.2f} ms ({row['speedup']:.2f}x; factors at {row['ours_factor_gb_s']:.1f} GB/s; "
-              f"max |diff| {err:.1e})", flush=True)
+              f"max |diff| {err:.1e}); bf16 factors {row['ours_bf16_ms']:7.2f} ms ({row['bf16_speedup']:.2f}x ours, "
+              f"at {row['ours_bf16_factor_gb_s']:.1f} GB/s)", flush=True)
     _write(args.out, argv, rows, grid=True, variant=cpu_matmul.VARIANT)
     return rows
 

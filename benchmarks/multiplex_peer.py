@@ -22,8 +22,8 @@ REQUEST_TIMEOUT_S = 1800
 
 
 class MultiplexPeer:
-    def __init__(self, workload: Workload, work_dir: Path, cpu_threads: int | None = None):
-        """`cpu_threads`: the server's --cpu-threads (None: its default)."""
+    def __init__(self, workload: Workload, work_dir: Path, cpu_threads: int | None = None, lora_dtype: str = "auto"):
+        """`cpu_threads`: the server's --cpu-threads (None: its default); `lora_dtype`: its --lora-dtype."""
         self.workload = workload
         port = _free_port()
         command = [sys.executable, "-m", "server", "serve", "--model", workload.model_dir,
@@ -32,7 +32,10 @@ class MultiplexPeer:
                    "--max-num-seqs", str(workload.num_requests), "--log-level", "WARNING"]
         if cpu_threads:
             command += ["--cpu-threads", str(cpu_threads)]
-        self.system = f"multiplex {version('multiplex')} (HTTP, {workload.num_requests} concurrent requests)"
+        if lora_dtype != "auto":
+            command += ["--lora-dtype", lora_dtype]
+        self.system = (f"multiplex {version('multiplex')} (HTTP, {workload.num_requests} concurrent requests"
+                       f"{'' if lora_dtype == 'auto' else ', adapters in ' + lora_dtype})")
         self.command = " ".join(command)
         # A clean environment: no MULTIPLEX_* or REDIS_URL of the caller (API keys, a shared Redis) changes the run.
         env = {k: v for k, v in os.environ.items() if not k.startswith("MULTIPLEX_") and k != "REDIS_URL"}

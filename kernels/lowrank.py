@@ -371,14 +371,20 @@ class PaddedFactors:
     """The CPU layout: each slot's factors zero-padded to one rank R (Punica's padded gather-bmm). On a CPU every
     torch call costs microseconds of dispatch, so one batched matmul per op beats a loop over adapters."""
 
-    a: torch.Tensor  # (num_slots, num_slices * R, d_in) fp32; slice i in rows [i*R, (i+1)*R), zero past its rank
-    bt: tuple[torch.Tensor, ...]  # per slice (num_slots, R, w_i) fp32, scale folded in, zero past the rank
+    # Both fp32, or both bf16 (`--lora-dtype bfloat16`: half the bytes a step streams; widened to fp32 where used).
+    a: torch.Tensor  # (num_slots, num_slices * R, d_in); slice i in rows [i*R, (i+1)*R), zero past its rank
+    bt: tuple[torch.Tensor, ...]  # per slice (num_slots, R, w_i), scale folded in, zero past the rank
     out_start: tuple[int, ...]
     out_width: tuple[int, ...]
 
     @property
     def rank(self) -> int:
         return self.bt[0].shape[1]
+
+    @functools.cached_property
+    def grid(self) -> cpu_matmul.GridFactors:
+        """The stacks as our grid kernel takes them, checked and built once (loads write into them in place)."""
+        return cpu_matmul.grid_factors(self.a, self.bt, self.out_start)
 
 
 def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factors: PaddedFactors) -> None:
@@ -405,7 +411,7 @@ def _lowrank_grid(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, sb: 
             and x.stride(-1) == 1 and y.stride(-1) == 1 and len(factors.bt) <= cpu_matmul.MAX_SLICES
             and cpu_matmul.enabled()):
         # the same sums without the gathers, the padded products or the scatter (kernels/cpu_matmul.py)
-        cpu_matmul.lowrank_grid(y, x, factors.a, factors.bt, factors.out_start, sb.slots, sb.offsets, sb.rows)
+        cpu_matmul.lowrank_grid_prepared(y, x, factors.grid, sb.grid_groups)
         return
     _lowrank_grid_torch(y, x, factors, sb)
 
@@ -414,8 +420,8 @@ def _lowrank_grid_torch(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors
     # index_select rather than advanced indexing: the same gathers at a fraction of the dispatch cost
     num_slots, n = sb.gather.shape
 
-    def per_slot(stack: torch.Tensor) -> torch.Tensor:  # (max_slots, ...) -> (S, ...): a view when it can be
-        return stack[sb.slot_range[0] : sb.slot_range[1]] if sb.slot_range else stack.index_select(0, sb.slots)
+    def per_slot(stack: torch.Tensor) -> torch.Tensor:  # (max_slots, ...) -> (S, ...) fp32: a view when it can be
+        return _fp32(stack[sb.slot_range[0] : sb.slot_range[1]] if sb.slot_range else stack.index_select(0, sb.slots))
 
     xs = x.index_select(0, sb.gather.view(-1)).view(num_slots, n, -1).float()  # (S, n, d_in)
     # A on the left: MKL streams the factors faster as (num_slices * R, d_in) @ (d_in, n) than transposed (~30%)
@@ -441,21 +447,27 @@ def _lowrank_solo(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, slot
     """One slot's tokens on their own: per run of rows one matmul for the shrink and one addmm per slice for the
     expand, in place into y's rows (fp32 products, rounded once when y is not fp32); no gather or scatter. With
     more than MAX_SOLO_RUNS runs: one gather, one shrink, one add_at_rows per slice."""
+    a, bts = _fp32(factors.a[slot]), [_fp32(bt[slot]) for bt in factors.bt]
     if len(runs) > MAX_SOLO_RUNS:
-        h = x.index_select(0, rows).float() @ factors.a[slot].t()
+        h = x.index_select(0, rows).float() @ a.t()
         for i, (col, w) in enumerate(zip(factors.out_start, factors.out_width)):
             hi = h[:, i * factors.rank : (i + 1) * factors.rank]
-            add_at_rows(y[:, col : col + w], rows, hi @ factors.bt[i][slot])
+            add_at_rows(y[:, col : col + w], rows, hi @ bts[i])
         return
     r = factors.rank
     for start, stop in runs:
-        h = x[start:stop].float() @ factors.a[slot].t()  # (n, num_slices * R)
+        h = x[start:stop].float() @ a.t()  # (n, num_slices * R)
         for i, (col, w) in enumerate(zip(factors.out_start, factors.out_width)):
-            ys, hi, bt = y[start:stop, col : col + w], h[:, i * r : (i + 1) * r], factors.bt[i][slot]
+            ys, hi, bt = y[start:stop, col : col + w], h[:, i * r : (i + 1) * r], bts[i]
             if y.dtype == torch.float32:
                 ys.addmm_(hi, bt)
             else:
                 ys.copy_((ys.float() + hi @ bt).to(ys.dtype))
+
+
+def _fp32(factor: torch.Tensor) -> torch.Tensor:
+    """A factor as fp32: itself, or its bf16 values widened (exact)."""
+    return factor if factor.dtype == torch.float32 else factor.float()
 
 
 def _add_rows(y: torch.Tensor, o: torch.Tensor, sb) -> None:

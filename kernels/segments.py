@@ -51,6 +51,11 @@ class SlotBatch:
     slot_range: tuple[int, int] | None = None  # (lo, hi) when slots == arange(lo, hi)
     offsets: torch.Tensor | None = None  # (S+1,) int64: slot slots[i]'s tokens are rows[offsets[i] : offsets[i+1]]
 
+    @cached_property
+    def grid_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots, offsets, rows) int64 and contiguous, made once: kernels/cpu_matmul.py's grid takes them."""
+        return tuple(t.to(torch.int64).contiguous() for t in (self.slots, self.offsets, self.rows))
+
 
 @dataclass(frozen=True)
 class SlotPlan:

@@ -34,6 +34,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 class EngineOptions:
     device: str = "auto"
     dtype: str = "auto"
+    lora_dtype: str = "auto"  # the adapters' low-rank factors on a CPU: auto (fp32), float32 or bfloat16
     max_num_seqs: int = 64
     max_model_len: int | None = None
     num_kv_blocks: int | None = None
@@ -54,7 +55,7 @@ def build_engine_options(settings) -> EngineOptions:
     """EngineOptions from the server's Settings (server/config.py)."""
     on_gpu = settings.device.startswith("cuda")
     return EngineOptions(
-        device=settings.device, dtype=settings.dtype, max_num_seqs=settings.max_num_seqs,
+        device=settings.device, dtype=settings.dtype, lora_dtype=settings.lora_dtype, max_num_seqs=settings.max_num_seqs,
         max_model_len=settings.max_model_len, num_kv_blocks=settings.num_kv_blocks, block_size=settings.block_size,
         adapter_pool_bytes=settings.adapter_pool_bytes or ((2 << 30) if on_gpu else (256 << 20)),
         max_num_batched_tokens=8192 if on_gpu else 2048,
@@ -87,7 +88,8 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     num_blocks = opts.num_kv_blocks or -(-max(opts.max_num_seqs * min(max_len, 1024), max_len) // opts.block_size)
     max_len = min(max_len, num_blocks * opts.block_size)
     pool = AdapterPool(cfg, opts.max_adapter_slots, opts.adapter_pool_bytes, device, dtype,
-                       max_requests=opts.max_num_seqs)
+                       max_requests=opts.max_num_seqs,
+                       lora_dtype=None if opts.lora_dtype == "auto" else DTYPES[opts.lora_dtype])
     metrics = EngineMetrics()
     cache = AdapterCache(pool, metrics)
     blocks = BlockManager(num_blocks, opts.block_size)
@@ -102,8 +104,9 @@ def build_llm_engine(model: str, opts: EngineOptions) -> LLMEngine:
     runner = ModelRunner(llama, num_blocks, opts.block_size, pool, max_model_len=max_len, graphs=graphs)
     runner.capture_decode_graphs()
     eos = cfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-    log.info("model %s on %s/%s: %d layers, context %d, %d KV blocks of %d, CUDA graphs %s", path, device, dtype,
-             cfg.num_layers, max_len, num_blocks, opts.block_size, "on" if graphs else "off")
+    log.info("model %s on %s/%s: %d layers, context %d, %d KV blocks of %d, CUDA graphs %s, adapters' factors in "
+             "%s", path, device, dtype, cfg.num_layers, max_len, num_blocks, opts.block_size,
+             "on" if graphs else "off", pool.lowrank_dtype)
     return LLMEngine(runner, scheduler, tokenizer, max_model_len=max_len, eos_token_ids=eos,
                      overlap_output=device.type == "cuda",
                      lookahead=device.type == "cuda" if opts.lookahead is None else opts.lookahead,

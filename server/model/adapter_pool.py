@@ -55,8 +55,11 @@ class AdapterPoolFull(Exception):
 
 
 class AdapterPool:
-    def __init__(self, cfg: ModelConfig, max_slots: int, arena_bytes: int, device, dtype, max_requests: int = 256) -> None:
-        """`max_requests`: rows of the PARA vector buffer (the scheduler hands them to running PARA requests)."""
+    def __init__(self, cfg: ModelConfig, max_slots: int, arena_bytes: int, device, dtype, max_requests: int = 256,
+                 lora_dtype: torch.dtype | None = None) -> None:
+        """`max_requests`: rows of the PARA vector buffer (the scheduler hands them to running PARA requests).
+        `lora_dtype`: the LowRank factors' dtype on a CPU (None: fp32; bf16 halves them, rounded at load); on a GPU
+        they are kept in the arena, in `dtype`, and another lora_dtype is refused."""
         self.cfg, self.device, self.dtype, self.max_slots = cfg, device, dtype, max_slots
         self.layout = Layout.of(cfg)
         self.max_requests = max_requests
@@ -69,15 +72,24 @@ class AdapterPool:
         self.lowrank: LowRankStore
         self.sparse: SparseStore
         if use_triton(device):
+            if lora_dtype not in (None, dtype):
+                raise ValueError(f"on a GPU the adapters' factors are kept in the model's dtype ({dtype}), "
+                                 f"not {lora_dtype}")
             self.lowrank = ArenaLowRank(self.layout, L, max_slots, self.arena)
             self.sparse = ArenaSparse(self.layout, L, max_slots, self.arena, self.idx_arena, size, isize)
         else:
-            self.lowrank = PaddedLowRank(self.layout, L, max_slots, self.arena.element_size())
+            self.lowrank = PaddedLowRank(self.layout, L, max_slots, self.arena.element_size(),
+                                         factor_dtype=lora_dtype or torch.float32)
             self.sparse = CsrSparse(self.layout, dtype)
         self.scale = ScaleStore(cfg, self.layout, max_slots, max_requests, self.arena, size)
         self.slots: dict[int, SlotInfo] = {}
         self.changes = 0  # loads and frees so far: a step's inputs derived from the slots hold while it stands still
         self.fault_hook: Callable[[int, int], None] | None = None  # (slot, layer); see the module docstring
+
+    @property
+    def lowrank_dtype(self) -> torch.dtype:
+        """The dtype the LowRank factors are kept in (the arena's on a GPU)."""
+        return getattr(self.lowrank, "factor_dtype", self.dtype)
 
     @property
     def max_rank(self) -> int:

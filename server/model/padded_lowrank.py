@@ -10,8 +10,12 @@ exist only for the (layer, group)s that some adapter of the class targets. So on
 rank-128 rows for itself, never for the rank-16 adapters beside it. A step applies each class present among its
 slots with one planned call per op (its slots' rows: one SlotPlan per class, built once per Segments and mapping).
 
+The stacks are fp32, or bf16 with `--lora-dtype bfloat16` (each factor rounded once at load; half the memory, and
+half the bytes a decode step streams, which on a bandwidth-bound CPU is most of an adapter's cost; the kernels widen
+them exactly and sum in fp32).
+
 The pool charges every adapter the bytes of its padded rows (`arena_elements`: R x (num_slices x d_in + the group's
-output width) fp32 values per (layer, group) it targets) against MULTIPLEX_ADAPTER_POOL_BYTES, so an adapter that
+output width) values per (layer, group) it targets, in the stacks' dtype) against MULTIPLEX_ADAPTER_POOL_BYTES, so an adapter that
 does not fit evicts others or waits, as on the exact-rank arena (whose range is reserved here, never written).
 Not charged: the rows a class holds beyond its adapters (fewer than 3 of every 4 rows), and an adapter's rows in
 stacks of (layer, group)s that only other adapters of its class target.
@@ -28,7 +32,6 @@ from kernels.segments import SlotPlan, Segments, plan_for_groups
 from server.model.adapter_layout import GROUPS, Layout
 from server.model.lowrank_store import LowRankImage, rank_class
 
-FP32_BYTES = 4  # the stacks' dtype, whatever the model's
 
 
 @dataclass(eq=False)
@@ -41,16 +44,21 @@ class RankClass:
 
 
 class PaddedLowRank:
-    def __init__(self, layout: Layout, num_layers: int, max_slots: int, arena_element_size: int = FP32_BYTES) -> None:
-        """`arena_element_size`: bytes of the pool arena's element, the unit `arena_elements` charges in."""
+    def __init__(self, layout: Layout, num_layers: int, max_slots: int, arena_element_size: int = 4,
+                 factor_dtype: torch.dtype = torch.float32) -> None:
+        """`arena_element_size`: bytes of the pool arena's element, the unit `arena_elements` charges in;
+        `factor_dtype`: the stacks' (float32 or bfloat16), whatever the model's."""
+        if factor_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the CPU's LoRA factors are float32 or bfloat16, not {factor_dtype}")
         self.layout, self.num_layers, self.max_slots = layout, num_layers, max_slots
-        self.arena_element_size = arena_element_size
+        self.arena_element_size, self.factor_dtype = arena_element_size, factor_dtype
+        self.factor_bytes = torch.empty((), dtype=factor_dtype).element_size()
         self.classes: dict[int, RankClass] = {}  # R -> its stacks
         self.where: dict[int, tuple[RankClass, int]] = {}  # slot -> (its class, its row there)
         self.ranks: dict[int, dict[tuple[int, str], int]] = {}  # slot -> (layer, projection) -> its real rank
         # Replaced at every load and free: the step plans cached under another one map slots to stale rows.
         self.mapping = object()
-        # fp32 values of one row of a (layer, group)'s stacks per unit of R: num_slices * d_in + sum of widths
+        # values of one row of a (layer, group)'s stacks per unit of R: num_slices * d_in + sum of widths
         self.row_values = {g: len(self._slices(g)) * layout.dims[self._slices(g)[0]][1] + layout.group_width[g]
                            for g in GROUPS}
 
@@ -68,17 +76,17 @@ class PaddedLowRank:
 
     # ---- sizes ------------------------------------------------------------------------------------------------
     def padded_values(self, deltas: AdapterDeltas) -> int:
-        """fp32 values of the adapter's rows: R x row_values[group] for every (layer, group) it targets."""
+        """Values of the adapter's rows: R x row_values[group] for every (layer, group) it targets."""
         if not deltas.lowrank:
             return 0
         r = rank_class(max(lr.rank for lr in deltas.lowrank.values()))
         return sum(r * self.row_values[group] for _, group in self._targets(map(parse_module_name, deltas.lowrank)))
 
     def arena_elements(self, deltas: AdapterDeltas, size_of) -> int:
-        """The pool arena elements charged for the adapter's LowRank factors: its padded fp32 rows, in the arena's
-        element size (a bf16 arena: 2 elements per value), rounded by `size_of` (the allocator's)."""
+        """The pool arena elements charged for the adapter's LowRank factors: its padded rows' bytes, in the arena's
+        element size (fp32 rows in a bf16 arena: 2 elements per value), rounded by `size_of` (the allocator's)."""
         values = self.padded_values(deltas)
-        return size_of(-(-values * FP32_BYTES // self.arena_element_size)) if values else 0
+        return size_of(-(-values * self.factor_bytes // self.arena_element_size)) if values else 0
 
     def _targets(self, modules) -> set[tuple[int, str]]:
         """The (layer, group)s of (layer, projection)s."""
@@ -101,7 +109,7 @@ class PaddedLowRank:
             i, r = self._slices(group).index(proj), lr.rank
             ranks[(layer, proj)] = r  # first, so that a failed load's free clears this stack's row
             f = self._stacks(cls, layer, group)
-            f.a[row, i * r_class : i * r_class + r] = lr.A.float()
+            f.a[row, i * r_class : i * r_class + r] = lr.A.float()  # rounded once to a bf16 stack's dtype
             f.bt[i][row, :r] = lr.B.float().t() * float(lr.scale)
 
     def free(self, slot: int) -> None:
@@ -138,8 +146,9 @@ class PaddedLowRank:
     def _allocate(self, group: str, r: int, rows: int) -> PaddedFactors:
         projs = self._slices(group)
         widths = tuple(self.layout.col[p][2] for p in projs)
-        a = torch.zeros(rows, len(projs) * r, self.layout.dims[projs[0]][1])  # (rows, num_slices * R, d_in)
-        bt = tuple(torch.zeros(rows, r, w) for w in widths)  # per slice (rows, R, w_i)
+        dtype = self.factor_dtype
+        a = torch.zeros(rows, len(projs) * r, self.layout.dims[projs[0]][1], dtype=dtype)  # (rows, slices * R, d_in)
+        bt = tuple(torch.zeros(rows, r, w, dtype=dtype) for w in widths)  # per slice (rows, R, w_i)
         return PaddedFactors(a, bt, tuple(self.layout.col[p][1] for p in projs), widths)
 
     def _resize(self, cls: RankClass, keep: list[int], rows: int) -> None:

@@ -322,6 +322,38 @@ def test_padded_cpu_path_matches_reference(case: Case, grid_path):
     assert torch.equal(y[base], y0[base])  # base-model tokens untouched
 
 
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in CASES])
+def test_padded_cpu_path_with_bf16_factors_is_the_fp32_path_on_their_values(case: Case, grid_path):
+    """bf16 factor stacks (`--lora-dtype bfloat16` on a CPU) give what fp32 stacks holding the same values give (each
+    bf16 value widened exactly, the sums in fp32), and stay within bf16's rounding of the exact delta."""
+    gen = torch.Generator().manual_seed(case.seed)
+    seg = make_segments(list(case.seg_lens), _slots(case, gen), "cpu")
+    arena, table = _make_table(case, torch.float32, "cpu", gen)
+    exact = _padded_from_table(arena, table, case.d_in)
+    bf16 = replace(exact, a=exact.a.bfloat16(), bt=tuple(b.bfloat16() for b in exact.bt))
+    widened = replace(exact, a=bf16.a.float(), bt=tuple(b.float() for b in bf16.bt))
+    x = torch.randn(seg.num_tokens, case.d_in, generator=gen)
+    y0 = torch.randn(seg.num_tokens, sum(case.widths), generator=gen)
+    y_bf16, y_widened, y_exact = y0.clone(), y0.clone(), y0.clone()
+    lowrank.lowrank_delta_padded(y_bf16, x, seg, bf16)
+    lowrank.lowrank_delta_padded(y_widened, x, seg, widened)
+    lowrank.lowrank_delta_padded(y_exact, x, seg, exact)
+    torch.testing.assert_close(y_bf16, y_widened, **TOLERANCES[torch.float32])
+    delta = (y_exact - y0).abs().amax().item()
+    assert (y_bf16 - y_exact).abs().amax().item() <= 0.02 * delta + 1e-6  # bf16 keeps 8 bits: 2^-8 per factor
+    assert torch.equal(y_bf16[seg.token_slot < 0], y0[seg.token_slot < 0])
+
+
+def test_the_grid_kernel_refuses_factors_of_mixed_dtypes():
+    if not cpu_matmul.available():
+        pytest.skip("our kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+    a, bt = torch.zeros(2, 16, 32), torch.zeros(2, 16, 8)
+    one = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="all fp32 or all bf16"):
+        cpu_matmul.lowrank_grid(torch.zeros(1, 8), torch.zeros(1, 32), a.bfloat16(), (bt,), (0,), one,
+                                torch.tensor([0, 1]), one)
+
+
 @pytest.mark.parametrize("slots, uses_range", [
     ([3, 5, 3, -1, 4], True),  # adjacent slots, one repeated across requests: read as the range 3..5
     ([6, -1, 9, 6], True),  # a range with unused slots in it (7, 8): padding rows only
@@ -368,7 +400,7 @@ def test_our_grid_kernel_is_what_serves_the_padded_grid_where_it_runs(monkeypatc
         pytest.skip("our kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
     monkeypatch.setattr(cpu_matmul, "_enabled", True)
     calls = []
-    monkeypatch.setattr(cpu_matmul, "lowrank_grid", lambda *args: calls.append(args))
+    monkeypatch.setattr(cpu_matmul, "lowrank_grid_prepared", lambda *args: calls.append(args))
     case = Case("grid", (1, 1, 1), "given", 3, 48, (64, 32, 32), slots=(0, 1, 2))
     seg = make_segments(list(case.seg_lens), list(case.slots), "cpu")
     gen = torch.Generator().manual_seed(0)

@@ -24,3 +24,16 @@ def test_serve_and_train_refuse_to_start_beside_hugging_faces_kernels_package(mo
     with pytest.raises(SystemExit) as done:  # a client command does not import transformers: not refused
         main(["adapters", "--help"])
     assert done.value.code == 0
+
+
+def test_lora_dtype_is_a_setting_named_by_its_flag_when_wrong(monkeypatch):
+    from server.config import ConfigError, load_settings
+    from server.engine.builder import build_engine_options
+
+    monkeypatch.delenv("MULTIPLEX_LORA_DTYPE", raising=False)
+    assert load_settings(model="tiny", device="cpu").lora_dtype == "auto"
+    settings = load_settings(model="tiny", device="cpu", lora_dtype="BF16")
+    assert settings.lora_dtype == "bfloat16" and build_engine_options(settings).lora_dtype == "bfloat16"
+    assert load_settings(model="tiny", device="cpu", lora_dtype="fp32").lora_dtype == "float32"
+    with pytest.raises(ConfigError, match=r"--lora-dtype / MULTIPLEX_LORA_DTYPE: unknown lora_dtype 'float16'"):
+        load_settings(model="tiny", device="cpu", lora_dtype="float16")

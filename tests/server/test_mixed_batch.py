@@ -32,3 +32,33 @@ def test_mixed_lowrank_batch_matches_merged_weights(tmp_path):
     # the adapters really change the output (a test that cannot fail proves nothing)
     base_ref = reference_logits(models[None], prompts["c"], generated["c"])
     assert (torch.stack(logits["c"]) - base_ref).abs().max().item() > 1e-2
+
+
+def test_a_mixed_batch_with_bf16_lora_factors_is_the_merge_of_its_rounded_factors(tmp_path):
+    """`--lora-dtype bfloat16` on a CPU: each request gets the logits of its adapter merged with its factors as the
+    engine keeps them (A and scale * B each rounded to bf16 once), within fp32 tolerance; rounding is all it loses."""
+    from adapters.delta import AdapterDeltas, LowRank
+
+    path = make_hf_model(tmp_path / "m", "llama")
+    cfg = ModelConfig.from_dir(path)
+    all7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapters = {"r8-all": random_lowrank(cfg, dict.fromkeys(all7, 8), seed=3),
+                "r40-qv": random_lowrank(cfg, {"q_proj": 40, "v_proj": 3}, seed=4),
+                "r4-mlp": random_lowrank(cfg, {"up_proj": 4, "down_proj": 4}, seed=5)}
+    rounded = {name: AdapterDeltas(lowrank={
+        m: LowRank(lr.A.bfloat16().float(), (lr.B.float() * float(lr.scale)).bfloat16().float(), 1.0)
+        for m, lr in d.lowrank.items()}) for name, d in adapters.items()}
+    engine = small_engine(path, lora_dtype="bfloat16")
+    assert engine.runner.adapter_pool.lowrank_dtype == torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    plan = [("a", "r8-all", 12), ("b", "r40-qv", 5), ("c", None, 9), ("d", "r4-mlp", 20), ("e", "r8-all", 3)]
+    prompts = {rid: torch.randint(3, 300, (n,), generator=gen).tolist() for rid, _, n in plan}
+    which = {rid: a for rid, a, _ in plan}
+    generated, logits = run_capture(engine, prompts, refs(which, adapters), max_tokens=6, join_after={"e": 2})
+    models = {a: merged_hf(path, d) for a, d in rounded.items()}
+    models[None] = merged_hf(path, AdapterDeltas())
+    for rid, prompt in prompts.items():
+        ref = reference_logits(models[which[rid]], prompt, generated[rid])
+        assert (torch.stack(logits[rid]) - ref).abs().max().item() <= 1e-4, rid
+    exact = reference_logits(merged_hf(path, adapters["r8-all"]), prompts["a"], generated["a"])
+    assert (torch.stack(logits["a"]) - exact).abs().max().item() > 1e-6  # the factors really are rounded

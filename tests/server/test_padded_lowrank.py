@@ -21,8 +21,9 @@ def cfg():
     return ModelConfig.from_hf({**SMALL, "architectures": ["LlamaForCausalLM"]})
 
 
-def _pool(cfg, arena_bytes=1 << 24, dtype=torch.float32, max_slots=16) -> AdapterPool:
-    pool = AdapterPool(cfg, max_slots=max_slots, arena_bytes=arena_bytes, device="cpu", dtype=dtype)
+def _pool(cfg, arena_bytes=1 << 24, dtype=torch.float32, max_slots=16, lora_dtype=None) -> AdapterPool:
+    pool = AdapterPool(cfg, max_slots=max_slots, arena_bytes=arena_bytes, device="cpu", dtype=dtype,
+                       lora_dtype=lora_dtype)
     assert isinstance(pool.lowrank, PaddedLowRank)
     return pool
 
@@ -47,8 +48,9 @@ def _stack_values(store: PaddedLowRank) -> dict[int, int]:
             for r, cls in store.classes.items()}
 
 
-def _dense(adapters: dict, cfg, layer: int, group: str, x, seg_lens, seg_slots) -> torch.Tensor:
-    """y (T, group width) of every token's adapter, one adapter and projection at a time: x A^T B^T * scale."""
+def _dense(adapters: dict, cfg, layer: int, group: str, x, seg_lens, seg_slots, bf16=False) -> torch.Tensor:
+    """y (T, group width) of every token's adapter, one adapter and projection at a time: x A^T B^T * scale
+    (bf16: with A and scale B^T rounded to bf16, as bf16 stacks hold them)."""
     layout = Layout.of(cfg)
     y = torch.zeros(x.shape[0], layout.group_width[group], dtype=torch.float64)
     t = 0
@@ -57,20 +59,24 @@ def _dense(adapters: dict, cfg, layer: int, group: str, x, seg_lens, seg_slots) 
             lr = adapters[slot].lowrank.get(f"layers.{layer}.{proj}") if slot in adapters else None
             if lr is not None:
                 _, col, w = layout.col[proj]
+                if bf16:
+                    h = x[t : t + n].double() @ lr.A.bfloat16().double().t()
+                    y[t : t + n, col : col + w] += h @ (lr.B.float().t() * float(lr.scale)).bfloat16().double()
+                    continue
                 h = x[t : t + n].double() @ lr.A.double().t()  # (n, r)
                 y[t : t + n, col : col + w] += lr.scale * h @ lr.B.double().t()
         t += n
     return y
 
 
-def _check_step(pool, adapters, cfg, seg, seg_lens, seg_slots, gen):
+def _check_step(pool, adapters, cfg, seg, seg_lens, seg_slots, gen, bf16=False):
     for layer in range(cfg.num_layers):
         for group in GROUPS:
             x = torch.randn(seg.num_tokens, pool.layout.dims[ALL[GROUPS[group][0]]][1], generator=gen)
             y0 = torch.randn(seg.num_tokens, pool.layout.group_width[group], generator=gen)
             y = y0.clone()
             pool.lowrank.apply(layer, group, y, x, seg)
-            want = y0.double() + _dense(adapters, cfg, layer, group, x, seg_lens, seg_slots)
+            want = y0.double() + _dense(adapters, cfg, layer, group, x, seg_lens, seg_slots, bf16)
             torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -158,6 +164,36 @@ def test_a_mixed_step_of_several_rank_classes_equals_each_adapters_dense_delta(c
     assert len(builds) == 2 and sorted(store.classes) == [16, 32, 128] and store.where[4][1] == 2
     seg.forget_host_views()
     assert "host_views" not in seg.__dict__
+
+
+def test_bf16_stacks_give_each_adapter_its_delta_with_its_factors_rounded_to_bf16(cfg, grid_path):
+    """`--lora-dtype bfloat16` on a CPU: the stacks hold each factor rounded once to bf16 (B with its scale folded
+    in); a mixed step of prefills and decodes over several rank classes is the dense delta of those rounded factors
+    (fp32 tolerance), every way this CPU runs the grid; a slot freed and reloaded keeps nothing of the old one."""
+    pool, gen = _pool(cfg, lora_dtype=torch.bfloat16), torch.Generator().manual_seed(0)
+    adapters = {0: _lora(cfg, 4, seed=1), 1: _lora(cfg, 16, seed=2, targets=("q_proj", "v_proj", "down_proj")),
+                2: random_lowrank(cfg, {"q_proj": 40, "o_proj": 3, "up_proj": 7}, seed=3), 4: _lora(cfg, 8, seed=5)}
+    for slot, deltas in adapters.items():
+        pool.load(slot, deltas)
+    assert pool.lowrank_dtype == torch.bfloat16
+    assert {t.dtype for cls in pool.lowrank.classes.values() for per_group in cls.factors
+            for f in per_group.values() for t in (f.a, *f.bt)} == {torch.bfloat16}
+    seg_lens, seg_slots = [12, 1, 1, 2, 1, 1, 3], [0, 1, 2, 4, -1, 0, 6]
+    seg = make_segments(seg_lens, seg_slots, "cpu")
+    _check_step(pool, adapters, cfg, seg, seg_lens, seg_slots, gen, bf16=True)
+    pool.free(4)
+    adapters[4] = _lora(cfg, 5, seed=6, targets=("q_proj",))
+    pool.load(4, adapters[4])
+    _check_step(pool, adapters, cfg, seg, seg_lens, seg_slots, gen, bf16=True)
+
+
+def test_bf16_stacks_are_charged_half_the_bytes(cfg):
+    deltas = _lora(cfg, 4, seed=1, targets=("q_proj", "down_proj"))
+    values = 16 * _row_values(cfg, ("q_proj", "down_proj"))
+    fp32, bf16 = _pool(cfg).nbytes(deltas), _pool(cfg, lora_dtype=torch.bfloat16).nbytes(deltas)
+    assert bf16 == -(-values // 2 // 64) * 64 * 4 and fp32 == 2 * bf16
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        _pool(cfg, lora_dtype=torch.float16)
 
 
 def test_the_pool_charges_the_padded_size_in_the_arenas_dtype(cfg):
