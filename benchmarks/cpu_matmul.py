@@ -32,7 +32,8 @@ GROUPS = ((576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (57
 
 def grid_ways(tokens: int, gen: torch.Generator, rank: int = 16, layers: int = 30, adapters: int = 8):
     """The padded LoRA factors of a smollm2 step and its inputs -> (fp32 weight bytes, {way: fn}, max |diff|).
-    Ways: torch's gather-bmm, our kernel, our kernel on the factors in bf16 (`--lora-dtype bfloat16`: half the bytes)."""
+    Ways: torch's gather-bmm, our kernel, our kernel on the factors in bf16 (`--lora-dtype bfloat16`: half the
+    bytes)."""
     ops = []
     for _ in range(layers):
         for d_in, widths in GROUPS:

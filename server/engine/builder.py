@@ -55,7 +55,8 @@ def build_engine_options(settings) -> EngineOptions:
     """EngineOptions from the server's Settings (server/config.py)."""
     on_gpu = settings.device.startswith("cuda")
     return EngineOptions(
-        device=settings.device, dtype=settings.dtype, lora_dtype=settings.lora_dtype, max_num_seqs=settings.max_num_seqs,
+        device=settings.device, dtype=settings.dtype, lora_dtype=settings.lora_dtype,
+        max_num_seqs=settings.max_num_seqs,
         max_model_len=settings.max_model_len, num_kv_blocks=settings.num_kv_blocks, block_size=settings.block_size,
         adapter_pool_bytes=settings.adapter_pool_bytes or ((2 << 30) if on_gpu else (256 << 20)),
         max_num_batched_tokens=8192 if on_gpu else 2048,
