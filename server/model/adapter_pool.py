@@ -73,8 +73,8 @@ class AdapterPool:
         self.sparse: SparseStore
         if use_triton(device):
             if lora_dtype not in (None, dtype):
-                raise ValueError(f"on a GPU the adapters' factors are kept in the model's dtype ({dtype}), "
-                                 f"not {lora_dtype}")
+                raise ValueError(f"where the Triton kernels serve (a GPU) the adapters' factors are kept in the "
+                                 f"model's dtype ({dtype}), not {lora_dtype}")
             self.lowrank = ArenaLowRank(self.layout, L, max_slots, self.arena)
             self.sparse = ArenaSparse(self.layout, L, max_slots, self.arena, self.idx_arena, size, isize)
         else:
