@@ -62,11 +62,22 @@ class SlotPlan:
     """How the CPU gather-bmm path covers a step's adapter tokens: `solo` slots get their own matmuls over their
     token rows (a slice when contiguous), the others share one padded grid (`padded`, None when there are none).
     A slot is solo when it has more than SOLO_TOKENS tokens (a prefill: padding every other slot of the grid to its
-    length would multiply their work) or when it is the step's only slot (nothing to batch with)."""
+    length would multiply their work) or when it is the step's only slot (nothing to batch with); where our CPU grid
+    kernel runs, a solo slot of SOLO_TOKENS tokens or fewer goes to it as a group of one (`solo_groups`)."""
 
     solo: tuple[tuple[int, slice | torch.Tensor], ...]
     padded: SlotBatch | None
     solo_runs: tuple[tuple[tuple[int, int], ...], ...]  # per solo slot, its rows as (start, stop) runs, in order
+
+    @cached_property
+    def solo_groups(self) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]:
+        """Per solo slot, its tokens as one group (slots, offsets, rows: int64, contiguous) of kernels/cpu_matmul.py's
+        grid, made once."""
+        groups = []
+        for slot, rows in self.solo:
+            rows = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows.to(torch.int64)
+            groups.append((torch.tensor([slot]), torch.tensor([0, rows.numel()]), rows.cpu().contiguous()))
+        return tuple(groups)
 
 
 @dataclass(frozen=True)

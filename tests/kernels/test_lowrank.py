@@ -409,6 +409,31 @@ def test_our_grid_kernel_is_what_serves_the_padded_grid_where_it_runs(monkeypatc
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("seg_lens, kernel_calls", [((1, 1, 1), 1), ((30,), 0)])
+def test_a_slot_decoding_alone_goes_to_the_grid_kernel_a_prefill_does_not(monkeypatch, seg_lens, kernel_calls, bf16):
+    """A solo slot with few tokens (the step's only adapter, decoding) is served by our grid kernel as a group of
+    one (its own matmuls took longer, and on bf16 stacks widen a copy of its factors for every op); a prefill keeps
+    its own matmuls. The values: the sweeps above (their single-slot decodes)."""
+    if not cpu_matmul.available():
+        pytest.skip("our kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+    monkeypatch.setattr(cpu_matmul, "_enabled", True)
+    calls = []
+    monkeypatch.setattr(cpu_matmul, "lowrank_grid_prepared", lambda *args: calls.append(args))
+    case = Case("alone", seg_lens, "given", 3, 48, (64, 32, 32), slots=(1,) * len(seg_lens))
+    seg = make_segments(list(seg_lens), list(case.slots), "cpu")
+    assert [s for s, _ in seg.slot_plan.solo] == [1] and seg.slot_plan.padded is None
+    arena, table = _make_table(case, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    f = _padded_from_table(arena, table, 48)
+    if bf16:
+        f = replace(f, a=f.a.bfloat16(), bt=tuple(b.bfloat16() for b in f.bt))
+    lowrank.lowrank_delta_padded(torch.zeros(sum(seg_lens), 128), torch.randn(sum(seg_lens), 48), seg, f)
+    assert len(calls) == kernel_calls
+    if calls:
+        slots, offsets, rows = calls[0][3]
+        assert slots.tolist() == [1] and offsets.tolist() == [0, 3] and rows.tolist() == [0, 1, 2]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cols", [slice(0, 40), slice(8, 24)])  # the whole row (contiguous), a column slice
 def test_add_at_rows_is_index_add(dtype, cols):
