@@ -1,6 +1,7 @@
 """The correctness anchor in bf16 on the CPU: in one mixed batch of every delta kind served in bf16, each
 request's logits are as close to its exact (fp32) reference as the same model with the adapter merged and rounded
 to bf16 is (transformers in bf16: the rounding of the merged weights, and bf16 arithmetic)."""
+import pytest
 import torch
 
 from adapters.delta import AdapterDeltas
@@ -11,11 +12,12 @@ from tests.helpers import every_kind, make_hf_model, reference_logits, reference
 BF16_FACTOR = 3.0
 
 
-def test_every_kind_in_one_mixed_batch_in_bf16(tmp_path):
+@pytest.mark.parametrize("lora_dtype", ["auto", "bfloat16"])  # the LoRA factors in fp32 (exact) or rounded to bf16
+def test_every_kind_in_one_mixed_batch_in_bf16(tmp_path, lora_dtype):
     path = make_hf_model(tmp_path / "m", "qwen2")
     cfg = ModelConfig.from_dir(path)
     adapters = every_kind(cfg)
-    engine = small_engine(path, dtype="bf16", max_prefill_chunk=8)
+    engine = small_engine(path, dtype="bf16", max_prefill_chunk=8, lora_dtype=lora_dtype)
     gen = torch.Generator().manual_seed(0)
     plan = [("base", None, 6), ("l4", "lora4", 13), ("l64", "lora64", 3), ("al", "alora", 19), ("so", "sorsa-2r", 9),
             ("pi", "pissa-2r", 4), ("si", "sift", 15), ("ia", "ia3", 8), ("pa", "para", 21),
