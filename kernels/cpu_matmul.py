@@ -22,7 +22,7 @@ factors: each slot's rows of A are dotted with its tokens (read once), then its 
 added into y's rows. It serves a decode step's LoRA deltas of many adapters. The factors may be fp32 or bf16 (the
 server's `--lora-dtype bfloat16`): bf16 values are widened to fp32 exactly as they are loaded and the sums stay fp32,
 so the result is the fp32 grid's on the rounded factors; half the bytes to stream made the grid 1.4x-1.7x faster
-(`python -m benchmarks.cpu_matmul --grid --tokens 16`, Xeon, 2026-12-03 17:40-19:00 UTC, six runs, 120 ops).
+(`python -m benchmarks.cpu_matmul --grid --tokens 16`, Xeon, 2026-12-03 17:40-19:00 UTC, four runs, 120 ops).
 
 The C source is compiled on first use with the system's C compiler (`cc -O3 -mavx2 -mfma [-mavx512f] -fopenmp`, about
 2 s; kernels/cpu_build.py) into a cache directory, named by the source's and flags' hash; without a compiler (or on another architecture) `available()` is
