@@ -1,8 +1,8 @@
 """Engine-only: the fp32 projections of a CPU decode step, oneDNN (prepacked) against our kernel
 (kernels/cpu_matmul.py, the form this CPU builds or `--variant`), on the weights of `--layers` smollm2 layers (q|k|v 960 x 576, o 576 x 576, gate|up 3072 x
 576, down 576 x 1536: 14 MB a layer, more than the CPU's caches hold at 8 layers, so the weights stream from memory
-as in a real step), for each token count. `--grid`: instead, the LoRA deltas of a decode step (kernels/lowrank.py's
-padded grid) over all 30 layers' four projection groups, 8 rank-16 adapters on 16 slots, one token per request in
+as in a real step), for each token count. `--grid`: instead, the LoRA deltas of a decode step
+(kernels/lowrank_padded.py's padded grid) over all 30 layers' four projection groups, 8 rank-16 adapters on 16 slots, one token per request in
 turn across the adapters, torch's gather-bmm against our kernel, on fp32 factors and on the same in bf16.
 
     python -m benchmarks.cpu_matmul [--tokens 1 4 16 64 512] [--layers 8] [--out FILE.json]
@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from kernels import cpu_build, cpu_matmul, lowrank
+from kernels import cpu_build, cpu_matmul, lowrank_padded
 from kernels.segments import make_segments
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # smollm2's q|k|v, o, gate|up, down: (d_out, d_in)
@@ -40,7 +40,7 @@ def grid_ways(tokens: int, gen: torch.Generator, rank: int = 16, layers: int = 3
             a = torch.randn(16, len(widths) * rank, d_in, generator=gen) * 0.01
             bt = tuple(torch.randn(16, rank, w, generator=gen) * 0.01 for w in widths)
             starts = tuple(sum(widths[:i]) for i in range(len(widths)))
-            ops.append((lowrank.PaddedFactors(a, bt, starts, widths), torch.randn(tokens, d_in, generator=gen),
+            ops.append((lowrank_padded.PaddedFactors(a, bt, starts, widths), torch.randn(tokens, d_in, generator=gen),
                         torch.zeros(tokens, sum(widths))))
     seg = make_segments([1] * tokens, [i % adapters for i in range(tokens)], "cpu")
     weight_bytes = sum(4 * adapters * (f.a[0].numel() + sum(b[0].numel() for b in f.bt)) for f, _, _ in ops)
@@ -49,9 +49,9 @@ def grid_ways(tokens: int, gen: torch.Generator, rank: int = 16, layers: int = 3
 
     def way(kernel: bool, factors=ops):
         def run(_):
-            cpu_matmul._enabled = kernel  # the dispatch kernels/lowrank.py reads
+            cpu_matmul._enabled = kernel  # the dispatch kernels/lowrank_padded.py reads
             for f, x, y in factors:
-                lowrank.lowrank_delta_padded(y, x, seg, f)
+                lowrank_padded.lowrank_delta_padded(y, x, seg, f)
         return run
 
     f, x, _ = ops[0]
@@ -59,7 +59,7 @@ def grid_ways(tokens: int, gen: torch.Generator, rank: int = 16, layers: int = 3
     for kernel in (False, True):
         y = torch.zeros(tokens, sum(f.out_width))
         cpu_matmul._enabled = kernel
-        lowrank.lowrank_delta_padded(y, x, seg, f)
+        lowrank_padded.lowrank_delta_padded(y, x, seg, f)
         outs.append(y)
     return (weight_bytes, {"gather-bmm": way(False), "ours": way(True), "ours-bf16": way(True, bf16_ops)},
             (outs[0] - outs[1]).abs().max().item())

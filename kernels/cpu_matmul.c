@@ -240,7 +240,7 @@ static void matmul_rows(int M, int N, int K, const float *x, int64_t ldx, const 
     }
 }
 
-/* ---- LoRA deltas of many adapters in one step (kernels/lowrank.py's padded grid):
+/* ---- LoRA deltas of many adapters in one step (kernels/lowrank_padded.py's grid):
  * y[t, out_start[i] : out_start[i] + widths[i]] += (x[t] @ A_s[i R : (i + 1) R]^T) @ Bt_i,s for each token t of
  * slot s. Group g holds slot slots[g] and the token rows rows[offsets[g] : offsets[g + 1]]. A: (J = num_slices R,
  * d_in) per slot, slot_stride_a apart; Bt_i: (R, widths[i]) per slot, slot_stride_bt[i] apart (scale folded in).

@@ -1,5 +1,6 @@
 """fp32 projections on an x86-64 CPU: y = x @ W^T (+ bias) (+ residual) by our own kernel (kernels/cpu_matmul.c),
-with AVX2 or AVX-512, and the padded LoRA grid of many adapters in one step (`lowrank_grid`, for kernels/lowrank.py).
+with AVX2 or AVX-512, and the padded LoRA grid of many adapters in one step (`lowrank_grid`, for
+kernels/lowrank_padded.py).
 
 Semantics (the reference is `reference`, F.linear):
     matmul(x, pack(W), bias, residual) == F.linear(x, W, bias) + residual
@@ -17,7 +18,7 @@ AVX-512 (`VARIANT`). On a 2-core AVX-512 Xeon (2026-12-02 19:55 UTC): 1.2x oneDN
 32-64, 0.94x at 512. `enabled()` decides (`MULTIPLEX_CPU_MATMUL=auto|ours|onednn`, read once at import: `auto` is
 ours wherever the kernel builds, else oneDNN; `avx2`, its earlier name, means `ours`).
 
-`lowrank_grid` computes what kernels/lowrank.py's padded gather-bmm does (its reference) without gathering x or the
+`lowrank_grid` computes what kernels/lowrank_padded.py's gather-bmm does (its reference) without gathering x or the
 factors: each slot's rows of A are dotted with its tokens (read once), then its Bt panels are multiplied in place and
 added into y's rows. It serves a decode step's LoRA deltas of many adapters. The factors may be fp32 or bf16 (the
 server's `--lora-dtype bfloat16`): bf16 values are widened to fp32 exactly as they are loaded and the sums stay fp32,

@@ -1,5 +1,5 @@
 """The CPU's LowRank store (server/model/lowrank_store.py): every slot's factors in the padded layout of
-kernels.lowrank.PaddedFactors, and nowhere else.
+kernels.lowrank_padded.PaddedFactors, and nowhere else.
 
 On a CPU, every torch call costs microseconds of dispatch, so applying each adapter with its own matmuls makes the
 adapter overhead grow with the number of adapters in the step; the padded layout applies many at once with one
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.delta import PROJECTIONS, AdapterDeltas, parse_module_name
-from kernels.lowrank import PaddedFactors, lowrank_delta_planned
+from kernels.lowrank_padded import PaddedFactors, lowrank_delta_planned
 from kernels.segments import SlotPlan, Segments, plan_for_groups
 from server.model.adapter_layout import GROUPS, Layout
 from server.model.lowrank_store import LowRankImage, rank_class

@@ -18,6 +18,7 @@ import triton.language as tl  # noqa: E402
 from kernels import cpu_matmul  # noqa: E402
 import kernels.dispatch as dispatch  # noqa: E402
 import kernels.lowrank as lowrank  # noqa: E402
+import kernels.lowrank_padded as lowrank_padded  # noqa: E402
 from kernels.segments import make_segments, max_tiles  # noqa: E402
 from tests.kernels.conftest import TOLERANCES  # noqa: E402
 
@@ -285,7 +286,7 @@ def test_launcher_checks_inputs():
         call(y, x, seg, arena, five)
 
 
-def _padded_from_table(arena: torch.Tensor, table: LowRankTable, d_in: int) -> "lowrank.PaddedFactors":
+def _padded_from_table(arena: torch.Tensor, table: LowRankTable, d_in: int) -> "lowrank_padded.PaddedFactors":
     """The same factors in the CPU padded layout (scale folded into B^T, zero past each rank)."""
     num_slices, num_slots = table.rank.shape
     r_max = table.max_rank
@@ -296,7 +297,7 @@ def _padded_from_table(arena: torch.Tensor, table: LowRankTable, d_in: int) -> "
             r, ao, bo = int(table.rank[i, s]), int(table.a_off[i, s]), int(table.b_off[i, s])
             a[s, i * r_max : i * r_max + r] = arena[ao : ao + r * d_in].view(r, d_in).float()
             bt[i][s, :r] = arena[bo : bo + r * w].view(r, w).float() * float(table.scale[i, s])
-    return lowrank.PaddedFactors(a, bt, table.out_start, table.out_width)
+    return lowrank_padded.PaddedFactors(a, bt, table.out_start, table.out_width)
 
 
 def _check_padded_against_reference(case: Case, seg, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,7 +307,7 @@ def _check_padded_against_reference(case: Case, seg, gen: torch.Generator) -> tu
     y0 = torch.randn(seg.num_tokens, sum(case.widths), generator=gen)
     y_ref, y = y0.clone(), y0.clone()
     lowrank.lowrank_delta_ref(y_ref, x, seg, arena, table)
-    lowrank.lowrank_delta_padded(y, x, seg, _padded_from_table(arena, table, case.d_in))
+    lowrank_padded.lowrank_delta_padded(y, x, seg, _padded_from_table(arena, table, case.d_in))
     torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.float32])
     return y, y0
 
@@ -335,9 +336,9 @@ def test_padded_cpu_path_with_bf16_factors_is_the_fp32_path_on_their_values(case
     x = torch.randn(seg.num_tokens, case.d_in, generator=gen)
     y0 = torch.randn(seg.num_tokens, sum(case.widths), generator=gen)
     y_bf16, y_widened, y_exact = y0.clone(), y0.clone(), y0.clone()
-    lowrank.lowrank_delta_padded(y_bf16, x, seg, bf16)
-    lowrank.lowrank_delta_padded(y_widened, x, seg, widened)
-    lowrank.lowrank_delta_padded(y_exact, x, seg, exact)
+    lowrank_padded.lowrank_delta_padded(y_bf16, x, seg, bf16)
+    lowrank_padded.lowrank_delta_padded(y_widened, x, seg, widened)
+    lowrank_padded.lowrank_delta_padded(y_exact, x, seg, exact)
     torch.testing.assert_close(y_bf16, y_widened, **TOLERANCES[torch.float32])
     delta = (y_exact - y0).abs().amax().item()
     assert (y_bf16 - y_exact).abs().amax().item() <= 0.02 * delta + 1e-6  # bf16 keeps 8 bits: 2^-8 per factor
@@ -405,7 +406,7 @@ def test_our_grid_kernel_is_what_serves_the_padded_grid_where_it_runs(monkeypatc
     seg = make_segments(list(case.seg_lens), list(case.slots), "cpu")
     gen = torch.Generator().manual_seed(0)
     arena, table = _make_table(case, torch.float32, "cpu", gen)
-    lowrank.lowrank_delta_padded(torch.zeros(3, 128), torch.randn(3, 48), seg, _padded_from_table(arena, table, 48))
+    lowrank_padded.lowrank_delta_padded(torch.zeros(3, 128), torch.randn(3, 48), seg, _padded_from_table(arena, table, 48))
     assert len(calls) == 1
 
 
@@ -427,7 +428,7 @@ def test_a_slot_decoding_alone_goes_to_the_grid_kernel_a_prefill_does_not(monkey
     f = _padded_from_table(arena, table, 48)
     if bf16:
         f = replace(f, a=f.a.bfloat16(), bt=tuple(b.bfloat16() for b in f.bt))
-    lowrank.lowrank_delta_padded(torch.zeros(sum(seg_lens), 128), torch.randn(sum(seg_lens), 48), seg, f)
+    lowrank_padded.lowrank_delta_padded(torch.zeros(sum(seg_lens), 128), torch.randn(sum(seg_lens), 48), seg, f)
     assert len(calls) == kernel_calls
     if calls:
         slots, offsets, rows = calls[0][3]
@@ -442,5 +443,5 @@ def test_add_at_rows_is_index_add(dtype, cols):
     rows, o = torch.tensor([7, 2, 11, 0]), torch.randn(4, cols.stop - cols.start, generator=gen)
     want = y.clone()
     want[:, cols].index_add_(0, rows, o.to(dtype))
-    lowrank.add_at_rows(y[:, cols], rows, o)
+    lowrank_padded.add_at_rows(y[:, cols], rows, o)
     assert torch.equal(y, want)
