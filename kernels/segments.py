@@ -51,11 +51,6 @@ class SlotBatch:
     slot_range: tuple[int, int] | None = None  # (lo, hi) when slots == arange(lo, hi)
     offsets: torch.Tensor | None = None  # (S+1,) int64: slot slots[i]'s tokens are rows[offsets[i] : offsets[i+1]]
 
-    @cached_property
-    def grid_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(slots, offsets, rows) int64 and contiguous, made once: kernels/cpu_matmul.py's grid takes them."""
-        return tuple(t.to(torch.int64).contiguous() for t in (self.slots, self.offsets, self.rows))
-
 
 @dataclass(frozen=True)
 class SlotPlan:
@@ -70,13 +65,16 @@ class SlotPlan:
     solo_runs: tuple[tuple[tuple[int, int], ...], ...]  # per solo slot, its rows as (start, stop) runs, in order
 
     @cached_property
-    def solo_groups(self) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]:
-        """Per solo slot, its tokens as one group (slots, offsets, rows: int64, contiguous) of kernels/cpu_matmul.py's
-        grid, made once."""
+    def solo_groups(self) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, ...]:
+        """Per solo slot of SOLO_TOKENS tokens or fewer (a decode), its tokens as one group (slots, offsets, rows:
+        int64 and contiguous, as kernels/cpu_matmul.py's grid and SlotBatch hold them); None for a longer one. Made
+        once."""
         groups = []
         for slot, rows in self.solo:
             rows = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows.to(torch.int64)
-            groups.append((torch.tensor([slot]), torch.tensor([0, rows.numel()]), rows.cpu().contiguous()))
+            few = rows.numel() <= SOLO_TOKENS
+            groups.append((torch.tensor([slot]), torch.tensor([0, rows.numel()]), rows.cpu().contiguous()) if few
+                          else None)
         return tuple(groups)
 
 

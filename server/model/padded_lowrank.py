@@ -16,7 +16,8 @@ them exactly and sum in fp32).
 
 The pool charges every adapter the bytes of its padded rows (`arena_elements`: R x (num_slices x d_in + the group's
 output width) values per (layer, group) it targets, in the stacks' dtype) against MULTIPLEX_ADAPTER_POOL_BYTES, so
-an adapter that does not fit evicts others or waits, as on the exact-rank arena (whose range is reserved here, never written).
+an adapter that does not fit evicts others or waits, as on the exact-rank arena (whose range is reserved here, never
+written).
 Not charged: the rows a class holds beyond its adapters (fewer than 3 of every 4 rows), and an adapter's rows in
 stacks of (layer, group)s that only other adapters of its class target.
 """
