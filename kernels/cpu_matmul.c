@@ -10,6 +10,7 @@
  * Built on demand by kernels/cpu_matmul.py (gcc -O3 -mavx2 -mfma [-mavx512f] -fopenmp); its reference is F.linear.
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "cpu_vector.h"
 
@@ -244,8 +245,10 @@ static void matmul_rows(int M, int N, int K, const float *x, int64_t ldx, const 
  * y[t, out_start[i] : out_start[i] + widths[i]] += (x[t] @ A_s[i R : (i + 1) R]^T) @ Bt_i,s for each token t of
  * slot s. Group g holds slot slots[g] and the token rows rows[offsets[g] : offsets[g + 1]]. A: (J = num_slices R,
  * d_in) per slot, slot_stride_a apart; Bt_i: (R, widths[i]) per slot, slot_stride_bt[i] apart (scale folded in).
- * Phase 1 (shrink): h[offsets[g] + t, j] = x[rows[.]] . A_s[j], dot products streaming each row of A once.
- * Phase 2 (expand): the panel blocks above with Bt_i read in place (panel row stride widths[i]), added into y's rows.
+ * Phase 1 (shrink): h[offsets[g] + t, j] = x[rows[.]] . A_s[j], dot products streaming each row of A once; for a
+ * group of BIG_GROUP tokens or more (a prefill), the panel blocks above against A's rows packed into panels.
+ * Phase 2 (expand): the panel blocks above with Bt_i read in place (panel row stride widths[i]), added into y's rows
+ * (a big group: a block of its tokens across every panel of a slice at a time).
  * bf16 != 0: A and Bt hold bfloat16 values (half the bytes to stream), each widened to fp32 exactly as it is read
  * (A's rows in the dot products, a work item's columns of Bt into an fp32 copy); sums in fp32 as above. */
 
@@ -282,6 +285,41 @@ static const dotsb_fn DOTS_BF16[5] = {0, dotsb1, dotsb2, dotsb3, dotsb4};
 #define MAX_SLICES 4
 #define ROWS_PER_ITEM 8  /* rows of A per phase-1 work item */
 #define PANELS_PER_ITEM 4  /* Bt panels per phase-2 work item */
+/* A group of at least BIG_GROUP tokens (a prefill chunk) is shrunk by the panel blocks instead of dot products: 16
+ * rows of A transposed once into a panel, then BLOCK_ROWS tokens at a time against it (the dots re-read A's rows
+ * for every 4 tokens; smollm2's 7 projections, 128 tokens: ~2.5x the dots' speed); work items of TOKENS_PER_ITEM
+ * tokens of one panel, so that a lone group still spreads over the threads. */
+#define BIG_GROUP 16
+#define TOKENS_PER_ITEM 64
+
+/* panel[k * PANEL + j] = A[j][k] for the cols rows of A at `row` (d_in values each, fp32 or bf16 widened), 0 past */
+static void pack_a_panel(const void *a, int bf16, int64_t row, int d_in, int cols, float *panel) {
+    for (int j = 0; j < PANEL; j++) {
+        const float *f = (const float *)a + row + (int64_t)j * d_in;
+        const uint16_t *b = (const uint16_t *)a + row + (int64_t)j * d_in;
+        for (int k = 0; k < d_in; k++)
+            panel[k * PANEL + j] = j >= cols ? 0.0f : bf16 ? bf16_to_f32(b[k]) : f[k];
+    }
+}
+
+/* h[t, 16 p + c] for the tokens [t, t + n) of a group (its rows rows[0..n)), c < cols: blocks against the packed
+ * panel; a block's x rows are read in place when they are consecutive rows of x, else gathered into xb. */
+static void shrink_blocks(int d_in, const float *panel, int cols, const float *x, int64_t ldx, const int64_t *rows,
+                          int64_t n, float *h, int64_t ldh, float *xb) {
+    for (int64_t t = 0, step = block_rows(n); t < n; t += step) {
+        int tn = n - t < step ? n - t : step, consecutive = 1;
+        for (int i = 1; i < tn; i++) consecutive &= rows[t + i] == rows[t] + i;
+        const float *xs = x + rows[t] * ldx;
+        int64_t lds = ldx;
+        if (!consecutive) {
+            for (int i = 0; i < tn; i++)
+                for (int k = 0; k < d_in; k++) xb[(int64_t)i * d_in + k] = x[rows[t + i] * ldx + k];
+            xs = xb;
+            lds = d_in;
+        }
+        BLOCKS[tn](d_in, xs, lds, panel, PANEL, h + t * ldh, ldh, 0, 0, 0, 0, cols);
+    }
+}
 
 /* y[rows[t], c] += h[t] . Bt[:, c] for c in [c_start, c_end) and the n token rows of one group: Bt (R, width) of one
  * slot and slice, fp32 or bf16 (each whole bf16 panel widened in registers as it is read, a partial panel of either
@@ -330,13 +368,37 @@ void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets,
         int64_t panels = (widths[i] + PANEL - 1) / PANEL;
         first_chunk[i + 1] = first_chunk[i] + (panels + PANELS_PER_ITEM - 1) / PANELS_PER_ITEM;
     }
-    int64_t chunks_per_group = first_chunk[num_slices];
+    int64_t chunks_per_group = first_chunk[num_slices], max_n = 0;
+    for (int g = 0; g < S; g++)
+        if (offsets[g + 1] - offsets[g] > max_n) max_n = offsets[g + 1] - offsets[g];
+    int a_panels = (J + PANEL - 1) / PANEL;
+    int64_t big_chunks = max_n >= BIG_GROUP ? (max_n + TOKENS_PER_ITEM - 1) / TOKENS_PER_ITEM : 0;
     #pragma omp parallel num_threads(threads)
     {
+        float *panel = 0, *xb = 0;  /* big groups: this thread's packed panel of A, gathered x rows */
+        int64_t packed = -1;  /* which (group, panel) the buffer holds */
+        if (big_chunks) {
+            panel = malloc(sizeof(float) * PANEL * d_in);
+            xb = malloc(sizeof(float) * BLOCK_ROWS * d_in);
+        }
+        #pragma omp for schedule(static) nowait
+        for (int64_t item = 0; item < (int64_t)S * a_panels * big_chunks; item++) {
+            int64_t gp = item / big_chunks, c = item % big_chunks;
+            int g = gp / a_panels, p = gp % a_panels, cols = J - p * PANEL < PANEL ? J - p * PANEL : PANEL;
+            int64_t t0 = offsets[g], n = offsets[g + 1] - t0, t = c * TOKENS_PER_ITEM;
+            if (n < BIG_GROUP || t >= n) continue;
+            if (packed != gp) {
+                pack_a_panel(a, bf16, slots[g] * slot_stride_a + (int64_t)p * PANEL * d_in, d_in, cols, panel);
+                packed = gp;
+            }
+            shrink_blocks(d_in, panel, cols, x, ldx, rows + t0 + t, n - t < TOKENS_PER_ITEM ? n - t : TOKENS_PER_ITEM,
+                          h + (t0 + t) * J + p * PANEL, J, xb);
+        }
         #pragma omp for schedule(static)
         for (int64_t item = 0; item < (int64_t)S * a_items; item++) {
             int g = item / a_items, j0 = (item % a_items) * ROWS_PER_ITEM;
             int64_t t0 = offsets[g], n = offsets[g + 1] - t0;
+            if (n >= BIG_GROUP) continue;
             for (int64_t t = 0; t < n; t += 4) {
                 int tn = n - t < 4 ? n - t : 4;
                 const float *xr[4];
@@ -350,17 +412,33 @@ void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets,
                 }
             }
         }
+        /* a big group: items of TOKENS_PER_ITEM tokens of one slice, a block of tokens across all its panels at a
+         * time, so that y's rows are read and written in long runs (by panel chunks, each of a prefill's rows was
+         * touched 256 bytes at a time: 3x slower) */
+        #pragma omp for schedule(static) nowait
+        for (int64_t item = 0; item < (int64_t)S * num_slices * big_chunks; item++) {
+            int g = item / (num_slices * big_chunks), i = item / big_chunks % num_slices;
+            int64_t t0 = offsets[g], n = offsets[g + 1] - t0, t = item % big_chunks * TOKENS_PER_ITEM;
+            if (n < BIG_GROUP || t >= n) continue;
+            int64_t end = n - t < TOKENS_PER_ITEM ? n : t + TOKENS_PER_ITEM, first = slots[g] * slot_stride_bt[i];
+            for (int64_t step = block_rows(end - t); t < end; t += step)
+                expand_panels(R, end - t < step ? end - t : step, h + (t0 + t) * J + i * R, J,
+                              bt[i] + first * (bf16 ? 2 : 4), bf16, widths[i], 0, widths[i], y + out_start[i], ldy,
+                              rows + t0 + t);
+        }
         #pragma omp for schedule(static)
         for (int64_t item = 0; item < (int64_t)S * chunks_per_group; item++) {
             int g = item / chunks_per_group, q = item % chunks_per_group, i = 0;
             while (q >= first_chunk[i + 1]) i++;
             int64_t t0 = offsets[g], n = offsets[g + 1] - t0;
-            if (n == 0) continue;
+            if (n == 0 || n >= BIG_GROUP) continue;
             int64_t first = slots[g] * slot_stride_bt[i], c_start = (q - first_chunk[i]) * PANELS_PER_ITEM * PANEL;
             int64_t c_end = c_start + PANELS_PER_ITEM * PANEL;
             if (c_end > widths[i]) c_end = widths[i];
             expand_panels(R, n, h + t0 * J + i * R, J, bt[i] + first * (bf16 ? 2 : 4), bf16, widths[i], c_start,
                           c_end, y + out_start[i], ldy, rows + t0);
         }
+        free(panel);
+        free(xb);
     }
 }

@@ -1,7 +1,7 @@
 """Batched low-rank deltas on a CPU: each slot's factors zero-padded to one rank R in per-slot stacks
 (`PaddedFactors`, Punica's padded gather-bmm layout), applied to a step's tokens by the plan of kernels/segments.py:
-solo slots (a prefill) by their own matmuls, the others by one padded grid, which our C kernel computes where it runs
-(kernels/cpu_matmul.py `lowrank_grid`) and torch's gather-bmm elsewhere. Same semantics as kernels/lowrank.py's
+where our C kernel runs (kernels/cpu_matmul.py `lowrank_grid`), every slot in one call of it; elsewhere solo slots
+(a prefill) by their own matmuls and the others by one padded grid, torch's gather-bmm. Same semantics as kernels/lowrank.py's
 `lowrank_delta` (its reference), the scale folded into B^T.
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ def lowrank_delta_padded(y: torch.Tensor, x: torch.Tensor, seg: Segments, factor
     """Same semantics as lowrank_delta, from PaddedFactors: y[t, cols_i] += (x[t] @ A_s^T) @ (scale B_s)^T.
     Moves S * R * (d_in + sum w) factor values for the S distinct slots of the step, in few ops whatever S: one
     gather of x, one bmm for the shrink, one per slice for the expand, one scatter-add of the slices into y.
-    Solo slots (Segments.slot_plan: a prefill's many tokens, or the step's only adapter) get their own matmuls."""
+    Solo slots (Segments.slot_plan: a prefill's many tokens, or the step's only adapter) get their own matmuls, but
+    where our grid kernel runs, which takes them all in one call."""
     lowrank_delta_planned(y, x, seg.slot_plan, factors)
 
 
@@ -49,29 +50,21 @@ def lowrank_delta_planned(y: torch.Tensor, x: torch.Tensor, plan: SlotPlan | Non
     slots only, in rows of their own, take a plan with those rows (kernels.segments.plan_for_groups)."""
     if plan is None:
         return
-    for (slot, rows), runs, group in zip(plan.solo, plan.solo_runs, plan.solo_groups, strict=True):
-        if group is not None and _grid_kernel_serves(y, x, factors):
-            # the step's only adapter, decoding: our grid kernel takes it as a group of one (fp32: ~7% less time
-            # in a smollm2 decode step of 4 requests; bf16: no fp32 copy of its factors for every op)
-            cpu_matmul.lowrank_grid_prepared(y, x, factors.grid, group)
-        else:
-            _lowrank_solo(y, x, factors, slot, rows, runs)
+    if _grid_kernel_serves(y, x, factors) and plan.kernel_groups is not None:
+        # every slot in one call of our kernel, a prefill's too (its own matmuls took 2x longer: smollm2, a
+        # 1024-token prefill over 8 adapters), with no gathers, padded products or scatters
+        cpu_matmul.lowrank_grid_prepared(y, x, factors.grid, plan.kernel_groups)
+        return
+    for (slot, rows), runs in zip(plan.solo, plan.solo_runs, strict=True):
+        _lowrank_solo(y, x, factors, slot, rows, runs)
     if plan.padded is not None:
-        _lowrank_grid(y, x, factors, plan.padded)
+        _lowrank_grid_torch(y, x, factors, plan.padded)
 
 
 def _grid_kernel_serves(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors) -> bool:
     """Whether our CPU grid kernel (kernels/cpu_matmul.py) takes this op."""
     return (x.dtype == y.dtype == torch.float32 and y.device.type == "cpu" and x.stride(-1) == 1
             and y.stride(-1) == 1 and len(factors.bt) <= cpu_matmul.MAX_SLICES and cpu_matmul.enabled())
-
-
-def _lowrank_grid(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, sb: SlotBatch) -> None:
-    if sb.offsets is not None and _grid_kernel_serves(y, x, factors):
-        # the same sums without the gathers, the padded products or the scatter (kernels/cpu_matmul.py)
-        cpu_matmul.lowrank_grid_prepared(y, x, factors.grid, (sb.slots, sb.offsets, sb.rows))  # int64, contiguous
-        return
-    _lowrank_grid_torch(y, x, factors, sb)
 
 
 def _lowrank_grid_torch(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, sb: SlotBatch) -> None:

@@ -57,25 +57,32 @@ class SlotPlan:
     """How the CPU gather-bmm path covers a step's adapter tokens: `solo` slots get their own matmuls over their
     token rows (a slice when contiguous), the others share one padded grid (`padded`, None when there are none).
     A slot is solo when it has more than SOLO_TOKENS tokens (a prefill: padding every other slot of the grid to its
-    length would multiply their work) or when it is the step's only slot (nothing to batch with); where our CPU grid
-    kernel runs, a solo slot of SOLO_TOKENS tokens or fewer goes to it as a group of one (`solo_groups`)."""
+    length would multiply their work) or when it is the step's only slot (nothing to batch with). Where our CPU grid
+    kernel runs it takes every slot, solo or not, in one call (`kernel_groups`: it pads nothing)."""
 
     solo: tuple[tuple[int, slice | torch.Tensor], ...]
     padded: SlotBatch | None
     solo_runs: tuple[tuple[tuple[int, int], ...], ...]  # per solo slot, its rows as (start, stop) runs, in order
 
     @cached_property
-    def solo_groups(self) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, ...]:
-        """Per solo slot of SOLO_TOKENS tokens or fewer (a decode), its tokens as one group (slots, offsets, rows:
-        int64 and contiguous, as kernels/cpu_matmul.py's grid and SlotBatch hold them); None for a longer one. Made
-        once."""
-        groups = []
-        for slot, rows in self.solo:
-            rows = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows.to(torch.int64)
-            few = rows.numel() <= SOLO_TOKENS
-            groups.append((torch.tensor([slot]), torch.tensor([0, rows.numel()]), rows.cpu().contiguous()) if few
-                          else None)
-        return tuple(groups)
+    def kernel_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Every slot of the plan, solo or padded, as the groups of one call of our CPU grid kernel
+        (kernels/cpu_matmul.py `lowrank_grid`): slots, offsets and token rows, int64 and contiguous. None when the
+        padded grid was built without offsets (by hand). Made once."""
+        if self.padded is not None and self.padded.offsets is None:
+            return None
+        slots, counts, rows = [], [], []
+        for slot, r in self.solo:
+            r = torch.arange(r.start, r.stop) if isinstance(r, slice) else r.cpu().to(torch.int64)
+            slots.append(slot)
+            counts.append(r.numel())
+            rows.append(r)
+        if self.padded is not None:
+            slots += self.padded.slots.tolist()
+            counts += self.padded.offsets.diff().tolist()
+            rows.append(self.padded.rows.cpu())
+        offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
+        return torch.tensor(slots, dtype=torch.int64), offsets, torch.cat(rows).to(torch.int64).contiguous()
 
 
 @dataclass(frozen=True)

@@ -411,28 +411,33 @@ def test_our_grid_kernel_is_what_serves_the_padded_grid_where_it_runs(monkeypatc
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("seg_lens, kernel_calls", [((1, 1, 1), 1), ((30,), 0)])
-def test_a_slot_decoding_alone_goes_to_the_grid_kernel_a_prefill_does_not(monkeypatch, seg_lens, kernel_calls, bf16):
-    """A solo slot with few tokens (the step's only adapter, decoding) is served by our grid kernel as a group of
-    one (its own matmuls took longer, and on bf16 stacks widen a copy of its factors for every op); a prefill keeps
-    its own matmuls. The values: the sweeps above (their single-slot decodes)."""
+@pytest.mark.parametrize("seg_lens, slots", [
+    ((1, 1, 1), (1, 1, 1)),  # the step's only adapter, decoding (a solo slot)
+    ((30,), (1,)),  # a prefill (a solo slot of many tokens)
+    ((20, 1, 1, 17), (1, 0, 2, 1)),  # a prefill in two runs beside two decodes (solo slots and the padded grid)
+])
+def test_our_grid_kernel_takes_every_slot_of_a_step_in_one_call(monkeypatch, seg_lens, slots, bf16):
+    """Where our grid kernel runs, one call per op covers the step's solo slots (a prefill, or the only adapter
+    decoding; their own matmuls took longer, and on bf16 stacks widened a copy of their factors for every op) and
+    the padded grid's. The values: the sweeps above, whose prefills take the kernel's blocked path."""
     if not cpu_matmul.available():
         pytest.skip("our kernel needs an x86-64 CPU with AVX2 and FMA and a C compiler")
     monkeypatch.setattr(cpu_matmul, "_enabled", True)
     calls = []
     monkeypatch.setattr(cpu_matmul, "lowrank_grid_prepared", lambda *args: calls.append(args))
-    case = Case("alone", seg_lens, "given", 3, 48, (64, 32, 32), slots=(1,) * len(seg_lens))
+    case = Case("one_call", seg_lens, "given", 3, 48, (64, 32, 32), slots=slots)
     seg = make_segments(list(seg_lens), list(case.slots), "cpu")
-    assert [s for s, _ in seg.slot_plan.solo] == [1] and seg.slot_plan.padded is None
     arena, table = _make_table(case, torch.float32, "cpu", torch.Generator().manual_seed(0))
     f = _padded_from_table(arena, table, 48)
     if bf16:
         f = replace(f, a=f.a.bfloat16(), bt=tuple(b.bfloat16() for b in f.bt))
     lowrank_padded.lowrank_delta_padded(torch.zeros(sum(seg_lens), 128), torch.randn(sum(seg_lens), 48), seg, f)
-    assert len(calls) == kernel_calls
-    if calls:
-        slots, offsets, rows = calls[0][3]
-        assert slots.tolist() == [1] and offsets.tolist() == [0, 3] and rows.tolist() == [0, 1, 2]
+    assert len(calls) == 1
+    got_slots, offsets, rows = calls[0][3]
+    groups = [(s, rows[offsets[g] : offsets[g + 1]].tolist()) for g, s in enumerate(got_slots.tolist())]
+    groups = [(s, r) for s, r in groups if r]  # a padded grid's range may hold unused slots: no rows
+    want = {s: [t for t, ts in enumerate(seg.token_slot.tolist()) if ts == s] for s in set(slots)}
+    assert len(groups) == len(want) and dict(groups) == want  # each slot's tokens in one group
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
