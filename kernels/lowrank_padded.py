@@ -1,8 +1,8 @@
 """Batched low-rank deltas on a CPU: each slot's factors zero-padded to one rank R in per-slot stacks
 (`PaddedFactors`, Punica's padded gather-bmm layout), applied to a step's tokens by the plan of kernels/segments.py:
 where our C kernel runs (kernels/cpu_matmul.py `lowrank_grid`), every slot in one call of it; elsewhere solo slots
-(a prefill) by their own matmuls and the others by one padded grid, torch's gather-bmm. Same semantics as kernels/lowrank.py's
-`lowrank_delta` (its reference), the scale folded into B^T.
+(a prefill) by their own matmuls and the others by one padded grid, torch's gather-bmm. Same semantics as
+kernels/lowrank.py's `lowrank_delta` (its reference), the scale folded into B^T.
 """
 from __future__ import annotations
 
