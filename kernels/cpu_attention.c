@@ -13,6 +13,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "cpu_vector.h"
 
@@ -162,5 +163,18 @@ void multiplex_decode_attention(int Bd, int Hkv, int rep, int D, int64_t S, cons
                 o[d] = a * inv[r];
             }
         }
+    }
+}
+
+/* The step's new keys and values into the cache: row rows[i] (or i when rows is NULL) of k and of v, `width` values
+ * each (its KV heads, end to end), to row slots[i] of k_cache and v_cache (viewed as (rows, width)), for i < n. One
+ * call for both caches where kernels/attention.py's write_kv_cpu (its reference) runs a reshape, an index_select and
+ * an index_copy_ per cache. */
+void multiplex_write_kv(int64_t n, int64_t width, const float *k, int64_t ldk, const float *v, int64_t ldv,
+                        const int64_t *rows, const int64_t *slots, float *k_cache, float *v_cache) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t r = rows ? rows[i] : i;
+        memcpy(k_cache + slots[i] * width, k + r * ldk, sizeof(float) * width);
+        memcpy(v_cache + slots[i] * width, v + r * ldv, sizeof(float) * width);
     }
 }

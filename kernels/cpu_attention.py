@@ -1,5 +1,6 @@
-"""Decode attention over the paged KV cache on an x86-64 CPU by our own kernel (kernels/cpu_attention.c): the keys
-and values of each decode sequence are read in place from the cache, where kernels/attention.py's
+"""Decode attention over the paged KV cache on an x86-64 CPU by our own kernel (kernels/cpu_attention.c), and the
+writes of a step's keys and values into it (`write_kv`): the keys and values of each decode sequence are read in
+place from the cache, where kernels/attention.py's
 paged_attention_cpu (the reference here) gathers copies of them with index_select, then runs baddbmm, softmax and
 bmm over the copies: five ops and three passes over the keys per layer become one call and one pass.
 
@@ -71,11 +72,34 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, keys: 
     return out
 
 
+def writes(k: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether write_kv() takes these: fp32 on the CPU, each row's KV heads end to end, a contiguous cache."""
+    return (k.dtype == k_cache.dtype == torch.float32 and k.device.type == "cpu" and k_cache.is_contiguous()
+            and k.stride(2) == 1 and k.stride(1) == k.shape[2])
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+             rows: torch.Tensor | None) -> None:
+    """k, v (T, Hkv, D) as writes() takes them (views of a fused qkv): row rows[i] (row i when rows is None) to cache
+    row slots[i] of each cache (viewed as (rows, Hkv D)); slots, rows int64 contiguous. kernels/attention.py's
+    write_kv_cpu is the reference: one call where it runs six ops."""
+    if not (writes(v, v_cache) and slots.dtype == torch.int64 and slots.is_contiguous()
+            and (rows is None or (rows.dtype == torch.int64 and rows.is_contiguous()))):
+        raise ValueError("write_kv needs fp32 rows of unit-stride heads, contiguous caches and int64 indices")
+    width = k.shape[1] * k.shape[2]
+    _library().multiplex_write_kv(slots.shape[0], width, k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                                  None if rows is None else rows.data_ptr(), slots.data_ptr(), k_cache.data_ptr(),
+                                  v_cache.data_ptr())
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.multiplex_decode_attention
     fn.argtypes = ([ctypes.c_int] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
                    + [ctypes.c_void_p] * 5 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
     fn.restype = None
+    lib.multiplex_write_kv.argtypes = ([ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64] * 2
+                                       + [ctypes.c_void_p] * 4)
+    lib.multiplex_write_kv.restype = None
 
 
 def _library() -> ctypes.CDLL:

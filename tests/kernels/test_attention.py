@@ -127,8 +127,11 @@ def test_write_kv_interpreter(dtype):
     check_write_kv(dtype, "cpu")
 
 
-def test_write_kv_cpu_path_equals_reference():
-    """The CPU path's write (one index_copy_ per cache, rows planned once per step), -1 slots skipped."""
+def test_write_kv_cpu_path_equals_reference(decode_path, monkeypatch):
+    """The CPU path's write (rows planned once per step), -1 slots skipped, both ways: one index_copy_ per cache, and
+    one call of kernels/cpu_attention.c for both (where it runs: not a silent fallback)."""
+    calls = []
+    monkeypatch.setattr(cpu_attention, "_library", lambda real=cpu_attention._library: calls.append(1) or real())
     gen = torch.Generator().manual_seed(2)
     num_tokens, num_kv_heads, head_dim = 9, 2, 16
     qkv = torch.randn(num_tokens, 3 * num_kv_heads * head_dim, generator=gen)
@@ -146,6 +149,7 @@ def test_write_kv_cpu_path_equals_reference():
         attn.write_kv_ref(k, v, k_ref, v_ref, slots)
         attn.write_kv_cpu(k, v, k_out, v_out, plan)
         assert torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref)
+    assert len(calls) == (2 if decode_path == "ours" else 0)
 
 
 @pytest.fixture(params=["torch", "ours"])
