@@ -442,3 +442,17 @@ void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets,
         free(xb);
     }
 }
+
+/* out = x @ W^T (+ bias) (+ residual), then the LoRA grid's deltas of the same x added into out (y = out): the two
+ * calls above back to back, with no return to Python between them (whose first steps after a projection's weights
+ * streamed through the caches run cold: ~10 us of a decode step's every op). */
+void multiplex_matmul_lowrank(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
+                              int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads, int S,
+                              const int64_t *slots, const int64_t *offsets, const int64_t *rows, int d_in,
+                              const float *a, int64_t slot_stride_a, int R, int num_slices, const int64_t *bt,
+                              const int64_t *slot_stride_bt, const int64_t *widths, const int64_t *out_start, float *h,
+                              int bf16) {
+    multiplex_cpu_matmul(M, N, K, x, ldx, panels, out, ldo, bias, res, ldr, threads);
+    multiplex_lowrank_grid(S, slots, offsets, rows, x, ldx, d_in, a, slot_stride_a, R, num_slices, bt, slot_stride_bt,
+                           widths, out_start, out, ldo, h, bf16, threads);
+}

@@ -172,6 +172,32 @@ def lowrank_grid_prepared(y: torch.Tensor, x: torch.Tensor, factors: GridFactors
                                       h.data_ptr(), factors.bf16, torch.get_num_threads())
 
 
+def matmul_lowrank(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                   factors: GridFactors, groups: GridGroups) -> torch.Tensor:
+    """matmul(x, weight, bias, residual), then lowrank_grid_prepared(that, x, factors, groups), in one call of the
+    library (no Python between the two: in a decode step it would run on caches cold from the weights just
+    streamed). The factors' slices must lie within the weight's out_features columns."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    num_tokens, d_out = x.shape[0], weight.out_features
+    if x.shape[1] != weight.in_features or x.shape[1] != factors.args[0]:
+        raise ValueError(f"x has {x.shape[1]} features, the weight {weight.in_features}, the factors {factors.args[0]}")
+    slots, offsets, rows = groups
+    out = torch.empty(num_tokens, d_out, dtype=torch.float32)
+    h = torch.empty(rows.shape[0], factors.width, dtype=torch.float32)
+    if num_tokens:
+        _library().multiplex_matmul_lowrank(
+            num_tokens, d_out, weight.in_features, x.data_ptr(), x.stride(0), weight.panels.data_ptr(), out.data_ptr(),
+            d_out, None if bias is None else bias.data_ptr(), None if residual is None else residual.data_ptr(),
+            0 if residual is None else residual.stride(0), torch.get_num_threads(), slots.shape[0], slots.data_ptr(),
+            offsets.data_ptr(), rows.data_ptr(), *factors.args, h.data_ptr(), factors.bf16)
+    return out
+
+
 def available() -> bool:
     """Whether this machine runs the kernel: an x86-64 CPU with AVX2 and FMA, and the source compiles (once)."""
     return cpu_build.loads(_library, "our CPU matmul kernel")
@@ -187,6 +213,11 @@ def _declare(lib: ctypes.CDLL) -> None:
                      ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
                      + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
     grid.restype = None
+    fused = lib.multiplex_matmul_lowrank
+    fused.argtypes = fn.argtypes + ([ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p,
+                                    ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
+                                    + [ctypes.c_int])
+    fused.restype = None
 
 
 def _library() -> ctypes.CDLL:

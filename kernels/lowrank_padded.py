@@ -61,6 +61,16 @@ def lowrank_delta_planned(y: torch.Tensor, x: torch.Tensor, plan: SlotPlan | Non
         _lowrank_grid_torch(y, x, factors, plan.padded)
 
 
+def kernel_call(x: torch.Tensor, plan: SlotPlan | None, factors: PaddedFactors
+                ) -> tuple[cpu_matmul.GridFactors, cpu_matmul.GridGroups] | None:
+    """What lowrank_delta_planned(y, x, plan, factors) gives our grid kernel, for an fp32 y of x's rows with rows of
+    unit stride (cpu_matmul.matmul's output): (factors, groups) for a caller that runs it after its own product in
+    one call (cpu_matmul.matmul_lowrank); None when the kernel would not serve."""
+    if plan is None or plan.kernel_groups is None or not _grid_kernel_serves(x, x, factors):
+        return None
+    return factors.grid, plan.kernel_groups
+
+
 def _grid_kernel_serves(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors) -> bool:
     """Whether our CPU grid kernel (kernels/cpu_matmul.py) takes this op."""
     return (x.dtype == y.dtype == torch.float32 and y.device.type == "cpu" and x.stride(-1) == 1

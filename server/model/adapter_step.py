@@ -4,6 +4,7 @@ deltas of each layer, from the pool's stores (server/model/adapter_pool.py).
     step = AdapterStep(pool, batch)        # once per forward
     step.compute_para(layer, h)             # PARA prefills: their vectors from this layer's normed prompt states
     step.apply(layer, group, y, x)          # y += this step's LowRank and Sparse deltas of `group` (qkv, o, ...)
+    y = step.linear(layer, group, x, w)     # linear(x, w) and apply(), in one call of our CPU kernels where they run
     step.scale(layer, activation, y)        # IA3 and PARA vectors of `activation` (qkv, gate_up, ffn)
 
 Which implementation serves is the stores' (kernels.dispatch picks them per device): on a CUDA device (or with
@@ -17,7 +18,9 @@ from __future__ import annotations
 import torch
 
 from adapters.delta import para_vectors
+from kernels import cpu_matmul
 from kernels.dispatch import use_triton
+from kernels.linear import linear
 from kernels.scale import scale_rows_
 from server.model.adapter_pool import AdapterPool
 from server.model.forward_batch import ForwardBatch
@@ -69,6 +72,22 @@ class AdapterStep:
             pool.lowrank.apply(layer, group, y, x, batch.segments)
         if batch.adapter_kinds.sparse:
             pool.sparse.apply(layer, group, y, x, batch.segments)
+
+    def linear(self, layer: int, group: str, x: torch.Tensor, weight, bias: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        """kernels.linear.linear(x, weight, bias, residual) plus this step's deltas of `group` (apply): where the
+        projection is our CPU kernel's and one call of our grid kernel covers the deltas, both in one call
+        (cpu_matmul.matmul_lowrank: no Python between them, which after the weights streamed through the caches
+        runs cold)."""
+        pool, kinds = self.pool, self.batch.adapter_kinds
+        if (isinstance(weight, cpu_matmul.PackedWeight) and kinds.lowrank and not kinds.sparse
+                and pool.fault_hook is None):
+            call = pool.lowrank.kernel_call(layer, group, x, self.batch.segments)
+            if call is not None:
+                return cpu_matmul.matmul_lowrank(x, weight, bias, residual, *call)
+        y = linear(x, weight, bias, residual)
+        self.apply(layer, group, y, x)
+        return y
 
     def scale(self, layer: int, activation: str, y: torch.Tensor) -> None:
         """Multiply the Scale sites inside `activation` ("qkv", "gate_up" or "ffn") of this layer."""

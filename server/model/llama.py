@@ -98,9 +98,8 @@ class LlamaModel:
             h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)  # (T, H)
             if batch.para_prefills:
                 step.compute_para(i, h)  # PARA vectors come from this layer's normed prompt states
-            qkv = linear(h, lw.qkv, lw.qkv_bias)  # (T, q + 2kv)
-            if use_deltas:
-                step.apply(i, "qkv", qkv, h)
+            # (T, q + 2kv); each projection plus the step's deltas of its group (AdapterStep.linear)
+            qkv = step.linear(i, "qkv", h, lw.qkv, lw.qkv_bias) if use_deltas else linear(h, lw.qkv, lw.qkv_bias)
             if use_scale:
                 step.scale(i, "qkv", qkv)  # IA3 / PARA: after bias and deltas, before RoPE
             qk = qkv[:, : q_size + kv_size].view(num_tokens, -1, cfg.head_dim)  # the q and k heads, rotated in place
@@ -111,20 +110,14 @@ class LlamaModel:
             write_kv(k, v, kv.k[i], kv.v[i], batch.slot_mapping, plan)
             attn = paged_attention(q, kv.k[i], kv.v[i], batch.attn, self.sm_scale, self.windows[i], plan)
             attn = attn.view(num_tokens, q_size)
-            x = linear(attn, lw.o, residual=x)  # (T, H): the residual plus o_proj
-            if use_deltas:
-                step.apply(i, "o", x, attn)
+            x = step.linear(i, "o", attn, lw.o, residual=x) if use_deltas else linear(attn, lw.o, residual=x)  # (T, H)
             h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
-            gu = linear(h, lw.gate_up)  # (T, 2I)
-            if use_deltas:
-                step.apply(i, "gate_up", gu, h)
+            gu = step.linear(i, "gate_up", h, lw.gate_up) if use_deltas else linear(h, lw.gate_up)  # (T, 2I)
             if use_scale:
                 step.scale(i, "gate_up", gu)
             act = cpu_elementwise.silu_mul(gu) if ours else cpu_elementwise.silu_mul_ref(gu)  # (T, I): silu(gate) * up
             if use_scale:
                 step.scale(i, "ffn", act)  # IA3's feed-forward vector: the input of down_proj
-            x = linear(act, lw.down, residual=x)  # (T, H): the residual plus down_proj
-            if use_deltas:
-                step.apply(i, "down", x, act)
+            x = step.linear(i, "down", act, lw.down, residual=x) if use_deltas else linear(act, lw.down, residual=x)
         x = rms_norm(x.index_select(0, batch.logits_indices), self.norm, cfg.rms_norm_eps)  # (B, H)
         return linear(x, self.lm_head).float()  # (B, V)

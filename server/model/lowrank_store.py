@@ -31,6 +31,8 @@ class LowRankStore(Protocol):
     def free(self, slot: int) -> None: ...
     def rank_of(self, slot: int, layer: int, proj: str) -> int: ...
     def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor, seg: Segments) -> None: ...
+    # apply()'s work as one call of our CPU grid kernel for the projection's own call to run (None: apply() it)
+    def kernel_call(self, layer: int, group: str, x: torch.Tensor, seg: Segments): ...
 
 
 @dataclass(frozen=True)
@@ -128,3 +130,6 @@ class ArenaLowRank:
 
     def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor, seg: Segments) -> None:
         lowrank_delta(y, x, seg, self.arena, self.tables[layer][group])
+
+    def kernel_call(self, layer: int, group: str, x: torch.Tensor, seg: Segments) -> None:
+        return None  # the arena's kernels run apart from the projection

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.delta import PROJECTIONS, AdapterDeltas, parse_module_name
-from kernels.lowrank_padded import PaddedFactors, lowrank_delta_planned
+from kernels.lowrank_padded import PaddedFactors, kernel_call, lowrank_delta_planned
 from kernels.segments import SlotPlan, Segments, plan_for_groups
 from server.model.adapter_layout import GROUPS, Layout
 from server.model.lowrank_store import LowRankImage, rank_class
@@ -169,13 +169,26 @@ class PaddedLowRank:
 
     # ---- the forward ------------------------------------------------------------------------------------------
     def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor, seg: Segments) -> None:
-        cached = seg.host_views.get(self)  # (mapping, plans), derived once per Segments and mapping
-        if cached is None or cached[0] is not self.mapping:
-            cached = seg.host_views[self] = (self.mapping, self.plans(seg))
-        for cls, plan in cached[1]:
+        for cls, plan in self._plans(seg):
             f = cls.factors[layer].get(group)
             if f is not None:
                 lowrank_delta_planned(y, x, plan, f)
+
+    def kernel_call(self, layer: int, group: str, x: torch.Tensor, seg: Segments):
+        """apply()'s work as one call of our grid kernel for a caller to run after its projection in the same call
+        (kernels.lowrank_padded.kernel_call), when one rank class among the step's slots targets (layer, group) and
+        the kernel serves it; else None."""
+        calls = [(cls, plan) for cls, plan in self._plans(seg) if cls.factors[layer].get(group) is not None]
+        if len(calls) != 1:
+            return None
+        cls, plan = calls[0]
+        return kernel_call(x, plan, cls.factors[layer][group])
+
+    def _plans(self, seg: Segments) -> tuple[tuple[RankClass, SlotPlan], ...]:
+        cached = seg.host_views.get(self)  # (mapping, plans), derived once per Segments and mapping
+        if cached is None or cached[0] is not self.mapping:
+            cached = seg.host_views[self] = (self.mapping, self.plans(seg))
+        return cached[1]
 
     def plans(self, seg: Segments) -> tuple[tuple[RankClass, SlotPlan], ...]:
         """Per rank class among the step's slots, the SlotPlan of its slots' tokens over its rows, smallest R first."""

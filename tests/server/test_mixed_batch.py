@@ -2,11 +2,19 @@
 import pytest
 import torch
 
+from kernels import cpu_matmul
+from kernels.dispatch import use_triton
 from server.model.config import ModelConfig
 from tests.helpers import make_hf_model, merged_hf, random_lowrank, reference_logits, refs, run_capture, small_engine
 
 
-def test_mixed_lowrank_batch_matches_merged_weights(tmp_path):
+def test_mixed_lowrank_batch_matches_merged_weights(tmp_path, monkeypatch):
+    """Also: where our CPU kernels serve (the padded store), a projection whose deltas are one rank class's runs
+    with them in one call (cpu_matmul.matmul_lowrank), not a silent fallback; the golden pass under
+    MULTIPLEX_KERNELS=triton (the arena store) has no such calls."""
+    fused = []
+    monkeypatch.setattr(cpu_matmul, "matmul_lowrank",
+                        lambda *a, real=cpu_matmul.matmul_lowrank: fused.append(1) or real(*a))
     path = make_hf_model(tmp_path / "m", "llama")
     cfg = ModelConfig.from_dir(path)
     adapters = {
@@ -33,6 +41,7 @@ def test_mixed_lowrank_batch_matches_merged_weights(tmp_path):
     # the adapters really change the output (a test that cannot fail proves nothing)
     base_ref = reference_logits(models[None], prompts["c"], generated["c"])
     assert (torch.stack(logits["c"]) - base_ref).abs().max().item() > 1e-2
+    assert bool(fused) == (cpu_matmul.enabled() and not use_triton("cpu"))
 
 
 def test_a_mixed_batch_with_bf16_lora_factors_is_the_merge_of_its_rounded_factors(tmp_path):
