@@ -83,7 +83,16 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 def matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) (+ residual) -> (T, d_out), a new contiguous fp32 tensor. Needs available()."""
-    lib = _library()
+    out, args, keep = _matmul_args(x, weight, bias, residual)
+    if out.shape[0]:
+        _library().multiplex_cpu_matmul(*args)
+    del keep  # the contiguous copies the call read
+    return out
+
+
+def _matmul_args(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, residual: torch.Tensor | None):
+    """-> (out, multiplex_cpu_matmul's arguments, the tensors they point into): x, residual and bias checked, made
+    unit-stride where they are not."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     if residual is not None and residual.stride(-1) != 1:
@@ -94,13 +103,11 @@ def matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
     if x.shape[1] != weight.in_features:
         raise ValueError(f"x has {x.shape[1]} features, the weight {weight.in_features}")
     out = torch.empty(num_tokens, d_out, dtype=torch.float32)
-    if num_tokens:
-        lib.multiplex_cpu_matmul(num_tokens, d_out, weight.in_features, x.data_ptr(), x.stride(0),
-                                 weight.panels.data_ptr(), out.data_ptr(), d_out,
-                                 None if bias is None else bias.data_ptr(),
-                                 None if residual is None else residual.data_ptr(),
-                                 0 if residual is None else residual.stride(0), torch.get_num_threads())
-    return out
+    args = (num_tokens, d_out, weight.in_features, x.data_ptr(), x.stride(0), weight.panels.data_ptr(),
+            out.data_ptr(), d_out, None if bias is None else bias.data_ptr(),
+            None if residual is None else residual.data_ptr(), 0 if residual is None else residual.stride(0),
+            torch.get_num_threads())
+    return out, args, (x, bias, residual)
 
 
 def enabled() -> bool:
@@ -177,24 +184,15 @@ def matmul_lowrank(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | N
     """matmul(x, weight, bias, residual), then lowrank_grid_prepared(that, x, factors, groups), in one call of the
     library (no Python between the two: in a decode step it would run on caches cold from the weights just
     streamed). The factors' slices must lie within the weight's out_features columns."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if residual is not None and residual.stride(-1) != 1:
-        residual = residual.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
-    num_tokens, d_out = x.shape[0], weight.out_features
-    if x.shape[1] != weight.in_features or x.shape[1] != factors.args[0]:
-        raise ValueError(f"x has {x.shape[1]} features, the weight {weight.in_features}, the factors {factors.args[0]}")
+    out, args, keep = _matmul_args(x, weight, bias, residual)
+    if x.shape[1] != factors.args[0]:
+        raise ValueError(f"x has {x.shape[1]} features, the factors {factors.args[0]}")
     slots, offsets, rows = groups
-    out = torch.empty(num_tokens, d_out, dtype=torch.float32)
-    h = torch.empty(rows.shape[0], factors.width, dtype=torch.float32)
-    if num_tokens:
-        _library().multiplex_matmul_lowrank(
-            num_tokens, d_out, weight.in_features, x.data_ptr(), x.stride(0), weight.panels.data_ptr(), out.data_ptr(),
-            d_out, None if bias is None else bias.data_ptr(), None if residual is None else residual.data_ptr(),
-            0 if residual is None else residual.stride(0), torch.get_num_threads(), slots.shape[0], slots.data_ptr(),
-            offsets.data_ptr(), rows.data_ptr(), *factors.args, h.data_ptr(), factors.bf16)
+    h = torch.empty(rows.shape[0], factors.width, dtype=torch.float32)  # the shrink's outputs, group order
+    if out.shape[0]:
+        _library().multiplex_matmul_lowrank(*args, slots.shape[0], slots.data_ptr(), offsets.data_ptr(),
+                                            rows.data_ptr(), *factors.args, h.data_ptr(), factors.bf16)
+    del keep
     return out
 
 
