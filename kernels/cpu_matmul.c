@@ -181,34 +181,40 @@ static inline int block_rows(int64_t M) {
 }
 
 static void matmul_rows(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
-                        int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads);
+                        int64_t ldo, const float *bias, const float *res, int64_t ldr);
 
 /* Rows of x per pass over the panels: as many as fill about CHUNK_BYTES (a share of L2), so that a long prefill's x
  * is read from cache by every panel instead of from memory (the panels are re-read once per chunk instead). */
 #define CHUNK_BYTES (512 * 1024)
 
-/* x (M, K) rows ldx apart; panels (ceil(N / 16), K, 16); out (M, N) rows ldo apart; bias (N,) or NULL; res (M, N)
- * rows ldr apart or NULL; threads: the OpenMP team's size. */
-void multiplex_cpu_matmul(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
-                          int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads) {
+/* The product, shared out among the enclosing OpenMP team (every thread calls it; no barrier at its end). */
+static void matmul_team(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out, int64_t ldo,
+                        const float *bias, const float *res, int64_t ldr) {
     int chunk = CHUNK_BYTES / (4 * (K > 0 ? K : 1));
     chunk = chunk < 48 ? 48 : chunk - chunk % 24;  /* whole blocks of 8 and of 6 rows */
     for (int m = 0; m < M; m += chunk) {
         int rows = M - m < chunk ? M - m : chunk;
         if (M - m - rows > 0 && M - m - rows < 24) rows = M - m;  /* no short last chunk */
-        matmul_rows(rows, N, K, x + m * ldx, ldx, panels, out + m * ldo, ldo, bias, res ? res + m * ldr : 0, ldr,
-                    threads);
+        matmul_rows(rows, N, K, x + m * ldx, ldx, panels, out + m * ldo, ldo, bias, res ? res + m * ldr : 0, ldr);
         if (rows == M - m) break;
     }
 }
 
+/* x (M, K) rows ldx apart; panels (ceil(N / 16), K, 16); out (M, N) rows ldo apart; bias (N,) or NULL; res (M, N)
+ * rows ldr apart or NULL; threads: the OpenMP team's size. */
+void multiplex_cpu_matmul(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
+                          int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads) {
+    #pragma omp parallel num_threads(threads)
+    matmul_team(M, N, K, x, ldx, panels, out, ldo, bias, res, ldr);
+}
+
 static void matmul_rows(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
-                        int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads) {
+                        int64_t ldo, const float *bias, const float *res, int64_t ldr) {
     int num_panels = (N + PANEL - 1) / PANEL;
 #ifdef TRIPLE_ROWS
     if (M >= 3 * TRIPLE_ROWS && num_panels >= 3) {  /* many rows: three panels at a time, 8 rows per block */
         int triples = num_panels / 3;
-        #pragma omp parallel for schedule(static) num_threads(threads)
+        #pragma omp for schedule(static) nowait
         for (int q = 0; q < (num_panels + 2) / 3; q++) {
             int n0 = 3 * q * PANEL, cols = N - n0 < 3 * PANEL ? N - n0 : 3 * PANEL;
             const float *panel = panels + (int64_t)3 * q * K * PANEL;
@@ -229,7 +235,7 @@ static void matmul_rows(int M, int N, int K, const float *x, int64_t ldx, const 
         return;
     }
 #endif
-    #pragma omp parallel for schedule(static) num_threads(threads)
+    #pragma omp for schedule(static) nowait
     for (int p = 0; p < num_panels; p++) {
         int n0 = p * PANEL, cols = N - n0 < PANEL ? N - n0 : PANEL;
         const float *panel = panels + (int64_t)p * K * PANEL;
@@ -357,10 +363,12 @@ static void expand_panels(int R, int64_t n, const float *h, int64_t ldh, int64_t
 }
 
 
-void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets, const int64_t *rows,
-                            const float *x, int64_t ldx, int d_in, const float *a, int64_t slot_stride_a, int R,
-                            int num_slices, const int64_t *bt, const int64_t *slot_stride_bt, const int64_t *widths,
-                            const int64_t *out_start, float *y, int64_t ldy, float *h, int bf16, int threads) {
+/* The grid, shared out among the enclosing OpenMP team (every thread calls it; a barrier between its phases and at
+ * its end). */
+static void grid_team(int S, const int64_t *slots, const int64_t *offsets, const int64_t *rows, const float *x,
+                      int64_t ldx, int d_in, const float *a, int64_t slot_stride_a, int R, int num_slices,
+                      const int64_t *bt, const int64_t *slot_stride_bt, const int64_t *widths,
+                      const int64_t *out_start, float *y, int64_t ldy, float *h, int bf16) {
     int J = num_slices * R, a_items = (J + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
     int64_t first_chunk[MAX_SLICES + 1];  /* phase-2 work items: (group, slice, chunk of panels), slices in a row */
     first_chunk[0] = 0;
@@ -373,7 +381,6 @@ void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets,
         if (offsets[g + 1] - offsets[g] > max_n) max_n = offsets[g + 1] - offsets[g];
     int a_panels = (J + PANEL - 1) / PANEL;
     int64_t big_chunks = max_n >= BIG_GROUP ? (max_n + TOKENS_PER_ITEM - 1) / TOKENS_PER_ITEM : 0;
-    #pragma omp parallel num_threads(threads)
     {
         float *panel = 0, *xb = 0;  /* big groups: this thread's packed panel of A, gathered x rows */
         int64_t packed = -1;  /* which (group, panel) the buffer holds */
@@ -443,16 +450,29 @@ void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets,
     }
 }
 
+void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets, const int64_t *rows,
+                            const float *x, int64_t ldx, int d_in, const float *a, int64_t slot_stride_a, int R,
+                            int num_slices, const int64_t *bt, const int64_t *slot_stride_bt, const int64_t *widths,
+                            const int64_t *out_start, float *y, int64_t ldy, float *h, int bf16, int threads) {
+    #pragma omp parallel num_threads(threads)
+    grid_team(S, slots, offsets, rows, x, ldx, d_in, a, slot_stride_a, R, num_slices, bt, slot_stride_bt, widths,
+              out_start, y, ldy, h, bf16);
+}
+
 /* out = x @ W^T (+ bias) (+ residual), then the LoRA grid's deltas of the same x added into out (y = out): the two
- * calls above back to back, with no return to Python between them (whose first steps after a projection's weights
- * streamed through the caches run cold: ~10 us of a decode step's every op). */
+ * above in one parallel region, with no return to Python between them (whose first steps after a projection's
+ * weights streamed through the caches run cold: ~10 us of a decode step's every op), a thread done with its share of
+ * the product going on to the grid's shrink (which reads x only; the barrier after it precedes every add into out). */
 void multiplex_matmul_lowrank(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
                               int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads, int S,
                               const int64_t *slots, const int64_t *offsets, const int64_t *rows, int d_in,
                               const float *a, int64_t slot_stride_a, int R, int num_slices, const int64_t *bt,
                               const int64_t *slot_stride_bt, const int64_t *widths, const int64_t *out_start, float *h,
                               int bf16) {
-    multiplex_cpu_matmul(M, N, K, x, ldx, panels, out, ldo, bias, res, ldr, threads);
-    multiplex_lowrank_grid(S, slots, offsets, rows, x, ldx, d_in, a, slot_stride_a, R, num_slices, bt, slot_stride_bt,
-                           widths, out_start, out, ldo, h, bf16, threads);
+    #pragma omp parallel num_threads(threads)
+    {
+        matmul_team(M, N, K, x, ldx, panels, out, ldo, bias, res, ldr);
+        grid_team(S, slots, offsets, rows, x, ldx, d_in, a, slot_stride_a, R, num_slices, bt, slot_stride_bt, widths,
+                  out_start, out, ldo, h, bf16);
+    }
 }

@@ -69,3 +69,38 @@ def test_pack_lays_out_panels_of_16_columns_zero_past_the_end():
 def test_a_wrong_inner_size_is_refused():
     with pytest.raises(ValueError, match="x has 5 features, the weight 4"):
         cpu_matmul.matmul(torch.randn(2, 5), cpu_matmul.pack(torch.randn(3, 4)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("counts", [(2, 1, 0, 2), (1,), (40, 1, 17), (70,)])  # tokens per group: decodes, prefills
+def test_matmul_lowrank_is_the_matmul_then_the_grid(counts, bf16, threads):
+    """One call for a projection and its deltas (cpu_matmul.matmul_lowrank, one parallel region) gives the same bits
+    as matmul, then lowrank_grid on its output: bias, residual, groups of few tokens (the dots) and many (the blocks),
+    rows of a group apart."""
+    gen = torch.Generator().manual_seed(sum(counts) + bf16)
+    num_slots, rank, d_in, widths = 5, 16, 72, (48, 24, 24)
+    num_tokens, d_out = sum(counts) + 3, sum(widths) + 8
+    w, bias = torch.randn(d_out, d_in, generator=gen) / d_in**0.5, torch.randn(d_out, generator=gen)
+    x = torch.randn(num_tokens, d_in, generator=gen)
+    residual = torch.randn(num_tokens, d_out, generator=gen)
+    a = torch.randn(num_slots, len(widths) * rank, d_in, generator=gen) / d_in**0.5
+    bt = tuple(torch.randn(num_slots, rank, wi, generator=gen) / rank for wi in widths)
+    if bf16:
+        a, bt = a.bfloat16(), tuple(b.bfloat16() for b in bt)
+    order = torch.randperm(num_tokens, generator=gen)[: sum(counts)]  # each group's rows, scattered
+    slots = torch.tensor([(3 * g + 1) % num_slots for g in range(len(counts))])
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    starts = (8, 8 + widths[0], 8 + widths[0] + widths[1])
+    factors = cpu_matmul.grid_factors(a, bt, starts)
+    groups = cpu_matmul.grid_groups(slots, offsets, order)
+    packed, before = cpu_matmul.pack(w), torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        want = cpu_matmul.matmul(x, packed, bias, residual)
+        cpu_matmul.lowrank_grid_prepared(want, x, factors, groups)
+        got = cpu_matmul.matmul_lowrank(x, packed, bias, residual, factors, groups)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, cpu_matmul.matmul(x, packed, bias, residual))  # the deltas are there
