@@ -66,7 +66,7 @@ def kernel_call(x: torch.Tensor, plan: SlotPlan | None, factors: PaddedFactors
     """What lowrank_delta_planned(y, x, plan, factors) gives our grid kernel, for an fp32 y of x's rows with rows of
     unit stride (cpu_matmul.matmul's output): (factors, groups) for a caller that runs it after its own product in
     one call (cpu_matmul.matmul_lowrank); None when the kernel would not serve."""
-    if plan is None or plan.kernel_groups is None or not _grid_kernel_serves(x, x, factors):
+    if plan is None or not _grid_kernel_serves(x, x, factors) or plan.kernel_groups is None:
         return None
     return factors.grid, plan.kernel_groups
 
