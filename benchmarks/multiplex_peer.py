@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.workload import Workload
+from clients.client import KEEPALIVE_EXPIRY_S
 
 STARTUP_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 1800
@@ -44,7 +45,9 @@ class MultiplexPeer:
             self.server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, env=env)
         self.base_url = f"http://127.0.0.1:{port}"
         self.loop = asyncio.new_event_loop()  # one loop and one client: connections stay open between rounds
-        limits = httpx.Limits(max_connections=workload.num_requests, max_keepalive_connections=workload.num_requests)
+        # idle connections dropped before the server's keep-alive closes them (a round sent on one it was closing failed)
+        limits = httpx.Limits(max_connections=workload.num_requests, max_keepalive_connections=workload.num_requests,
+                              keepalive_expiry=KEEPALIVE_EXPIRY_S)
         self.client = httpx.AsyncClient(base_url=self.base_url, timeout=REQUEST_TIMEOUT_S, limits=limits)
         try:
             self._wait_until_ready()
@@ -55,7 +58,13 @@ class MultiplexPeer:
     def round(self, mixed: bool) -> float:
         """Seconds from sending every request to the last answer."""
         adapter_ids = self.workload.adapter_ids if mixed else [None] * self.workload.num_requests
-        return self.loop.run_until_complete(self._round(adapter_ids))
+        try:
+            return self.loop.run_until_complete(self._round(adapter_ids))
+        except Exception as exc:  # what the server said goes with it: its log is in a temporary directory
+            code = self.server.poll()
+            state = "running" if code is None else f"exited with {code}"
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{type(exc).__name__}: {exc} (the server: {state}); its log ends:\n{tail}") from exc
 
     def close(self) -> None:
         self.loop.run_until_complete(self.client.aclose())

@@ -36,6 +36,9 @@ COMPLETIONS_PATH = "/v1/completions"
 CHAT_PATH = "/v1/chat/completions"
 Messages = str | Sequence[Mapping[str, Any]]  # a chat: {"role", "content"} dicts, or one user message as a string
 DEFAULT_TIMEOUT_S = 60.0
+# An idle pooled connection is dropped after this long, before a server closes it (uvicorn's and vLLM's keep-alive: 5 s):
+# a request sent on a connection the server is closing fails (httpx.ReadError) instead of being answered.
+KEEPALIVE_EXPIRY_S = 2.0
 _CONTENT_TYPES = {".zip": "application/zip", ".tar": "application/x-tar"}  # anything else: gzip
 
 
@@ -121,7 +124,8 @@ class Client(_ClientBase):
                  timeout: float = DEFAULT_TIMEOUT_S, transport: httpx.BaseTransport | None = None) -> None:
         super().__init__(base_url, api_key=api_key, admin_token=admin_token, timeout=timeout)
         with _transport_errors(self.base_url):  # a malformed URL is refused here, as a MultiplexError
-            self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, transport=transport)
+            self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout, transport=transport,
+                                      limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S))
 
     def close(self) -> None:
         self._http.close()
@@ -257,7 +261,8 @@ class AsyncClient(_ClientBase):
                  timeout: float = DEFAULT_TIMEOUT_S, transport: httpx.AsyncBaseTransport | None = None,
                  max_connections: int = 1000) -> None:
         super().__init__(base_url, api_key=api_key, admin_token=admin_token, timeout=timeout)
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                              keepalive_expiry=KEEPALIVE_EXPIRY_S)
         with _transport_errors(self.base_url):
             self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, transport=transport,
                                            limits=limits)

@@ -19,8 +19,10 @@ AVX-512 (`VARIANT`). On a 2-core AVX-512 Xeon (2026-12-02 19:55 UTC): 1.2x oneDN
 ours wherever the kernel builds, else oneDNN; `avx2`, its earlier name, means `ours`).
 
 `lowrank_grid` computes what kernels/lowrank_padded.py's gather-bmm does (its reference) without gathering x or the
-factors: each slot's rows of A are dotted with its tokens (read once), then its Bt panels are multiplied in place and
-added into y's rows. It serves a decode step's LoRA deltas of many adapters. The factors may be fp32 or bf16 (the
+factors: each slot's rows of A are dotted with its tokens (read once; a slot of 16 tokens or more, a prefill: its rows
+packed into panels for the blocks), then its Bt panels are multiplied in place and added into y's rows. It serves
+every slot of a step's LoRA deltas, decodes and prefills, in one call; `matmul_lowrank` runs a projection and its
+grid in one call (server/model/adapter_step.py `AdapterStep.linear`). The factors may be fp32 or bf16 (the
 server's `--lora-dtype bfloat16`): bf16 values are widened to fp32 exactly as they are loaded and the sums stay fp32,
 so the result is the fp32 grid's on the rounded factors; half the bytes to stream made the grid 1.4x-1.7x faster
 (`python -m benchmarks.cpu_matmul --grid --tokens 16`, Xeon, 2026-12-03 17:40-19:00 UTC, four runs, 120 ops).

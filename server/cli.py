@@ -22,6 +22,7 @@ AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
 GRACEFUL_SHUTDOWN_S = 10
+KEEP_ALIVE_S = 5  # how long an idle HTTP connection stays open (uvicorn's and vLLM's default); clients keep theirs shorter
 
 
 def configure_logging(level: str) -> None:
@@ -68,7 +69,8 @@ def run_serve(args: argparse.Namespace) -> int:
               flush=True)
         # On shutdown, streams still open after the grace period are cancelled, which aborts them in the engine.
         uvicorn.run(service.app, host=settings.host, port=settings.port, log_config=None,
-                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                    timeout_keep_alive=KEEP_ALIVE_S)
     return 0
 
 

@@ -188,6 +188,16 @@ def test_unreachable_server_is_a_connection_error() -> None:
     assert failed.value.status_code is None and failed.value.error_type == "connection_error"
 
 
+def test_idle_connections_are_dropped_well_before_the_server_closes_them() -> None:
+    """A request sent on a pooled connection just as the server closes it for idleness fails (httpx.ReadError: a
+    peers benchmark round, sent 5.0 s after the one before, did). The clients drop idle connections in less than
+    half the keep-alive `multiplex serve` gives uvicorn (clients speak HTTP only: the test reads both sides)."""
+    from clients.client import KEEPALIVE_EXPIRY_S
+    from server.cli import KEEP_ALIVE_S
+
+    assert 0 < KEEPALIVE_EXPIRY_S < KEEP_ALIVE_S / 2
+
+
 # --- admin ---------------------------------------------------------------------------------------------------------
 
 def _trainer_output(adapter: Path, out: Path, *, top: bool) -> Path:
