@@ -48,7 +48,7 @@ from kernels import cpu_build
 CHOICE = cpu_build.choice("MULTIPLEX_CPU_MATMUL", "onednn", earlier={"avx2": "ours"})
 _enabled: bool | None = None  # decided at the first call: it may compile the kernel
 
-PANEL = 16  # output columns per packed panel (two AVX2 registers); kernels/cpu_matmul.c's PANEL
+PANEL = 16  # output columns per packed panel (two AVX2 registers); kernels/cpu_blocks.h's PANEL
 MAX_SLICES = 4  # most output slices lowrank_grid takes (q|k|v: 3); kernels/cpu_matmul.c's MAX_SLICES
 SOURCE = Path(__file__).with_suffix(".c")
 VARIANT = cpu_build.NATIVE  # the source's row blocks: in AVX2 or (on an AVX-512 CPU) AVX-512 registers
