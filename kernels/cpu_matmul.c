@@ -248,42 +248,48 @@ static grid_args grid_of(int S, const int64_t *slots, const int64_t *offsets, co
 
 /* Phase 1, the team's shares (a barrier at its end): h = the shrink of every group's tokens. */
 static void grid_shrink(const grid_args *ga) {
+    /* the arguments as locals, kept in registers by the loops below */
+    const int64_t *slots = ga->slots, *offsets = ga->offsets, *rows = ga->rows, big_chunks = ga->big_chunks;
+    const float *x = ga->x, *a = ga->a;
+    float *h = ga->h;
+    int64_t ldx = ga->ldx, slot_stride_a = ga->slot_stride_a;
+    int S = ga->S, a_items = ga->a_items, a_panels = ga->a_panels, bf16 = ga->bf16;
     int J = ga->J, d_in = ga->d_in;
     float *panel = 0, *xb = 0;  /* big groups: this thread's packed panel of A, gathered x rows */
     int64_t packed = -1;  /* which (group, panel) the buffer holds */
-    if (ga->big_chunks) {
+    if (big_chunks) {
         panel = malloc(sizeof(float) * PANEL * d_in);
         xb = malloc(sizeof(float) * BLOCK_ROWS * d_in);
     }
     #pragma omp for schedule(static) nowait
-    for (int64_t item = 0; item < (int64_t)ga->S * ga->a_panels * ga->big_chunks; item++) {
-        int64_t gp = item / ga->big_chunks, c = item % ga->big_chunks;
-        int g = gp / ga->a_panels, p = gp % ga->a_panels, cols = J - p * PANEL < PANEL ? J - p * PANEL : PANEL;
-        int64_t t0 = ga->offsets[g], n = ga->offsets[g + 1] - t0, t = c * TOKENS_PER_ITEM;
+    for (int64_t item = 0; item < (int64_t)S * a_panels * big_chunks; item++) {
+        int64_t gp = item / big_chunks, c = item % big_chunks;
+        int g = gp / a_panels, p = gp % a_panels, cols = J - p * PANEL < PANEL ? J - p * PANEL : PANEL;
+        int64_t t0 = offsets[g], n = offsets[g + 1] - t0, t = c * TOKENS_PER_ITEM;
         if (n < BIG_GROUP || t >= n) continue;
         if (packed != gp) {
-            pack_a_panel(ga->a, ga->bf16, ga->slots[g] * ga->slot_stride_a + (int64_t)p * PANEL * d_in, d_in, cols,
+            pack_a_panel(a, bf16, slots[g] * slot_stride_a + (int64_t)p * PANEL * d_in, d_in, cols,
                          panel);
             packed = gp;
         }
-        shrink_blocks(d_in, panel, cols, ga->x, ga->ldx, ga->rows + t0 + t,
-                      n - t < TOKENS_PER_ITEM ? n - t : TOKENS_PER_ITEM, ga->h + (t0 + t) * J + p * PANEL, J, xb);
+        shrink_blocks(d_in, panel, cols, x, ldx, rows + t0 + t,
+                      n - t < TOKENS_PER_ITEM ? n - t : TOKENS_PER_ITEM, h + (t0 + t) * J + p * PANEL, J, xb);
     }
     #pragma omp for schedule(static)
-    for (int64_t item = 0; item < (int64_t)ga->S * ga->a_items; item++) {
-        int g = item / ga->a_items, j0 = (item % ga->a_items) * ROWS_PER_ITEM;
-        int64_t t0 = ga->offsets[g], n = ga->offsets[g + 1] - t0;
+    for (int64_t item = 0; item < (int64_t)S * a_items; item++) {
+        int g = item / a_items, j0 = (item % a_items) * ROWS_PER_ITEM;
+        int64_t t0 = offsets[g], n = offsets[g + 1] - t0;
         if (n >= BIG_GROUP) continue;
         for (int64_t t = 0; t < n; t += 4) {
             int tn = n - t < 4 ? n - t : 4;
             const float *xr[4];
-            for (int u = 0; u < tn; u++) xr[u] = ga->x + ga->rows[t0 + t + u] * ga->ldx;
+            for (int u = 0; u < tn; u++) xr[u] = x + rows[t0 + t + u] * ldx;
             for (int j = j0; j < j0 + ROWS_PER_ITEM && j < J; j++) {
-                int64_t at = ga->slots[g] * ga->slot_stride_a + (int64_t)j * d_in;
-                if (ga->bf16)
-                    DOTS_BF16[tn](d_in, (const uint16_t *)ga->a + at, xr, ga->h + (t0 + t) * J + j, J);
+                int64_t at = slots[g] * slot_stride_a + (int64_t)j * d_in;
+                if (bf16)
+                    DOTS_BF16[tn](d_in, (const uint16_t *)a + at, xr, h + (t0 + t) * J + j, J);
                 else
-                    DOTS[tn](d_in, ga->a + at, xr, ga->h + (t0 + t) * J + j, J);
+                    DOTS[tn](d_in, a + at, xr, h + (t0 + t) * J + j, J);
             }
         }
     }
@@ -293,32 +299,39 @@ static void grid_shrink(const grid_args *ga) {
 
 /* Phase 2, the team's shares (a barrier at its end): y's rows += h's products with the Bt panels. */
 static void grid_expand(const grid_args *ga) {
-    int J = ga->J, R = ga->R, bytes = ga->bf16 ? 2 : 4;
+    /* the arguments as locals, kept in registers by the loops below */
+    const int64_t *slots = ga->slots, *offsets = ga->offsets, *rows = ga->rows, *bt = ga->bt, *widths = ga->widths;
+    const int64_t *slot_stride_bt = ga->slot_stride_bt, *out_start = ga->out_start, *first_chunk = ga->first_chunk;
+    int64_t big_chunks = ga->big_chunks, chunks_per_group = ga->chunks_per_group, ldy = ga->ldy;
+    const float *h = ga->h;
+    float *y = ga->y;
+    int S = ga->S, num_slices = ga->num_slices, bf16 = ga->bf16;
+    int J = ga->J, R = ga->R, bytes = bf16 ? 2 : 4;
     /* a big group: items of TOKENS_PER_ITEM tokens of one slice, a block of tokens across all its panels at a time,
      * so that y's rows are read and written in long runs (by panel chunks, each of a prefill's rows was touched 256
      * bytes at a time: 3x slower) */
     #pragma omp for schedule(static) nowait
-    for (int64_t item = 0; item < (int64_t)ga->S * ga->num_slices * ga->big_chunks; item++) {
-        int g = item / (ga->num_slices * ga->big_chunks), i = item / ga->big_chunks % ga->num_slices;
-        int64_t t0 = ga->offsets[g], n = ga->offsets[g + 1] - t0, t = item % ga->big_chunks * TOKENS_PER_ITEM;
+    for (int64_t item = 0; item < (int64_t)S * num_slices * big_chunks; item++) {
+        int g = item / (num_slices * big_chunks), i = item / big_chunks % num_slices;
+        int64_t t0 = offsets[g], n = offsets[g + 1] - t0, t = item % big_chunks * TOKENS_PER_ITEM;
         if (n < BIG_GROUP || t >= n) continue;
-        int64_t end = n - t < TOKENS_PER_ITEM ? n : t + TOKENS_PER_ITEM, first = ga->slots[g] * ga->slot_stride_bt[i];
+        int64_t end = n - t < TOKENS_PER_ITEM ? n : t + TOKENS_PER_ITEM, first = slots[g] * slot_stride_bt[i];
         for (int64_t step = block_rows(end - t); t < end; t += step)
-            expand_panels(R, end - t < step ? end - t : step, ga->h + (t0 + t) * J + i * R, J,
-                          ga->bt[i] + first * bytes, ga->bf16, ga->widths[i], 0, ga->widths[i],
-                          ga->y + ga->out_start[i], ga->ldy, ga->rows + t0 + t);
+            expand_panels(R, end - t < step ? end - t : step, h + (t0 + t) * J + i * R, J,
+                          bt[i] + first * bytes, bf16, widths[i], 0, widths[i],
+                          y + out_start[i], ldy, rows + t0 + t);
     }
     #pragma omp for schedule(static)
-    for (int64_t item = 0; item < (int64_t)ga->S * ga->chunks_per_group; item++) {
-        int g = item / ga->chunks_per_group, q = item % ga->chunks_per_group, i = 0;
-        while (q >= ga->first_chunk[i + 1]) i++;
-        int64_t t0 = ga->offsets[g], n = ga->offsets[g + 1] - t0;
+    for (int64_t item = 0; item < (int64_t)S * chunks_per_group; item++) {
+        int g = item / chunks_per_group, q = item % chunks_per_group, i = 0;
+        while (q >= first_chunk[i + 1]) i++;
+        int64_t t0 = offsets[g], n = offsets[g + 1] - t0;
         if (n == 0 || n >= BIG_GROUP) continue;
-        int64_t first = ga->slots[g] * ga->slot_stride_bt[i];
-        int64_t c_start = (q - ga->first_chunk[i]) * PANELS_PER_ITEM * PANEL, c_end = c_start + PANELS_PER_ITEM * PANEL;
-        if (c_end > ga->widths[i]) c_end = ga->widths[i];
-        expand_panels(R, n, ga->h + t0 * J + i * R, J, ga->bt[i] + first * bytes, ga->bf16, ga->widths[i], c_start,
-                      c_end, ga->y + ga->out_start[i], ga->ldy, ga->rows + t0);
+        int64_t first = slots[g] * slot_stride_bt[i];
+        int64_t c_start = (q - first_chunk[i]) * PANELS_PER_ITEM * PANEL, c_end = c_start + PANELS_PER_ITEM * PANEL;
+        if (c_end > widths[i]) c_end = widths[i];
+        expand_panels(R, n, h + t0 * J + i * R, J, bt[i] + first * bytes, bf16, widths[i], c_start,
+                      c_end, y + out_start[i], ldy, rows + t0);
     }
 }
 
