@@ -50,10 +50,11 @@ def lowrank_delta_planned(y: torch.Tensor, x: torch.Tensor, plan: SlotPlan | Non
     slots only, in rows of their own, take a plan with those rows (kernels.segments.plan_for_groups)."""
     if plan is None:
         return
-    if _grid_kernel_serves(y, x, factors) and plan.kernel_groups is not None:
+    call = kernel_call(x, plan, factors) if y.dtype == torch.float32 and y.stride(-1) == 1 else None
+    if call is not None:
         # every slot in one call of our kernel, a prefill's too (its own matmuls took 2x longer: smollm2, a
         # 1024-token prefill over 8 adapters), with no gathers, padded products or scatters
-        cpu_matmul.lowrank_grid_prepared(y, x, factors.grid, plan.kernel_groups)
+        cpu_matmul.lowrank_grid_prepared(y, x, *call)
         return
     for (slot, rows), runs in zip(plan.solo, plan.solo_runs, strict=True):
         _lowrank_solo(y, x, factors, slot, rows, runs)
@@ -64,17 +65,13 @@ def lowrank_delta_planned(y: torch.Tensor, x: torch.Tensor, plan: SlotPlan | Non
 def kernel_call(x: torch.Tensor, plan: SlotPlan | None, factors: PaddedFactors
                 ) -> tuple[cpu_matmul.GridFactors, cpu_matmul.GridGroups] | None:
     """What lowrank_delta_planned(y, x, plan, factors) gives our grid kernel, for an fp32 y of x's rows with rows of
-    unit stride (cpu_matmul.matmul's output): (factors, groups) for a caller that runs it after its own product in
-    one call (cpu_matmul.matmul_lowrank); None when the kernel would not serve."""
-    if plan is None or not _grid_kernel_serves(x, x, factors) or plan.kernel_groups is None:
+    unit stride (cpu_matmul.matmul's output): (factors, groups), which it runs, or a caller runs after its own
+    product in one call (cpu_matmul.matmul_lowrank); None when the kernel would not serve."""
+    serves = (x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(-1) == 1
+              and len(factors.bt) <= cpu_matmul.MAX_SLICES and cpu_matmul.enabled())
+    if plan is None or not serves or plan.kernel_groups is None:
         return None
     return factors.grid, plan.kernel_groups
-
-
-def _grid_kernel_serves(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors) -> bool:
-    """Whether our CPU grid kernel (kernels/cpu_matmul.py) takes this op."""
-    return (x.dtype == y.dtype == torch.float32 and y.device.type == "cpu" and x.stride(-1) == 1
-            and y.stride(-1) == 1 and len(factors.bt) <= cpu_matmul.MAX_SLICES and cpu_matmul.enabled())
 
 
 def _lowrank_grid_torch(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, sb: SlotBatch) -> None:

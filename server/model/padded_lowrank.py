@@ -176,16 +176,12 @@ class PaddedLowRank:
 
     def kernel_call(self, layer: int, group: str, x: torch.Tensor, seg: Segments):
         """apply()'s work as one call of our grid kernel for a caller to run after its projection in the same call
-        (kernels.lowrank_padded.kernel_call), when the step's slots are of one rank class and the kernel serves it;
-        else None. What depends on the step alone is found once per step (a decode step calls this 4 x num_layers
-        times, each on caches the projection before it left cold)."""
-        cached = seg.host_views.get((self, "kernel"))  # (mapping, the step's one (class, plan) or None)
-        if cached is None or cached[0] is not self.mapping:
-            plans = self._plans(seg)
-            cached = seg.host_views[(self, "kernel")] = (self.mapping, plans[0] if len(plans) == 1 else None)
-        if cached[1] is None:
+        (kernels.lowrank_padded.kernel_call), when the step's slots are of one rank class, one that targets (layer,
+        group), and the kernel serves it; else None."""
+        plans = self._plans(seg)
+        if len(plans) != 1:
             return None
-        cls, plan = cached[1]
+        cls, plan = plans[0]
         f = cls.factors[layer].get(group)
         return None if f is None else kernel_call(x, plan, f)
 
