@@ -70,6 +70,105 @@ static inline __m256 dots8(const float *a, const float *k, const int64_t *kr, in
 
 #define MAX_REP 16  /* query heads per KV head handled in one item (GQA groups are at most 8 in Llama-family models) */
 
+/* The probabilities of one query row qr over its n visible keys kr[0..n) into sr (exp(s - max), unnormalised)
+ * -> 1 / their sum */
+static float head_probs(const float *qr, const float *k, const int64_t *kr, int64_t n, int D, float sm_scale,
+                        float *sr) {
+    float m = -INFINITY;
+    int64_t j = 0;
+    if (n >= 8) {
+        __m256 scale = _mm256_set1_ps(sm_scale), mv = _mm256_set1_ps(-INFINITY);
+        for (; j + 8 <= n; j += 8) {
+            __m256 sv = _mm256_mul_ps(scale, dots8(qr, k, kr + j, D));
+            _mm256_storeu_ps(sr + j, sv);
+            mv = _mm256_max_ps(mv, sv);
+        }
+        m = hmax(mv);
+    }
+    for (; j < n; j++) {
+        sr[j] = sm_scale * dot(qr, k + kr[j] * D, D);
+        if (sr[j] > m) m = sr[j];
+    }
+    __m256 mv = _mm256_set1_ps(m), lv = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
+        _mm256_storeu_ps(sr + j, p);
+        lv = _mm256_add_ps(lv, p);
+    }
+    float l = hsum(lv);
+    for (; j < n; j++) {
+        sr[j] = exp_1(sr[j] - m);
+        l += sr[j];
+    }
+    return 1.0f / l;
+}
+
+/* o[0..D) = inv * sum_j pr[j] V[kr[j]], D in chunks of 8 columns */
+static void weighted_values(const float *pr, const float *v, const int64_t *kr, int64_t n, int D, float inv,
+                            float *o) {
+    int d = 0;
+    for (; d + 64 <= D; d += 64) {  /* eight independent sums, enough to keep both FMA units busy */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int64_t j = 0; j < n; j++) {
+            const float *vr = v + kr[j] * D + d;
+            __m256 p = _mm256_set1_ps(pr[j]);
+            a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr), a0);
+            a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8), a1);
+            a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 16), a2);
+            a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 24), a3);
+            a4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 32), a4);
+            a5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 40), a5);
+            a6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 48), a6);
+            a7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 56), a7);
+        }
+        __m256 iv = _mm256_set1_ps(inv);
+        __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+        for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + d + 8 * c, _mm256_mul_ps(acc[c], iv));
+    }
+    for (; d + 32 <= D; d += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < n; j++) {
+            const float *vr = v + kr[j] * D + d;
+            __m256 p = _mm256_set1_ps(pr[j]);
+            a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr), a0);
+            a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8), a1);
+            a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 16), a2);
+            a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 24), a3);
+        }
+        __m256 iv = _mm256_set1_ps(inv);
+        _mm256_storeu_ps(o + d, _mm256_mul_ps(a0, iv));
+        _mm256_storeu_ps(o + d + 8, _mm256_mul_ps(a1, iv));
+        _mm256_storeu_ps(o + d + 16, _mm256_mul_ps(a2, iv));
+        _mm256_storeu_ps(o + d + 24, _mm256_mul_ps(a3, iv));
+    }
+    for (; d + 8 <= D; d += 8) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++)
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(pr[j]), _mm256_loadu_ps(v + kr[j] * D + d), a0);
+        _mm256_storeu_ps(o + d, _mm256_mul_ps(a0, _mm256_set1_ps(inv)));
+    }
+    for (; d < D; d++) {
+        float a = 0.0f;
+        for (int64_t j = 0; j < n; j++) a += pr[j] * v[kr[j] * D + d];
+        o[d] = a * inv;
+    }
+}
+
+/* One work item, (sequence b, KV head g) = (item / Hkv, item % Hkv); the arguments as multiplex_decode_attention's.
+ * kernels/cpu_layer.c runs the items inside its own team. */
+static void decode_item(int64_t item, int Hkv, int rep, int D, int64_t S, const float *q, int64_t ldq, int64_t ldh,
+                        const int64_t *qrows, const float *k, const float *v, const int64_t *keys,
+                        const int64_t *nvis, float sm_scale, float *out, float *scratch) {
+    int64_t b = item / Hkv, g = item % Hkv, n = nvis[b];
+    const int64_t *kr = keys + item * S;
+    const float *qb = q + (qrows ? qrows[b] : b) * ldq + g * rep * ldh;
+    float *s = scratch + item * rep * S;
+    float inv[MAX_REP];
+    for (int r = 0; r < rep; r++) inv[r] = head_probs(qb + r * ldh, k, kr, n, D, sm_scale, s + r * S);
+    for (int r = 0; r < rep; r++)
+        weighted_values(s + r * S, v, kr, n, D, inv[r], out + (b * Hkv * rep + g * rep + r) * (int64_t)D);
+}
+
 /* q: query rows ldq apart, heads ldh apart (unit stride within a head); qrows: (Bd,) row of each decode sequence
  * or NULL (row b); k, v: caches as (rows, Hkv, D) contiguous, keys index rows of (rows * Hkv, D); nvis (Bd,) > 0;
  * out (Bd, Hq, D) contiguous; scratch: items * rep * S floats. */
@@ -77,93 +176,8 @@ void multiplex_decode_attention(int Bd, int Hkv, int rep, int D, int64_t S, cons
                                 const int64_t *qrows, const float *k, const float *v, const int64_t *keys,
                                 const int64_t *nvis, float sm_scale, float *out, float *scratch, int threads) {
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if ((int64_t)Bd * Hkv * S >= 1024)
-    for (int64_t item = 0; item < (int64_t)Bd * Hkv; item++) {
-        int64_t b = item / Hkv, g = item % Hkv, n = nvis[b];
-        const int64_t *kr = keys + item * S;
-        const float *qb = q + (qrows ? qrows[b] : b) * ldq + g * rep * ldh;
-        float *s = scratch + item * rep * S;
-        float inv[MAX_REP];
-        for (int r = 0; r < rep; r++) {  /* scores, then exp(s - max) in place and their sum */
-            const float *qr = qb + r * ldh;
-            float *sr = s + r * S, m = -INFINITY;
-            int64_t j = 0;
-            if (n >= 8) {
-                __m256 scale = _mm256_set1_ps(sm_scale), mv = _mm256_set1_ps(-INFINITY);
-                for (; j + 8 <= n; j += 8) {
-                    __m256 sv = _mm256_mul_ps(scale, dots8(qr, k, kr + j, D));
-                    _mm256_storeu_ps(sr + j, sv);
-                    mv = _mm256_max_ps(mv, sv);
-                }
-                m = hmax(mv);
-            }
-            for (; j < n; j++) {
-                sr[j] = sm_scale * dot(qr, k + kr[j] * D, D);
-                if (sr[j] > m) m = sr[j];
-            }
-            __m256 mv = _mm256_set1_ps(m), lv = _mm256_setzero_ps();
-            for (j = 0; j + 8 <= n; j += 8) {
-                __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
-                _mm256_storeu_ps(sr + j, p);
-                lv = _mm256_add_ps(lv, p);
-            }
-            float l = hsum(lv);
-            for (; j < n; j++) {
-                sr[j] = exp_1(sr[j] - m);
-                l += sr[j];
-            }
-            inv[r] = 1.0f / l;
-        }
-        for (int r = 0; r < rep; r++) {  /* out = sum_j p_j V_j / l, D in chunks of 8 columns */
-            const float *pr = s + r * S;
-            float *o = out + (b * Hkv * rep + g * rep + r) * (int64_t)D;
-            int d = 0;
-            for (; d + 64 <= D; d += 64) {  /* eight independent sums, enough to keep both FMA units busy */
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-                for (int64_t j = 0; j < n; j++) {
-                    const float *vr = v + kr[j] * D + d;
-                    __m256 p = _mm256_set1_ps(pr[j]);
-                    a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr), a0);
-                    a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8), a1);
-                    a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 16), a2);
-                    a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 24), a3);
-                    a4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 32), a4);
-                    a5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 40), a5);
-                    a6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 48), a6);
-                    a7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 56), a7);
-                }
-                __m256 iv = _mm256_set1_ps(inv[r]);
-                __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
-                for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + d + 8 * c, _mm256_mul_ps(acc[c], iv));
-            }
-            for (; d + 32 <= D; d += 32) {
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t j = 0; j < n; j++) {
-                    const float *vr = v + kr[j] * D + d;
-                    __m256 p = _mm256_set1_ps(pr[j]);
-                    a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr), a0);
-                    a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8), a1);
-                    a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 16), a2);
-                    a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 24), a3);
-                }
-                __m256 iv = _mm256_set1_ps(inv[r]);
-                _mm256_storeu_ps(o + d, _mm256_mul_ps(a0, iv));
-                _mm256_storeu_ps(o + d + 8, _mm256_mul_ps(a1, iv));
-                _mm256_storeu_ps(o + d + 16, _mm256_mul_ps(a2, iv));
-                _mm256_storeu_ps(o + d + 24, _mm256_mul_ps(a3, iv));
-            }
-            for (; d + 8 <= D; d += 8) {
-                __m256 a0 = _mm256_setzero_ps();
-                for (int64_t j = 0; j < n; j++)
-                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(pr[j]), _mm256_loadu_ps(v + kr[j] * D + d), a0);
-                _mm256_storeu_ps(o + d, _mm256_mul_ps(a0, _mm256_set1_ps(inv[r])));
-            }
-            for (; d < D; d++) {
-                float a = 0.0f;
-                for (int64_t j = 0; j < n; j++) a += pr[j] * v[kr[j] * D + d];
-                o[d] = a * inv[r];
-            }
-        }
-    }
+    for (int64_t item = 0; item < (int64_t)Bd * Hkv; item++)
+        decode_item(item, Hkv, rep, D, S, q, ldq, ldh, qrows, k, v, keys, nvis, sm_scale, out, scratch);
 }
 
 /* The step's new keys and values into the cache: row rows[i] (or i when rows is NULL) of k and of v, `width` values

@@ -3,7 +3,8 @@ the system's C compiler and loaded with ctypes.
 
 A source is built with the flags of a variant (`VARIANTS`: its AVX2 form everywhere; its AVX-512 form, where it has
 one, on a CPU where PyTorch finds AVX-512) into a cache directory (`cache_dir()`), named by the hash of the source,
-the headers beside it (kernels/cpu_vector.h) and the flags, built aside and renamed (processes may race); `CC` may
+the headers and sources beside it (which it may include: kernels/cpu_vector.h; kernels/cpu_layer.c includes the
+others) and the flags, built aside and renamed (processes may race); `CC` may
 name another compiler, with arguments. A failed build is an OSError, which callers turn into a warning and their
 PyTorch path. The libraries link PyTorch's own libgomp (shared by soname), so their OpenMP teams are the calling
 thread's.
@@ -93,8 +94,9 @@ def cache_dir() -> Path:
 
 def build(source: Path, variant: str) -> Path:
     """Compile `source` with the flags of `variant` into the cache directory, unless already there -> the library."""
-    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the source may include
-    text, flags = source.read_bytes() + headers, VARIANTS[variant]
+    # what the source may include: the headers beside it, and the sources kernels/cpu_layer.c includes
+    beside = sorted(p for p in source.parent.iterdir() if p.suffix in (".c", ".h") and p != source)
+    text, flags = source.read_bytes() + b"".join(p.read_bytes() for p in beside), VARIANTS[variant]
     digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{variant}-{digest}.so"
     if target.exists():

@@ -204,7 +204,19 @@ static void expand_panels(int R, int64_t n, const float *h, int64_t ldh, int64_t
 }
 
 
-/* The grid's arguments (multiplex_lowrank_grid's but `threads`) and the sizes of its work items, made once a call. */
+/* A (layer, group)'s padded factor stacks, as kernels/cpu_matmul.py's GridFactors makes them once (a ctypes
+ * Structure of these fields): A (J = num_slices R, d_in) per slot, slot_stride_a apart; Bt_i (R, widths[i]) per slot
+ * at address bt[i], slot_stride_bt[i] apart, added into columns out_start[i]...; bf16: both in bfloat16. */
+typedef struct {
+    int64_t d_in;
+    const void *a;
+    int64_t slot_stride_a, R, num_slices;
+    int64_t bt[MAX_SLICES], slot_stride_bt[MAX_SLICES], widths[MAX_SLICES], out_start[MAX_SLICES];
+    int64_t bf16;
+} grid_factors;
+
+/* The grid's arguments (a call's groups, x, y and h, and its factors) and the sizes of its work items, made once a
+ * call. */
 typedef struct {
     int S;
     const int64_t *slots, *offsets, *rows;
@@ -225,17 +237,16 @@ typedef struct {
 } grid_args;
 
 static grid_args grid_of(int S, const int64_t *slots, const int64_t *offsets, const int64_t *rows, const float *x,
-                         int64_t ldx, int d_in, const float *a, int64_t slot_stride_a, int R, int num_slices,
-                         const int64_t *bt, const int64_t *slot_stride_bt, const int64_t *widths,
-                         const int64_t *out_start, float *y, int64_t ldy, float *h, int bf16) {
-    grid_args g = {S, slots, offsets, rows, x, ldx, d_in, a, slot_stride_a, R, num_slices, bt, slot_stride_bt, widths,
-                   out_start, y, ldy, h, bf16};
-    g.J = num_slices * R;
+                         int64_t ldx, const grid_factors *f, float *y, int64_t ldy, float *h) {
+    grid_args g = {S, slots, offsets, rows, x, ldx, (int)f->d_in, (const float *)f->a, f->slot_stride_a, (int)f->R,
+                   (int)f->num_slices, f->bt, f->slot_stride_bt, f->widths, f->out_start, y, ldy, h, (int)f->bf16};
+    int num_slices = g.num_slices;
+    g.J = num_slices * g.R;
     g.a_items = (g.J + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM;
     g.a_panels = (g.J + PANEL - 1) / PANEL;
     g.first_chunk[0] = 0;
     for (int i = 0; i < num_slices; i++) {
-        int64_t panels = (widths[i] + PANEL - 1) / PANEL;
+        int64_t panels = (g.widths[i] + PANEL - 1) / PANEL;
         g.first_chunk[i + 1] = g.first_chunk[i] + (panels + PANELS_PER_ITEM - 1) / PANELS_PER_ITEM;
     }
     g.chunks_per_group = g.first_chunk[num_slices];
@@ -336,11 +347,9 @@ static void grid_expand(const grid_args *ga) {
 }
 
 void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets, const int64_t *rows,
-                            const float *x, int64_t ldx, int d_in, const float *a, int64_t slot_stride_a, int R,
-                            int num_slices, const int64_t *bt, const int64_t *slot_stride_bt, const int64_t *widths,
-                            const int64_t *out_start, float *y, int64_t ldy, float *h, int bf16, int threads) {
-    grid_args ga = grid_of(S, slots, offsets, rows, x, ldx, d_in, a, slot_stride_a, R, num_slices, bt, slot_stride_bt,
-                           widths, out_start, y, ldy, h, bf16);
+                            const float *x, int64_t ldx, const grid_factors *f, float *y, int64_t ldy, float *h,
+                            int threads) {
+    grid_args ga = grid_of(S, slots, offsets, rows, x, ldx, f, y, ldy, h);
     #pragma omp parallel num_threads(threads)
     {
         grid_shrink(&ga);
@@ -354,12 +363,9 @@ void multiplex_lowrank_grid(int S, const int64_t *slots, const int64_t *offsets,
  * the product going on to the grid's shrink (which reads x only; the barrier after it precedes every add into out). */
 void multiplex_matmul_lowrank(int M, int N, int K, const float *x, int64_t ldx, const float *panels, float *out,
                               int64_t ldo, const float *bias, const float *res, int64_t ldr, int threads, int S,
-                              const int64_t *slots, const int64_t *offsets, const int64_t *rows, int d_in,
-                              const float *a, int64_t slot_stride_a, int R, int num_slices, const int64_t *bt,
-                              const int64_t *slot_stride_bt, const int64_t *widths, const int64_t *out_start, float *h,
-                              int bf16) {
-    grid_args ga = grid_of(S, slots, offsets, rows, x, ldx, d_in, a, slot_stride_a, R, num_slices, bt, slot_stride_bt,
-                           widths, out_start, out, ldo, h, bf16);
+                              const int64_t *slots, const int64_t *offsets, const int64_t *rows,
+                              const grid_factors *f, float *h) {
+    grid_args ga = grid_of(S, slots, offsets, rows, x, ldx, f, out, ldo, h);
     #pragma omp parallel num_threads(threads)
     {
         matmul_team(M, N, K, x, ldx, panels, out, ldo, bias, res, ldr);

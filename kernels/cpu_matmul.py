@@ -120,14 +120,26 @@ def enabled() -> bool:
     return _enabled
 
 
+class GridFactorsStruct(ctypes.Structure):
+    """kernels/cpu_matmul.c's grid_factors: where a (layer, group)'s factor stacks lie and their shapes."""
+
+    _fields_ = [("d_in", ctypes.c_int64), ("a", ctypes.c_void_p), ("slot_stride_a", ctypes.c_int64),
+                ("rank", ctypes.c_int64), ("num_slices", ctypes.c_int64), ("bt", ctypes.c_int64 * MAX_SLICES),
+                ("slot_stride_bt", ctypes.c_int64 * MAX_SLICES), ("widths", ctypes.c_int64 * MAX_SLICES),
+                ("out_start", ctypes.c_int64 * MAX_SLICES), ("bf16", ctypes.c_int64)]
+
+
 class GridFactors(NamedTuple):
     """A (layer, group)'s padded factor stacks as the grid kernel takes them (grid_factors: checked once)."""
 
     a: torch.Tensor
     bt: tuple[torch.Tensor, ...]
-    args: tuple  # d_in, a, slot stride of a, R, num_slices, bt pointers, their slot strides, widths, out_start
+    struct: GridFactorsStruct  # what the kernel reads: pointers into a and bt, their strides and shapes
     width: int  # h's columns: num_slices * R
-    bf16: int
+
+    @property
+    def d_in(self) -> int:
+        return self.a.shape[2]
 
 
 def grid_factors(a: torch.Tensor, bt: tuple[torch.Tensor, ...], out_start: tuple[int, ...]) -> GridFactors:
@@ -143,11 +155,13 @@ def grid_factors(a: torch.Tensor, bt: tuple[torch.Tensor, ...], out_start: tuple
                          f"{[b.dtype for b in bt]}")
 
     def int64s(values):
-        return (ctypes.c_int64 * len(values))(*values)
+        return (ctypes.c_int64 * MAX_SLICES)(*values)
 
-    args = (a.shape[2], a.data_ptr(), a.stride(0), rank, num_slices, int64s([b.data_ptr() for b in bt]),
-            int64s([b.stride(0) for b in bt]), int64s([b.shape[2] for b in bt]), int64s(list(out_start)))
-    return GridFactors(a, tuple(bt), args, num_slices * rank, int(a.dtype == torch.bfloat16))
+    struct = GridFactorsStruct(a.shape[2], a.data_ptr(), a.stride(0), rank, num_slices,
+                               int64s([b.data_ptr() for b in bt]), int64s([b.stride(0) for b in bt]),
+                               int64s([b.shape[2] for b in bt]), int64s(list(out_start)),
+                               int(a.dtype == torch.bfloat16))
+    return GridFactors(a, tuple(bt), struct, num_slices * rank)
 
 
 def grid_groups(slots: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> GridGroups:
@@ -172,13 +186,13 @@ def lowrank_grid_prepared(y: torch.Tensor, x: torch.Tensor, factors: GridFactors
     took ~15 us of each call's ~20 us of overhead."""
     if x.stride(-1) != 1 or y.stride(-1) != 1:
         raise ValueError("lowrank_grid needs x and y with rows of unit stride")
-    if x.shape[1] != factors.args[0]:
-        raise ValueError(f"x has {x.shape[1]} features, the factors {factors.args[0]}")
+    if x.shape[1] != factors.d_in:
+        raise ValueError(f"x has {x.shape[1]} features, the factors {factors.d_in}")
     slots, offsets, rows = groups
     h = torch.empty(rows.shape[0], factors.width, dtype=torch.float32)  # the shrink's outputs, group order
     _library().multiplex_lowrank_grid(slots.shape[0], slots.data_ptr(), offsets.data_ptr(), rows.data_ptr(),
-                                      x.data_ptr(), x.stride(0), *factors.args, y.data_ptr(), y.stride(0),
-                                      h.data_ptr(), factors.bf16, torch.get_num_threads())
+                                      x.data_ptr(), x.stride(0), ctypes.byref(factors.struct), y.data_ptr(),
+                                      y.stride(0), h.data_ptr(), torch.get_num_threads())
 
 
 def matmul_lowrank(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, residual: torch.Tensor | None,
@@ -187,13 +201,13 @@ def matmul_lowrank(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | N
     library (no Python between the two: in a decode step it would run on caches cold from the weights just
     streamed). The factors' slices must lie within the weight's out_features columns."""
     out, args, keep = _matmul_args(x, weight, bias, residual)
-    if x.shape[1] != factors.args[0]:
-        raise ValueError(f"x has {x.shape[1]} features, the factors {factors.args[0]}")
+    if x.shape[1] != factors.d_in:
+        raise ValueError(f"x has {x.shape[1]} features, the factors {factors.d_in}")
     slots, offsets, rows = groups
     h = torch.empty(rows.shape[0], factors.width, dtype=torch.float32)  # the shrink's outputs, group order
     if out.shape[0]:
         _library().multiplex_matmul_lowrank(*args, slots.shape[0], slots.data_ptr(), offsets.data_ptr(),
-                                            rows.data_ptr(), *factors.args, h.data_ptr(), factors.bf16)
+                                            rows.data_ptr(), ctypes.byref(factors.struct), h.data_ptr())
     del keep
     return out
 
@@ -209,14 +223,12 @@ def _declare(lib: ctypes.CDLL) -> None:
                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
     fn.restype = None
     grid = lib.multiplex_lowrank_grid
-    grid.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                     ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
-                     + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+    grid.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.POINTER(GridFactorsStruct),
+                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
     grid.restype = None
     fused = lib.multiplex_matmul_lowrank
-    fused.argtypes = fn.argtypes + ([ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p,
-                                    ctypes.c_int64, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
-                                    + [ctypes.c_int])
+    fused.argtypes = fn.argtypes + ([ctypes.c_int] + [ctypes.c_void_p] * 3
+                                    + [ctypes.POINTER(GridFactorsStruct), ctypes.c_void_p])
     fused.restype = None
 
 

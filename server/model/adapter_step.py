@@ -89,6 +89,18 @@ class AdapterStep:
         self.apply(layer, group, y, x)
         return y
 
+    def layer_grids(self):
+        """Every layer's LowRank deltas as our grid kernel's calls, for kernels/cpu_layer.c to run inside each layer
+        (server/model/fused_decode.py): (the step's groups, per layer {group: GridFactors}); (None, None) without
+        LowRank adapters; None where the step's adapters need more than the grid (Sparse or Scale kinds, two rank
+        classes, the Triton arenas, a fault hook)."""
+        pool, kinds = self.pool, self.batch.adapter_kinds
+        if kinds.sparse or kinds.scale or pool.fault_hook is not None:
+            return None
+        if not kinds.lowrank:
+            return None, None
+        return pool.lowrank.layer_grids(self.batch.segments)
+
     def scale(self, layer: int, activation: str, y: torch.Tensor) -> None:
         """Multiply the Scale sites inside `activation` ("qkv", "gate_up" or "ffn") of this layer."""
         pool, batch = self.pool, self.batch

@@ -33,6 +33,8 @@ class LowRankStore(Protocol):
     def apply(self, layer: int, group: str, y: torch.Tensor, x: torch.Tensor, seg: Segments) -> None: ...
     # apply()'s work as one call of our CPU grid kernel for the projection's own call to run (None: apply() it)
     def kernel_call(self, layer: int, group: str, x: torch.Tensor, seg: Segments): ...
+    # every layer's deltas as calls of that kernel, for kernels/cpu_layer.c (None: the step needs more)
+    def layer_grids(self, seg: Segments): ...
 
 
 @dataclass(frozen=True)
@@ -133,3 +135,6 @@ class ArenaLowRank:
 
     def kernel_call(self, layer: int, group: str, x: torch.Tensor, seg: Segments) -> None:
         return None  # the arena's kernels run apart from the projection
+
+    def layer_grids(self, seg: Segments) -> None:
+        return None  # the same: no grid of ours over the arena

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.delta import PROJECTIONS, AdapterDeltas, parse_module_name
+from kernels import cpu_matmul
 from kernels.lowrank_padded import PaddedFactors, kernel_call, lowrank_delta_planned
 from kernels.segments import SlotPlan, Segments, plan_for_groups
 from server.model.adapter_layout import GROUPS, Layout
@@ -184,6 +185,19 @@ class PaddedLowRank:
         cls, plan = plans[0]
         f = cls.factors[layer].get(group)
         return None if f is None else kernel_call(x, plan, f)
+
+    def layer_grids(self, seg: Segments):
+        """Every (layer, group)'s deltas as calls of our grid kernel: (the step's groups, per layer {group:
+        GridFactors} for the groups some adapter of the step's class targets), when the step's slots are of one rank
+        class and the kernel serves it; else None."""
+        plans = self._plans(seg)
+        if len(plans) != 1 or not cpu_matmul.enabled():
+            return None
+        cls, plan = plans[0]
+        too_wide = any(len(f.bt) > cpu_matmul.MAX_SLICES for per in cls.factors for f in per.values())
+        if plan.kernel_groups is None or too_wide:
+            return None
+        return plan.kernel_groups, [{g: f.grid for g, f in per.items()} for per in cls.factors]
 
     def _plans(self, seg: Segments) -> tuple[tuple[RankClass, SlotPlan], ...]:
         cached = seg.host_views.get(self)  # (mapping, plans), derived once per Segments and mapping

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import cpu_matmul
+from kernels import cpu_layer, cpu_matmul
 from kernels.dispatch import use_triton
 from server.model.config import ModelConfig
 from tests.helpers import make_hf_model, merged_hf, random_lowrank, reference_logits, refs, run_capture, small_engine
@@ -10,11 +10,17 @@ from tests.helpers import make_hf_model, merged_hf, random_lowrank, reference_lo
 
 def test_mixed_lowrank_batch_matches_merged_weights(tmp_path, monkeypatch):
     """Also: where our CPU kernels serve (the padded store), a projection whose deltas are one rank class's runs
-    with them in one call (cpu_matmul.matmul_lowrank), not a silent fallback; the golden pass under
-    MULTIPLEX_KERNELS=triton (the arena store) has no such calls."""
+    with them in one call (cpu_matmul.matmul_lowrank, or a whole decode layer's: cpu_layer.decode_layer), not a
+    silent fallback; the golden pass under MULTIPLEX_KERNELS=triton (the arena store) has no such calls."""
     fused = []
     monkeypatch.setattr(cpu_matmul, "matmul_lowrank",
                         lambda *a, real=cpu_matmul.matmul_lowrank: fused.append(1) or real(*a))
+
+    def layer_spy(shapes, layer, step, grids, real=cpu_layer.decode_layer):
+        fused.extend(1 for g in grids if g is not None)
+        return real(shapes, layer, step, grids)
+
+    monkeypatch.setattr(cpu_layer, "decode_layer", layer_spy)
     path = make_hf_model(tmp_path / "m", "llama")
     cfg = ModelConfig.from_dir(path)
     adapters = {

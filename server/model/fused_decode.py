@@ -1,0 +1,105 @@
+"""A CPU decode step's layers, each in one call of our C kernel (kernels/cpu_layer.py), where the step allows it.
+
+server/model/llama.py runs a layer as ~10 ops (norm, projections, RoPE, cache writes, attention, SiLU), each a call
+from Python that starts on caches the previous projection's weights just evicted. On a CPU, for a step whose every
+row is a decode and whose adapters are LowRank of one rank class (the grid kernel's), `FusedDecode.run` runs each layer
+as one call instead, same sums in the same order (kernels/cpu_layer.c includes the ops' own C sources). Any other
+step (a prefill, Sparse or Scale adapters, two rank classes, a fault hook, a kernel switched off) keeps the op-by-op
+path, which stays the reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import cpu_attention, cpu_elementwise, cpu_layer, cpu_matmul
+from kernels.attention_plan import CpuAttentionPlan
+from server.model.adapter_step import AdapterStep
+from server.model.forward_batch import ForwardBatch, KVCache
+
+GROUPS = ("qkv", "o", "gate_up", "down")  # the grid factors' order in cpu_layer.decode_layer
+
+
+class FusedDecode:
+    def __init__(self, model) -> None:
+        """model: a server.model.llama.LlamaModel (its config, layer weights and windows)."""
+        cfg = model.cfg
+        self.model = model
+        self.shapes = cpu_layer.Shapes(cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size, cfg.num_heads,
+                                       cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, model.sm_scale)
+        self.windows = sorted(set(model.windows))
+        packed = all(isinstance(m, cpu_matmul.PackedWeight)
+                     for lw in model.layers for m in (lw.qkv, lw.o, lw.gate_up, lw.down))
+        self.supported = (packed and model.dtype == torch.float32 and torch.device(model.device).type == "cpu"
+                          and len(self.windows) <= cpu_layer.MAX_WINDOWS
+                          and cfg.num_heads // cfg.num_kv_heads <= cpu_attention.MAX_REP)
+        self._layers: list[cpu_layer.LayerRefs] = []
+        self._cache_of: tuple[int, int] | None = None  # the KV cache the layer refs point into
+
+    def run(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, plan: CpuAttentionPlan | None,
+            rope: tuple[torch.Tensor, torch.Tensor], step: AdapterStep | None) -> bool:
+        """Every layer over x (T, H), in place, if this step allows it (module docstring) -> whether it ran (if not,
+        nothing was touched)."""
+        if not self._applies(x, batch, kv, plan):
+            return False
+        grids = step.layer_grids() if step is not None else (None, None)
+        if grids is None:
+            return False
+        groups, factors = grids
+        refs, keep = self._step_refs(x, plan, rope, groups, factors)
+        for i, layer in enumerate(self._layer_refs(kv)):
+            per_group = factors[i] if factors is not None else {}
+            cpu_layer.decode_layer(self.shapes, layer, refs,
+                                   tuple(per_group[g].struct if g in per_group else None for g in GROUPS))
+        del keep  # the buffers and indices the step's refs point into
+        return True
+
+    def _applies(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, plan: CpuAttentionPlan | None) -> bool:
+        if not (self.supported and plan is not None and cpu_layer.enabled() and cpu_attention.enabled()
+                and cpu_elementwise.enabled()):
+            return False
+        kinds, num_rows = batch.adapter_kinds, x.shape[0]
+        every_row_decodes = (not plan.prefills and plan.decode_rows is None and plan.write_rows is None
+                             and plan.write_slots.shape[0] == num_rows and num_rows > 0
+                             and all(w in plan.keys and plan.visible[w].shape[0] == num_rows for w in self.windows))
+        return (every_row_decodes and not kinds.sparse and not kinds.scale and not batch.para_prefills
+                and kv.k.dtype == torch.float32 and kv.k.is_contiguous() and kv.v.is_contiguous())
+
+    def _layer_refs(self, kv: KVCache) -> list[cpu_layer.LayerRefs]:
+        """Each layer's weights and cache, made once per KV cache."""
+        key = (kv.k.data_ptr(), kv.v.data_ptr())
+        if self._cache_of != key:
+            self._layers = [
+                cpu_layer.LayerRefs(lw.input_norm.data_ptr(), lw.qkv.panels.data_ptr(),
+                                    None if lw.qkv_bias is None else lw.qkv_bias.data_ptr(), lw.o.panels.data_ptr(),
+                                    lw.post_norm.data_ptr(), lw.gate_up.panels.data_ptr(), lw.down.panels.data_ptr(),
+                                    kv.k[i].data_ptr(), kv.v[i].data_ptr(), self.windows.index(window))
+                for i, (lw, window) in enumerate(zip(self.model.layers, self.model.windows))]
+            self._cache_of = key
+        return self._layers
+
+    def _step_refs(self, x: torch.Tensor, plan: CpuAttentionPlan, rope: tuple[torch.Tensor, torch.Tensor], groups,
+                   factors) -> tuple[cpu_layer.StepRefs, list]:
+        """The step's rows and fresh buffers -> (refs, the tensors they point into: held until the layers ran)."""
+        cfg, num_rows = self.model.cfg, x.shape[0]
+        rep = cfg.num_heads // cfg.num_kv_heads
+        cos, sin_signed = (t.contiguous() for t in rope)
+        widest = max((f.width for per_layer in factors or () for f in per_layer.values()), default=1)
+        buffers = [torch.empty(num_rows, n) for n in (cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.q_size,
+                                                      2 * cfg.intermediate_size, cfg.intermediate_size, widest)]
+        scores = torch.empty(max(plan.keys[w].numel() for w in self.windows) * rep)
+        keys = [plan.keys[w].contiguous() for w in self.windows]
+        write_slots = plan.write_slots.contiguous()
+        visible = [plan.visible[w].contiguous() for w in self.windows]
+        slots, offsets, rows = groups if groups is not None else (None, None, None)
+        refs = cpu_layer.StepRefs(num_rows=num_rows, x=x.data_ptr(), cos=cos.data_ptr(),
+                                  sin_signed=sin_signed.data_ptr(), num_writes=num_rows,
+                                  write_slots=write_slots.data_ptr(), write_rows=None,
+                                  num_groups=0 if slots is None else slots.shape[0], threads=torch.get_num_threads())
+        for i, (k, v) in enumerate(zip(keys, visible)):
+            refs.keys[i], refs.visible[i] = k.data_ptr(), v.data_ptr()
+            refs.span[i] = k.numel() // (num_rows * cfg.num_kv_heads)
+        if slots is not None:
+            refs.slots, refs.offsets, refs.rows = slots.data_ptr(), offsets.data_ptr(), rows.data_ptr()
+        refs.h, refs.qkv, refs.attn, refs.gu, refs.act, refs.grid_h = (b.data_ptr() for b in buffers)
+        refs.scores = scores.data_ptr()
+        return refs, [cos, sin_signed, *buffers, scores, keys, visible, write_slots, groups]
