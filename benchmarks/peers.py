@@ -9,7 +9,8 @@ CPU (`--dtype bfloat16`: bf16 for every system). A round sends every request at 
 its tokens; "base" rounds use no adapter, "mixed" rounds the 8 adapters in one batch; tok/s = generated tokens of a
 round / the median round's seconds. All systems are started first; then each round runs on every system in turn
 (base, then mixed, the order of the systems rotating), a warm-up round and 3 timed ones, so that the others' load on
-a shared machine falls on every system alike.
+a shared machine falls on every system alike; each round starts after a second of quiet (`SETTLE_S`: vLLM's OpenMP
+threads spin for 200 ms after its rounds, which slowed whichever system ran next, most often ours).
 
 - multiplex: `python -m server serve` in a subprocess, the requests sent at once over HTTP (multiplex_peer.py);
 - transformers / PEFT: batched `generate` in this process, `adapter_names=` for the mixed batch (transformers_peer.py);
@@ -35,6 +36,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -80,6 +82,11 @@ PEERS: dict[str, tuple[str, Callable[[argparse.Namespace, Workload, Path, Path],
 }
 
 
+# Seconds of quiet before each round, so that each starts on an idle machine: the peer before may leave threads
+# spinning after its round (vLLM's Intel OpenMP waits 200 ms by default, KMP_BLOCKTIME, on both cores).
+SETTLE_S = 1.0
+
+
 def measure(peers: dict[str, Peer], workload: Workload, rows: dict[str, dict]) -> None:
     """Warm-up and timed rounds, interleaved across the peers; a peer that fails stops, and its row says why."""
     names = list(peers)
@@ -91,6 +98,7 @@ def measure(peers: dict[str, Peer], workload: Workload, rows: dict[str, dict]) -
                     continue
                 log.info("round %d/%d, %s, %s", i + 1, workload.warmup + workload.rounds,
                          "mixed" if mixed else "base", name)
+                time.sleep(SETTLE_S)
                 try:
                     seconds = peers[name].round(mixed)
                 except Exception as exc:
