@@ -20,8 +20,13 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from kernels import cpu_build
-from kernels.cpu_matmul import GridFactorsStruct
+from kernels.attention import AttentionMeta, paged_attention_ref, write_kv_ref
+from kernels.cpu_elementwise import rope_ref_, silu_mul_ref
+from kernels.cpu_matmul import GridFactorsStruct, GridGroups, PackedWeight
 
 SOURCE = Path(__file__).with_suffix(".c")
 MAX_WINDOWS = 4  # kernels/cpu_layer.c's MAX_WINDOWS
@@ -54,6 +59,73 @@ class StepRefs(ctypes.Structure):
                 ("visible", _ptr * MAX_WINDOWS), ("span", _i64 * MAX_WINDOWS), ("num_groups", _i64),
                 ("slots", _ptr), ("offsets", _ptr), ("rows", _ptr), ("h", _ptr), ("qkv", _ptr), ("attn", _ptr),
                 ("gu", _ptr), ("act", _ptr), ("grid_h", _ptr), ("scores", _ptr), ("threads", _i64)]
+
+
+def decode_layer_ref(x: torch.Tensor, weights: dict[str, torch.Tensor | None], k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, meta: AttentionMeta, cos: torch.Tensor,
+                     sin_signed: torch.Tensor, eps: float, sm_scale: float, window: int, delta=None) -> torch.Tensor:
+    """What decode_layer computes, in PyTorch: x (T, H) -> the layer's output (a new tensor); the caches written in
+    place. weights: input_norm, qkv, qkv_bias (or None), o, post_norm, gate_up, down, unpacked; delta(group, inp) ->
+    the adapters' (T, width) delta of a group, or None for none."""
+    def project(group: str, inp: torch.Tensor, bias=None) -> torch.Tensor:
+        out = F.linear(inp, weights[group], bias)
+        return out if delta is None else out + delta(group, inp)
+
+    num_rows, hidden = x.shape
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    kv_size = num_kv_heads * head_dim
+    q_size = weights["qkv"].shape[0] - 2 * kv_size
+    qkv = project("qkv", F.rms_norm(x, (hidden,), weights["input_norm"], eps), weights["qkv_bias"])
+    rope_ref_(qkv[:, : q_size + kv_size].view(num_rows, -1, head_dim), cos, sin_signed)
+    q = qkv[:, :q_size].view(num_rows, -1, head_dim)
+    k, v = (qkv[:, q_size + i * kv_size : q_size + (i + 1) * kv_size].view(num_rows, num_kv_heads, head_dim)
+            for i in (0, 1))
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    attn = paged_attention_ref(q, k_cache, v_cache, meta, sm_scale, window).reshape(num_rows, q_size)
+    x = x + project("o", attn)
+    act = silu_mul_ref(project("gate_up", F.rms_norm(x, (hidden,), weights["post_norm"], eps)))
+    return x + project("down", act)
+
+
+def layer_refs(input_norm: torch.Tensor, qkv: PackedWeight, qkv_bias: torch.Tensor | None, o: PackedWeight,
+               post_norm: torch.Tensor, gate_up: PackedWeight, down: PackedWeight, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, window: int) -> LayerRefs:
+    """A layer's refs: fp32 contiguous tensors, the caches (blocks, block_size, Hkv, D); window: the index of its
+    attention window among the step's (step_refs' keys). The tensors must outlive the refs."""
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("layer_refs needs contiguous caches")
+    return LayerRefs(input_norm.data_ptr(), qkv.panels.data_ptr(), None if qkv_bias is None else qkv_bias.data_ptr(),
+                     o.panels.data_ptr(), post_norm.data_ptr(), gate_up.panels.data_ptr(), down.panels.data_ptr(),
+                     k_cache.data_ptr(), v_cache.data_ptr(), window)
+
+
+def step_refs(shapes: Shapes, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, write_slots: torch.Tensor,
+              keys: list[torch.Tensor], visible: list[torch.Tensor], groups: GridGroups | None,
+              grid_width: int) -> tuple[StepRefs, list]:
+    """A decode step's refs: x (T, hidden) fp32 contiguous, updated in place by every layer; cos, sin_signed (T, D);
+    write_slots (T,) the cache row of each row's key and value; keys[i], visible[i]: the step's attention plan of
+    window i (kernels/attention_plan.py); groups: the LoRA grid's (or None); grid_width: the widest J of the grids
+    the layers take. Fresh buffers -> (refs, the tensors they point into, to hold until the layers ran)."""
+    num_rows, rep = x.shape[0], shapes.num_heads // shapes.num_kv_heads
+    if not (x.is_contiguous() and x.dtype == torch.float32) or len(keys) > MAX_WINDOWS:
+        raise ValueError("step_refs needs a contiguous fp32 x and at most MAX_WINDOWS windows")
+    tables = [t.contiguous() for t in (cos, sin_signed, write_slots.to(torch.int64))]
+    keys = [k.to(torch.int64).contiguous() for k in keys]
+    visible = [v.to(torch.int64).contiguous() for v in visible]
+    buffers = [torch.empty(num_rows, n) for n in (shapes.hidden, shapes.q_size + 2 * shapes.kv_size, shapes.q_size,
+                                                  2 * shapes.intermediate, shapes.intermediate, max(grid_width, 1))]
+    scores = torch.empty(max(k.numel() for k in keys) * rep)
+    refs = StepRefs(num_rows=num_rows, x=x.data_ptr(), cos=tables[0].data_ptr(), sin_signed=tables[1].data_ptr(),
+                    num_writes=num_rows, write_slots=tables[2].data_ptr(), write_rows=None,
+                    num_groups=0 if groups is None else groups[0].shape[0], threads=torch.get_num_threads())
+    for i, (k, v) in enumerate(zip(keys, visible, strict=True)):
+        refs.keys[i], refs.visible[i] = k.data_ptr(), v.data_ptr()
+        refs.span[i] = k.numel() // (num_rows * shapes.num_kv_heads)
+    if groups is not None:
+        refs.slots, refs.offsets, refs.rows = (t.data_ptr() for t in groups)
+    refs.h, refs.qkv, refs.attn, refs.gu, refs.act, refs.grid_h = (b.data_ptr() for b in buffers)
+    refs.scores = scores.data_ptr()
+    return refs, [x, *tables, keys, visible, groups, *buffers, scores]
 
 
 def enabled() -> bool:

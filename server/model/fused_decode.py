@@ -68,38 +68,15 @@ class FusedDecode:
         """Each layer's weights and cache, made once per KV cache."""
         key = (kv.k.data_ptr(), kv.v.data_ptr())
         if self._cache_of != key:
-            self._layers = [
-                cpu_layer.LayerRefs(lw.input_norm.data_ptr(), lw.qkv.panels.data_ptr(),
-                                    None if lw.qkv_bias is None else lw.qkv_bias.data_ptr(), lw.o.panels.data_ptr(),
-                                    lw.post_norm.data_ptr(), lw.gate_up.panels.data_ptr(), lw.down.panels.data_ptr(),
-                                    kv.k[i].data_ptr(), kv.v[i].data_ptr(), self.windows.index(window))
-                for i, (lw, window) in enumerate(zip(self.model.layers, self.model.windows))]
+            self._layers = [cpu_layer.layer_refs(lw.input_norm, lw.qkv, lw.qkv_bias, lw.o, lw.post_norm, lw.gate_up,
+                                                 lw.down, kv.k[i], kv.v[i], self.windows.index(window))
+                            for i, (lw, window) in enumerate(zip(self.model.layers, self.model.windows))]
             self._cache_of = key
         return self._layers
 
     def _step_refs(self, x: torch.Tensor, plan: CpuAttentionPlan, rope: tuple[torch.Tensor, torch.Tensor], groups,
                    factors) -> tuple[cpu_layer.StepRefs, list]:
         """The step's rows and fresh buffers -> (refs, the tensors they point into: held until the layers ran)."""
-        cfg, num_rows = self.model.cfg, x.shape[0]
-        rep = cfg.num_heads // cfg.num_kv_heads
-        cos, sin_signed = (t.contiguous() for t in rope)
         widest = max((f.width for per_layer in factors or () for f in per_layer.values()), default=1)
-        buffers = [torch.empty(num_rows, n) for n in (cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.q_size,
-                                                      2 * cfg.intermediate_size, cfg.intermediate_size, widest)]
-        scores = torch.empty(max(plan.keys[w].numel() for w in self.windows) * rep)
-        keys = [plan.keys[w].contiguous() for w in self.windows]
-        write_slots = plan.write_slots.contiguous()
-        visible = [plan.visible[w].contiguous() for w in self.windows]
-        slots, offsets, rows = groups if groups is not None else (None, None, None)
-        refs = cpu_layer.StepRefs(num_rows=num_rows, x=x.data_ptr(), cos=cos.data_ptr(),
-                                  sin_signed=sin_signed.data_ptr(), num_writes=num_rows,
-                                  write_slots=write_slots.data_ptr(), write_rows=None,
-                                  num_groups=0 if slots is None else slots.shape[0], threads=torch.get_num_threads())
-        for i, (k, v) in enumerate(zip(keys, visible)):
-            refs.keys[i], refs.visible[i] = k.data_ptr(), v.data_ptr()
-            refs.span[i] = k.numel() // (num_rows * cfg.num_kv_heads)
-        if slots is not None:
-            refs.slots, refs.offsets, refs.rows = slots.data_ptr(), offsets.data_ptr(), rows.data_ptr()
-        refs.h, refs.qkv, refs.attn, refs.gu, refs.act, refs.grid_h = (b.data_ptr() for b in buffers)
-        refs.scores = scores.data_ptr()
-        return refs, [cos, sin_signed, *buffers, scores, keys, visible, write_slots, groups]
+        return cpu_layer.step_refs(self.shapes, x, *rope, plan.write_slots, [plan.keys[w] for w in self.windows],
+                                   [plan.visible[w] for w in self.windows], groups, widest)

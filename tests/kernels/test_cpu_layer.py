@@ -1,0 +1,144 @@
+"""kernels/cpu_layer.c (a decode layer in one call) against its PyTorch reference, kernels/cpu_layer.py's
+decode_layer_ref: shapes (GQA groups, head sizes, widths that leave tails), row counts, windows, q|k|v bias, the LoRA
+grid's factors (none, fp32, bf16; tokens without an adapter among them) and 1 or 2 threads."""
+import pytest
+import torch
+
+from kernels import cpu_layer, cpu_matmul
+from kernels.attention import AttentionMeta
+from kernels.attention_plan import plan_cpu_attention
+
+pytestmark = pytest.mark.skipif(not cpu_layer.available(), reason="needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+
+BLOCK = 4
+RANK = 8
+SHAPES = {  # hidden, heads, kv heads, head dim, intermediate
+    "mha": (64, 4, 4, 16, 96),
+    "gqa4-tails": (72, 8, 2, 16, 100),  # intermediate and hidden not multiples of 16
+    "gqa3": (96, 3, 1, 32, 160),
+    "wide-heads": (192, 3, 3, 64, 256),
+}
+CASES = [  # shape, rows, window, bias, adapters, threads
+    ("mha", 1, 0, False, None, 1),
+    ("mha", 16, 0, True, "fp32", 2),
+    ("mha", 21, 5, False, "bf16", 2),
+    ("gqa4-tails", 3, 0, True, "fp32", 1),
+    ("gqa4-tails", 16, 7, False, None, 2),
+    ("gqa4-tails", 19, 0, False, "bf16", 2),
+    ("gqa3", 5, 0, False, "fp32", 2),
+    ("gqa3", 17, 3, True, "fp32", 1),
+    ("wide-heads", 2, 0, True, "bf16", 2),
+    ("wide-heads", 16, 0, False, "fp32", 2),
+]
+
+
+def _weights(hidden, q_size, kv_size, inter, bias, gen):
+    def m(n, k):
+        return torch.randn(n, k, generator=gen) / k ** 0.5
+
+    return {"input_norm": 1 + 0.1 * torch.randn(hidden, generator=gen), "qkv": m(q_size + 2 * kv_size, hidden),
+            "qkv_bias": 0.1 * torch.randn(q_size + 2 * kv_size, generator=gen) if bias else None,
+            "o": m(hidden, q_size), "post_norm": 1 + 0.1 * torch.randn(hidden, generator=gen),
+            "gate_up": m(2 * inter, hidden), "down": m(hidden, inter)}
+
+
+def _grids(hidden, q_size, kv_size, inter, num_rows, dtype, gen):
+    """Random factors of 3 slots for every group and a token -> slot assignment (-1: no adapter) -> (factors per
+    group, groups, slot of each row)."""
+    slices = {"qkv": (hidden, (q_size, kv_size, kv_size)), "o": (q_size, (hidden,)),
+              "gate_up": (hidden, (inter, inter)), "down": (inter, (hidden,))}
+    factors = {}
+    for group, (d_in, widths) in slices.items():
+        a = (torch.randn(3, len(widths) * RANK, d_in, generator=gen) / d_in ** 0.5).to(dtype)
+        bt = tuple((0.3 * torch.randn(3, RANK, w, generator=gen)).to(dtype) for w in widths)
+        starts = tuple(sum(widths[:i]) for i in range(len(widths)))
+        factors[group] = cpu_matmul.grid_factors(a, bt, starts)
+    slot_of = torch.randint(-1, 3, (num_rows,), generator=gen)
+    slots = [s for s in range(3) if (slot_of == s).any()]
+    rows = torch.cat([torch.nonzero(slot_of == s).flatten() for s in slots] or [torch.zeros(0, dtype=torch.long)])
+    offsets = torch.tensor([0] + [int((slot_of == s).sum()) for s in slots]).cumsum(0)
+    return factors, cpu_matmul.grid_groups(torch.tensor(slots, dtype=torch.long), offsets, rows), slot_of
+
+
+def _delta(factors, slot_of):
+    def delta(group, inp):
+        f = factors[group]
+        out = torch.zeros(inp.shape[0], sum(b.shape[2] for b in f.bt))
+        for t, s in enumerate(slot_of.tolist()):
+            if s >= 0:
+                for i, bt in enumerate(f.bt):
+                    h = inp[t] @ f.a[s, i * RANK : (i + 1) * RANK].float().T
+                    start = f.struct.out_start[i]
+                    out[t, start : start + bt.shape[2]] += h @ bt[s].float()
+        return out
+    return delta
+
+
+def _step(num_rows, num_kv_heads, head_dim, gen):
+    """Each row a decode of its own sequence over 1-30 tokens of context, blocks drawn at random -> (caches, slot
+    mapping, AttentionMeta)."""
+    lens = torch.randint(1, 31, (num_rows,), generator=gen)
+    per_seq = -(-30 // BLOCK)
+    tables = torch.randperm(num_rows * per_seq + 4, generator=gen)[: num_rows * per_seq].view(num_rows, per_seq)
+    caches = [torch.randn(num_rows * per_seq + 4, BLOCK, num_kv_heads, head_dim, generator=gen) for _ in range(2)]
+    last = lens - 1
+    slot_mapping = tables[torch.arange(num_rows), last // BLOCK] * BLOCK + last % BLOCK
+    meta = AttentionMeta(torch.arange(num_rows + 1, dtype=torch.int32), lens.to(torch.int32),
+                         tables.to(torch.int32), 1, int(lens.max()))
+    return caches, slot_mapping, meta
+
+
+@pytest.mark.parametrize("shape, num_rows, window, bias, adapters, threads", CASES)
+def test_decode_layer_matches_its_reference(shape, num_rows, window, bias, adapters, threads):
+    hidden, heads, kv_heads, head_dim, inter = SHAPES[shape]
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    gen = torch.Generator().manual_seed(num_rows * 7 + threads)
+    w = _weights(hidden, q_size, kv_size, inter, bias, gen)
+    (k_cache, v_cache), slot_mapping, meta = _step(num_rows, kv_heads, head_dim, gen)
+    x = torch.randn(num_rows, hidden, generator=gen)
+    cos, sin_signed = torch.randn(num_rows, head_dim, generator=gen), torch.randn(num_rows, head_dim, generator=gen)
+    eps, sm_scale = 1e-5, head_dim ** -0.5
+    factors = groups = delta = None
+    if adapters:
+        dtype = torch.float32 if adapters == "fp32" else torch.bfloat16
+        factors, groups, slot_of = _grids(hidden, q_size, kv_size, inter, num_rows, dtype, gen)
+        delta = _delta(factors, slot_of)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    expected = cpu_layer.decode_layer_ref(x, w, k_ref, v_ref, slot_mapping, meta, cos, sin_signed, eps, sm_scale,
+                                          window, delta)
+    plan = plan_cpu_attention(meta, slot_mapping, BLOCK, kv_heads, (window,))
+    shapes = cpu_layer.Shapes(hidden, q_size, kv_size, inter, heads, kv_heads, head_dim, eps, sm_scale)
+    packed = {g: cpu_matmul.pack(w[g]) for g in ("qkv", "o", "gate_up", "down")}
+    layer = cpu_layer.layer_refs(w["input_norm"], packed["qkv"], w["qkv_bias"], packed["o"], w["post_norm"],
+                                 packed["gate_up"], packed["down"], k_cache, v_cache, 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = x.clone()
+        width = max(f.width for f in factors.values()) if factors else 1
+        refs, keep = cpu_layer.step_refs(shapes, out, cos, sin_signed, plan.write_slots, [plan.keys[window]],
+                                         [plan.visible[window]], groups, width)
+        grids = tuple(factors[g].struct if factors else None for g in ("qkv", "o", "gate_up", "down"))
+        cpu_layer.decode_layer(shapes, layer, refs, grids)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(k_cache, k_ref, rtol=1e-5, atol=1e-5)  # the step's keys (rotated) and values written
+    torch.testing.assert_close(v_cache, v_ref, rtol=1e-5, atol=1e-5)
+    if adapters:  # the adapters really change the output
+        plain = cpu_layer.decode_layer_ref(x, w, k_ref.clone(), v_ref.clone(), slot_mapping, meta, cos, sin_signed,
+                                           eps, sm_scale, window)
+        assert (plain - expected).abs().max() > 1e-2
+    del keep
+
+
+def test_step_refs_refuse_what_the_kernel_cannot_take():
+    shapes = cpu_layer.Shapes(64, 64, 64, 96, 4, 4, 16, 1e-5, 0.25)
+    keys = [torch.zeros(4, dtype=torch.long)] * (cpu_layer.MAX_WINDOWS + 1)
+    x = torch.zeros(1, 64)
+    with pytest.raises(ValueError, match="MAX_WINDOWS"):
+        cpu_layer.step_refs(shapes, x, torch.zeros(1, 16), torch.zeros(1, 16), torch.zeros(1, dtype=torch.long), keys,
+                            keys, None, 1)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        cpu_layer.step_refs(shapes, torch.zeros(64, 2).T, torch.zeros(2, 16), torch.zeros(2, 16),
+                            torch.zeros(2, dtype=torch.long), keys[:1], keys[:1], None, 1)
