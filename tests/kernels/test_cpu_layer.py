@@ -17,6 +17,7 @@ SHAPES = {  # hidden, heads, kv heads, head dim, intermediate
     "gqa4-tails": (72, 8, 2, 16, 100),  # intermediate and hidden not multiples of 16
     "gqa3": (96, 3, 1, 32, 160),
     "wide-heads": (192, 3, 3, 64, 256),
+    "gqa8-d128": (256, 8, 1, 128, 320),  # Llama 3's GQA group and head size
 }
 CASES = [  # shape, rows, window, bias, adapters, threads
     ("mha", 1, 0, False, None, 1),
@@ -29,6 +30,8 @@ CASES = [  # shape, rows, window, bias, adapters, threads
     ("gqa3", 17, 3, True, "fp32", 1),
     ("wide-heads", 2, 0, True, "bf16", 2),
     ("wide-heads", 16, 0, False, "fp32", 2),
+    ("gqa8-d128", 64, 0, False, "fp32", 2),  # 64 rows: the matmul's three-panel blocks
+    ("gqa8-d128", 40, 9, True, "bf16", 2),
 ]
 
 
