@@ -4,8 +4,8 @@ the system's C compiler and loaded with ctypes.
 A source is built with the flags of a variant (`VARIANTS`: its AVX2 form everywhere; its AVX-512 form, where it has
 one, on a CPU where PyTorch finds AVX-512) into a cache directory (`cache_dir()`), named by the hash of the source,
 the headers and sources beside it (which it may include: kernels/cpu_vector.h; kernels/cpu_layer.c includes the
-others) and the flags, built aside and renamed (processes may race); `CC` may
-name another compiler, with arguments. A failed build is an OSError, which callers turn into a warning and their
+other sources) and the flags, built aside and renamed (processes may race); `CC` may name another compiler, with
+arguments. A failed build is an OSError, which callers turn into a warning and their
 PyTorch path. The libraries link PyTorch's own libgomp (shared by soname), so their OpenMP teams are the calling
 thread's.
 """

@@ -62,7 +62,7 @@ class FusedDecode:
                              and plan.write_slots.shape[0] == num_rows and num_rows > 0
                              and all(w in plan.keys and plan.visible[w].shape[0] == num_rows for w in self.windows))
         return (every_row_decodes and not kinds.sparse and not kinds.scale and not batch.para_prefills
-                and kv.k.dtype == torch.float32 and kv.k.is_contiguous() and kv.v.is_contiguous())
+                and kv.k.dtype == kv.v.dtype == torch.float32 and kv.k.is_contiguous() and kv.v.is_contiguous())
 
     def _layer_refs(self, kv: KVCache) -> list[cpu_layer.LayerRefs]:
         """Each layer's weights and cache, made once per KV cache."""
