@@ -1,6 +1,6 @@
 """kernels/cpu_layer.c (a decode layer in one call) against its PyTorch reference, kernels/cpu_layer.py's
 decode_layer_ref: shapes (GQA groups, head sizes, widths that leave tails), row counts, windows, q|k|v bias, the LoRA
-grid's factors (none, fp32, bf16; tokens without an adapter among them) and 1 or 2 threads."""
+grid's factors (none, fp32, bf16; tokens without an adapter among them) and 1 to 3 threads."""
 import pytest
 import torch
 
@@ -32,6 +32,7 @@ CASES = [  # shape, rows, window, bias, adapters, threads
     ("wide-heads", 16, 0, False, "fp32", 2),
     ("gqa8-d128", 64, 0, False, "fp32", 2),  # 64 rows: the matmul's three-panel blocks
     ("gqa8-d128", 40, 9, True, "bf16", 2),
+    ("gqa4-tails", 7, 0, True, "fp32", 3),  # more threads than this machine's cores, an odd team
 ]
 
 
