@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_build
+from kernels import cpu_build, cpu_matmul
 from kernels.attention import AttentionMeta, paged_attention_ref, write_kv_ref
 from kernels.cpu_elementwise import rope_ref_, silu_mul_ref
 from kernels.cpu_matmul import GridFactorsStruct, GridGroups, PackedWeight
@@ -156,5 +156,6 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def _library() -> ctypes.CDLL:
-    """The compiled kernel in kernels/cpu_matmul.py's variant, built on first use; OSError if it cannot be."""
-    return cpu_build.load(SOURCE, cpu_build.NATIVE, _declare)
+    """The compiled kernel in kernels/cpu_matmul.py's form (its VARIANT: the same register blocks as the op-by-op
+    path's projections), built on first use; OSError if it cannot be."""
+    return cpu_build.load(SOURCE, cpu_matmul.VARIANT, _declare)

@@ -1,6 +1,7 @@
 """kernels/cpu_layer.c (a decode layer in one call) against its PyTorch reference, kernels/cpu_layer.py's
 decode_layer_ref: shapes (GQA groups, head sizes, widths that leave tails), row counts, windows, q|k|v bias, the LoRA
-grid's factors (none, fp32, bf16; tokens without an adapter among them) and 1 to 3 threads."""
+grid's factors (none, fp32, bf16; tokens without an adapter among them), 1 to 3 threads, and both forms of the
+register blocks (AVX2, and AVX-512 where the CPU has it)."""
 import pytest
 import torch
 
@@ -9,6 +10,13 @@ from kernels.attention import AttentionMeta
 from kernels.attention_plan import plan_cpu_attention
 
 pytestmark = pytest.mark.skipif(not cpu_layer.available(), reason="needs an x86-64 CPU with AVX2 and FMA and a C compiler")
+FORMS = ["avx2", "avx512"] if cpu_matmul.VARIANT == "avx512" else ["avx2"]  # an AVX-512 CPU runs both
+
+
+@pytest.fixture(params=FORMS, autouse=True)
+def form(request, monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "VARIANT", request.param)  # the layer is built in the matmul's form
+    return request.param
 
 BLOCK = 4
 RANK = 8

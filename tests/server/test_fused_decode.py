@@ -16,6 +16,16 @@ pytestmark = pytest.mark.skipif(
                               and cpu_elementwise.enabled()),
     reason="needs our CPU kernels (x86-64 with AVX2 and FMA, a C compiler) and not the Triton pass")
 
+FORMS = ["avx2", "avx512"] if cpu_matmul.VARIANT == "avx512" else ["avx2"]  # an AVX-512 CPU runs both
+
+
+@pytest.fixture(params=FORMS, autouse=True)
+def form(request, monkeypatch):
+    """Both forms of our kernels' register blocks: the projections op by op and the layer are built in the same."""
+    monkeypatch.setattr(cpu_matmul, "VARIANT", request.param)
+    return request.param
+
+
 ARCHS = {
     "llama": {},
     "qwen2-window": dict(use_sliding_window=True, sliding_window=6, max_window_layers=1),  # q|k|v bias; 2 windows
