@@ -182,9 +182,15 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device).index_copy_(0, plan.decode_rows, o)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    prefill_attention_cpu(q, k_cache, v_cache, meta, sm_scale, window, plan, out)
+    return out
+
+
+def prefill_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
+                          sm_scale: float, window: int, plan: CpuAttentionPlan, out: torch.Tensor) -> None:
+    """The plan's prefill rows of paged_attention_cpu, into their rows of out (T, Hq, D); the others untouched."""
     for seqs, q0s, n, seq_len in plan.prefills:
         _prefill_ref(q, k_cache, v_cache, meta.block_tables[list(seqs)], q0s, n, seq_len, sm_scale, out, window)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- write_kv

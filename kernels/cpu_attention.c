@@ -154,11 +154,12 @@ static void weighted_values(const float *pr, const float *v, const int64_t *kr, 
     }
 }
 
-/* One work item, (sequence b, KV head g) = (item / Hkv, item % Hkv); the arguments as multiplex_decode_attention's.
- * kernels/cpu_layer.c runs the items inside its own team. */
+/* One work item, (sequence b, KV head g) = (item / Hkv, item % Hkv); the arguments as multiplex_decode_attention's,
+ * but orows: the row of out (Hq D floats) of each sequence, or NULL (row b). kernels/cpu_layer.c runs the items inside
+ * its own team. */
 static void decode_item(int64_t item, int Hkv, int rep, int D, int64_t S, const float *q, int64_t ldq, int64_t ldh,
                         const int64_t *qrows, const float *k, const float *v, const int64_t *keys,
-                        const int64_t *nvis, float sm_scale, float *out, float *scratch) {
+                        const int64_t *nvis, float sm_scale, const int64_t *orows, float *out, float *scratch) {
     int64_t b = item / Hkv, g = item % Hkv, n = nvis[b];
     const int64_t *kr = keys + item * S;
     const float *qb = q + (qrows ? qrows[b] : b) * ldq + g * rep * ldh;
@@ -166,7 +167,7 @@ static void decode_item(int64_t item, int Hkv, int rep, int D, int64_t S, const 
     float inv[MAX_REP];
     for (int r = 0; r < rep; r++) inv[r] = head_probs(qb + r * ldh, k, kr, n, D, sm_scale, s + r * S);
     for (int r = 0; r < rep; r++)
-        weighted_values(s + r * S, v, kr, n, D, inv[r], out + (b * Hkv * rep + g * rep + r) * (int64_t)D);
+        weighted_values(s + r * S, v, kr, n, D, inv[r], out + ((orows ? orows[b] : b) * Hkv * rep + g * rep + r) * D);
 }
 
 /* q: query rows ldq apart, heads ldh apart (unit stride within a head); qrows: (Bd,) row of each decode sequence
@@ -177,7 +178,7 @@ void multiplex_decode_attention(int Bd, int Hkv, int rep, int D, int64_t S, cons
                                 const int64_t *nvis, float sm_scale, float *out, float *scratch, int threads) {
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if ((int64_t)Bd * Hkv * S >= 1024)
     for (int64_t item = 0; item < (int64_t)Bd * Hkv; item++)
-        decode_item(item, Hkv, rep, D, S, q, ldq, ldh, qrows, k, v, keys, nvis, sm_scale, out, scratch);
+        decode_item(item, Hkv, rep, D, S, q, ldq, ldh, qrows, k, v, keys, nvis, sm_scale, 0, out, scratch);
 }
 
 /* The step's new keys and values into the cache: row rows[i] (or i when rows is NULL) of k and of v, `width` values

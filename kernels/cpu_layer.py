@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,16 +53,17 @@ class LayerRefs(ctypes.Structure):
 
 
 class StepRefs(ctypes.Structure):
-    """A decode step's rows and buffers (layer_step): see the C struct for each field."""
+    """A step's rows and buffers (layer_step): see the C struct for each field."""
 
     _fields_ = [("num_rows", _i64), ("x", _ptr), ("cos", _ptr), ("sin_signed", _ptr), ("num_writes", _i64),
-                ("write_slots", _ptr), ("write_rows", _ptr), ("keys", _ptr * MAX_WINDOWS),
+                ("write_slots", _ptr), ("write_rows", _ptr), ("num_decodes", _i64), ("decode_rows", _ptr),
+                ("keys", _ptr * MAX_WINDOWS),
                 ("visible", _ptr * MAX_WINDOWS), ("span", _i64 * MAX_WINDOWS), ("num_groups", _i64),
                 ("slots", _ptr), ("offsets", _ptr), ("rows", _ptr), ("h", _ptr), ("qkv", _ptr), ("attn", _ptr),
                 ("gu", _ptr), ("act", _ptr), ("grid_h", _ptr), ("scores", _ptr), ("threads", _i64)]
 
 
-def decode_layer_ref(x: torch.Tensor, weights: dict[str, torch.Tensor | None], k_cache: torch.Tensor,
+def layer_ref(x: torch.Tensor, weights: dict[str, torch.Tensor | None], k_cache: torch.Tensor,
                      v_cache: torch.Tensor, slot_mapping: torch.Tensor, meta: AttentionMeta, cos: torch.Tensor,
                      sin_signed: torch.Tensor, eps: float, sm_scale: float, window: int, delta=None) -> torch.Tensor:
     """What decode_layer computes, in PyTorch: x (T, H) -> the layer's output (a new tensor); the caches written in
@@ -99,33 +101,47 @@ def layer_refs(input_norm: torch.Tensor, qkv: PackedWeight, qkv_bias: torch.Tens
                      k_cache.data_ptr(), v_cache.data_ptr(), window)
 
 
+class StepBuffers(NamedTuple):
+    """What step_refs made: the refs, the step's q|k|v and attention buffers (a caller with prefill rows runs their
+    attention between layer_front and layer_back on them), and every tensor the refs point into."""
+
+    refs: StepRefs
+    qkv: torch.Tensor  # (T, q + 2 kv)
+    attn: torch.Tensor  # (T, q)
+    keep: list
+
+
 def step_refs(shapes: Shapes, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, write_slots: torch.Tensor,
-              keys: list[torch.Tensor], visible: list[torch.Tensor], groups: GridGroups | None,
-              grid_width: int) -> tuple[StepRefs, list]:
-    """A decode step's refs: x (T, hidden) fp32 contiguous, updated in place by every layer; cos, sin_signed (T, D);
-    write_slots (T,) the cache row of each row's key and value; keys[i], visible[i]: the step's attention plan of
-    window i (kernels/attention_plan.py); groups: the LoRA grid's (or None); grid_width: the widest J of the grids
-    the layers take. Fresh buffers -> (refs, the tensors they point into, to hold until the layers ran)."""
+              write_rows: torch.Tensor | None, decode_rows: torch.Tensor | None, keys: list[torch.Tensor],
+              visible: list[torch.Tensor], groups: GridGroups | None, grid_width: int) -> StepBuffers:
+    """A step's refs: x (T, hidden) fp32 contiguous, updated in place by every layer; cos, sin_signed (T, D);
+    write_slots (W,) the cache row of each written row's key and value, write_rows their rows (None: rows 0..W-1);
+    decode_rows the decode sequences' rows (None: rows 0..Bd-1, Bd = len(visible[0])); keys[i], visible[i]: the
+    step's attention plan of window i (kernels/attention_plan.py); groups: the LoRA grid's (or None); grid_width: the
+    widest J of the grids the layers take. Fresh buffers; hold the result until the layers ran."""
     num_rows, rep = x.shape[0], shapes.num_heads // shapes.num_kv_heads
-    if not (x.is_contiguous() and x.dtype == torch.float32) or len(keys) > MAX_WINDOWS:
-        raise ValueError("step_refs needs a contiguous fp32 x and at most MAX_WINDOWS windows")
-    tables = [t.contiguous() for t in (cos, sin_signed, write_slots.to(torch.int64))]
+    if not (x.is_contiguous() and x.dtype == torch.float32) or not 0 < len(keys) <= MAX_WINDOWS:
+        raise ValueError("step_refs needs a contiguous fp32 x and 1 to MAX_WINDOWS windows")
+    tables = [t.contiguous() for t in (cos, sin_signed)]
+    rows = [None if t is None else t.to(torch.int64).contiguous() for t in (write_slots, write_rows, decode_rows)]
     keys = [k.to(torch.int64).contiguous() for k in keys]
     visible = [v.to(torch.int64).contiguous() for v in visible]
+    num_decodes = visible[0].shape[0]
     buffers = [torch.empty(num_rows, n) for n in (shapes.hidden, shapes.q_size + 2 * shapes.kv_size, shapes.q_size,
                                                   2 * shapes.intermediate, shapes.intermediate, max(grid_width, 1))]
-    scores = torch.empty(max(k.numel() for k in keys) * rep)
+    scores = torch.empty(max(1, max(k.numel() for k in keys) * rep))
     refs = StepRefs(num_rows=num_rows, x=x.data_ptr(), cos=tables[0].data_ptr(), sin_signed=tables[1].data_ptr(),
-                    num_writes=num_rows, write_slots=tables[2].data_ptr(), write_rows=None,
+                    num_writes=rows[0].shape[0], num_decodes=num_decodes,
                     num_groups=0 if groups is None else groups[0].shape[0], threads=torch.get_num_threads())
+    refs.write_slots, refs.write_rows, refs.decode_rows = (None if t is None else t.data_ptr() for t in rows)
     for i, (k, v) in enumerate(zip(keys, visible, strict=True)):
         refs.keys[i], refs.visible[i] = k.data_ptr(), v.data_ptr()
-        refs.span[i] = k.numel() // (num_rows * shapes.num_kv_heads)
+        refs.span[i] = k.numel() // max(1, num_decodes * shapes.num_kv_heads)
     if groups is not None:
         refs.slots, refs.offsets, refs.rows = (t.data_ptr() for t in groups)
     refs.h, refs.qkv, refs.attn, refs.gu, refs.act, refs.grid_h = (b.data_ptr() for b in buffers)
     refs.scores = scores.data_ptr()
-    return refs, [x, *tables, keys, visible, groups, *buffers, scores]
+    return StepBuffers(refs, buffers[1], buffers[2], [x, *tables, rows, keys, visible, groups, *buffers, scores])
 
 
 def enabled() -> bool:
@@ -143,16 +159,28 @@ def available() -> bool:
 
 def decode_layer(shapes: Shapes, layer: LayerRefs, step: StepRefs,
                  grids: tuple[GridFactorsStruct | None, ...]) -> None:
-    """One layer over the step (the C file's semantics); grids: the LoRA grid's factors of q|k|v, o, gate|up and down,
-    None where the step's adapters have no delta. The structures' pointers must be valid for the call."""
+    """One layer over a step whose every row is a decode (the C file's semantics); grids: the LoRA grid's factors of
+    q|k|v, o, gate|up and down, None where the step's adapters have no delta. The refs must be valid for the call."""
     _library().multiplex_decode_layer(ctypes.byref(shapes), ctypes.byref(layer), ctypes.byref(step), *grids)
+
+
+def layer_front(shapes: Shapes, layer: LayerRefs, step: StepRefs, qkv_grid: GridFactorsStruct | None) -> None:
+    """A layer up to attention, the decode rows' attention included (into the step's attn buffer); the caller then
+    runs the other rows' attention on the step's buffers (q rotated, keys and values in the cache), then layer_back."""
+    _library().multiplex_layer_front(ctypes.byref(shapes), ctypes.byref(layer), ctypes.byref(step), qkv_grid)
+
+
+def layer_back(shapes: Shapes, layer: LayerRefs, step: StepRefs, grids: tuple[GridFactorsStruct | None, ...]) -> None:
+    """A layer from attention's output on (o, RMSNorm, gate|up, SiLU x up, down); grids: of o, gate|up and down."""
+    _library().multiplex_layer_back(ctypes.byref(shapes), ctypes.byref(layer), ctypes.byref(step), *grids)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     grid = ctypes.POINTER(GridFactorsStruct)
-    fn = lib.multiplex_decode_layer
-    fn.argtypes = [ctypes.POINTER(Shapes), ctypes.POINTER(LayerRefs), ctypes.POINTER(StepRefs)] + [grid] * 4
-    fn.restype = None
+    refs = [ctypes.POINTER(Shapes), ctypes.POINTER(LayerRefs), ctypes.POINTER(StepRefs)]
+    for fn, grids in ((lib.multiplex_decode_layer, 4), (lib.multiplex_layer_front, 1), (lib.multiplex_layer_back, 3)):
+        fn.argtypes = refs + [grid] * grids
+        fn.restype = None
 
 
 def _library() -> ctypes.CDLL:

@@ -1,17 +1,18 @@
-"""A CPU decode step's layers, each in one call of our C kernel (kernels/cpu_layer.py), where the step allows it.
+"""A CPU step's layers in one or two calls each of our C kernel (kernels/cpu_layer.py), where the step allows it.
 
 server/model/llama.py runs a layer as ~10 ops (norm, projections, RoPE, cache writes, attention, SiLU), each a call
-from Python that starts on caches the previous projection's weights just evicted. On a CPU, for a step whose every
-row is a decode and whose adapters are LowRank of one rank class (the grid kernel's), `FusedDecode.run` runs each layer
-as one call instead, same sums in the same order (kernels/cpu_layer.c includes the ops' own C sources). Any other
-step (a prefill, Sparse or Scale adapters, two rank classes, a fault hook, a kernel switched off) keeps the op-by-op
-path, which stays the reference.
+from Python that starts on caches the previous projection's weights just evicted. On a CPU, for a step whose adapters
+are LowRank of one rank class (the grid kernel's) or none, `FusedDecode.run` runs each layer as one call when every
+row is a decode, else as two around the prefill rows' attention (PyTorch's, as the op-by-op path runs it): the same
+sums in the same order (kernels/cpu_layer.c includes the ops' own C sources). Any other step (Sparse or Scale
+adapters, two rank classes, a fault hook, a kernel switched off) keeps the op-by-op path, which stays the reference.
 """
 from __future__ import annotations
 
 import torch
 
 from kernels import cpu_attention, cpu_elementwise, cpu_layer, cpu_matmul
+from kernels.attention import prefill_attention_cpu
 from kernels.attention_plan import CpuAttentionPlan
 from server.model.adapter_step import AdapterStep
 from server.model.forward_batch import ForwardBatch, KVCache
@@ -45,23 +46,30 @@ class FusedDecode:
         if grids is None:
             return False
         groups, factors = grids
-        refs, keep = self._step_refs(x, plan, rope, groups, factors)
+        buffers = self._step_refs(x, plan, rope, groups, factors)
+        shapes, refs = self.shapes, buffers.refs
+        every_row_decodes = not plan.prefills and plan.decode_rows is None
+        cfg, num_rows = self.model.cfg, x.shape[0]
+        q = buffers.qkv[:, : cfg.q_size].view(num_rows, cfg.num_heads, cfg.head_dim)
+        attn = buffers.attn.view(num_rows, cfg.num_heads, cfg.head_dim)
         for i, layer in enumerate(self._layer_refs(kv)):
             per_group = factors[i] if factors is not None else {}
-            cpu_layer.decode_layer(self.shapes, layer, refs,
-                                   tuple(per_group[g].struct if g in per_group else None for g in GROUPS))
-        del keep  # the buffers and indices the step's refs point into
+            g = tuple(per_group[name].struct if name in per_group else None for name in GROUPS)
+            if every_row_decodes:
+                cpu_layer.decode_layer(shapes, layer, refs, g)
+                continue
+            cpu_layer.layer_front(shapes, layer, refs, g[0])
+            window = self.model.windows[i]
+            prefill_attention_cpu(q, kv.k[i], kv.v[i], batch.attn, self.model.sm_scale, window, plan, attn)
+            cpu_layer.layer_back(shapes, layer, refs, g[1:])
         return True
 
     def _applies(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, plan: CpuAttentionPlan | None) -> bool:
-        if not (self.supported and plan is not None and cpu_layer.enabled() and cpu_attention.enabled()
-                and cpu_elementwise.enabled()):
+        if not (self.supported and plan is not None and x.shape[0] > 0 and cpu_layer.enabled()
+                and cpu_attention.enabled() and cpu_elementwise.enabled()):
             return False
-        kinds, num_rows = batch.adapter_kinds, x.shape[0]
-        every_row_decodes = (not plan.prefills and plan.decode_rows is None and plan.write_rows is None
-                             and plan.write_slots.shape[0] == num_rows and num_rows > 0
-                             and all(w in plan.keys and plan.visible[w].shape[0] == num_rows for w in self.windows))
-        return (every_row_decodes and not kinds.sparse and not kinds.scale and not batch.para_prefills
+        kinds = batch.adapter_kinds
+        return (not kinds.sparse and not kinds.scale and not batch.para_prefills
                 and kv.k.dtype == kv.v.dtype == torch.float32 and kv.k.is_contiguous() and kv.v.is_contiguous())
 
     def _layer_refs(self, kv: KVCache) -> list[cpu_layer.LayerRefs]:
@@ -75,8 +83,10 @@ class FusedDecode:
         return self._layers
 
     def _step_refs(self, x: torch.Tensor, plan: CpuAttentionPlan, rope: tuple[torch.Tensor, torch.Tensor], groups,
-                   factors) -> tuple[cpu_layer.StepRefs, list]:
-        """The step's rows and fresh buffers -> (refs, the tensors they point into: held until the layers ran)."""
+                   factors) -> cpu_layer.StepBuffers:
+        """The step's rows and fresh buffers (held until the layers ran)."""
         widest = max((f.width for per_layer in factors or () for f in per_layer.values()), default=1)
-        return cpu_layer.step_refs(self.shapes, x, *rope, plan.write_slots, [plan.keys[w] for w in self.windows],
-                                   [plan.visible[w] for w in self.windows], groups, widest)
+        none = torch.zeros(0, dtype=torch.int64)  # a step without decode rows has no keys
+        return cpu_layer.step_refs(self.shapes, x, *rope, plan.write_slots, plan.write_rows, plan.decode_rows,
+                                   [plan.keys.get(w, none) for w in self.windows],
+                                   [plan.visible.get(w, none) for w in self.windows], groups, widest)

@@ -1,6 +1,6 @@
-"""A CPU decode step's layers in one call each (kernels/cpu_layer.c via server/model/fused_decode.py): the same logits
-and KV cache as the op-by-op path, bit for bit, against the merged-weights anchor too; really run where it applies
-(not a silent fallback), and not run where it does not."""
+"""A CPU step's layers in one call each, or two around the prefill rows' attention (kernels/cpu_layer.c via
+server/model/fused_decode.py): the same logits and tokens as the op-by-op path, bit for bit, and the merged-weights
+anchor's; really run where it applies (not a silent fallback), and not run where it does not."""
 import pytest
 import torch
 
@@ -34,15 +34,23 @@ ARCHS = {
 
 
 def _spy(monkeypatch) -> dict[str, int]:
-    calls = {"layers": 0, "with_grid": 0}
-    real = cpu_layer.decode_layer
+    """Counts of the kernel's calls: whole layers (a step of decodes), fronts (a step with prefill rows), and layers
+    or fronts that took the adapters' grids."""
+    calls = {"layers": 0, "fronts": 0, "with_grid": 0}
+    layer, front = cpu_layer.decode_layer, cpu_layer.layer_front
 
-    def spy(shapes, layer, step, grids):
+    def layer_spy(shapes, refs, step, grids):
         calls["layers"] += 1
         calls["with_grid"] += any(g is not None for g in grids)
-        return real(shapes, layer, step, grids)
+        return layer(shapes, refs, step, grids)
 
-    monkeypatch.setattr(cpu_layer, "decode_layer", spy)
+    def front_spy(shapes, refs, step, grid):
+        calls["fronts"] += 1
+        calls["with_grid"] += grid is not None
+        return front(shapes, refs, step, grid)
+
+    monkeypatch.setattr(cpu_layer, "decode_layer", layer_spy)
+    monkeypatch.setattr(cpu_layer, "layer_front", front_spy)
     return calls
 
 
@@ -53,7 +61,7 @@ def _run(path, which, adapters, prompts, layer_on: bool, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_fused_decode_layers_give_the_op_by_op_logits_bit_for_bit(tmp_path, monkeypatch, arch):
+def test_fused_layers_give_the_op_by_op_logits_bit_for_bit(tmp_path, monkeypatch, arch):
     path = make_hf_model(tmp_path / "m", arch.split("-")[0], **ARCHS[arch])
     cfg = ModelConfig.from_dir(path)
     adapters = {  # one rank class (16): the grid serves every projection
@@ -68,7 +76,9 @@ def test_fused_decode_layers_give_the_op_by_op_logits_bit_for_bit(tmp_path, monk
                for rid, n in zip(which, (5, 9, 3, 12, 7))}
     calls = _spy(monkeypatch)
     generated, logits = _run(path, which, adapters, prompts, True, monkeypatch)
-    assert calls["with_grid"] > 0 and calls["layers"] % cfg.num_layers == 0  # it ran, with the adapters' grids
+    # it ran, with the adapters' grids, for the steps of decodes and those with prefills (the late request's)
+    assert calls["with_grid"] > 0 and calls["layers"] > 0 and calls["fronts"] > 0
+    assert calls["layers"] % cfg.num_layers == calls["fronts"] % cfg.num_layers == 0
     fused_calls = dict(calls)
     generated_ops, logits_ops = _run(path, which, adapters, prompts, False, monkeypatch)
     assert calls == fused_calls  # switched off: not called
@@ -82,15 +92,15 @@ def test_fused_decode_layers_give_the_op_by_op_logits_bit_for_bit(tmp_path, monk
         assert (torch.stack(logits[rid]) - ref).abs().max().item() <= 1e-4, rid
 
 
-def test_base_only_decode_steps_fuse_and_other_kinds_keep_the_op_by_op_path(tmp_path, monkeypatch):
+def test_base_only_steps_fuse_and_other_kinds_keep_the_op_by_op_path(tmp_path, monkeypatch):
     path = make_hf_model(tmp_path / "m", "llama")
     cfg = ModelConfig.from_dir(path)
     gen = torch.Generator().manual_seed(1)
     prompts = {rid: torch.randint(3, 300, (6,), generator=gen).tolist() for rid in ("x", "y")}
     calls = _spy(monkeypatch)
     run_capture(small_engine(path), prompts, {"x": None, "y": None}, max_tokens=4)
-    assert calls["layers"] > 0 and calls["with_grid"] == 0  # no adapters: no grids
-    calls["layers"] = 0
+    assert calls["layers"] > 0 and calls["fronts"] > 0 and calls["with_grid"] == 0  # no adapters: no grids
+    calls.update(layers=0, fronts=0)
     adapters = {"s": random_sparse(cfg, ["q_proj", "down_proj"], 0.05, seed=4)}  # Sparse: the grid cannot serve it
     run_capture(small_engine(path), prompts, refs({"x": "s", "y": None}, adapters), max_tokens=4)
-    assert calls["layers"] == 0
+    assert calls["layers"] == calls["fronts"] == 0

@@ -10,7 +10,7 @@ from tests.helpers import make_hf_model, merged_hf, random_lowrank, reference_lo
 
 def test_mixed_lowrank_batch_matches_merged_weights(tmp_path, monkeypatch):
     """Also: where our CPU kernels serve (the padded store), a projection whose deltas are one rank class's runs
-    with them in one call (cpu_matmul.matmul_lowrank, or a whole decode layer's: cpu_layer.decode_layer), not a
+    with them in one call (cpu_matmul.matmul_lowrank, or a layer's: cpu_layer.decode_layer / layer_front), not a
     silent fallback; the golden pass under MULTIPLEX_KERNELS=triton (the arena store) has no such calls."""
     fused = []
     monkeypatch.setattr(cpu_matmul, "matmul_lowrank",
@@ -20,7 +20,12 @@ def test_mixed_lowrank_batch_matches_merged_weights(tmp_path, monkeypatch):
         fused.extend(1 for g in grids if g is not None)
         return real(shapes, layer, step, grids)
 
+    def front_spy(shapes, layer, step, grid, real=cpu_layer.layer_front):
+        fused.extend([1] if grid is not None else [])
+        return real(shapes, layer, step, grid)
+
     monkeypatch.setattr(cpu_layer, "decode_layer", layer_spy)
+    monkeypatch.setattr(cpu_layer, "layer_front", front_spy)
     path = make_hf_model(tmp_path / "m", "llama")
     cfg = ModelConfig.from_dir(path)
     adapters = {
