@@ -1,18 +1,19 @@
-"""A decoder layer of a CPU decode step in one call of our C kernels (kernels/cpu_layer.c): RMSNorm, the q|k|v
-projection, RoPE, the KV cache writes, decode attention, o, RMSNorm, gate|up, SiLU x up and down, each projection
-with its LoRA grid deltas, in one OpenMP region.
+"""A decoder layer of a CPU step in one call of our C kernels (kernels/cpu_layer.c): RMSNorm, the q|k|v projection,
+RoPE, the KV cache writes, decode attention, o, RMSNorm, gate|up, SiLU x up and down, each projection with its LoRA
+grid deltas, in one OpenMP region (`decode_layer`, a step whose every row is a decode); or in two calls around the
+prefill rows' attention, which the caller runs in PyTorch on the step's buffers (`layer_front`, then `layer_back`).
 
 Semantics: those ops one by one as server/model/llama.py runs them with our kernels (kernels/cpu_matmul.py,
-cpu_attention.py, cpu_elementwise.py), which are the references; the C file includes their sources, so the sums are
-the same, in the same order. Why: a smollm2 decode step ran ~300 Python ops between its kernels, each ~10 us on caches
-the projection before it had just evicted; here a layer is one call.
+cpu_attention.py, cpu_elementwise.py); the C file includes their sources, so the sums are the same, in the same order.
+The reference here is `layer_ref` (PyTorch). Why: a smollm2 decode step ran ~300 Python ops between its kernels, each
+~10 us on caches the projection before it had just evicted; here a layer is one call, its buffers made once a step.
 
 What it takes (the caller checks: server/model/fused_decode.py): fp32 on a CPU that runs our kernels, the packed
-weights of kernels/cpu_matmul.py, a step whose every row is a decode in sequence order, at most MAX_WINDOWS attention
-windows, GQA groups of at most cpu_attention.MAX_REP, and adapters of LowRank kind only, in one rank class (the grid).
+weights of kernels/cpu_matmul.py, at most MAX_WINDOWS attention windows, GQA groups of at most
+cpu_attention.MAX_REP, and adapters of LowRank kind only, in one rank class (the grid).
 
 Where it runs: `enabled()`, `MULTIPLEX_CPU_LAYER=auto|ours|ops` read once at import (`auto`: ours wherever the
-kernel builds, kernels/cpu_build.py; `ops`: the ops one by one). The call releases the GIL and runs on the calling
+kernel builds, kernels/cpu_build.py; `ops`: the ops one by one). A call releases the GIL and runs on the calling
 thread's OpenMP team with the step's `threads`.
 """
 from __future__ import annotations
