@@ -14,7 +14,7 @@
  * just evicted. multiplex_decode_layer runs it all for a step whose every row is a decode; a step with prefill rows
  * runs multiplex_layer_front (up to the decode rows' attention), the prefills' attention in PyTorch, then
  * multiplex_layer_back (from o on). Adapters of LowRank kind only (the grid); kernels/cpu_layer.py binds it,
- * server/model/fused_decode.py decides when.
+ * server/model/fused_layers.py decides when.
  * Built on demand by kernels/cpu_layer.py (the flags of kernels/cpu_matmul.c's native variant).
  */
 #include <string.h>

@@ -8,7 +8,7 @@ cpu_attention.py, cpu_elementwise.py); the C file includes their sources, so the
 The reference here is `layer_ref` (PyTorch). Why: a smollm2 decode step ran ~300 Python ops between its kernels, each
 ~10 us on caches the projection before it had just evicted; here a layer is one call, its buffers made once a step.
 
-What it takes (the caller checks: server/model/fused_decode.py): fp32 on a CPU that runs our kernels, the packed
+What it takes (the caller checks: server/model/fused_layers.py): fp32 on a CPU that runs our kernels, the packed
 weights of kernels/cpu_matmul.py, at most MAX_WINDOWS attention windows, GQA groups of at most
 cpu_attention.MAX_REP, and adapters of LowRank kind only, in one rank class (the grid).
 

@@ -91,7 +91,7 @@ class AdapterStep:
 
     def layer_grids(self):
         """Every layer's LowRank deltas as our grid kernel's calls, for kernels/cpu_layer.c to run inside each layer
-        (server/model/fused_decode.py): (the step's groups, per layer {group: GridFactors}); (None, None) without
+        (server/model/fused_layers.py): (the step's groups, per layer {group: GridFactors}); (None, None) without
         LowRank adapters; None where the step's adapters need more than the grid (Sparse or Scale kinds, two rank
         classes, the Triton arenas, a fault hook)."""
         pool, kinds = self.pool, self.batch.adapter_kinds

@@ -18,7 +18,7 @@ from server.model.adapter_pool import AdapterPool
 from server.model.adapter_step import AdapterStep
 from server.model.config import ModelConfig
 from server.model.forward_batch import ForwardBatch, KVCache
-from server.model.fused_decode import FusedDecode
+from server.model.fused_layers import FusedLayers
 from server.model.rope import RotaryEmbedding
 
 
@@ -78,7 +78,7 @@ class LlamaModel:
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device, dtype)
         self.sm_scale = cfg.head_dim ** -0.5
         self.windows = [cfg.attention_window(i) for i in range(cfg.num_layers)]  # 0 = full attention
-        self.fused_decode = FusedDecode(self)
+        self.fused_layers = FusedLayers(self)
 
     def forward(self, batch: ForwardBatch, kv: KVCache, adapters: AdapterPool | None) -> torch.Tensor:
         """-> (B, V) fp32 logits for the rows in batch.logits_indices.
@@ -86,7 +86,7 @@ class LlamaModel:
         What every layer shares is looked up once per step: the rotary tables of the positions, the CPU attention's
         gather indices and masks (CpuAttentionPlan; on a GPU the kernels read the metadata themselves) and the
         adapters' per-step rows (AdapterStep). On a CPU, a step whose adapters our grid kernel serves runs each layer as
-        one or two calls of our C kernel (FusedDecode, server/model/fused_decode.py); the loop below is its reference."""
+        one or two calls of our C kernel (FusedLayers, server/model/fused_layers.py); the loop below is its reference."""
         cfg, kinds = self.cfg, batch.adapter_kinds
         step = AdapterStep(adapters, batch) if adapters is not None and (kinds.lowrank or kinds.sparse or kinds.scale) else None
         use_deltas, use_scale = step is not None and (kinds.lowrank or kinds.sparse), step is not None and kinds.scale
@@ -97,7 +97,7 @@ class LlamaModel:
         ours = self.dtype == torch.float32 and torch.device(self.device).type == "cpu" and cpu_elementwise.enabled()
         q_size, kv_size, num_tokens = cfg.q_size, cfg.kv_size, batch.input_ids.shape[0]
         x = self.embed.index_select(0, batch.input_ids)  # (T, H)
-        fused = self.fused_decode.run(x, batch, kv, plan, rope, step)  # on a CPU: a layer in one or two calls
+        fused = self.fused_layers.run(x, batch, kv, plan, rope, step)  # on a CPU: a layer in one or two calls
         for i, lw in enumerate(() if fused else self.layers):
             h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)  # (T, H)
             if batch.para_prefills:

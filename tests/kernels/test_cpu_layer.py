@@ -111,7 +111,7 @@ def _step(q_lens, num_kv_heads, head_dim, gen):
 
 def _run_kernel(shapes, layer, out, cos, sin_signed, plan, meta, window, factors, groups, k_cache, v_cache):
     """The layer by our kernel over `out`, in place: one call when every row is a decode, else two around the
-    prefills' attention (as server/model/fused_decode.py runs it)."""
+    prefills' attention (as server/model/fused_layers.py runs it)."""
     none = torch.zeros(0, dtype=torch.long)
     width = max(f.width for f in factors.values()) if factors else 1
     buffers = cpu_layer.step_refs(shapes, out, cos, sin_signed, plan.write_slots, plan.write_rows, plan.decode_rows,

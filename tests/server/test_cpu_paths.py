@@ -58,7 +58,7 @@ def test_cpu_forward_runs_our_elementwise_kernel_with_the_logits_of_pytorchs_ops
     if not cpu_elementwise.available():
         pytest.skip("needs an x86-64 CPU with AVX2 and FMA and a C compiler")
     assert cpu_elementwise.CHOICE != "auto" or cpu_elementwise.enabled()
-    monkeypatch.setattr(cpu_layer, "_enabled", False)  # op by op (a layer in one call: tests/server/test_fused_decode.py)
+    monkeypatch.setattr(cpu_layer, "_enabled", False)  # op by op (a layer in one call: tests/server/test_fused_layers.py)
     path = make_hf_model(tmp_path / "m", "qwen2")  # q|k|v bias, GQA
     cfg = ModelConfig.from_dir(path)
     prompts = {"a": list(range(3, 12)), "b": list(range(20, 25))}

@@ -2,7 +2,7 @@
 
 server/model/llama.py runs a layer as ~10 ops (norm, projections, RoPE, cache writes, attention, SiLU), each a call
 from Python that starts on caches the previous projection's weights just evicted. On a CPU, for a step whose adapters
-are LowRank of one rank class (the grid kernel's) or none, `FusedDecode.run` runs each layer as one call when every
+are LowRank of one rank class (the grid kernel's) or none, `FusedLayers.run` runs each layer as one call when every
 row is a decode, else as two around the prefill rows' attention (PyTorch's, as the op-by-op path runs it): the same
 sums in the same order (kernels/cpu_layer.c includes the ops' own C sources). Any other step (Sparse or Scale
 adapters, two rank classes, a fault hook, a kernel switched off) keeps the op-by-op path, which stays the reference.
@@ -20,7 +20,7 @@ from server.model.forward_batch import ForwardBatch, KVCache
 GROUPS = ("qkv", "o", "gate_up", "down")  # the grid factors' order in cpu_layer.decode_layer
 
 
-class FusedDecode:
+class FusedLayers:
     def __init__(self, model) -> None:
         """model: a server.model.llama.LlamaModel (its config, layer weights and windows)."""
         cfg = model.cfg

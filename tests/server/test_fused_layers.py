@@ -1,5 +1,5 @@
 """A CPU step's layers in one call each, or two around the prefill rows' attention (kernels/cpu_layer.c via
-server/model/fused_decode.py): the same logits and tokens as the op-by-op path, bit for bit, and the merged-weights
+server/model/fused_layers.py): the same logits and tokens as the op-by-op path, bit for bit, and the merged-weights
 anchor's; really run where it applies (not a silent fallback), and not run where it does not."""
 import pytest
 import torch
