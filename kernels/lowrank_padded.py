@@ -67,11 +67,17 @@ def kernel_call(x: torch.Tensor, plan: SlotPlan | None, factors: PaddedFactors
     """What lowrank_delta_planned(y, x, plan, factors) gives our grid kernel, for an fp32 y of x's rows with rows of
     unit stride (cpu_matmul.matmul's output): (factors, groups), which it runs, or a caller runs after its own
     product in one call (cpu_matmul.matmul_lowrank); None when the kernel would not serve."""
-    serves = (x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(-1) == 1
-              and len(factors.bt) <= cpu_matmul.MAX_SLICES and cpu_matmul.enabled())
-    if plan is None or not serves or plan.kernel_groups is None:
+    if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(-1) == 1 and grid_takes(plan, factors)):
         return None
     return factors.grid, plan.kernel_groups
+
+
+def grid_takes(plan: SlotPlan | None, factors: PaddedFactors) -> bool:
+    """Whether our grid kernel takes this plan's slots over these stacks (of an fp32 x: kernel_call's own check):
+    where it is enabled, for at most cpu_matmul.MAX_SLICES slices, with the plan's groups at hand. The one place that
+    decides it, for kernel_call and for kernels/cpu_layer.c's layers (server/model/padded_lowrank.py layer_grids)."""
+    return (plan is not None and plan.kernel_groups is not None and len(factors.bt) <= cpu_matmul.MAX_SLICES
+            and cpu_matmul.enabled())
 
 
 def _lowrank_grid_torch(y: torch.Tensor, x: torch.Tensor, factors: PaddedFactors, sb: SlotBatch) -> None:

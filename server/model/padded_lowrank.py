@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.delta import PROJECTIONS, AdapterDeltas, parse_module_name
-from kernels import cpu_matmul
-from kernels.lowrank_padded import PaddedFactors, kernel_call, lowrank_delta_planned
+from kernels.lowrank_padded import PaddedFactors, grid_takes, kernel_call, lowrank_delta_planned
 from kernels.segments import SlotPlan, Segments, plan_for_groups
 from server.model.adapter_layout import GROUPS, Layout
 from server.model.lowrank_store import LowRankImage, rank_class
@@ -191,11 +190,10 @@ class PaddedLowRank:
         GridFactors} for the groups some adapter of the step's class targets), when the step's slots are of one rank
         class and the kernel serves it; else None."""
         plans = self._plans(seg)
-        if len(plans) != 1 or not cpu_matmul.enabled():
+        if len(plans) != 1:
             return None
         cls, plan = plans[0]
-        too_wide = any(len(f.bt) > cpu_matmul.MAX_SLICES for per in cls.factors for f in per.values())
-        if plan.kernel_groups is None or too_wide:
+        if not all(grid_takes(plan, f) for per in cls.factors for f in per.values()) or plan.kernel_groups is None:
             return None
         return plan.kernel_groups, [{g: f.grid for g, f in per.items()} for per in cls.factors]
 
